@@ -1,0 +1,10 @@
+//! weir-gateway: see `weir-gateway --help` and docs/.
+
+use std::process::ExitCode;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn main() -> ExitCode {
+    weir_proxy::cli::main(weir_config::Role::Gateway)
+}

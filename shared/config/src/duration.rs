@@ -1,0 +1,74 @@
+//! Durations as the config writes them: "250ms", "5s", "1m", "1h".
+
+use std::time::Duration;
+
+/// Parses "<integer><unit>" with unit ms, s, m or h.
+pub fn parse(text: &str) -> Result<Duration, String> {
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("bad duration {text:?}: missing unit (ms, s, m, h)"))?;
+    let (digits, unit) = text.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("bad duration {text:?}: expected a number then ms, s, m or h"))?;
+    let ms = match unit {
+        "ms" => Some(n),
+        "s" => n.checked_mul(1_000),
+        "m" => n.checked_mul(60_000),
+        "h" => n.checked_mul(3_600_000),
+        _ => {
+            return Err(format!(
+                "bad duration {text:?}: unknown unit {unit:?} (ms, s, m, h)"
+            ))
+        }
+    };
+    ms.map(Duration::from_millis)
+        .ok_or_else(|| format!("bad duration {text:?}: too large"))
+}
+
+/// The shortest exact form: 1500ms stays "1500ms", 60s becomes "1m".
+pub fn format(d: Duration) -> String {
+    let ms = d.as_millis();
+    match ms {
+        0 => "0s".into(),
+        _ if ms % 3_600_000 == 0 => format!("{}h", ms / 3_600_000),
+        _ if ms % 60_000 == 0 => format!("{}m", ms / 60_000),
+        _ if ms % 1_000 == 0 => format!("{}s", ms / 1_000),
+        _ => format!("{ms}ms"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_unit_and_round_trips() {
+        for (text, ms) in [
+            ("250ms", 250),
+            ("5s", 5_000),
+            ("1m", 60_000),
+            ("2h", 7_200_000),
+        ] {
+            let d = parse(text).unwrap();
+            assert_eq!(d, Duration::from_millis(ms));
+            assert_eq!(format(d), text);
+        }
+    }
+
+    #[test]
+    fn rejects_bad_durations() {
+        for text in [
+            "",
+            "5",
+            "s",
+            "5 s",
+            "-1s",
+            "1.5s",
+            "5sec",
+            "99999999999999999999h",
+        ] {
+            assert!(parse(text).is_err(), "{text:?} should be rejected");
+        }
+    }
+}

@@ -1,0 +1,159 @@
+//! The raw form of the config language: exactly what TOML deserializes into.
+//!
+//! Only these types derive `Deserialize`. Nothing here is checked yet: durations, addresses,
+//! regexes and references are plain strings until [`crate::validate`] turns them into
+//! [`crate::Config`]. Unknown keys are not rejected by serde but collected by the loader, so
+//! that every one of them is reported with its line instead of only the first.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+/// One config file. A directory of files is merged from several of these.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawFile {
+    /// Process settings, read at start only.
+    pub runtime: Option<RawRuntime>,
+    /// The admin HTTP listener.
+    pub admin: Option<RawAdmin>,
+    /// Access log and tracing.
+    pub telemetry: Option<RawTelemetry>,
+    /// `[[listener]]` tables.
+    pub listener: Vec<RawListener>,
+    /// `[[route]]` tables.
+    pub route: Vec<RawRoute>,
+    /// `[[service]]` tables.
+    pub service: Vec<RawService>,
+    /// Sidecar only: this workload's mesh identity.
+    pub workload: Option<RawWorkload>,
+    /// Sidecar only: the inbound listener in front of the local app.
+    pub inbound: Option<RawInbound>,
+    /// Sidecar only: the outbound listener the app sends its calls to.
+    pub outbound: Option<RawOutbound>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawRuntime {
+    /// Worker threads of the proxy; 0 = one per core.
+    pub threads: Option<usize>,
+    /// How long SIGTERM waits for requests in flight, e.g. "10s".
+    pub grace_period: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawAdmin {
+    /// Address of the admin listener, e.g. "127.0.0.1:9901".
+    pub listen: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawTelemetry {
+    /// "stdout", "off" or a file path.
+    pub access_log: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawListener {
+    /// Unique name, referenced by `route.listeners`.
+    pub name: Option<String>,
+    /// Socket address to bind, e.g. "0.0.0.0:8080".
+    pub listen: Option<String>,
+    /// "http" (default) or "https".
+    pub protocol: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawRoute {
+    /// Unique name, used in logs, metrics and `explain`.
+    pub name: Option<String>,
+    /// Listeners this route is attached to; absent = every listener.
+    pub listeners: Option<Vec<String>>,
+    /// Hosts: exact names or "*.suffix"; absent = any host.
+    pub hosts: Option<Vec<String>>,
+    /// A fixed answer instead of backends.
+    pub direct_response: Option<RawDirectResponse>,
+    /// Match blocks; any one may match; none = match everything.
+    #[serde(rename = "match")]
+    pub matches: Vec<RawMatch>,
+    /// Weighted split between services.
+    pub backend: Vec<RawBackend>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawDirectResponse {
+    /// HTTP status, 100-599.
+    pub status: Option<u16>,
+    /// Response body; default empty.
+    pub body: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawMatch {
+    /// One of exact, prefix, regex.
+    pub path: Option<RawStringMatch>,
+    /// Allowed methods; absent = any.
+    pub methods: Option<Vec<String>>,
+    /// Header name -> condition; all must hold.
+    pub headers: BTreeMap<String, RawStringMatch>,
+    /// Query parameter name -> condition; all must hold.
+    pub query: BTreeMap<String, RawStringMatch>,
+}
+
+/// A condition on a string: exactly one of the fields is set.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawStringMatch {
+    pub exact: Option<String>,
+    pub prefix: Option<String>,
+    pub regex: Option<String>,
+    /// Headers and query only: the value is present (true) or absent (false).
+    pub present: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawBackend {
+    /// Name of a `[[service]]`.
+    pub service: Option<String>,
+    /// Relative weight; default 1.
+    pub weight: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawService {
+    /// Unique name, referenced by `route.backend.service`.
+    pub name: Option<String>,
+    /// Static "ip:port" endpoints.
+    pub endpoints: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawWorkload {
+    pub cert: Option<String>,
+    pub key: Option<String>,
+    pub trust_bundle: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawInbound {
+    pub listen: Option<String>,
+    pub app: Option<String>,
+    pub mtls: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawOutbound {
+    pub listen: Option<String>,
+}

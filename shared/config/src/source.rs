@@ -1,0 +1,316 @@
+//! Reading config files and pointing at places in them.
+//!
+//! Every error carries the file, the line and a readable config path. Lines come from the
+//! span-preserving `toml_edit` document: a validation error gives the key path of the value at
+//! fault (`route[2].backend[1].service`) and [`Sources::line`] walks the document to it.
+
+use std::fmt;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use toml_edit::{Document, Item};
+
+use crate::raw::RawFile;
+
+/// One error in a config, with its place.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    /// 1-based; 0 when the error is about the file as a whole.
+    pub line: usize,
+    /// Readable config path, e.g. `route "web" backend[1]`; empty at top level.
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if self.line > 0 {
+            write!(f, ":{}", self.line)?;
+        }
+        if !self.path.is_empty() {
+            write!(f, ": {}", self.path)?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// Every error found in a config, in file and line order.
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// A step in a key path: a table key or an array index.
+#[derive(Debug, Clone)]
+pub enum Seg {
+    Key(String),
+    Index(usize),
+}
+
+impl From<&str> for Seg {
+    fn from(k: &str) -> Self {
+        Seg::Key(k.to_string())
+    }
+}
+
+impl From<usize> for Seg {
+    fn from(i: usize) -> Self {
+        Seg::Index(i)
+    }
+}
+
+/// Builds a key path: `keys!["route", 2, "backend", 1]`.
+macro_rules! keys {
+    ($($seg:expr),* $(,)?) => { vec![$($crate::source::Seg::from($seg)),*] };
+}
+pub(crate) use keys;
+
+/// A parsed config file.
+pub struct SourceFile {
+    pub path: PathBuf,
+    pub text: String,
+    doc: Document<String>,
+}
+
+/// The files of one config, in merge order, with the errors found while reading them.
+#[derive(Default)]
+pub struct Sources {
+    pub files: Vec<SourceFile>,
+    pub errors: Vec<ConfigError>,
+}
+
+impl Sources {
+    /// Reads one file, or every `*.toml` of a directory sorted by name (hidden files skipped,
+    /// which also skips the `..data` entries of a Kubernetes ConfigMap mount).
+    pub fn read(path: &Path) -> (Sources, Vec<(usize, RawFile)>) {
+        let mut sources = Sources::default();
+        let mut raws = Vec::new();
+        let paths = match config_files(path) {
+            Ok(paths) => paths,
+            Err(message) => {
+                sources.errors.push(ConfigError {
+                    file: path.to_path_buf(),
+                    line: 0,
+                    path: String::new(),
+                    message,
+                });
+                return (sources, raws);
+            }
+        };
+        for file in paths {
+            match fs::read_to_string(&file) {
+                Ok(text) => {
+                    if let Some(raw) = sources.parse(file, text) {
+                        raws.push(raw);
+                    }
+                }
+                Err(e) => sources.errors.push(ConfigError {
+                    file,
+                    line: 0,
+                    path: String::new(),
+                    message: format!("cannot read: {e}"),
+                }),
+            }
+        }
+        (sources, raws)
+    }
+
+    /// Parses one file's text into its file number and raw form; a syntax or type error is
+    /// recorded and gives `None`. Unknown keys are recorded too, but the file still counts.
+    pub fn parse(&mut self, path: PathBuf, text: String) -> Option<(usize, RawFile)> {
+        let doc = match Document::parse(text.clone()) {
+            Ok(doc) => doc,
+            Err(e) => {
+                let line = e.span().map_or(0, |s| line_of(&text, s.start));
+                self.errors.push(ConfigError {
+                    file: path,
+                    line,
+                    path: String::new(),
+                    message: first_line(e.message()),
+                });
+                return None;
+            }
+        };
+        let mut unknown = Vec::new();
+        let de = toml_edit::de::Deserializer::from(doc.clone());
+        let raw: Result<RawFile, _> = serde_ignored::deserialize(de, |p| unknown.push(segs(&p)));
+        let file = self.files.len();
+        self.files.push(SourceFile { path, text, doc });
+        for key in unknown {
+            let name = match key.last() {
+                Some(Seg::Key(k)) => k.clone(),
+                _ => String::new(),
+            };
+            let label = label(raw.as_ref().ok(), &key[..key.len().saturating_sub(1)]);
+            let err = self.error(file, &key, label, format!("unknown key {name:?}"));
+            self.errors.push(err);
+        }
+        match raw {
+            Ok(raw) => Some((file, raw)),
+            Err(e) => {
+                let f = &self.files[file];
+                let line = e.span().map_or(0, |s| line_of(&f.text, s.start));
+                self.errors.push(ConfigError {
+                    file: f.path.clone(),
+                    line,
+                    path: String::new(),
+                    message: first_line(e.message()),
+                });
+                None
+            }
+        }
+    }
+
+    /// An error at `key` of file number `file`.
+    pub fn error(&self, file: usize, key: &[Seg], path: String, message: String) -> ConfigError {
+        let f = &self.files[file];
+        ConfigError {
+            file: f.path.clone(),
+            line: f.line(key),
+            path,
+            message,
+        }
+    }
+
+    /// "a.toml:3", for messages that point at a second place.
+    pub fn place(&self, file: usize, key: &[Seg]) -> String {
+        let f = &self.files[file];
+        format!("{}:{}", f.path.display(), f.line(key))
+    }
+}
+
+impl SourceFile {
+    /// The line of the deepest part of `key` that exists in the file (1-based, 0 if none).
+    fn line(&self, key: &[Seg]) -> usize {
+        let mut item = self.doc.as_item().clone();
+        let mut at = None;
+        for seg in key {
+            let next = match seg {
+                Seg::Key(k) => item.as_table_like().and_then(|t| {
+                    t.get_key_value(k).map(|(key, it)| {
+                        at = key.span().or_else(|| it.span()).or(at.clone());
+                        it.clone()
+                    })
+                }),
+                Seg::Index(i) => match &item {
+                    Item::ArrayOfTables(a) => a.get(*i).map(|t| {
+                        at = t.span().or(at.clone());
+                        Item::Table(t.clone())
+                    }),
+                    Item::Value(toml_edit::Value::Array(a)) => a.get(*i).map(|v| {
+                        at = v.span().or(at.clone());
+                        Item::Value(v.clone())
+                    }),
+                    _ => None,
+                },
+            };
+            match next {
+                Some(next) => item = next,
+                None => break,
+            }
+        }
+        at.map_or(0, |span| line_of(&self.text, span.start))
+    }
+}
+
+fn config_files(path: &Path) -> Result<Vec<PathBuf>, String> {
+    let meta = fs::metadata(path).map_err(|e| format!("cannot read: {e}"))?;
+    if !meta.is_dir() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let mut files: Vec<PathBuf> = fs::read_dir(path)
+        .map_err(|e| format!("cannot list directory: {e}"))?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|p| {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            !name.starts_with('.') && name.ends_with(".toml") && p.is_file()
+        })
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err("no *.toml files in this directory".into());
+    }
+    Ok(files)
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text.as_bytes()[..offset.min(text.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+fn first_line(message: &str) -> String {
+    message.lines().next().unwrap_or(message).trim().to_string()
+}
+
+/// `serde_ignored`'s path as key segments.
+fn segs(path: &serde_ignored::Path<'_>) -> Vec<Seg> {
+    use serde_ignored::Path as P;
+    let mut out = match path {
+        P::Root => return Vec::new(),
+        P::Seq { parent, .. }
+        | P::Map { parent, .. }
+        | P::Some { parent }
+        | P::NewtypeStruct { parent }
+        | P::NewtypeVariant { parent } => segs(parent),
+    };
+    match path {
+        P::Seq { index, .. } => out.push(Seg::Index(*index)),
+        P::Map { key, .. } => out.push(Seg::Key(key.clone())),
+        _ => {}
+    }
+    out
+}
+
+/// A key path as people read it, naming routes, services and listeners by their names:
+/// `route "web".backend[1]`.
+fn label(raw: Option<&RawFile>, key: &[Seg]) -> String {
+    let name = match (raw, key) {
+        (Some(raw), [Seg::Key(kind), Seg::Index(i), ..]) => match kind.as_str() {
+            "route" => raw.route.get(*i).and_then(|r| r.name.clone()),
+            "service" => raw.service.get(*i).and_then(|s| s.name.clone()),
+            "listener" => raw.listener.get(*i).and_then(|l| l.name.clone()),
+            _ => None,
+        },
+        _ => None,
+    };
+    match (name, key) {
+        (Some(name), [Seg::Key(kind), _, rest @ ..]) if rest.is_empty() => {
+            format!("{kind} {name:?}")
+        }
+        (Some(name), [Seg::Key(kind), _, rest @ ..]) => {
+            format!("{kind} {name:?} {}", readable(rest))
+        }
+        _ => readable(key),
+    }
+}
+
+/// A key path as people read it: `route[2].backend[1]`.
+pub fn readable(key: &[Seg]) -> String {
+    let mut out = String::new();
+    for seg in key {
+        match seg {
+            Seg::Key(k) if out.is_empty() => out.push_str(k),
+            Seg::Key(k) => {
+                out.push('.');
+                out.push_str(k);
+            }
+            Seg::Index(i) => out.push_str(&format!("[{i}]")),
+        }
+    }
+    out
+}

@@ -1,0 +1,619 @@
+//! Raw -> validated: every check runs and every error is kept, each with its place.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::model::*;
+use crate::raw::*;
+use crate::source::{keys, ConfigError, Seg, Sources};
+
+/// Checks and merges the raw files (in `sources` order) into one [`Config`].
+pub fn validate(
+    sources: &Sources,
+    raws: Vec<(usize, RawFile)>,
+    role: Role,
+) -> Result<Config, Vec<ConfigError>> {
+    let mut v = Checker {
+        sources,
+        errors: Vec::new(),
+    };
+    let config = v.config(raws, role);
+    if v.errors.is_empty() {
+        Ok(config)
+    } else {
+        Err(v.errors)
+    }
+}
+
+struct Checker<'a> {
+    sources: &'a Sources,
+    errors: Vec<ConfigError>,
+}
+
+/// Where a value sits: file number, key path, readable path.
+#[derive(Clone)]
+struct At {
+    file: usize,
+    key: Vec<Seg>,
+    label: String,
+}
+
+impl At {
+    fn key(&self, seg: impl Into<Seg>) -> At {
+        let mut key = self.key.clone();
+        key.push(seg.into());
+        At {
+            file: self.file,
+            key,
+            label: self.label.clone(),
+        }
+    }
+
+    /// A step that also shows in the readable path: `backend[1]`.
+    fn item(&self, name: &str, index: usize) -> At {
+        let mut at = self.key(name).key(index);
+        at.label = format!("{} {name}[{index}]", self.label);
+        at
+    }
+}
+
+impl Checker<'_> {
+    fn fail(&mut self, at: &At, message: impl Into<String>) {
+        let e = self
+            .sources
+            .error(at.file, &at.key, at.label.clone(), message.into());
+        self.errors.push(e);
+    }
+
+    fn config(&mut self, raws: Vec<(usize, RawFile)>, role: Role) -> Config {
+        let mut runtime = None;
+        let mut admin = None;
+        let mut telemetry = None;
+        let mut workload = None;
+        let mut inbound = None;
+        let mut outbound = None;
+        let mut listeners = Vec::new();
+        let mut routes = Vec::new();
+        let mut services = Vec::new();
+
+        for (file, raw) in raws {
+            let top = |name: &str| At {
+                file,
+                key: keys![name],
+                label: format!("[{name}]"),
+            };
+            self.single(&mut runtime, raw.runtime, top("runtime"));
+            self.single(&mut admin, raw.admin, top("admin"));
+            self.single(&mut telemetry, raw.telemetry, top("telemetry"));
+            self.single(&mut workload, raw.workload, top("workload"));
+            self.single(&mut inbound, raw.inbound, top("inbound"));
+            self.single(&mut outbound, raw.outbound, top("outbound"));
+            let each = |name: &str, i: usize| At {
+                file,
+                key: keys![name, i],
+                label: String::new(),
+            };
+            listeners.extend(
+                raw.listener
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, l)| (each("listener", i), l)),
+            );
+            routes.extend(
+                raw.route
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, r)| (each("route", i), r)),
+            );
+            services.extend(
+                raw.service
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, s)| (each("service", i), s)),
+            );
+        }
+
+        let listeners = self.named("listener", listeners, |v, at, l| v.listener(at, l));
+        let services = self.named("service", services, |v, at, s| v.service(at, s));
+        let listener_names: Vec<&str> = listeners.iter().map(|l| l.name.as_str()).collect();
+        let service_names: Vec<&str> = services.iter().map(|s| s.name.as_str()).collect();
+        let routes = self.named("route", routes, |v, at, r| {
+            v.route(at, r, &listener_names, &service_names)
+        });
+
+        let sidecar = match role {
+            Role::Gateway => {
+                let places = [
+                    workload.as_ref().map(|(at, _)| at),
+                    inbound.as_ref().map(|(at, _)| at),
+                    outbound.as_ref().map(|(at, _)| at),
+                ];
+                for at in places.into_iter().flatten() {
+                    self.fail(
+                        at,
+                        format!(
+                            "{} is a weir-sidecar section; weir-gateway does not accept it",
+                            at.label
+                        ),
+                    );
+                }
+                None
+            }
+            Role::Sidecar => Some(self.sidecar(workload, inbound, outbound)),
+        };
+
+        let runtime = runtime.map(|(at, r)| self.runtime(&at, r));
+        let admin = admin.map(|(at, a)| self.admin(&at, a));
+        let telemetry = telemetry.map(|(_, t)| self.telemetry(t));
+        Config {
+            runtime: runtime.unwrap_or(Runtime {
+                threads: 0,
+                grace_period: Duration::from_secs(10),
+            }),
+            admin: admin.unwrap_or(Admin {
+                listen: default_admin(),
+            }),
+            telemetry: telemetry.unwrap_or(Telemetry {
+                access_log: AccessLog::Stdout,
+            }),
+            listeners,
+            routes,
+            services,
+            sidecar,
+        }
+    }
+
+    /// A section such as `[runtime]` may appear in one file only.
+    fn single<T>(&mut self, slot: &mut Option<(At, T)>, value: Option<T>, at: At) {
+        let Some(value) = value else { return };
+        if let Some((first, _)) = slot {
+            let first = self.sources.place(first.file, &first.key);
+            self.fail(&at, format!("defined twice, first at {first}"));
+            return;
+        }
+        *slot = Some((at, value));
+    }
+
+    /// Validates named items, reporting missing and duplicate names.
+    fn named<R, T>(
+        &mut self,
+        kind: &str,
+        items: Vec<(At, R)>,
+        mut check: impl FnMut(&mut Self, &At, R) -> Option<T>,
+    ) -> Vec<T>
+    where
+        R: HasName,
+    {
+        let mut seen: HashMap<String, At> = HashMap::new();
+        let mut out = Vec::new();
+        for (mut at, raw) in items {
+            let Some(name) = raw.name().map(str::to_string) else {
+                at.label = format!("{kind}[{}]", self.sources.place(at.file, &at.key));
+                self.fail(&at, "missing required key \"name\"");
+                continue;
+            };
+            at.label = format!("{kind} {name:?}");
+            if name.is_empty() {
+                self.fail(&at.key("name"), "name must not be empty");
+                continue;
+            }
+            if let Some(first) = seen.get(&name) {
+                let first = self.sources.place(first.file, &first.key);
+                let here = self.sources.place(at.file, &at.key);
+                self.fail(
+                    &at.key("name"),
+                    format!("duplicate name, defined at {first} and {here}"),
+                );
+                continue;
+            }
+            seen.insert(name, at.clone());
+            if let Some(item) = check(self, &at, raw) {
+                out.push(item);
+            }
+        }
+        out
+    }
+
+    fn runtime(&mut self, at: &At, r: RawRuntime) -> Runtime {
+        let grace_period = r
+            .grace_period
+            .map(|d| self.duration(&at.key("grace_period"), &d))
+            .unwrap_or(Some(Duration::from_secs(10)))
+            .unwrap_or_default();
+        Runtime {
+            threads: r.threads.unwrap_or(0),
+            grace_period,
+        }
+    }
+
+    fn admin(&mut self, at: &At, a: RawAdmin) -> Admin {
+        let listen = a.listen.and_then(|s| self.addr(&at.key("listen"), &s));
+        Admin {
+            listen: listen.unwrap_or_else(default_admin),
+        }
+    }
+
+    fn telemetry(&mut self, t: RawTelemetry) -> Telemetry {
+        let access_log = match t.access_log.as_deref() {
+            None | Some("stdout") => AccessLog::Stdout,
+            Some("off") => AccessLog::Off,
+            Some(path) => AccessLog::File(PathBuf::from(path)),
+        };
+        Telemetry { access_log }
+    }
+
+    fn listener(&mut self, at: &At, l: RawListener) -> Option<Listener> {
+        let listen = match l.listen {
+            Some(s) => self.addr(&at.key("listen"), &s),
+            None => {
+                self.fail(at, "missing required key \"listen\"");
+                None
+            }
+        };
+        let protocol = match l.protocol.as_deref() {
+            None | Some("http") => Some(Protocol::Http),
+            Some(other) => {
+                self.fail(
+                    &at.key("protocol"),
+                    format!("protocol {other:?} is not supported yet (supported: \"http\")"),
+                );
+                None
+            }
+        };
+        Some(Listener {
+            name: l.name?,
+            listen: listen?,
+            protocol: protocol?,
+        })
+    }
+
+    fn service(&mut self, at: &At, s: RawService) -> Option<Service> {
+        let Some(raw) = s.endpoints else {
+            self.fail(at, "missing required key \"endpoints\"");
+            return None;
+        };
+        if raw.is_empty() {
+            self.fail(&at.key("endpoints"), "needs at least one endpoint");
+        }
+        let endpoints: Vec<_> = raw
+            .iter()
+            .enumerate()
+            .filter_map(|(i, e)| self.addr(&at.item("endpoints", i), e))
+            .collect();
+        (endpoints.len() == raw.len() && !raw.is_empty()).then(|| Service {
+            name: s.name.unwrap_or_default(),
+            endpoints,
+        })
+    }
+
+    fn route(
+        &mut self,
+        at: &At,
+        r: RawRoute,
+        listeners: &[&str],
+        services: &[&str],
+    ) -> Option<Route> {
+        let before = self.errors.len();
+        let route_listeners = r.listeners.unwrap_or_default();
+        for (i, name) in route_listeners.iter().enumerate() {
+            if !listeners.contains(&name.as_str()) {
+                self.fail(
+                    &at.item("listeners", i),
+                    format!("unknown listener {name:?}"),
+                );
+            }
+        }
+        let hosts: Vec<_> = r
+            .hosts
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+            .filter_map(|(i, h)| self.host(&at.item("hosts", i), h))
+            .collect();
+        let matches: Vec<_> = r
+            .matches
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, m)| self.matcher(&at.item("match", i), m))
+            .collect();
+        let action = match (r.direct_response, r.backend.is_empty()) {
+            (Some(_), false) => {
+                self.fail(
+                    at,
+                    "has both [[route.backend]] and direct_response; choose one",
+                );
+                None
+            }
+            (None, true) => {
+                self.fail(at, "needs [[route.backend]] or direct_response");
+                None
+            }
+            (Some(d), true) => self.direct_response(&at.key("direct_response"), d),
+            (None, false) => self.backends(at, r.backend, services),
+        };
+        let origin = self.sources.place(at.file, &at.key);
+        (self.errors.len() == before).then(|| Route {
+            name: r.name.unwrap_or_default(),
+            listeners: route_listeners,
+            hosts,
+            matches,
+            action: action.expect("no error means an action"),
+            origin,
+        })
+    }
+
+    fn direct_response(&mut self, at: &At, d: RawDirectResponse) -> Option<Action> {
+        let status = match d.status {
+            Some(s @ 100..=599) => s,
+            Some(s) => {
+                self.fail(
+                    &at.key("status"),
+                    format!("status {s} is not an HTTP status (100-599)"),
+                );
+                return None;
+            }
+            None => {
+                self.fail(at, "direct_response needs a status");
+                return None;
+            }
+        };
+        Some(Action::DirectResponse {
+            status,
+            body: d.body.unwrap_or_default(),
+        })
+    }
+
+    fn backends(&mut self, at: &At, raw: Vec<RawBackend>, services: &[&str]) -> Option<Action> {
+        let mut out = Vec::new();
+        let mut total: u64 = 0;
+        for (i, b) in raw.into_iter().enumerate() {
+            let here = at.item("backend", i);
+            let weight = b.weight.unwrap_or(1);
+            total += u64::from(weight);
+            match b.service {
+                None => self.fail(&here, "missing required key \"service\""),
+                Some(s) if !services.contains(&s.as_str()) => {
+                    self.fail(&here.key("service"), format!("unknown service {s:?}"))
+                }
+                Some(service) => out.push(Backend { service, weight }),
+            }
+        }
+        if total == 0 {
+            self.fail(
+                &at.key("backend"),
+                "backend weights sum to 0; at least one must be > 0",
+            );
+        }
+        Some(Action::Backends(out))
+    }
+
+    fn host(&mut self, at: &At, h: &str) -> Option<HostPattern> {
+        let h = h.to_ascii_lowercase();
+        let (pattern, name) = match h.strip_prefix("*.") {
+            Some(rest) => (HostPattern::Suffix(format!(".{rest}")), rest),
+            None => (HostPattern::Exact(h.clone()), h.as_str()),
+        };
+        let valid = !name.is_empty()
+            && name.split('.').all(|label| {
+                !label.is_empty()
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            });
+        if !valid {
+            self.fail(at, format!("bad host {h:?}: expected a name such as \"example.com\" or \"*.example.com\" (no port)"));
+            return None;
+        }
+        Some(pattern)
+    }
+
+    fn matcher(&mut self, at: &At, m: RawMatch) -> Option<Match> {
+        let before = self.errors.len();
+        let path = m.path.and_then(|p| {
+            let at = at.key("path");
+            match self.value_match(&at, p, false)? {
+                ValueMatch::Exact(s) => Some(PathMatch::Exact(s)),
+                ValueMatch::Prefix(s) => Some(PathMatch::Prefix(s)),
+                ValueMatch::Regex(r) => Some(PathMatch::Regex(r)),
+                ValueMatch::Present(_) => None,
+            }
+        });
+        if let Some(PathMatch::Exact(p) | PathMatch::Prefix(p)) = &path {
+            if !p.starts_with('/') {
+                self.fail(&at.key("path"), format!("path {p:?} must start with \"/\""));
+            }
+        }
+        let mut methods = Vec::new();
+        for (i, method) in m.methods.unwrap_or_default().into_iter().enumerate() {
+            let upper = method.to_ascii_uppercase();
+            if upper.is_empty() || !upper.bytes().all(|b| b.is_ascii_alphabetic() || b == b'-') {
+                self.fail(&at.item("methods", i), format!("bad method {method:?}"));
+            }
+            methods.push(upper);
+        }
+        let mut headers = Vec::new();
+        for (name, cond) in m.headers {
+            let here = at.key("headers").key(name.as_str());
+            let lower = name.to_ascii_lowercase();
+            if http_header_name_ok(&lower) {
+                if let Some(v) = self.value_match(&here, cond, true) {
+                    headers.push((lower, v));
+                }
+            } else {
+                self.fail(&here, format!("bad header name {name:?}"));
+            }
+        }
+        headers.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut query = Vec::new();
+        for (name, cond) in m.query {
+            let here = at.key("query").key(name.as_str());
+            if let Some(v) = self.value_match(&here, cond, true) {
+                query.push((name, v));
+            }
+        }
+        (self.errors.len() == before).then_some(Match {
+            path,
+            methods,
+            headers,
+            query,
+        })
+    }
+
+    /// Exactly one of exact, prefix, regex (and, where allowed, present).
+    fn value_match(
+        &mut self,
+        at: &At,
+        m: RawStringMatch,
+        allow_present: bool,
+    ) -> Option<ValueMatch> {
+        let set = [
+            m.exact.is_some(),
+            m.prefix.is_some(),
+            m.regex.is_some(),
+            m.present.is_some(),
+        ];
+        let kinds = if allow_present {
+            "exact, prefix, regex or present"
+        } else {
+            "exact, prefix or regex"
+        };
+        if set.iter().filter(|&&s| s).count() != 1 || (!allow_present && m.present.is_some()) {
+            self.fail(at, format!("needs exactly one of {kinds}"));
+            return None;
+        }
+        if let Some(s) = m.exact {
+            return Some(ValueMatch::Exact(s));
+        }
+        if let Some(s) = m.prefix {
+            return Some(ValueMatch::Prefix(s));
+        }
+        if let Some(p) = m.present {
+            return Some(ValueMatch::Present(p));
+        }
+        let source = m.regex?;
+        match regex::Regex::new(&format!("^(?:{source})$")) {
+            Ok(regex) => Some(ValueMatch::Regex(Pattern { source, regex })),
+            Err(e) => {
+                let detail = e.to_string();
+                let detail = detail.lines().last().unwrap_or("").trim().to_string();
+                self.fail(&at.key("regex"), format!("bad regex {source:?}: {detail}"));
+                None
+            }
+        }
+    }
+
+    fn sidecar(
+        &mut self,
+        workload: Option<(At, RawWorkload)>,
+        inbound: Option<(At, RawInbound)>,
+        outbound: Option<(At, RawOutbound)>,
+    ) -> Sidecar {
+        let workload = workload.and_then(|(at, w)| {
+            let mut need = |key: &str, v: Option<String>| {
+                if v.is_none() {
+                    self.fail(&at, format!("missing required key {key:?}"));
+                }
+                v.map(PathBuf::from)
+            };
+            let (cert, key, trust_bundle) = (
+                need("cert", w.cert),
+                need("key", w.key),
+                need("trust_bundle", w.trust_bundle),
+            );
+            Some(Workload {
+                cert: cert?,
+                key: key?,
+                trust_bundle: trust_bundle?,
+            })
+        });
+        let (in_at, raw_in) = inbound.unwrap_or_else(|| {
+            (
+                At {
+                    file: 0,
+                    key: keys!["inbound"],
+                    label: "[inbound]".into(),
+                },
+                RawInbound::default(),
+            )
+        });
+        let listen = raw_in
+            .listen
+            .and_then(|s| self.addr(&in_at.key("listen"), &s));
+        let app = match raw_in.app {
+            Some(s) => self.addr(&in_at.key("app"), &s),
+            None => {
+                self.fail(
+                    &in_at,
+                    "missing required key \"app\" (the local application's address)",
+                );
+                None
+            }
+        };
+        let mtls = match raw_in.mtls.as_deref() {
+            None | Some("strict") => Mtls::Strict,
+            Some("permissive") => Mtls::Permissive,
+            Some("disable") => Mtls::Disable,
+            Some(other) => {
+                self.fail(
+                    &in_at.key("mtls"),
+                    format!("mtls {other:?}: expected \"strict\", \"permissive\" or \"disable\""),
+                );
+                Mtls::Strict
+            }
+        };
+        let out_listen =
+            outbound.and_then(|(at, o)| o.listen.and_then(|s| self.addr(&at.key("listen"), &s)));
+        Sidecar {
+            workload,
+            inbound: Inbound {
+                listen: listen.unwrap_or(SocketAddr::from(([0, 0, 0, 0], 15006))),
+                app: app.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8080))),
+                mtls,
+            },
+            outbound: Outbound {
+                listen: out_listen.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 15001))),
+            },
+        }
+    }
+
+    fn duration(&mut self, at: &At, text: &str) -> Option<Duration> {
+        crate::duration::parse(text)
+            .map_err(|e| self.fail(at, e))
+            .ok()
+    }
+
+    fn addr(&mut self, at: &At, text: &str) -> Option<SocketAddr> {
+        match text.parse() {
+            Ok(addr) => Some(addr),
+            Err(_) => {
+                self.fail(
+                    at,
+                    format!("bad address {text:?}: expected ip:port, such as \"127.0.0.1:8080\""),
+                );
+                None
+            }
+        }
+    }
+}
+
+fn default_admin() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9901))
+}
+
+fn http_header_name_ok(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+trait HasName {
+    fn name(&self) -> Option<&str>;
+}
+
+macro_rules! has_name {
+    ($($t:ty),*) => { $(impl HasName for $t { fn name(&self) -> Option<&str> { self.name.as_deref() } })* };
+}
+has_name!(RawListener, RawRoute, RawService);

@@ -1,0 +1,241 @@
+//! The command line both binaries share (DESIGN.md §6).
+#![allow(clippy::print_stdout)]
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use weir_config::{Action, Role};
+use weir_routing::{HeaderList, Request, RouteTable, Verdict};
+
+use crate::reload::Reloader;
+use crate::snapshot::listener_names;
+
+#[derive(Parser)]
+#[command(version, about = "Weir: a service-mesh data plane on Pingora")]
+struct Cli {
+    /// Config file, or directory of *.toml files (default: config/gateway.toml or config/sidecar.toml).
+    #[arg(long, global = true, value_name = "PATH")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check a config: print every error with file:line; exit 1 if there is any.
+    Validate,
+    /// Show which route a request would take, why the others did not, and what applies.
+    Explain {
+        /// HTTP method, e.g. GET.
+        method: String,
+        /// Full URL, e.g. http://reviews.example.com/api/x?variant=b
+        url: String,
+        /// A request header, "name: value"; repeatable.
+        #[arg(short = 'H', long = "header", value_name = "HEADER")]
+        headers: Vec<String>,
+        /// Listener to route on (default: the one whose port the URL names, else the first).
+        #[arg(long)]
+        listener: Option<String>,
+    },
+}
+
+/// Entry point of `weir-gateway` and `weir-sidecar`.
+pub fn main(role: Role) -> ExitCode {
+    let cli = Cli::parse();
+    let default = match role {
+        Role::Gateway => "config/gateway.toml",
+        Role::Sidecar => "config/sidecar.toml",
+    };
+    let path = cli.config.unwrap_or_else(|| PathBuf::from(default));
+    match cli.command {
+        Some(Command::Validate) => validate(&path, role),
+        Some(Command::Explain {
+            method,
+            url,
+            headers,
+            listener,
+        }) => explain(&path, role, &method, &url, &headers, listener.as_deref()),
+        None => serve(&path, role),
+    }
+}
+
+fn serve(path: &Path, role: Role) -> ExitCode {
+    crate::init_tracing();
+    if role == Role::Sidecar {
+        eprintln!("weir-sidecar: proxying is not implemented yet; use `validate` or `explain`");
+        return ExitCode::from(2);
+    }
+    let reloader = match Reloader::new(path, role) {
+        Ok(r) => r,
+        Err(errors) => {
+            eprintln!("{errors}");
+            eprintln!(
+                "{}: {} error(s); not starting",
+                path.display(),
+                errors.0.len()
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    match crate::server::run(reloader) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn validate(path: &Path, role: Role) -> ExitCode {
+    match weir_config::load(path, role) {
+        Ok(loaded) => {
+            let c = &loaded.config;
+            println!(
+                "{}: ok ({} files, {} listeners, {} routes, {} services)",
+                path.display(),
+                loaded.files.len(),
+                c.listeners.len(),
+                c.routes.len(),
+                c.services.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            eprintln!("{errors}");
+            eprintln!("{}: {} error(s)", path.display(), errors.0.len());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn explain(
+    path: &Path,
+    role: Role,
+    method: &str,
+    url: &str,
+    headers: &[String],
+    listener: Option<&str>,
+) -> ExitCode {
+    let loaded = match weir_config::load(path, role) {
+        Ok(l) => l,
+        Err(errors) => {
+            eprintln!("{errors}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let config = &loaded.config;
+    let uri: http::Uri = match url.parse() {
+        Ok(u) => u,
+        Err(e) => {
+            eprintln!("bad URL {url:?}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut pairs = Vec::new();
+    for h in headers {
+        match h.split_once(':') {
+            Some((k, v)) => pairs.push((k.trim().to_ascii_lowercase(), v.trim().to_string())),
+            None => {
+                eprintln!("bad header {h:?}: expected \"name: value\"");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    let names = listener_names(config, role);
+    let by_port = uri
+        .port_u16()
+        .and_then(|p| config.listeners.iter().find(|l| l.listen.port() == p))
+        .map(|l| l.name.clone());
+    let Some(listener) = listener
+        .map(str::to_string)
+        .or(by_port)
+        .or_else(|| names.first().cloned())
+    else {
+        eprintln!("the config has no listener to route on");
+        return ExitCode::FAILURE;
+    };
+    if !names.contains(&listener) {
+        eprintln!("no listener named {listener:?} (have: {names:?})");
+        return ExitCode::FAILURE;
+    }
+    let table = RouteTable::new(config, &listener);
+    let host_header = pairs
+        .iter()
+        .find(|(k, _)| k == "host")
+        .map(|(_, v)| v.clone());
+    let host = host_header
+        .as_deref()
+        .or(uri.host())
+        .unwrap_or("")
+        .split(':')
+        .next()
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let header_refs: Vec<(&str, &str)> = pairs
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let method = method.to_ascii_uppercase();
+    let req = Request {
+        method: &method,
+        host: &host,
+        path: uri.path(),
+        query: uri.query(),
+        headers: &HeaderList(&header_refs),
+    };
+
+    println!("request:  {method} {url}  (listener {listener:?}, host {host:?})");
+    let candidates = table.explain(&req);
+    match table.find(&req) {
+        None => println!("route:    none -> 404, flag NR"),
+        Some(found) => {
+            let r = &found.route.config;
+            let block = found.block.map_or("no match blocks".to_string(), |b| {
+                format!("match block {}", b + 1)
+            });
+            println!("route:    {:?} ({}), {block}", r.name, r.origin);
+            match &r.action {
+                Action::DirectResponse { status, body } => {
+                    println!(
+                        "action:   direct response {status}, {} byte body",
+                        body.len()
+                    )
+                }
+                Action::Backends(backends) => {
+                    let total: u64 = backends.iter().map(|b| u64::from(b.weight)).sum();
+                    println!("action:   split between {} backend(s)", backends.len());
+                    for b in backends {
+                        let share = 100.0 * f64::from(b.weight) / total as f64;
+                        let endpoints = config
+                            .services
+                            .iter()
+                            .find(|s| s.name == b.service)
+                            .map(|s| {
+                                s.endpoints
+                                    .iter()
+                                    .map(|e| e.to_string())
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            })
+                            .unwrap_or_default();
+                        println!("            {}  weight {}  ({share:.1}%)  round robin over {endpoints}", b.service, b.weight);
+                    }
+                }
+            }
+        }
+    }
+    println!("candidates, in precedence order:");
+    for c in &candidates {
+        let block = c
+            .block
+            .map_or(String::new(), |b| format!(" block {}", b + 1));
+        let name = format!("{:?}{block}", c.route.config.name);
+        match &c.verdict {
+            Verdict::Wins => println!("  wins      {name}"),
+            Verdict::Shadowed => println!("  shadowed  {name}: matches too, but lower precedence"),
+            Verdict::NoMatch(why) => println!("  no match  {name}: {why}"),
+        }
+    }
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,27 @@
+//! weir-proxy: the proxy both Weir binaries run.
+//!
+//! - [`snapshot`]: the compiled config a request reads, one `Arc` per generation;
+//! - [`reload`]: load -> validate -> compile -> swap, keeping the last good config;
+//! - [`proxy`]: the Pingora `ProxyHttp`, where errors become statuses and flags;
+//! - [`admin`]: `/live`, `/ready`, `/config`;
+//! - [`server`]: wiring of the Pingora server, reload triggers and the SIGTERM drain;
+//! - [`cli`]: the command line of both binaries.
+
+pub mod access_log;
+pub mod admin;
+pub mod cli;
+pub mod proxy;
+pub mod reload;
+pub mod server;
+pub mod snapshot;
+
+/// Logs to stderr; `RUST_LOG` filters (default `info`).
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .try_init();
+}

@@ -1,0 +1,367 @@
+//! The Pingora `ProxyHttp` both binaries run. Each phase asks the snapshot what to do; the
+//! policy lives in weir-routing and weir-config, and errors become statuses in one place,
+//! [`WeirProxy::fail_to_proxy`].
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use pingora_core::upstreams::peer::HttpPeer;
+use pingora_error::{Error, ErrorSource, ErrorType, Result};
+use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_proxy::{FailToProxy, ProxyHttp, Session};
+use weir_config::Action;
+use weir_routing::{CompiledRoute, Request};
+
+use crate::access_log::{AccessLog, Entry};
+use crate::reload::Reloader;
+use crate::snapshot::{ServiceState, Snapshot};
+
+/// Connect timeout to an endpoint (DESIGN.md `connection_pool.connect_timeout` default).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long an idle upstream connection is kept in the pool.
+const UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub struct WeirProxy {
+    reloader: Arc<Reloader>,
+    /// Listener names and addresses, to tell which listener a connection came in on.
+    listeners: Vec<(String, SocketAddr)>,
+    access_log: Arc<AccessLog>,
+    in_flight: Arc<AtomicUsize>,
+}
+
+impl WeirProxy {
+    pub fn new(
+        reloader: Arc<Reloader>,
+        listeners: Vec<(String, SocketAddr)>,
+        access_log: Arc<AccessLog>,
+        in_flight: Arc<AtomicUsize>,
+    ) -> Self {
+        WeirProxy {
+            reloader,
+            listeners,
+            access_log,
+            in_flight,
+        }
+    }
+
+    fn listener(&self, session: &Session) -> usize {
+        if self.listeners.len() <= 1 {
+            return 0;
+        }
+        let local = session.server_addr().and_then(|a| a.as_inet());
+        local
+            .and_then(|local| {
+                self.listeners.iter().position(|(_, l)| {
+                    l.port() == local.port() && (l.ip().is_unspecified() || l.ip() == local.ip())
+                })
+            })
+            .unwrap_or(0)
+    }
+}
+
+/// Per-request state. Dropping it marks the request finished (for draining).
+pub struct Ctx {
+    snapshot: Option<Arc<Snapshot>>,
+    listener: usize,
+    route: Option<Arc<CompiledRoute>>,
+    service: Option<Arc<ServiceState>>,
+    upstream: Option<SocketAddr>,
+    /// Response flag for the access log: "NR", "UF", ... or "" when none.
+    flags: &'static str,
+    request_id: String,
+    started: Instant,
+    _in_flight: InFlight,
+}
+
+struct InFlight(Arc<AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for WeirProxy {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        Ctx {
+            snapshot: None,
+            listener: 0,
+            route: None,
+            service: None,
+            upstream: None,
+            flags: "",
+            request_id: String::new(),
+            started: Instant::now(),
+            _in_flight: InFlight(self.in_flight.clone()),
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        let snapshot = self.reloader.snapshot();
+        ctx.listener = self.listener(session);
+        let listener = self
+            .listeners
+            .get(ctx.listener)
+            .map_or("outbound", |(n, _)| n.as_str());
+        let req = session.req_header();
+        ctx.request_id = match req
+            .headers
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+        {
+            Some(id) if !id.is_empty() => id.to_string(),
+            _ => new_request_id(),
+        };
+        let found = {
+            let host = host_of(req);
+            let view = HeaderView(&req.headers);
+            let request = Request {
+                method: req.method.as_str(),
+                host: &host,
+                path: req.uri.path(),
+                query: req.uri.query(),
+                headers: &view,
+            };
+            snapshot
+                .tables
+                .get(listener)
+                .and_then(|t| t.find(&request))
+                .map(|f| f.route.clone())
+        };
+        ctx.snapshot = Some(snapshot);
+        let Some(route) = found else {
+            ctx.flags = "NR";
+            respond(session, ctx, 404, Bytes::from_static(b"no route\n")).await?;
+            return Ok(true);
+        };
+        let answered = match (&route.config.action, &route.split) {
+            (Action::DirectResponse { status, body }, _) => {
+                respond(session, ctx, *status, Bytes::from(body.clone())).await?;
+                true
+            }
+            (Action::Backends(backends), Some(split)) => {
+                let backend = &backends[split.pick(fastrand::u64(..))];
+                ctx.service = ctx
+                    .snapshot
+                    .as_ref()
+                    .and_then(|s| s.services.get(&backend.service))
+                    .cloned();
+                false
+            }
+            (Action::Backends(_), None) => unreachable!("a route with backends always has a split"),
+        };
+        ctx.route = Some(route);
+        Ok(answered)
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        let service = ctx
+            .service
+            .as_ref()
+            .ok_or_else(|| Error::explain(ErrorType::InternalError, "route chose no service"))?;
+        let addr = service.next_endpoint();
+        ctx.upstream = Some(addr);
+        // From a SocketAddr, so Pingora does no (blocking) name resolution.
+        let mut peer = HttpPeer::new(addr, false, String::new());
+        peer.options.connection_timeout = Some(CONNECT_TIMEOUT);
+        peer.options.idle_timeout = Some(UPSTREAM_IDLE_TIMEOUT);
+        Ok(Box::new(peer))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream: &mut RequestHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        // Edge proxy: append the peer to X-Forwarded-For, say how the client reached us.
+        if let Some(ip) = client_ip(session) {
+            let xff = match upstream
+                .headers
+                .get("x-forwarded-for")
+                .and_then(|v| v.to_str().ok())
+            {
+                Some(prior) if !prior.is_empty() => format!("{prior}, {ip}"),
+                _ => ip.to_string(),
+            };
+            upstream.insert_header("x-forwarded-for", xff)?;
+        }
+        upstream.insert_header("x-forwarded-proto", "http")?;
+        upstream.insert_header("x-request-id", ctx.request_id.as_str())?;
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        response: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        response.insert_header("x-request-id", ctx.request_id.as_str())?;
+        Ok(())
+    }
+
+    /// Failures that carry a flag are in the access log already.
+    fn suppress_error_log(&self, _session: &Session, ctx: &Ctx, _error: &Error) -> bool {
+        !ctx.flags.is_empty()
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut Ctx,
+        e: Box<Error>,
+    ) -> Box<Error> {
+        ctx.flags = "UF";
+        e
+    }
+
+    /// The one place where errors become statuses and flags.
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        use ErrorType::*;
+        let (code, flags, body): (u16, &'static str, &'static [u8]) = match e.etype() {
+            HTTPStatus(code) => (*code, ctx.flags, b""),
+            ConnectTimedout | ConnectRefused | ConnectNoRoute | ConnectError | BindError
+            | SocketError | TLSHandshakeFailure | TLSHandshakeTimedout | InvalidCert
+            | HandshakeError => (503, "UF", b"upstream connect error\n"),
+            ReadTimedout | WriteTimedout if e.esource() == &ErrorSource::Upstream => {
+                (504, "UT", b"upstream timeout\n")
+            }
+            ReadError | WriteError | ConnectionClosed
+                if e.esource() == &ErrorSource::Downstream =>
+            {
+                (0, "DC", b"")
+            }
+            _ => match e.esource() {
+                ErrorSource::Upstream => (502, "UC", b"upstream connection error\n"),
+                ErrorSource::Downstream => (400, "", b"bad request\n"),
+                _ => (500, "", b"internal error\n"),
+            },
+        };
+        ctx.flags = flags;
+        if code > 0 && session.response_written().is_none() {
+            let _ = respond(session, ctx, code, Bytes::from_static(body)).await;
+        }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
+        if !self.access_log.enabled() {
+            return;
+        }
+        let req = session.req_header();
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        self.access_log.write(&Entry {
+            request_id: &ctx.request_id,
+            listener: self
+                .listeners
+                .get(ctx.listener)
+                .map_or("outbound", |(n, _)| n.as_str()),
+            client: client_ip(session),
+            method: req.method.as_str(),
+            authority: &host_of(req),
+            path: req.uri.path(),
+            status,
+            flags: ctx.flags,
+            route: ctx.route.as_ref().map(|r| r.config.name.as_str()),
+            service: ctx.service.as_ref().map(|s| s.config.name.as_str()),
+            upstream: ctx.upstream,
+            duration: ctx.started.elapsed(),
+            generation: ctx.snapshot.as_ref().map_or(0, |s| s.generation),
+        });
+    }
+}
+
+/// Writes a complete response from the proxy itself (no route, direct response, errors).
+async fn respond(session: &mut Session, ctx: &Ctx, status: u16, body: Bytes) -> Result<()> {
+    let mut resp = ResponseHeader::build(status, Some(3))?;
+    resp.insert_header("content-length", body.len().to_string())?;
+    if !body.is_empty() {
+        resp.insert_header("content-type", "text/plain; charset=utf-8")?;
+    }
+    resp.insert_header("x-request-id", ctx.request_id.as_str())?;
+    let empty = body.is_empty();
+    session.write_response_header(Box::new(resp), empty).await?;
+    if !empty {
+        session.write_response_body(Some(body), true).await?;
+    }
+    Ok(())
+}
+
+/// The request's host, lower case, without port: from the URI (HTTP/2, absolute form) or Host.
+fn host_of(req: &RequestHeader) -> String {
+    let raw = req
+        .uri
+        .host()
+        .or_else(|| req.headers.get("host").and_then(|h| h.to_str().ok()))
+        .unwrap_or("");
+    let host = match raw.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(v6),
+        None => raw.rsplit_once(':').map_or(raw, |(h, _)| h),
+    };
+    host.to_ascii_lowercase()
+}
+
+fn client_ip(session: &Session) -> Option<IpAddr> {
+    session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map(|a| a.ip())
+}
+
+/// A random UUID v4, as Envoy generates for `x-request-id`.
+fn new_request_id() -> String {
+    let n = fastrand::u128(..) & !(0xf << 76) & !(0x3 << 62) | (0x4 << 76) | (0x2 << 62);
+    let h = format!("{n:032x}");
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
+}
+
+struct HeaderView<'a>(&'a http::HeaderMap);
+
+impl weir_routing::Headers for HeaderView<'_> {
+    fn get(&self, name: &str) -> Option<&str> {
+        self.0.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_uuid_v4() {
+        let id = new_request_id();
+        assert_eq!(id.len(), 36);
+        assert_eq!(&id[14..15], "4");
+        assert!(matches!(&id[19..20], "8" | "9" | "a" | "b"), "{id}");
+        assert_ne!(id, new_request_id());
+    }
+
+    #[test]
+    fn host_drops_port_and_case() {
+        let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+        req.insert_header("host", "WWW.Example.com:8080").unwrap();
+        assert_eq!(host_of(&req), "www.example.com");
+        req.insert_header("host", "[::1]:8080").unwrap();
+        assert_eq!(host_of(&req), "::1");
+    }
+}

@@ -1,0 +1,174 @@
+//! Wiring a Pingora server from a loaded config: the proxy, the admin listener, reload on
+//! file change or SIGHUP, and a SIGTERM drain bounded by `runtime.grace_period`.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use async_trait::async_trait;
+use pingora_core::server::configuration::{Opt, ServerConf};
+use pingora_core::server::{Server, ShutdownWatch};
+use pingora_core::services::background::{background_service, BackgroundService};
+use pingora_core::services::listening::Service;
+use pingora_core::services::ServiceReadyNotifier;
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::{error, info, warn};
+
+use crate::access_log::AccessLog;
+use crate::admin::Admin;
+use crate::proxy::WeirProxy;
+use crate::reload::{Outcome, Reloader};
+
+/// How long the config directory must be quiet before a reload.
+const RELOAD_QUIET: Duration = Duration::from_millis(200);
+
+/// Runs the gateway until SIGTERM (drain) or SIGINT (exit at once).
+pub fn run(reloader: Reloader) -> anyhow::Result<()> {
+    let reloader = Arc::new(reloader);
+    let snapshot = reloader.snapshot();
+    let config = &snapshot.config;
+    let listeners: Vec<(String, SocketAddr)> = config
+        .listeners
+        .iter()
+        .map(|l| (l.name.clone(), l.listen))
+        .collect();
+    if listeners.is_empty() {
+        bail!("the config has no [[listener]]; nothing to serve");
+    }
+    // Pingora panics in a service thread when it cannot bind; check first and say which.
+    for (name, addr) in listeners
+        .iter()
+        .chain([&("admin".to_string(), config.admin.listen)])
+    {
+        std::net::TcpListener::bind(addr)
+            .with_context(|| format!("listener {name:?}: cannot bind {addr}"))?;
+    }
+
+    let threads = match config.runtime.threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    let grace = config.runtime.grace_period;
+    let conf = ServerConf {
+        threads,
+        // One single-threaded runtime per thread: measured ~15% faster (PERF-NOTES.md).
+        work_stealing: false,
+        // Pingora sleeps this long after SIGTERM; the drain service exits earlier once idle.
+        grace_period_seconds: Some(grace.as_secs_f64().ceil() as u64),
+        graceful_shutdown_timeout_seconds: Some(1),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(Opt::default(), conf);
+    server.bootstrap();
+
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let access_log =
+        Arc::new(AccessLog::open(&config.telemetry.access_log).context("opening the access log")?);
+    let proxy = WeirProxy::new(
+        reloader.clone(),
+        listeners.clone(),
+        access_log,
+        in_flight.clone(),
+    );
+    let mut proxy =
+        pingora_proxy::http_proxy_service_with_name(&server.configuration, proxy, "weir-proxy");
+    for (_, addr) in &listeners {
+        proxy.add_tcp(&addr.to_string());
+    }
+    let mut admin = Service::new(
+        "weir-admin".to_string(),
+        Admin::new(reloader.clone(), listeners.clone()),
+    );
+    admin.add_tcp(&config.admin.listen.to_string());
+    admin.threads = Some(1);
+
+    let reload = server.add_service(background_service(
+        "reload",
+        Reload {
+            reloader: reloader.clone(),
+        },
+    ));
+    server.add_service(background_service("drain", Drain { in_flight, grace }));
+    let proxy = server.add_service(proxy);
+    let admin = server.add_service(admin);
+    // /ready answers only once SIGHUP is handled and the proxy has started.
+    admin.add_dependency(&reload);
+    admin.add_dependency(&proxy);
+    info!(generation = snapshot.generation, revision = %snapshot.revision, threads, "starting");
+    drop(snapshot);
+    server.run_forever()
+}
+
+/// Reloads on file changes and on SIGHUP.
+struct Reload {
+    reloader: Arc<Reloader>,
+}
+
+#[async_trait]
+impl BackgroundService for Reload {
+    async fn start_with_ready_notifier(
+        &self,
+        mut shutdown: ShutdownWatch,
+        ready: ServiceReadyNotifier,
+    ) {
+        let mut hangup = match signal(SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                error!("cannot handle SIGHUP: {e}");
+                return;
+            }
+        };
+        let (tx, mut changed) = tokio::sync::mpsc::channel::<()>(1);
+        let watcher = weir_config::watch(self.reloader.path(), RELOAD_QUIET, move || {
+            let _ = tx.try_send(());
+        });
+        if let Err(e) = &watcher {
+            warn!(
+                "cannot watch {}: {e}; reload with SIGHUP",
+                self.reloader.path().display()
+            );
+        }
+        ready.notify_ready();
+        loop {
+            let why = tokio::select! {
+                Some(()) = changed.recv() => "file change",
+                Some(()) = hangup.recv() => "SIGHUP",
+                _ = shutdown.changed() => return,
+            };
+            // Reading and compiling the config blocks; keep it off this runtime's thread.
+            let reloader = self.reloader.clone();
+            match tokio::task::spawn_blocking(move || reloader.reload()).await {
+                Ok(Outcome::Applied { generation }) => {
+                    info!(trigger = why, generation, "reload applied")
+                }
+                Ok(Outcome::Unchanged) => info!(trigger = why, "reload: config unchanged"),
+                Ok(Outcome::Failed) => {}
+                Err(e) => error!("reload task failed: {e}"),
+            }
+        }
+    }
+}
+
+/// After SIGTERM Pingora stops accepting and sleeps the whole grace period; this ends the
+/// process as soon as the requests in flight are done instead.
+struct Drain {
+    in_flight: Arc<AtomicUsize>,
+    grace: Duration,
+}
+
+#[async_trait]
+impl BackgroundService for Drain {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        if shutdown.changed().await.is_err() {
+            return;
+        }
+        info!(in_flight = self.in_flight.load(Ordering::Acquire), grace = ?self.grace, "draining");
+        while self.in_flight.load(Ordering::Acquire) > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        info!("drained; exiting");
+        std::process::exit(0);
+    }
+}

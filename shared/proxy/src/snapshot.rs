@@ -1,0 +1,87 @@
+//! The compiled config that requests read: one immutable [`Snapshot`] per generation.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use weir_config::{Config, Loaded, Role, Service};
+use weir_routing::RouteTable;
+
+/// Everything a request needs, compiled once per reload and never mutated.
+pub struct Snapshot {
+    pub generation: u64,
+    pub revision: String,
+    /// RFC 3339 time of the load.
+    pub loaded_at: String,
+    pub config: Arc<Config>,
+    /// Route table per listener name.
+    pub tables: HashMap<String, RouteTable>,
+    pub services: HashMap<String, Arc<ServiceState>>,
+}
+
+/// A service with the runtime state that outlives reloads while its definition is unchanged.
+pub struct ServiceState {
+    pub config: Service,
+    next: AtomicUsize,
+}
+
+impl ServiceState {
+    /// Round robin over the endpoints.
+    pub fn next_endpoint(&self) -> SocketAddr {
+        let eps = &self.config.endpoints;
+        eps[self.next.fetch_add(1, Ordering::Relaxed) % eps.len()]
+    }
+}
+
+impl Snapshot {
+    /// Compiles `loaded`, keeping the state of services whose definition did not change.
+    pub fn compile(
+        loaded: Loaded,
+        role: Role,
+        generation: u64,
+        previous: Option<&Snapshot>,
+    ) -> Snapshot {
+        let config = loaded.config;
+        let services = config
+            .services
+            .iter()
+            .map(|s| {
+                let kept = previous
+                    .and_then(|p| p.services.get(&s.name))
+                    .filter(|old| old.config == *s)
+                    .cloned();
+                let state = kept.unwrap_or_else(|| {
+                    Arc::new(ServiceState {
+                        config: s.clone(),
+                        next: AtomicUsize::new(0),
+                    })
+                });
+                (s.name.clone(), state)
+            })
+            .collect();
+        let tables = listener_names(&config, role)
+            .into_iter()
+            .map(|name| {
+                let table = RouteTable::new(&config, &name);
+                (name, table)
+            })
+            .collect();
+        Snapshot {
+            generation,
+            revision: loaded.revision,
+            loaded_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            config: Arc::new(config),
+            tables,
+            services,
+        }
+    }
+}
+
+/// The listeners routes can attach to: the gateway's `[[listener]]`s, the sidecar's "outbound".
+pub fn listener_names(config: &Config, role: Role) -> Vec<String> {
+    match role {
+        Role::Gateway => config.listeners.iter().map(|l| l.name.clone()).collect(),
+        Role::Sidecar => vec!["outbound".to_string()],
+    }
+}

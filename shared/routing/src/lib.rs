@@ -1,0 +1,234 @@
+//! weir-routing: the route table (DESIGN.md §3, "Route precedence").
+//!
+//! Pure functions over the validated config: no I/O, no clock, no randomness of its own.
+//! A [`RouteTable`] is compiled per listener; [`RouteTable::find`] picks the route for a
+//! request, [`RouteTable::explain`] says why each candidate did or did not win, and
+//! [`Split::pick`] turns a caller-supplied roll into a weighted backend choice.
+
+mod explain;
+mod matcher;
+
+use std::cmp::Reverse;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use weir_config::{Action, Config, HostPattern, Match, PathMatch, Route};
+
+pub use explain::{Candidate, Verdict};
+pub use matcher::{HeaderList, Headers, Request};
+
+/// A route compiled for matching: the config plus its precomputed split.
+#[derive(Debug)]
+pub struct CompiledRoute {
+    pub config: Route,
+    /// The weighted split of `Action::Backends`; `None` for other actions.
+    pub split: Option<Split>,
+    /// Position in the config (files sorted by name, then position).
+    pub order: usize,
+}
+
+/// The routes attached to one listener, indexed by host.
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    routes: Vec<Arc<CompiledRoute>>,
+    exact: HashMap<String, Vec<Entry>>,
+    /// Longest suffix first.
+    suffix: Vec<(String, Vec<Entry>)>,
+    any: Vec<Entry>,
+}
+
+/// One match block of one route, with its precedence key.
+#[derive(Debug, Clone)]
+struct Entry {
+    route: usize,
+    /// `None` for a route without match blocks (it matches every request).
+    block: Option<usize>,
+    rank: Rank,
+}
+
+/// Smaller sorts first: path exact > longest prefix > regex > none; then methods > none;
+/// then more headers; then more query params; then declaration order.
+type Rank = (
+    u8,
+    Reverse<usize>,
+    bool,
+    Reverse<usize>,
+    Reverse<usize>,
+    usize,
+    usize,
+);
+
+/// The route chosen for a request, and which of its match blocks matched.
+#[derive(Debug, Clone, Copy)]
+pub struct Found<'a> {
+    pub route: &'a Arc<CompiledRoute>,
+    pub block: Option<usize>,
+}
+
+impl RouteTable {
+    /// Compiles the routes attached to `listener` (routes without `listeners` attach to all).
+    pub fn new(config: &Config, listener: &str) -> RouteTable {
+        let routes = config
+            .routes
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.listeners.is_empty() || r.listeners.iter().any(|l| l == listener))
+            .map(|(order, r)| {
+                Arc::new(CompiledRoute {
+                    config: r.clone(),
+                    split: match &r.action {
+                        Action::Backends(b) => Some(Split::new(b.iter().map(|b| b.weight))),
+                        _ => None,
+                    },
+                    order,
+                })
+            })
+            .collect();
+        Self::from_routes(routes)
+    }
+
+    /// Builds a table from compiled routes; their `order` decides ties.
+    pub fn from_routes(routes: Vec<Arc<CompiledRoute>>) -> RouteTable {
+        let mut table = RouteTable {
+            routes,
+            ..Default::default()
+        };
+        let mut suffix: HashMap<String, Vec<Entry>> = HashMap::new();
+        for (index, route) in table.routes.iter().enumerate() {
+            let entries = entries(index, route);
+            if route.config.hosts.is_empty() {
+                table.any.extend(entries.iter().cloned());
+            }
+            for host in &route.config.hosts {
+                let list = match host {
+                    HostPattern::Exact(h) => table.exact.entry(h.clone()).or_default(),
+                    HostPattern::Suffix(s) => suffix.entry(s.clone()).or_default(),
+                };
+                list.extend(entries.iter().cloned());
+            }
+        }
+        table.suffix = suffix.into_iter().collect();
+        table
+            .suffix
+            .sort_by(|a, b| b.0.len().cmp(&a.0.len()).then_with(|| a.0.cmp(&b.0)));
+        let lists = table
+            .exact
+            .values_mut()
+            .chain(table.suffix.iter_mut().map(|(_, l)| l));
+        for list in lists.chain(std::iter::once(&mut table.any)) {
+            list.sort_by(|a, b| a.rank.cmp(&b.rank));
+        }
+        table
+    }
+
+    /// The winning route for `req`, or `None` (404 `NR`).
+    pub fn find(&self, req: &Request<'_>) -> Option<Found<'_>> {
+        self.tiers(req.host).find_map(|entries| {
+            entries.iter().find_map(|e| {
+                let route = &self.routes[e.route];
+                let hit = match e.block {
+                    None => true,
+                    Some(b) => matcher::matches(&route.config.matches[b], req),
+                };
+                hit.then_some(Found {
+                    route,
+                    block: e.block,
+                })
+            })
+        })
+    }
+
+    /// Every route of the table, in declaration order.
+    pub fn routes(&self) -> &[Arc<CompiledRoute>] {
+        &self.routes
+    }
+
+    /// The entry lists that apply to `host`, most specific first.
+    fn tiers<'a>(&'a self, host: &'a str) -> impl Iterator<Item = &'a Vec<Entry>> + 'a {
+        let exact = self.exact.get(host);
+        let suffix = self
+            .suffix
+            .iter()
+            .filter(move |(s, _)| host.len() > s.len() && host.ends_with(s.as_str()))
+            .map(|(_, l)| l);
+        exact
+            .into_iter()
+            .chain(suffix)
+            .chain(std::iter::once(&self.any))
+    }
+}
+
+fn entries(index: usize, route: &CompiledRoute) -> Vec<Entry> {
+    let blocks = &route.config.matches;
+    if blocks.is_empty() {
+        let rank = (3, Reverse(0), true, Reverse(0), Reverse(0), route.order, 0);
+        return vec![Entry {
+            route: index,
+            block: None,
+            rank,
+        }];
+    }
+    blocks
+        .iter()
+        .enumerate()
+        .map(|(b, m)| Entry {
+            route: index,
+            block: Some(b),
+            rank: rank(m, route.order, b),
+        })
+        .collect()
+}
+
+fn rank(m: &Match, order: usize, block: usize) -> Rank {
+    let (kind, len) = match &m.path {
+        Some(PathMatch::Exact(p)) => (0, p.len()),
+        Some(PathMatch::Prefix(p)) => (1, p.len()),
+        Some(PathMatch::Regex(_)) => (2, 0),
+        None => (3, 0),
+    };
+    (
+        kind,
+        Reverse(len),
+        m.methods.is_empty(),
+        Reverse(m.headers.len()),
+        Reverse(m.query.len()),
+        order,
+        block,
+    )
+}
+
+/// A weighted choice between backends.
+#[derive(Debug, Clone)]
+pub struct Split {
+    /// Running sums of the weights; the last is the total.
+    cumulative: Vec<u64>,
+}
+
+impl Split {
+    pub fn new(weights: impl IntoIterator<Item = u32>) -> Split {
+        let mut total = 0;
+        let cumulative = weights
+            .into_iter()
+            .map(|w| {
+                total += u64::from(w);
+                total
+            })
+            .collect();
+        Split { cumulative }
+    }
+
+    /// Sum of the weights.
+    pub fn total(&self) -> u64 {
+        self.cumulative.last().copied().unwrap_or(0)
+    }
+
+    /// The backend index for a roll drawn uniformly from `0..total()`: backend i is picked for
+    /// exactly `weight[i]` of the possible rolls.
+    pub fn pick(&self, roll: u64) -> usize {
+        let roll = roll % self.total().max(1);
+        self.cumulative.partition_point(|&c| c <= roll)
+    }
+}
+
+#[cfg(test)]
+mod tests;
