@@ -1,1 +1,369 @@
+//! Test harness: real upstream servers and the real `weir-gateway` binary, each on its own
+//! free ports, so tests run in parallel. Everything started here is killed on drop.
+#![allow(clippy::unwrap_used, clippy::print_stdout)]
 
+use std::fs;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `cond` every 20 ms until it holds; panics with `what` after `timeout`.
+pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A real HTTP/1.1 server that answers every request with its own name.
+///
+/// `GET /slow/<ms>` answers after `ms` milliseconds. The headers of the last request are kept
+/// for inspection.
+pub struct Upstream {
+    pub name: String,
+    pub addr: SocketAddr,
+    server: Arc<tiny_http::Server>,
+    hits: Arc<AtomicUsize>,
+    last_headers: Arc<Mutex<Vec<(String, String)>>>,
+    workers: Vec<thread::JoinHandle<()>>,
+}
+
+impl Upstream {
+    pub fn start(name: &str) -> Upstream {
+        let server = Arc::new(tiny_http::Server::http("127.0.0.1:0").unwrap());
+        let addr = server.server_addr().to_ip().unwrap();
+        let hits = Arc::new(AtomicUsize::new(0));
+        let last_headers = Arc::new(Mutex::new(Vec::new()));
+        let workers = (0..8)
+            .map(|_| {
+                let (server, hits, last) = (server.clone(), hits.clone(), last_headers.clone());
+                let name = name.to_string();
+                thread::spawn(move || {
+                    for mut req in server.incoming_requests() {
+                        hits.fetch_add(1, Ordering::SeqCst);
+                        *last.lock().unwrap() = req
+                            .headers()
+                            .iter()
+                            .map(|h| {
+                                (
+                                    h.field.to_string().to_ascii_lowercase(),
+                                    h.value.to_string(),
+                                )
+                            })
+                            .collect();
+                        let mut body = Vec::new();
+                        let _ = std::io::Read::read_to_end(req.as_reader(), &mut body);
+                        if let Some(ms) = req.url().strip_prefix("/slow/") {
+                            thread::sleep(Duration::from_millis(ms.parse().unwrap_or(0)));
+                        }
+                        let header =
+                            tiny_http::Header::from_bytes("x-upstream", name.as_bytes()).unwrap();
+                        let _ = req.respond(
+                            tiny_http::Response::from_string(name.clone()).with_header(header),
+                        );
+                    }
+                })
+            })
+            .collect();
+        Upstream {
+            name: name.to_string(),
+            addr,
+            server,
+            hits,
+            last_headers,
+            workers,
+        }
+    }
+
+    /// Requests received so far.
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+
+    /// A header of the last request received.
+    pub fn last_header(&self, name: &str) -> Option<String> {
+        self.last_headers
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    }
+
+    /// A `[[service]]` table named after this upstream.
+    pub fn service(&self) -> String {
+        format!(
+            "[[service]]\nname = \"{}\"\nendpoints = [\"{}\"]\n",
+            self.name, self.addr
+        )
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        for _ in &self.workers {
+            self.server.unblock();
+        }
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+}
+
+/// A response, whatever its status.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub body: String,
+    pub headers: Vec<(String, String)>,
+}
+
+impl Reply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// A keep-alive HTTP client.
+pub fn client() -> ureq::Agent {
+    ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(10))
+        .build()
+}
+
+/// Sends a request; transport errors are `Err`, every status is `Ok`.
+pub fn send(
+    agent: &ureq::Agent,
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+) -> Result<Reply, String> {
+    let mut req = agent.request(method, url);
+    for (k, v) in headers {
+        req = req.set(k, v);
+    }
+    let resp = match req.call() {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => return Err(e.to_string()),
+    };
+    let status = resp.status();
+    let headers = resp.headers_names().into_iter().map(|n| {
+        let v = resp.header(&n).unwrap_or("").to_string();
+        (n, v)
+    });
+    let headers = headers.collect();
+    let body = resp.into_string().map_err(|e| e.to_string())?;
+    Ok(Reply {
+        status,
+        body,
+        headers,
+    })
+}
+
+/// The path of a workspace binary, built by `cargo build --workspace` beside this test.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(Path::parent).unwrap();
+    let bin = dir.join(name);
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build --workspace` first (scripts/test does)",
+        bin.display()
+    );
+    bin
+}
+
+/// A running `weir-gateway` with one listener "web" and its admin listener on free ports.
+pub struct Gateway {
+    child: Child,
+    pub port: u16,
+    pub admin: u16,
+    pub dir: tempfile::TempDir,
+    /// The config file or directory the gateway was started on.
+    pub config: PathBuf,
+    agent: ureq::Agent,
+}
+
+impl Gateway {
+    /// The `[runtime]`, `[admin]` and `[[listener]]` tables for these ports.
+    pub fn base(port: u16, admin: u16) -> String {
+        format!(
+            "[runtime]\nthreads = 2\ngrace_period = \"5s\"\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\
+             [[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:{port}\"\n"
+        )
+    }
+
+    /// Starts a gateway on `base()` followed by `config` (routes and services).
+    pub fn start(config: &str) -> Gateway {
+        let dir = tempfile::tempdir().unwrap();
+        let (port, admin) = (free_port(), free_port());
+        let path = dir.path().join("gateway.toml");
+        fs::write(&path, format!("{}{config}", Gateway::base(port, admin))).unwrap();
+        Gateway::start_on(dir, path, port, admin)
+    }
+
+    /// Starts a gateway on an existing config (file or directory) that uses these ports.
+    pub fn start_on(dir: tempfile::TempDir, config: PathBuf, port: u16, admin: u16) -> Gateway {
+        let stdout = fs::File::create(dir.path().join("stdout.log")).unwrap();
+        let stderr = fs::File::create(dir.path().join("stderr.log")).unwrap();
+        let child = Command::new(binary("weir-gateway"))
+            .arg("--config")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .unwrap();
+        let mut gw = Gateway {
+            child,
+            port,
+            admin,
+            dir,
+            config,
+            agent: client(),
+        };
+        let start = Instant::now();
+        loop {
+            if let Some(status) = gw.child.try_wait().unwrap() {
+                panic!(
+                    "weir-gateway exited with {status} before ready:\n{}",
+                    gw.stderr()
+                );
+            }
+            if matches!(gw.admin_get("/ready"), Ok(r) if r.status == 200) {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "not ready in 20s:\n{}",
+                gw.stderr()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+        gw
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn get(&self, path: &str, headers: &[(&str, &str)]) -> Reply {
+        send(&self.agent, "GET", &self.url(path), headers).unwrap()
+    }
+
+    pub fn admin_get(&self, path: &str) -> Result<Reply, String> {
+        send(
+            &self.agent,
+            "GET",
+            &format!("http://127.0.0.1:{}{path}", self.admin),
+            &[],
+        )
+    }
+
+    /// Admin `/config` as JSON.
+    pub fn status(&self) -> serde_json::Value {
+        serde_json::from_str(&self.admin_get("/config").unwrap().body).unwrap()
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.status()["generation"].as_u64().unwrap()
+    }
+
+    /// Replaces the config file the way editors and `kubectl cp` do: write aside, rename over.
+    pub fn write_config(&self, config: &str) {
+        let tmp = self.dir.path().join(".gateway.toml.tmp");
+        fs::write(
+            &tmp,
+            format!("{}{config}", Gateway::base(self.port, self.admin)),
+        )
+        .unwrap();
+        fs::rename(&tmp, &self.config).unwrap();
+    }
+
+    /// Access log lines so far, parsed.
+    pub fn access_log(&self) -> Vec<serde_json::Value> {
+        let text = fs::read_to_string(self.dir.path().join("stdout.log")).unwrap();
+        text.lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    pub fn stderr(&self) -> String {
+        fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends a signal by name ("TERM", "HUP", ...).
+    pub fn signal(&self, name: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.pid().to_string())
+            .status()
+            .unwrap();
+        assert!(ok.success(), "kill -{name} failed");
+    }
+
+    /// Waits for the process to exit, up to `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if thread::panicking() {
+            println!("--- weir-gateway stderr ---\n{}", self.stderr());
+        }
+    }
+}
+
+/// Runs a workspace binary to completion: (exit code, stdout, stderr).
+pub fn run(bin: &str, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(binary(bin)).args(args).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The repository root, for tests of shipped configs.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}

@@ -295,6 +295,7 @@ fn label(raw: Option<&RawFile>, key: &[Seg]) -> String {
         (Some(name), [Seg::Key(kind), _, rest @ ..]) => {
             format!("{kind} {name:?} {}", readable(rest))
         }
+        (None, [Seg::Key(section)]) => format!("[{section}]"),
         _ => readable(key),
     }
 }

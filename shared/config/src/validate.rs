@@ -497,7 +497,8 @@ impl Checker<'_> {
             Ok(regex) => Some(ValueMatch::Regex(Pattern { source, regex })),
             Err(e) => {
                 let detail = e.to_string();
-                let detail = detail.lines().last().unwrap_or("").trim().to_string();
+                let detail = detail.lines().last().unwrap_or("").trim();
+                let detail = detail.strip_prefix("error: ").unwrap_or(detail);
                 self.fail(&at.key("regex"), format!("bad regex {source:?}: {detail}"));
                 None
             }

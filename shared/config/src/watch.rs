@@ -30,10 +30,21 @@ pub fn watch(
             _ => std::path::PathBuf::from("."),
         }
     };
+    // Only the config itself counts, not logs or editor swap files in the same directory.
+    let file_name = (!path.is_dir())
+        .then(|| path.file_name().map(|n| n.to_os_string()))
+        .flatten();
     let (tx, rx) = channel::<()>();
     let mut inner = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        let is_read = matches!(&event, Ok(e) if matches!(e.kind, notify::EventKind::Access(_)));
-        if !is_read {
+        let Ok(event) = event else { return };
+        if matches!(event.kind, notify::EventKind::Access(_)) {
+            return;
+        }
+        if event
+            .paths
+            .iter()
+            .any(|p| concerns_config(p, file_name.as_deref()))
+        {
             let _ = tx.send(());
         }
     })?;
@@ -55,4 +66,38 @@ pub fn watch(
         })
         .map_err(|e| notify::Error::io(e))?;
     Ok(Watcher { _inner: inner })
+}
+
+/// A change to `path` may change the config: it is the config file (or, for a directory, a
+/// `*.toml` file), or a ConfigMap's `..data` link.
+fn concerns_config(path: &Path, file_name: Option<&std::ffi::OsStr>) -> bool {
+    let Some(name) = path.file_name() else {
+        return false;
+    };
+    let text = name.to_string_lossy();
+    if text.starts_with("..data") {
+        return true;
+    }
+    match file_name {
+        Some(file) => name == file,
+        None => text.ends_with(".toml") && !text.starts_with('.'),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_config_files_count() {
+        let file = Some(std::ffi::OsStr::new("gateway.toml"));
+        assert!(concerns_config(Path::new("/c/gateway.toml"), file));
+        assert!(concerns_config(Path::new("/c/..data"), file));
+        assert!(concerns_config(Path::new("/c/..data_tmp"), file));
+        assert!(!concerns_config(Path::new("/c/access.log"), file));
+        assert!(!concerns_config(Path::new("/c/.gateway.toml.swp"), file));
+        assert!(concerns_config(Path::new("/c/routes.toml"), None));
+        assert!(!concerns_config(Path::new("/c/.routes.toml.tmp"), None));
+        assert!(!concerns_config(Path::new("/c/notes.txt"), None));
+    }
 }

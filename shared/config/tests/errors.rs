@@ -1,0 +1,179 @@
+//! The config language's errors: each names its file, line and path, and all come at once.
+
+use std::fs;
+use std::path::Path;
+
+use weir_config::{load, parse, Role};
+
+fn errors(text: &str) -> Vec<String> {
+    match parse("gw.toml", text, Role::Gateway) {
+        Ok(_) => panic!("expected errors for:\n{text}"),
+        Err(e) => e.0.iter().map(|e| e.to_string()).collect(),
+    }
+}
+
+const SERVICE: &str = "[[service]]\nname = \"reviews\"\nendpoints = [\"127.0.0.1:9081\"]\n";
+
+#[test]
+fn every_error_is_reported_with_file_line_and_path() {
+    let text = format!(
+        "{SERVICE}\
+[[route]]
+name = \"web\"
+  [[route.match]]
+  path = {{ regex = \"/api/(\" }}
+  [[route.backend]]
+  service = \"reviews\"
+  [[route.backend]]
+  service = \"paymnts\"
+
+[runtime]
+grace_period = \"10 seconds\"
+colour = \"blue\"
+
+[[listener]]
+name = \"web\"
+listen = \"localhost:80\"
+"
+    );
+    let errs = errors(&text);
+    assert_eq!(
+        errs,
+        [
+            "gw.toml:7: route \"web\" match[0]: bad regex \"/api/(\": unclosed group",
+            "gw.toml:11: route \"web\" backend[1]: unknown service \"paymnts\"",
+            "gw.toml:14: [runtime]: bad duration \"10 seconds\": unknown unit \" seconds\" (ms, s, m, h)",
+            "gw.toml:15: [runtime]: unknown key \"colour\"",
+            "gw.toml:19: listener \"web\": bad address \"localhost:80\": expected ip:port, such as \"127.0.0.1:8080\"",
+        ]
+    );
+}
+
+#[test]
+fn weights_summing_to_zero_and_missing_actions_are_errors() {
+    let text = format!(
+        "{SERVICE}\
+[[route]]
+name = \"zero\"
+  [[route.backend]]
+  service = \"reviews\"
+  weight = 0
+[[route]]
+name = \"nothing\"
+[[route]]
+name = \"both\"
+direct_response = {{ status = 200 }}
+  [[route.backend]]
+  service = \"reviews\"
+"
+    );
+    let errs = errors(&text);
+    assert_eq!(errs.len(), 3, "{errs:#?}");
+    assert!(
+        errs[0].starts_with("gw.toml:6: route \"zero\": backend weights sum to 0"),
+        "{}",
+        errs[0]
+    );
+    assert!(
+        errs[1].starts_with("gw.toml:9: route \"nothing\": needs [[route.backend]]"),
+        "{}",
+        errs[1]
+    );
+    assert!(
+        errs[2].starts_with("gw.toml:11: route \"both\": has both"),
+        "{}",
+        errs[2]
+    );
+}
+
+#[test]
+fn header_and_host_values_are_checked() {
+    let text = format!(
+        "{SERVICE}\
+[[route]]
+name = \"r\"
+hosts = [\"ok.example.com\", \"bad host:80\"]
+direct_response = {{ status = 700 }}
+  [[route.match]]
+  headers = {{ \"bad header\" = {{ exact = \"x\" }}, \"x-two\" = {{ exact = \"a\", prefix = \"b\" }} }}
+  path = {{ prefix = \"no-slash\" }}
+"
+    );
+    let errs = errors(&text).join("\n");
+    for want in [
+        "gw.toml:6: route \"r\" hosts[1]: bad host \"bad host:80\"",
+        "gw.toml:7: route \"r\": status 700 is not an HTTP status",
+        "route \"r\" match[0]: bad header name \"bad header\"",
+        "route \"r\" match[0]: needs exactly one of exact, prefix, regex or present",
+        "route \"r\" match[0]: path \"no-slash\" must start with \"/\"",
+    ] {
+        assert!(errs.contains(want), "missing {want:?} in:\n{errs}");
+    }
+}
+
+#[test]
+fn syntax_errors_give_the_line() {
+    let errs = errors("[[route]]\nname = \"a\"\nhosts = [\"x\"\n");
+    assert_eq!(errs.len(), 1);
+    assert!(errs[0].starts_with("gw.toml:3: "), "{}", errs[0]);
+}
+
+#[test]
+fn a_directory_is_merged_in_name_order_and_duplicates_name_both_files() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "10-services.toml", SERVICE);
+    write(
+        dir.path(),
+        "20-routes.toml",
+        "[[route]]\nname = \"a\"\n[[route.backend]]\nservice = \"reviews\"\n",
+    );
+    write(dir.path(), ".hidden.toml", "this is not toml");
+    write(dir.path(), "notes.txt", "ignored");
+    let loaded = load(dir.path(), Role::Gateway).unwrap();
+    assert_eq!(loaded.files.len(), 2);
+    assert_eq!(loaded.config.routes[0].name, "a");
+    assert!(loaded.config.routes[0].origin.ends_with("20-routes.toml:1"));
+
+    write(
+        dir.path(),
+        "30-more.toml",
+        "[[service]]\nname = \"reviews\"\nendpoints = [\"127.0.0.1:1\"]\n",
+    );
+    let errs = load(dir.path(), Role::Gateway).unwrap_err().0;
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    let msg = errs[0].to_string();
+    assert!(
+        msg.contains("30-more.toml:2: service \"reviews\": duplicate name"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("10-services.toml:1") && msg.contains("30-more.toml:1"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn sidecar_sections_belong_to_the_sidecar() {
+    let text = "[inbound]\napp = \"127.0.0.1:8080\"\n";
+    let errs = errors(text);
+    assert_eq!(errs, ["gw.toml:1: [inbound]: [inbound] is a weir-sidecar section; weir-gateway does not accept it"]);
+    let sidecar = parse("sc.toml", text, Role::Sidecar).unwrap();
+    let inbound = &sidecar.config.sidecar.unwrap().inbound;
+    assert_eq!(inbound.app.to_string(), "127.0.0.1:8080");
+    assert_eq!(inbound.listen.to_string(), "0.0.0.0:15006");
+}
+
+#[test]
+fn defaults_apply_and_revision_follows_content() {
+    let a = parse("gw.toml", SERVICE, Role::Gateway).unwrap();
+    assert_eq!(a.config.runtime.grace_period.as_secs(), 10);
+    assert_eq!(a.config.admin.listen.to_string(), "127.0.0.1:9901");
+    let same = parse("gw.toml", SERVICE, Role::Gateway).unwrap();
+    let other = parse("gw.toml", &format!("{SERVICE}\n"), Role::Gateway).unwrap();
+    assert_eq!(a.revision, same.revision);
+    assert_ne!(a.revision, other.revision);
+}
+
+fn write(dir: &Path, name: &str, text: &str) {
+    fs::write(dir.join(name), text).unwrap();
+}

@@ -1,0 +1,172 @@
+//! `validate` and `explain`, and every shipped config.
+#![allow(clippy::unwrap_used)]
+
+use std::fs;
+use std::path::Path;
+
+use weir_tests::{repo_root, run};
+
+#[test]
+fn validate_reports_every_error_with_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gw.toml");
+    fs::write(
+        &path,
+        "[[service]]\nname = \"payments\"\nendpoints = [\"127.0.0.1:9\"]\n\
+         [[route]]\nname = \"web\"\ntimeoutt = \"5s\"\n  [[route.backend]]\n  service = \"paymnts\"\n",
+    )
+    .unwrap();
+    let (code, stdout, stderr) = run(
+        "weir-gateway",
+        &["validate", "--config", path.to_str().unwrap()],
+    );
+    assert_eq!(code, 1, "{stdout}{stderr}");
+    let file = path.display();
+    assert!(
+        stderr.contains(&format!(
+            "{file}:6: route \"web\": unknown key \"timeoutt\""
+        )),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "{file}:8: route \"web\" backend[0]: unknown service \"paymnts\""
+        )),
+        "{stderr}"
+    );
+    assert!(stderr.contains("2 error(s)"), "{stderr}");
+}
+
+#[test]
+fn validate_accepts_a_good_config() {
+    let path = repo_root().join("config/gateway.toml");
+    let (code, stdout, stderr) = run(
+        "weir-gateway",
+        &["validate", "--config", path.to_str().unwrap()],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains(": ok ("), "{stdout}");
+}
+
+#[test]
+fn explain_names_the_winner_the_losers_and_the_split() {
+    let path = repo_root().join("config/gateway.toml");
+    let args = [
+        "explain",
+        "--config",
+        path.to_str().unwrap(),
+        "GET",
+        "http://localhost:8080/shop",
+        "-H",
+        "x-version: v2",
+    ];
+    let (code, stdout, stderr) = run("weir-gateway", &args);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("route:    \"demo-v2-testers\""), "{stdout}");
+    assert!(stdout.contains("demo-v2  weight 1  (100.0%)"), "{stdout}");
+    assert!(
+        stdout.contains("no match  \"hello\" block 1: path \"/shop\" is not \"/hello\""),
+        "{stdout}"
+    );
+    assert!(stdout.contains("shadowed  \"demo\" block 1"), "{stdout}");
+
+    let args = [
+        "explain",
+        "--config",
+        path.to_str().unwrap(),
+        "GET",
+        "http://localhost:8080/shop",
+    ];
+    let (_, stdout, _) = run("weir-gateway", &args);
+    assert!(stdout.contains("route:    \"demo\""), "{stdout}");
+    assert!(stdout.contains("demo-v1  weight 90  (90.0%)"), "{stdout}");
+    assert!(
+        stdout.contains("no match  \"demo-v2-testers\" block 1: header x-version: absent"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn explain_says_when_nothing_matches() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gw.toml");
+    fs::write(
+        &path,
+        "[[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:8080\"\n\
+         [[route]]\nname = \"api\"\nhosts = [\"api.example.com\"]\ndirect_response = { status = 200 }\n",
+    )
+    .unwrap();
+    let args = [
+        "explain",
+        "--config",
+        path.to_str().unwrap(),
+        "POST",
+        "http://www.example.com/",
+    ];
+    let (code, stdout, _) = run("weir-gateway", &args);
+    assert_eq!(code, 0);
+    assert!(
+        stdout.contains("route:    none -> 404, flag NR"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(
+            "no match  \"api\": host \"www.example.com\" is not one of [\"api.example.com\"]"
+        ),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn the_sidecar_validates_its_own_sections() {
+    let path = repo_root().join("config/sidecar.toml");
+    let (code, stdout, stderr) = run(
+        "weir-sidecar",
+        &["validate", "--config", path.to_str().unwrap()],
+    );
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let (code, _, stderr) = run(
+        "weir-gateway",
+        &["validate", "--config", path.to_str().unwrap()],
+    );
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("[inbound] is a weir-sidecar section"),
+        "{stderr}"
+    );
+}
+
+/// Every config shipped under config/ and examples/ is valid for the binary it is meant for.
+#[test]
+fn every_shipped_config_validates() {
+    let root = repo_root();
+    let mut checked = 0;
+    for dir in ["config", "examples"] {
+        for path in toml_files(&root.join(dir)) {
+            let text = fs::read_to_string(&path).unwrap();
+            let bin = if text.contains("[inbound]") || path.ends_with("sidecar.toml") {
+                "weir-sidecar"
+            } else {
+                "weir-gateway"
+            };
+            let (code, stdout, stderr) =
+                run(bin, &["validate", "--config", path.to_str().unwrap()]);
+            assert_eq!(code, 0, "{}: {stdout}{stderr}", path.display());
+            checked += 1;
+        }
+    }
+    assert!(checked >= 2, "found only {checked} configs");
+}
+
+fn toml_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(toml_files(&path));
+        } else if path.extension().is_some_and(|e| e == "toml") {
+            out.push(path);
+        }
+    }
+    out
+}

@@ -1,0 +1,90 @@
+//! Start, readiness and SIGTERM draining of the real binary.
+#![allow(clippy::unwrap_used)]
+
+use std::net::TcpStream;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use weir_tests::{wait_until, Gateway, Upstream};
+
+#[test]
+fn admin_answers_live_ready_and_config() {
+    let gw = Gateway::start("[[route]]\nname = \"r\"\ndirect_response = { status = 204 }\n");
+    assert_eq!(gw.admin_get("/live").unwrap().status, 200);
+    assert_eq!(gw.admin_get("/ready").unwrap().status, 200);
+    let status = gw.status();
+    assert_eq!(status["generation"], 1);
+    assert_eq!(status["revision"].as_str().unwrap().len(), 16);
+    assert!(status["last_error"].is_null());
+    assert_eq!(
+        status["source"].as_str().unwrap(),
+        gw.config.to_str().unwrap()
+    );
+    assert_eq!(status["config"]["routes"][0]["name"], "r");
+    assert_eq!(gw.admin_get("/nope").unwrap().status, 404);
+}
+
+#[test]
+fn sigterm_finishes_requests_in_flight_then_exits() {
+    let up = Upstream::start("slow");
+    let mut gw = Gateway::start(&format!(
+        "{}[[route]]\nname = \"r\"\n  [[route.backend]]\n  service = \"slow\"\n",
+        up.service()
+    ));
+    let url = gw.url("/slow/1000");
+    let in_flight =
+        thread::spawn(move || weir_tests::send(&weir_tests::client(), "GET", &url, &[]));
+    wait_until(
+        "the request to reach the upstream",
+        Duration::from_secs(5),
+        || up.hits() == 1,
+    );
+    let sent = Instant::now();
+    gw.signal("TERM");
+    let reply = in_flight.join().unwrap().unwrap();
+    assert_eq!((reply.status, reply.body.as_str()), (200, "slow"));
+    let status = gw
+        .wait_exit(Duration::from_secs(4))
+        .expect("exits well within the 5s grace period");
+    assert!(status.success(), "{status}");
+    println!("exited {:?} after SIGTERM", sent.elapsed());
+    assert!(
+        TcpStream::connect(("127.0.0.1", gw.port)).is_err(),
+        "listener closed"
+    );
+}
+
+#[test]
+fn an_idle_gateway_exits_at_once_on_sigterm() {
+    let mut gw = Gateway::start("[[route]]\nname = \"r\"\ndirect_response = { status = 200 }\n");
+    let sent = Instant::now();
+    gw.signal("TERM");
+    let status = gw
+        .wait_exit(Duration::from_secs(3))
+        .expect("exits without waiting out the grace period");
+    assert!(status.success());
+    println!("idle exit took {:?}", sent.elapsed());
+}
+
+#[test]
+fn a_taken_port_is_a_clear_error() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gw.toml");
+    let admin = weir_tests::free_port();
+    std::fs::write(
+        &path,
+        format!(
+            "{}[[route]]\nname = \"r\"\ndirect_response = {{ status = 200 }}\n",
+            Gateway::base(port, admin)
+        ),
+    )
+    .unwrap();
+    let (code, _, stderr) = weir_tests::run("weir-gateway", &["--config", path.to_str().unwrap()]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains(&format!("listener \"web\": cannot bind 127.0.0.1:{port}")),
+        "{stderr}"
+    );
+}

@@ -1,0 +1,179 @@
+//! Hot reload against the real binary: file edits, bad files, symlink swaps, SIGHUP, load.
+#![allow(clippy::unwrap_used)]
+
+use std::fs;
+use std::os::unix::fs::symlink;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use weir_tests::{free_port, wait_until, Gateway, Upstream};
+
+fn hello(body: &str) -> String {
+    format!(
+        "[[route]]\nname = \"hello\"\ndirect_response = {{ status = 200, body = \"{body}\" }}\n"
+    )
+}
+
+#[test]
+fn a_new_route_is_live_within_two_seconds() {
+    let up = Upstream::start("new");
+    let gw = Gateway::start(&hello("old"));
+    assert_eq!(gw.get("/new", &[]).body, "old");
+    let routes = format!(
+        "{}{}[[route]]\nname = \"new\"\n  [[route.match]]\n  path = {{ prefix = \"/new\" }}\n  [[route.backend]]\n  service = \"new\"\n",
+        up.service(),
+        hello("old")
+    );
+    let changed = Instant::now();
+    gw.write_config(&routes);
+    wait_until("the new route", Duration::from_secs(2), || {
+        gw.get("/new", &[]).body == "new"
+    });
+    println!("new route live after {:?}", changed.elapsed());
+    assert_eq!(gw.generation(), 2);
+}
+
+#[test]
+fn an_invalid_reload_keeps_the_old_config_serving() {
+    let gw = Gateway::start(&hello("good"));
+    gw.write_config(&format!(
+        "{}[[route]]\nname = \"broken\"\n  [[route.backend]]\n  service = \"paymnts\"\n",
+        hello("bad")
+    ));
+    wait_until("last_error", Duration::from_secs(5), || {
+        !gw.status()["last_error"].is_null()
+    });
+    let status = gw.status();
+    let err = status["last_error"].as_str().unwrap();
+    assert!(
+        err.contains("gateway.toml:15: route \"broken\" backend[0]: unknown service \"paymnts\""),
+        "{err}"
+    );
+    assert_eq!(status["generation"], 1);
+    assert_eq!(gw.get("/", &[]).body, "good");
+    assert!(
+        gw.stderr().contains("unknown service \\\"paymnts\\\"")
+            || gw.stderr().contains("unknown service \"paymnts\"")
+    );
+
+    // A good file afterwards clears the error.
+    gw.write_config(&hello("fixed"));
+    wait_until("the fixed config", Duration::from_secs(5), || {
+        gw.get("/", &[]).body == "fixed"
+    });
+    assert!(gw.status()["last_error"].is_null());
+}
+
+#[test]
+fn fifty_reloads_under_load_lose_no_request() {
+    let up = Upstream::start("app");
+    let config = |n: usize| {
+        format!(
+            "{}[[route]]\nname = \"app-{n}\"\n  [[route.match]]\n  path = {{ prefix = \"/\" }}\n  [[route.backend]]\n  service = \"app\"\n",
+            up.service()
+        )
+    };
+    let gw = Gateway::start(&config(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let (stop, ok, failed, url) = (stop.clone(), ok.clone(), failed.clone(), gw.url("/"));
+            thread::spawn(move || {
+                let agent = weir_tests::client();
+                while !stop.load(Ordering::Relaxed) {
+                    match weir_tests::send(&agent, "GET", &url, &[]) {
+                        Ok(r) if r.status == 200 && r.body == "app" => {
+                            ok.fetch_add(1, Ordering::Relaxed)
+                        }
+                        other => {
+                            eprintln!("failed: {other:?}");
+                            failed.fetch_add(1, Ordering::Relaxed)
+                        }
+                    };
+                }
+            })
+        })
+        .collect();
+    for n in 1..=50 {
+        gw.write_config(&config(n));
+        wait_until("reload", Duration::from_secs(5), || {
+            gw.generation() == n as u64 + 1
+        });
+    }
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.join().unwrap();
+    }
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    println!("{ok} requests served across 50 reloads, {failed} failed");
+    assert!(ok > 200, "too few requests to mean anything: {ok}");
+    assert_eq!(failed, 0);
+}
+
+/// Kubernetes mounts a ConfigMap as `file -> ..data/file`, `..data -> ..<timestamp>/`, and
+/// swaps `..data` atomically on update.
+#[test]
+fn a_configmap_symlink_swap_is_picked_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let mount = dir.path().to_path_buf();
+    let (port, admin) = (free_port(), free_port());
+    let version = |name: &str, body: &str| {
+        let d = mount.join(name);
+        fs::create_dir(&d).unwrap();
+        fs::write(
+            d.join("gateway.toml"),
+            format!("{}{}", Gateway::base(port, admin), hello(body)),
+        )
+        .unwrap();
+    };
+    version("..2026_01_01_v1", "v1");
+    symlink("..2026_01_01_v1", mount.join("..data")).unwrap();
+    symlink("..data/gateway.toml", mount.join("gateway.toml")).unwrap();
+    let gw = Gateway::start_on(dir, mount.join("gateway.toml"), port, admin);
+    assert_eq!(gw.get("/", &[]).body, "v1");
+
+    version("..2026_01_02_v2", "v2");
+    symlink("..2026_01_02_v2", mount.join("..data_tmp")).unwrap();
+    fs::rename(mount.join("..data_tmp"), mount.join("..data")).unwrap();
+    wait_until("the swapped config", Duration::from_secs(3), || {
+        gw.get("/", &[]).body == "v2"
+    });
+}
+
+#[test]
+fn a_config_directory_reloads_when_a_file_is_added() {
+    let dir = tempfile::tempdir().unwrap();
+    let (port, admin) = (free_port(), free_port());
+    let conf = dir.path().join("conf.d");
+    fs::create_dir(&conf).unwrap();
+    fs::write(conf.join("00-base.toml"), Gateway::base(port, admin)).unwrap();
+    fs::write(conf.join("10-hello.toml"), hello("one file")).unwrap();
+    let gw = Gateway::start_on(dir, conf.clone(), port, admin);
+    assert_eq!(gw.get("/", &[]).body, "one file");
+    fs::write(
+        conf.join("20-more.toml"),
+        "[[route]]\nname = \"more\"\ndirect_response = { status = 200, body = \"two files\" }\n  [[route.match]]\n  path = { exact = \"/more\" }\n",
+    )
+    .unwrap();
+    wait_until("the added file", Duration::from_secs(3), || {
+        gw.get("/more", &[]).body == "two files"
+    });
+}
+
+#[test]
+fn sighup_reloads_and_keeps_running() {
+    let gw = Gateway::start(&hello("before"));
+    gw.signal("HUP");
+    wait_until("SIGHUP in the log", Duration::from_secs(5), || {
+        gw.stderr().contains("SIGHUP")
+    });
+    assert_eq!(gw.get("/", &[]).body, "before");
+    gw.write_config(&hello("after"));
+    gw.signal("HUP");
+    wait_until("the new body", Duration::from_secs(5), || {
+        gw.get("/", &[]).body == "after"
+    });
+}

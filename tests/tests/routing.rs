@@ -1,0 +1,216 @@
+//! Routing through the real gateway to real upstreams.
+#![allow(clippy::unwrap_used)]
+
+use weir_tests::{Gateway, Upstream};
+
+fn backend(service: &str) -> String {
+    format!("  [[route.backend]]\n  service = \"{service}\"\n")
+}
+
+#[test]
+fn routes_on_header_method_query_and_host() {
+    let (a, b, c, d, e) = (
+        Upstream::start("by-header"),
+        Upstream::start("by-method"),
+        Upstream::start("by-query"),
+        Upstream::start("by-host"),
+        Upstream::start("default"),
+    );
+    let gw = Gateway::start(&format!(
+        "{}{}{}{}{}\
+[[route]]
+name = \"header\"
+  [[route.match]]
+  headers = {{ \"x-user\" = {{ exact = \"jason\" }} }}
+{}
+[[route]]
+name = \"method\"
+  [[route.match]]
+  methods = [\"DELETE\"]
+{}
+[[route]]
+name = \"query\"
+  [[route.match]]
+  query = {{ \"variant\" = {{ exact = \"b\" }} }}
+{}
+[[route]]
+name = \"host\"
+hosts = [\"*.example.com\"]
+{}
+[[route]]
+name = \"default\"
+{}",
+        a.service(),
+        b.service(),
+        c.service(),
+        d.service(),
+        e.service(),
+        backend("by-header"),
+        backend("by-method"),
+        backend("by-query"),
+        backend("by-host"),
+        backend("default"),
+    ));
+    assert_eq!(gw.get("/", &[("x-user", "jason")]).body, "by-header");
+    assert_eq!(gw.get("/", &[("x-user", "other")]).body, "default");
+    let agent = weir_tests::client();
+    assert_eq!(
+        weir_tests::send(&agent, "DELETE", &gw.url("/"), &[])
+            .unwrap()
+            .body,
+        "by-method"
+    );
+    assert_eq!(gw.get("/?variant=b", &[]).body, "by-query");
+    assert_eq!(gw.get("/?variant=a", &[]).body, "default");
+    assert_eq!(gw.get("/", &[("host", "shop.example.com")]).body, "by-host");
+    assert_eq!(gw.get("/", &[("host", "example.org")]).body, "default");
+}
+
+#[test]
+fn precedence_does_not_depend_on_declaration_order() {
+    let (exact, prefix, any) = (
+        Upstream::start("exact"),
+        Upstream::start("prefix"),
+        Upstream::start("any"),
+    );
+    // Declared from least to most specific: precedence must still pick the most specific.
+    let gw = Gateway::start(&format!(
+        "{}{}{}\
+[[route]]
+name = \"any\"
+{}
+[[route]]
+name = \"prefix\"
+  [[route.match]]
+  path = {{ prefix = \"/api/\" }}
+{}
+[[route]]
+name = \"exact\"
+  [[route.match]]
+  path = {{ exact = \"/api/health\" }}
+{}",
+        exact.service(),
+        prefix.service(),
+        any.service(),
+        backend("any"),
+        backend("prefix"),
+        backend("exact"),
+    ));
+    assert_eq!(gw.get("/api/health", &[]).body, "exact");
+    assert_eq!(gw.get("/api/users", &[]).body, "prefix");
+    assert_eq!(gw.get("/other", &[]).body, "any");
+}
+
+#[test]
+fn weighted_split_is_within_five_points_over_2000_requests() {
+    let (v1, v2) = (Upstream::start("v1"), Upstream::start("v2"));
+    let gw = Gateway::start(&format!(
+        "{}{}[[route]]\nname = \"split\"\n  [[route.backend]]\n  service = \"v1\"\n  weight = 70\n\
+         [[route.backend]]\n  service = \"v2\"\n  weight = 30\n",
+        v1.service(),
+        v2.service()
+    ));
+    let mut v2_count = 0;
+    for _ in 0..2000 {
+        let r = gw.get("/", &[]);
+        assert_eq!(r.status, 200);
+        if r.body == "v2" {
+            v2_count += 1;
+        }
+    }
+    let share = v2_count as f64 / 20.0;
+    assert!(
+        (25.0..=35.0).contains(&share),
+        "v2 got {share}% (want 30 ± 5)"
+    );
+    assert_eq!(v1.hits() + v2.hits(), 2000);
+}
+
+#[test]
+fn no_route_is_404_with_flag_nr() {
+    let up = Upstream::start("api");
+    let gw = Gateway::start(&format!(
+        "{}[[route]]\nname = \"api\"\n  [[route.match]]\n  path = {{ prefix = \"/api/\" }}\n{}",
+        up.service(),
+        backend("api")
+    ));
+    let r = gw.get("/nothing-here", &[]);
+    assert_eq!(r.status, 404);
+    assert!(r.header("x-request-id").is_some());
+    weir_tests::wait_until("access log line", std::time::Duration::from_secs(5), || {
+        gw.access_log()
+            .iter()
+            .any(|l| l["status"] == 404 && l["flags"] == "NR" && l["path"] == "/nothing-here")
+    });
+    assert_eq!(up.hits(), 0);
+}
+
+#[test]
+fn direct_response_answers_without_upstream() {
+    let gw = Gateway::start(
+        "[[route]]\nname = \"teapot\"\ndirect_response = { status = 418, body = \"short and stout\\n\" }\n",
+    );
+    let r = gw.get("/", &[]);
+    assert_eq!((r.status, r.body.as_str()), (418, "short and stout\n"));
+}
+
+#[test]
+fn dead_upstream_is_a_fast_503_with_flag_uf() {
+    let dead = weir_tests::free_port();
+    let gw = Gateway::start(&format!(
+        "[[service]]\nname = \"dead\"\nendpoints = [\"127.0.0.1:{dead}\"]\n[[route]]\nname = \"r\"\n{}",
+        backend("dead")
+    ));
+    let start = std::time::Instant::now();
+    let r = gw.get("/", &[]);
+    assert_eq!(r.status, 503);
+    assert!(
+        start.elapsed() < std::time::Duration::from_secs(3),
+        "took {:?}",
+        start.elapsed()
+    );
+    weir_tests::wait_until(
+        "UF in access log",
+        std::time::Duration::from_secs(5),
+        || {
+            gw.access_log()
+                .iter()
+                .any(|l| l["status"] == 503 && l["flags"] == "UF")
+        },
+    );
+}
+
+#[test]
+fn forwarded_headers_and_request_id_are_set() {
+    let up = Upstream::start("echo");
+    let gw = Gateway::start(&format!(
+        "{}[[route]]\nname = \"r\"\n{}",
+        up.service(),
+        backend("echo")
+    ));
+
+    let r = gw.get("/", &[]);
+    assert_eq!(
+        up.last_header("x-forwarded-for").as_deref(),
+        Some("127.0.0.1")
+    );
+    assert_eq!(up.last_header("x-forwarded-proto").as_deref(), Some("http"));
+    let generated = up.last_header("x-request-id").unwrap();
+    assert_eq!(generated.len(), 36, "{generated}");
+    assert_eq!(r.header("x-request-id"), Some(generated.as_str()));
+
+    gw.get(
+        "/",
+        &[
+            ("x-forwarded-for", "203.0.113.7"),
+            ("x-request-id", "abc-123"),
+        ],
+    );
+    assert_eq!(
+        up.last_header("x-forwarded-for").as_deref(),
+        Some("203.0.113.7, 127.0.0.1")
+    );
+    assert_eq!(up.last_header("x-request-id").as_deref(), Some("abc-123"));
+    // Requests on one keep-alive connection reach the upstream over a pooled connection.
+    assert_eq!(up.hits(), 2);
+}
