@@ -58,7 +58,7 @@ impl Upstream {
                 thread::spawn(move || {
                     for mut req in server.incoming_requests() {
                         hits.fetch_add(1, Ordering::SeqCst);
-                        *last.lock().unwrap() = req
+                        let mut seen: Vec<(String, String)> = req
                             .headers()
                             .iter()
                             .map(|h| {
@@ -68,6 +68,8 @@ impl Upstream {
                                 )
                             })
                             .collect();
+                        seen.push((":path".into(), req.url().to_string()));
+                        *last.lock().unwrap() = seen;
                         let mut body = Vec::new();
                         let _ = std::io::Read::read_to_end(req.as_reader(), &mut body);
                         if let Some(ms) = req.url().strip_prefix("/slow/") {
@@ -97,7 +99,7 @@ impl Upstream {
         self.hits.load(Ordering::SeqCst)
     }
 
-    /// A header of the last request received.
+    /// A header of the last request received; ":path" gives its path and query.
     pub fn last_header(&self, name: &str) -> Option<String> {
         self.last_headers
             .lock()

@@ -65,10 +65,10 @@ fn explain_names_the_winner_the_losers_and_the_split() {
     assert!(stdout.contains("route:    \"demo-v2-testers\""), "{stdout}");
     assert!(stdout.contains("demo-v2  weight 1  (100.0%)"), "{stdout}");
     assert!(
-        stdout.contains("no match  \"hello\" block 1: path \"/shop\" is not \"/hello\""),
+        stdout.contains("no match  \"hello\" match[0]: path \"/shop\" is not \"/hello\""),
         "{stdout}"
     );
-    assert!(stdout.contains("shadowed  \"demo\" block 1"), "{stdout}");
+    assert!(stdout.contains("shadowed  \"demo\" match[0]"), "{stdout}");
 
     let args = [
         "explain",
@@ -81,7 +81,7 @@ fn explain_names_the_winner_the_losers_and_the_split() {
     assert!(stdout.contains("route:    \"demo\""), "{stdout}");
     assert!(stdout.contains("demo-v1  weight 90  (90.0%)"), "{stdout}");
     assert!(
-        stdout.contains("no match  \"demo-v2-testers\" block 1: header x-version: absent"),
+        stdout.contains("no match  \"demo-v2-testers\" match[0]: header x-version: absent"),
         "{stdout}"
     );
 }

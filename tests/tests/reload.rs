@@ -177,3 +177,28 @@ fn sighup_reloads_and_keeps_running() {
         gw.get("/", &[]).body == "after"
     });
 }
+
+#[test]
+fn a_listener_change_is_refused_until_restart() {
+    let gw = Gateway::start(&hello("kept"));
+    let moved = format!(
+        "[admin]\nlisten = \"127.0.0.1:{}\"\n[[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:{}\"\n{}",
+        gw.admin,
+        free_port(),
+        hello("new")
+    );
+    std::fs::write(gw.dir.path().join(".tmp.toml"), moved).unwrap();
+    std::fs::rename(gw.dir.path().join(".tmp.toml"), &gw.config).unwrap();
+    wait_until("last_error", Duration::from_secs(5), || {
+        !gw.status()["last_error"].is_null()
+    });
+    let status = gw.status();
+    assert!(
+        status["last_error"]
+            .as_str()
+            .unwrap()
+            .starts_with("[[listener]] changed"),
+        "{status}"
+    );
+    assert_eq!(gw.get("/", &[]).body, "kept");
+}

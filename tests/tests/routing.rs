@@ -214,3 +214,28 @@ fn forwarded_headers_and_request_id_are_set() {
     // Requests on one keep-alive connection reach the upstream over a pooled connection.
     assert_eq!(up.hits(), 2);
 }
+
+#[test]
+fn dot_segments_cannot_escape_a_prefix() {
+    let (public, admin) = (Upstream::start("public"), Upstream::start("admin"));
+    let gw = Gateway::start(&format!(
+        "{}{}[[route]]\nname = \"public\"\n  [[route.match]]\n  path = {{ prefix = \"/public/\" }}\n{}\
+         [[route]]\nname = \"admin\"\n  [[route.match]]\n  path = {{ prefix = \"/admin\" }}\n{}",
+        public.service(),
+        admin.service(),
+        backend("public"),
+        backend("admin"),
+    ));
+    // ureq would normalize the path itself: send the raw request line.
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", gw.port)).unwrap();
+    conn.write_all(
+        b"GET /public/%2e%2e/admin/x?q=1 HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    let mut reply = String::new();
+    conn.read_to_string(&mut reply).unwrap();
+    assert!(reply.ends_with("admin"), "{reply}");
+    assert_eq!(admin.last_header(":path").as_deref(), Some("/admin/x?q=1"));
+    assert_eq!(public.hits(), 0);
+}

@@ -36,7 +36,10 @@ pub fn load(path: &Path, role: Role) -> Result<Loaded, ConfigErrors> {
 
 /// Validates config text as if read from a file named `name` (for tests and tools).
 pub fn parse(name: &str, text: &str, role: Role) -> Result<Loaded, ConfigErrors> {
-    let mut sources = source::Sources::default();
+    let mut sources = source::Sources {
+        root: PathBuf::from(name),
+        ..Default::default()
+    };
     let raws = sources
         .parse(PathBuf::from(name), text.to_string())
         .into_iter()
@@ -50,12 +53,18 @@ fn finish(
     role: Role,
 ) -> Result<Loaded, ConfigErrors> {
     let mut errors = sources.errors.clone();
-    let config = match validate::validate(&sources, raws, role) {
-        Ok(config) if errors.is_empty() => Some(config),
-        Ok(_) => None,
-        Err(more) => {
-            errors.extend(more);
-            None
+    // With a file unreadable, references into it would be reported as dangling: report only
+    // what is wrong with the files themselves.
+    let config = if sources.unparsed > 0 {
+        None
+    } else {
+        match validate::validate(&sources, raws, role) {
+            Ok(config) if errors.is_empty() => Some(config),
+            Ok(_) => None,
+            Err(more) => {
+                errors.extend(more);
+                None
+            }
         }
     };
     match config {

@@ -141,7 +141,7 @@ impl Serialize for Pattern {
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Action {
-    /// A weighted split; every weight > 0 is kept, the sum is > 0.
+    /// A weighted split; the weights sum to more than 0 (a weight of 0 is never picked).
     Backends(Vec<Backend>),
     DirectResponse {
         status: u16,

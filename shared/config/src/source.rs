@@ -87,19 +87,27 @@ pub struct SourceFile {
 /// The files of one config, in merge order, with the errors found while reading them.
 #[derive(Default)]
 pub struct Sources {
+    /// The file or directory the config was read from.
+    pub root: PathBuf,
     pub files: Vec<SourceFile>,
     pub errors: Vec<ConfigError>,
+    /// Files that could not be read or parsed at all.
+    pub unparsed: usize,
 }
 
 impl Sources {
     /// Reads one file, or every `*.toml` of a directory sorted by name (hidden files skipped,
     /// which also skips the `..data` entries of a Kubernetes ConfigMap mount).
     pub fn read(path: &Path) -> (Sources, Vec<(usize, RawFile)>) {
-        let mut sources = Sources::default();
+        let mut sources = Sources {
+            root: path.to_path_buf(),
+            ..Sources::default()
+        };
         let mut raws = Vec::new();
         let paths = match config_files(path) {
             Ok(paths) => paths,
             Err(message) => {
+                sources.unparsed += 1;
                 sources.errors.push(ConfigError {
                     file: path.to_path_buf(),
                     line: 0,
@@ -116,12 +124,15 @@ impl Sources {
                         raws.push(raw);
                     }
                 }
-                Err(e) => sources.errors.push(ConfigError {
-                    file,
-                    line: 0,
-                    path: String::new(),
-                    message: format!("cannot read: {e}"),
-                }),
+                Err(e) => {
+                    sources.unparsed += 1;
+                    sources.errors.push(ConfigError {
+                        file,
+                        line: 0,
+                        path: String::new(),
+                        message: format!("cannot read: {e}"),
+                    })
+                }
             }
         }
         (sources, raws)
@@ -133,6 +144,7 @@ impl Sources {
         let doc = match Document::parse(text.clone()) {
             Ok(doc) => doc,
             Err(e) => {
+                self.unparsed += 1;
                 let line = e.span().map_or(0, |s| line_of(&text, s.start));
                 self.errors.push(ConfigError {
                     file: path,
@@ -160,6 +172,7 @@ impl Sources {
         match raw {
             Ok(raw) => Some((file, raw)),
             Err(e) => {
+                self.unparsed += 1;
                 let f = &self.files[file];
                 let line = e.span().map_or(0, |s| line_of(&f.text, s.start));
                 self.errors.push(ConfigError {
@@ -174,11 +187,15 @@ impl Sources {
     }
 
     /// An error at `key` of file number `file`.
+    /// A missing section of a config that has no file yet is reported against `root`.
     pub fn error(&self, file: usize, key: &[Seg], path: String, message: String) -> ConfigError {
-        let f = &self.files[file];
+        let (file, line) = match self.files.get(file) {
+            Some(f) => (f.path.clone(), f.line(key)),
+            None => (self.root.clone(), 0),
+        };
         ConfigError {
-            file: f.path.clone(),
-            line: f.line(key),
+            file,
+            line,
             path,
             message,
         }
@@ -186,8 +203,10 @@ impl Sources {
 
     /// "a.toml:3", for messages that point at a second place.
     pub fn place(&self, file: usize, key: &[Seg]) -> String {
-        let f = &self.files[file];
-        format!("{}:{}", f.path.display(), f.line(key))
+        match self.files.get(file) {
+            Some(f) => format!("{}:{}", f.path.display(), f.line(key)),
+            None => self.root.display().to_string(),
+        }
     }
 }
 
@@ -289,7 +308,7 @@ fn label(raw: Option<&RawFile>, key: &[Seg]) -> String {
         _ => None,
     };
     match (name, key) {
-        (Some(name), [Seg::Key(kind), _, rest @ ..]) if rest.is_empty() => {
+        (Some(name), [Seg::Key(kind), _]) => {
             format!("{kind} {name:?}")
         }
         (Some(name), [Seg::Key(kind), _, rest @ ..]) => {

@@ -296,6 +296,8 @@ impl Checker<'_> {
         services: &[&str],
     ) -> Option<Route> {
         let before = self.errors.len();
+        self.not_empty(at, "listeners", r.listeners.as_ref(), "every listener");
+        self.not_empty(at, "hosts", r.hosts.as_ref(), "any host");
         let route_listeners = r.listeners.unwrap_or_default();
         for (i, name) in route_listeners.iter().enumerate() {
             if !listeners.contains(&name.as_str()) {
@@ -425,6 +427,7 @@ impl Checker<'_> {
                 self.fail(&at.key("path"), format!("path {p:?} must start with \"/\""));
             }
         }
+        self.not_empty(at, "methods", m.methods.as_ref(), "any method");
         let mut methods = Vec::new();
         for (i, method) in m.methods.unwrap_or_default().into_iter().enumerate() {
             let upper = method.to_ascii_uppercase();
@@ -576,6 +579,16 @@ impl Checker<'_> {
             outbound: Outbound {
                 listen: out_listen.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 15001))),
             },
+        }
+    }
+
+    /// An explicit empty list is a mistake, not a wildcard: say how to get the wildcard.
+    fn not_empty<T>(&mut self, at: &At, key: &str, list: Option<&Vec<T>>, wildcard: &str) {
+        if list.is_some_and(|l| l.is_empty()) {
+            self.fail(
+                &at.key(key),
+                format!("{key} is empty; leave the key out to match {wildcard}"),
+            );
         }
     }
 

@@ -1,4 +1,5 @@
 //! The config language's errors: each names its file, line and path, and all come at once.
+#![allow(clippy::unwrap_used)]
 
 use std::fs;
 use std::path::Path;
@@ -176,4 +177,48 @@ fn defaults_apply_and_revision_follows_content() {
 
 fn write(dir: &Path, name: &str, text: &str) {
     fs::write(dir.join(name), text).unwrap();
+}
+
+#[test]
+fn empty_lists_are_errors_not_wildcards() {
+    let text = format!(
+        "{SERVICE}[[route]]\nname = \"r\"\nhosts = []\nlisteners = []\n  [[route.match]]\n  methods = []\n  [[route.backend]]\n  service = \"reviews\"\n"
+    );
+    let errs = errors(&text).join("\n");
+    for want in [
+        "gw.toml:6: route \"r\": hosts is empty; leave the key out to match any host",
+        "gw.toml:7: route \"r\": listeners is empty; leave the key out to match every listener",
+        "gw.toml:9: route \"r\" match[0]: methods is empty; leave the key out to match any method",
+    ] {
+        assert!(errs.contains(want), "missing {want:?} in:\n{errs}");
+    }
+}
+
+#[test]
+fn a_broken_file_does_not_cause_false_errors_elsewhere() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "a-services.toml",
+        "[[service]]\nname = \"reviews\"\nendpoints = [\"127.0.0.1:1\"\n",
+    );
+    write(
+        dir.path(),
+        "b-routes.toml",
+        "[[route]]\nname = \"a\"\n[[route.backend]]\nservice = \"reviews\"\n",
+    );
+    let errs = load(dir.path(), Role::Gateway).unwrap_err().0;
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(errs[0].file.ends_with("a-services.toml"));
+}
+
+#[test]
+fn a_missing_or_empty_source_is_an_error_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    for role in [Role::Gateway, Role::Sidecar] {
+        let errs = load(dir.path(), role).unwrap_err().0;
+        assert!(errs[0].message.contains("no *.toml files"), "{errs:?}");
+        let errs = load(&dir.path().join("missing.toml"), role).unwrap_err().0;
+        assert!(errs[0].message.starts_with("cannot read"), "{errs:?}");
+    }
 }

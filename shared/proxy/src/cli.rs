@@ -191,9 +191,9 @@ fn explain(
         None => println!("route:    none -> 404, flag NR"),
         Some(found) => {
             let r = &found.route.config;
-            let block = found.block.map_or("no match blocks".to_string(), |b| {
-                format!("match block {}", b + 1)
-            });
+            let block = found
+                .block
+                .map_or("no match blocks".to_string(), |b| format!("match[{b}]"));
             println!("route:    {:?} ({}), {block}", r.name, r.origin);
             match &r.action {
                 Action::DirectResponse { status, body } => {
@@ -227,9 +227,7 @@ fn explain(
     }
     println!("candidates, in precedence order:");
     for c in &candidates {
-        let block = c
-            .block
-            .map_or(String::new(), |b| format!(" block {}", b + 1));
+        let block = c.block.map_or(String::new(), |b| format!(" match[{b}]"));
         let name = format!("{:?}{block}", c.route.config.name);
         match &c.verdict {
             Verdict::Wins => println!("  wins      {name}"),

@@ -111,13 +111,21 @@ impl ProxyHttp for WeirProxy {
             .listeners
             .get(ctx.listener)
             .map_or("outbound", |(n, _)| n.as_str());
+        if let Some(path) = weir_routing::normalize_path(session.req_header().uri.path()) {
+            set_path(session.req_header_mut(), &path)?;
+        }
         let req = session.req_header();
         ctx.request_id = match req
             .headers
             .get("x-request-id")
             .and_then(|v| v.to_str().ok())
         {
-            Some(id) if !id.is_empty() => id.to_string(),
+            // Kept for tracing across hops, but only a sane one: it reaches logs and upstreams.
+            Some(id)
+                if (1..=128).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_graphic()) =>
+            {
+                id.to_string()
+            }
             _ => new_request_id(),
         };
         let found = {
@@ -297,6 +305,22 @@ async fn respond(session: &mut Session, ctx: &Ctx, status: u16, body: Bytes) -> 
     if !empty {
         session.write_response_body(Some(body), true).await?;
     }
+    Ok(())
+}
+
+/// Replaces the path of the request URI, keeping its query.
+fn set_path(req: &mut RequestHeader, path: &str) -> Result<()> {
+    let path_and_query = match req.uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_string(),
+    };
+    let mut parts = req.uri.clone().into_parts();
+    parts.path_and_query = Some(path_and_query.parse().map_err(|_| {
+        Error::explain(ErrorType::InvalidHTTPHeader, "bad path after normalization")
+    })?);
+    let uri = http::Uri::from_parts(parts)
+        .map_err(|_| Error::explain(ErrorType::InvalidHTTPHeader, "bad URI after normalization"))?;
+    req.set_uri(uri);
     Ok(())
 }
 

@@ -4,8 +4,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
-use tracing::{error, info, warn};
-use weir_config::{ConfigErrors, Role};
+use tracing::{error, info};
+use weir_config::{Config, ConfigErrors, Role};
 
 use crate::snapshot::Snapshot;
 
@@ -17,6 +17,8 @@ pub struct Reloader {
     /// Every error of the last failed reload, cleared by a good one. Admin only, never on
     /// the request path.
     last_error: Mutex<Option<String>>,
+    /// Held for a whole reload, so a file event and SIGHUP never race to swap.
+    reloading: Mutex<()>,
 }
 
 /// What a reload did.
@@ -40,6 +42,7 @@ impl Reloader {
             role,
             current: ArcSwap::from_pointee(snapshot),
             last_error: Mutex::new(None),
+            reloading: Mutex::new(()),
         })
     }
 
@@ -52,45 +55,51 @@ impl Reloader {
         &self.path
     }
 
-    /// Reloads from the source. Reloads are serialized by the error lock, so two triggers
-    /// (a file event and SIGHUP) never race to swap.
+    /// Reloads from the source; on any error the old snapshot keeps serving.
     pub fn reload(&self) -> Outcome {
-        let mut last_error = self.last_error.lock().unwrap_or_else(|e| e.into_inner());
+        let _one_at_a_time = self.reloading.lock().unwrap_or_else(|e| e.into_inner());
         let old = self.snapshot();
         let loaded = match weir_config::load(&self.path, self.role) {
             Ok(loaded) => loaded,
             Err(errors) => {
                 for e in &errors.0 {
-                    error!(file = %e.file.display(), line = e.line, "config error: {}", e);
+                    error!(file = %e.file.display(), line = e.line, "config error: {e}");
                 }
-                error!(
-                    errors = errors.0.len(),
-                    generation = old.generation,
-                    "reload failed; still serving the last good config"
-                );
-                *last_error = Some(errors.to_string());
+                self.fail(old.generation, errors.to_string());
                 return Outcome::Failed;
             }
         };
         if loaded.revision == old.revision {
-            *last_error = None;
+            self.set_error(None);
             return Outcome::Unchanged;
         }
-        if loaded
-            .config
-            .listeners
-            .iter()
-            .map(|l| (&l.name, l.listen))
-            .ne(old.config.listeners.iter().map(|l| (&l.name, l.listen)))
-        {
-            warn!("listener changes take effect at the next restart or upgrade; routes and services are reloaded now");
+        if let Some(section) = start_only_change(&old.config, &loaded.config) {
+            let message = format!(
+                "{section} changed; it applies only at start: restart (or upgrade) to apply it. \
+                 Nothing of this change was applied."
+            );
+            error!("{message}");
+            self.fail(old.generation, message);
+            return Outcome::Failed;
         }
         let generation = old.generation + 1;
         let snapshot = Snapshot::compile(loaded, self.role, generation, Some(&old));
         info!(generation, revision = %snapshot.revision, "config reloaded");
         self.current.store(Arc::new(snapshot));
-        *last_error = None;
+        self.set_error(None);
         Outcome::Applied { generation }
+    }
+
+    fn fail(&self, generation: u64, message: String) {
+        error!(
+            generation,
+            "reload failed; still serving the last good config"
+        );
+        self.set_error(Some(message));
+    }
+
+    fn set_error(&self, error: Option<String>) {
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = error;
     }
 
     /// The body of admin `/config`.
@@ -109,5 +118,25 @@ impl Reloader {
             "last_error": last_error,
             "config": *s.config,
         })
+    }
+}
+
+/// The first section that a reload cannot apply because the process reads it at start only.
+fn start_only_change(old: &Config, new: &Config) -> Option<&'static str> {
+    fn json<T: serde::Serialize>(value: &T) -> Option<serde_json::Value> {
+        serde_json::to_value(value).ok()
+    }
+    if json(&old.listeners) != json(&new.listeners) {
+        Some("[[listener]]")
+    } else if json(&old.runtime) != json(&new.runtime) {
+        Some("[runtime]")
+    } else if json(&old.admin) != json(&new.admin) {
+        Some("[admin]")
+    } else if json(&old.telemetry) != json(&new.telemetry) {
+        Some("[telemetry]")
+    } else if json(&old.sidecar) != json(&new.sidecar) {
+        Some("[workload], [inbound] or [outbound]")
+    } else {
+        None
     }
 }

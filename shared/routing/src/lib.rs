@@ -7,6 +7,7 @@
 
 mod explain;
 mod matcher;
+mod path;
 
 use std::cmp::Reverse;
 use std::collections::HashMap;
@@ -16,6 +17,7 @@ use weir_config::{Action, Config, HostPattern, Match, PathMatch, Route};
 
 pub use explain::{Candidate, Verdict};
 pub use matcher::{HeaderList, Headers, Request};
+pub use path::normalize_path;
 
 /// A route compiled for matching: the config plus its precomputed split.
 #[derive(Debug)]
@@ -116,7 +118,7 @@ impl RouteTable {
             .values_mut()
             .chain(table.suffix.iter_mut().map(|(_, l)| l));
         for list in lists.chain(std::iter::once(&mut table.any)) {
-            list.sort_by(|a, b| a.rank.cmp(&b.rank));
+            list.sort_by_key(|e| e.rank);
         }
         table
     }

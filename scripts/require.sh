@@ -1,0 +1,28 @@
+# Sourced by the scripts: `require CMD PACKAGE` installs a missing Debian package when it can
+# (as root), or stops with the exact command to run.
+require() {
+    local cmd=$1 pkg=$2
+    command -v "$cmd" >/dev/null 2>&1 && return 0
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "installing $pkg (needed for $cmd)..." >&2
+        if [ -z "${WEIR_APT_UPDATED:-}" ]; then
+            apt-get update -qq >&2
+            WEIR_APT_UPDATED=1
+        fi
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$pkg" >&2
+        command -v "$cmd" >/dev/null 2>&1 && return 0
+    fi
+    echo "missing $cmd; install it with:" >&2
+    echo "    sudo apt-get install -y $pkg" >&2
+    exit 1
+}
+
+# Pingora's zlib-ng is built with cmake; rustfmt and clippy come with the toolchain.
+require_build_tools() {
+    require cmake cmake
+    for component in rustfmt clippy; do
+        if ! cargo "${component/rustfmt/fmt}" --version >/dev/null 2>&1; then
+            rustup component add "$component"
+        fi
+    done
+}
