@@ -8,7 +8,7 @@ use std::fmt;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use toml_edit::{Document, Item};
+use toml_edit::{Array, ArrayOfTables, Document, Item, TableLike, Value};
 
 use crate::raw::RawFile;
 
@@ -82,6 +82,8 @@ pub struct SourceFile {
     pub path: PathBuf,
     pub text: String,
     doc: Document<String>,
+    /// Byte offset where each line starts, for span -> line without rescanning the text.
+    line_starts: Vec<usize>,
 }
 
 /// The files of one config, in merge order, with the errors found while reading them.
@@ -159,7 +161,15 @@ impl Sources {
         let de = toml_edit::de::Deserializer::from(doc.clone());
         let raw: Result<RawFile, _> = serde_ignored::deserialize(de, |p| unknown.push(segs(&p)));
         let file = self.files.len();
-        self.files.push(SourceFile { path, text, doc });
+        let line_starts = std::iter::once(0)
+            .chain(text.match_indices('\n').map(|(i, _)| i + 1))
+            .collect();
+        self.files.push(SourceFile {
+            path,
+            text,
+            doc,
+            line_starts,
+        });
         for key in unknown {
             let name = match key.last() {
                 Some(Seg::Key(k)) => k.clone(),
@@ -213,34 +223,61 @@ impl Sources {
 impl SourceFile {
     /// The line of the deepest part of `key` that exists in the file (1-based, 0 if none).
     fn line(&self, key: &[Seg]) -> usize {
-        let mut item = self.doc.as_item().clone();
+        let mut node = Node::Table(self.doc.as_table());
         let mut at = None;
         for seg in key {
-            let next = match seg {
-                Seg::Key(k) => item.as_table_like().and_then(|t| {
-                    t.get_key_value(k).map(|(key, it)| {
-                        at = key.span().or_else(|| it.span()).or(at.clone());
-                        it.clone()
-                    })
+            let next = match (seg, node) {
+                (Seg::Key(k), Node::Table(t)) => t.get_key_value(k).map(|(key, item)| {
+                    at = key.span().or_else(|| item.span()).or(at.clone());
+                    Node::of_item(item)
                 }),
-                Seg::Index(i) => match &item {
-                    Item::ArrayOfTables(a) => a.get(*i).map(|t| {
-                        at = t.span().or(at.clone());
-                        Item::Table(t.clone())
-                    }),
-                    Item::Value(toml_edit::Value::Array(a)) => a.get(*i).map(|v| {
-                        at = v.span().or(at.clone());
-                        Item::Value(v.clone())
-                    }),
-                    _ => None,
-                },
+                (Seg::Index(i), Node::Tables(a)) => a.get(*i).map(|t| {
+                    at = t.span().or(at.clone());
+                    Node::Table(t)
+                }),
+                (Seg::Index(i), Node::Values(a)) => a.get(*i).map(|v| {
+                    at = v.span().or(at.clone());
+                    Node::of_value(v)
+                }),
+                _ => None,
             };
             match next {
-                Some(next) => item = next,
+                Some(next) => node = next,
                 None => break,
             }
         }
-        at.map_or(0, |span| line_of(&self.text, span.start))
+        at.map_or(0, |span| {
+            self.line_starts
+                .partition_point(|&start| start <= span.start)
+        })
+    }
+}
+
+/// A place in a parsed document, borrowed.
+#[derive(Clone, Copy)]
+enum Node<'a> {
+    Table(&'a dyn TableLike),
+    Tables(&'a ArrayOfTables),
+    Values(&'a Array),
+    Leaf,
+}
+
+impl<'a> Node<'a> {
+    fn of_item(item: &'a Item) -> Node<'a> {
+        match item {
+            Item::Table(t) => Node::Table(t),
+            Item::ArrayOfTables(a) => Node::Tables(a),
+            Item::Value(v) => Node::of_value(v),
+            Item::None => Node::Leaf,
+        }
+    }
+
+    fn of_value(value: &'a Value) -> Node<'a> {
+        match value {
+            Value::InlineTable(t) => Node::Table(t),
+            Value::Array(a) => Node::Values(a),
+            _ => Node::Leaf,
+        }
     }
 }
 

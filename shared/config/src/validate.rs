@@ -1,6 +1,6 @@
 //! Raw -> validated: every check runs and every error is kept, each with its place.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -117,8 +117,8 @@ impl Checker<'_> {
 
         let listeners = self.named("listener", listeners, |v, at, l| v.listener(at, l));
         let services = self.named("service", services, |v, at, s| v.service(at, s));
-        let listener_names: Vec<&str> = listeners.iter().map(|l| l.name.as_str()).collect();
-        let service_names: Vec<&str> = services.iter().map(|s| s.name.as_str()).collect();
+        let listener_names: HashSet<&str> = listeners.iter().map(|l| l.name.as_str()).collect();
+        let service_names: HashSet<&str> = services.iter().map(|s| s.name.as_str()).collect();
         let routes = self.named("route", routes, |v, at, r| {
             v.route(at, r, &listener_names, &service_names)
         });
@@ -292,15 +292,15 @@ impl Checker<'_> {
         &mut self,
         at: &At,
         r: RawRoute,
-        listeners: &[&str],
-        services: &[&str],
+        listeners: &HashSet<&str>,
+        services: &HashSet<&str>,
     ) -> Option<Route> {
         let before = self.errors.len();
         self.not_empty(at, "listeners", r.listeners.as_ref(), "every listener");
         self.not_empty(at, "hosts", r.hosts.as_ref(), "any host");
         let route_listeners = r.listeners.unwrap_or_default();
         for (i, name) in route_listeners.iter().enumerate() {
-            if !listeners.contains(&name.as_str()) {
+            if !listeners.contains(name.as_str()) {
                 self.fail(
                     &at.item("listeners", i),
                     format!("unknown listener {name:?}"),
@@ -367,7 +367,12 @@ impl Checker<'_> {
         })
     }
 
-    fn backends(&mut self, at: &At, raw: Vec<RawBackend>, services: &[&str]) -> Option<Action> {
+    fn backends(
+        &mut self,
+        at: &At,
+        raw: Vec<RawBackend>,
+        services: &HashSet<&str>,
+    ) -> Option<Action> {
         let mut out = Vec::new();
         let mut total: u64 = 0;
         for (i, b) in raw.into_iter().enumerate() {
@@ -376,7 +381,7 @@ impl Checker<'_> {
             total += u64::from(weight);
             match b.service {
                 None => self.fail(&here, "missing required key \"service\""),
-                Some(s) if !services.contains(&s.as_str()) => {
+                Some(s) if !services.contains(s.as_str()) => {
                     self.fail(&here.key("service"), format!("unknown service {s:?}"))
                 }
                 Some(service) => out.push(Backend { service, weight }),

@@ -1,18 +1,27 @@
 //! The access log: one JSON object per line, to stdout or a file.
 
-use std::fs::{File, OpenOptions};
-use std::io::{LineWriter, Write};
+use std::fs::OpenOptions;
+use std::io::{BufWriter, Write};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Mutex;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use weir_config::AccessLog as Target;
 
-pub enum AccessLog {
-    Off,
-    Stdout,
-    File(Mutex<LineWriter<File>>),
+/// Lines waiting for the writer thread; beyond this, lines are dropped (and counted) rather
+/// than making requests wait on a slow disk or a blocked stdout.
+const BACKLOG: usize = 16 * 1024;
+
+/// Requests hand their line to a writer thread: no lock and no write syscall on the request
+/// path.
+pub struct AccessLog {
+    lines: Option<SyncSender<Vec<u8>>>,
+    dropped: AtomicU64,
+    /// Lines queued but not yet written and flushed.
+    pending: Arc<AtomicU64>,
 }
 
 /// One request, as logged.
@@ -40,31 +49,89 @@ pub struct Entry<'a> {
 
 impl AccessLog {
     pub fn open(target: &Target) -> std::io::Result<AccessLog> {
-        Ok(match target {
-            Target::Off => AccessLog::Off,
-            Target::Stdout => AccessLog::Stdout,
-            Target::File(path) => {
-                let file = OpenOptions::new().create(true).append(true).open(path)?;
-                AccessLog::File(Mutex::new(LineWriter::new(file)))
+        let out: Box<dyn Write + Send> = match target {
+            Target::Off => {
+                return Ok(AccessLog {
+                    lines: None,
+                    dropped: AtomicU64::new(0),
+                    pending: Arc::default(),
+                })
             }
+            Target::Stdout => Box::new(std::io::stdout()),
+            Target::File(path) => {
+                Box::new(OpenOptions::new().create(true).append(true).open(path)?)
+            }
+        };
+        let (tx, rx) = sync_channel(BACKLOG);
+        let pending = Arc::new(AtomicU64::new(0));
+        let written = pending.clone();
+        std::thread::Builder::new()
+            .name("access-log".into())
+            .spawn(move || write_lines(rx, BufWriter::with_capacity(64 * 1024, out), &written))?;
+        Ok(AccessLog {
+            lines: Some(tx),
+            dropped: AtomicU64::new(0),
+            pending,
         })
     }
 
     pub fn enabled(&self) -> bool {
-        !matches!(self, AccessLog::Off)
+        self.lines.is_some()
+    }
+
+    /// Lines dropped because the writer could not keep up.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
     }
 
     pub fn write(&self, entry: &Entry<'_>) {
+        let Some(lines) = &self.lines else { return };
         let Ok(mut line) = serde_json::to_vec(&entry) else {
             return;
         };
         line.push(b'\n');
-        // A full disk or closed stdout must not fail requests: the line is dropped.
-        let _ = match self {
-            AccessLog::Off => Ok(()),
-            AccessLog::Stdout => std::io::stdout().lock().write_all(&line),
-            AccessLog::File(f) => f.lock().unwrap_or_else(|e| e.into_inner()).write_all(&line),
+        self.pending.fetch_add(1, Ordering::AcqRel);
+        if lines.try_send(line).is_err() {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Waits until every queued line is written, at most `timeout` (before the process exits).
+    pub fn wait_written(&self, timeout: Duration) {
+        let start = Instant::now();
+        while self.pending.load(Ordering::Acquire) > 0 && start.elapsed() < timeout {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+/// Writes lines as they come and flushes whenever the queue is empty, so a quiet log is
+/// never held back and a busy one is written in large blocks.
+fn write_lines(
+    rx: Receiver<Vec<u8>>,
+    mut out: BufWriter<Box<dyn Write + Send>>,
+    pending: &AtomicU64,
+) {
+    while let Ok(line) = rx.recv() {
+        let mut n = 1;
+        let _ = out.write_all(&line);
+        let open = loop {
+            match rx.try_recv() {
+                Ok(line) => {
+                    n += 1;
+                    let _ = out.write_all(&line);
+                }
+                Err(TryRecvError::Empty) => break true,
+                Err(TryRecvError::Disconnected) => break false,
+            }
         };
+        // A full disk or a closed stdout must not stop the proxy: the lines are lost.
+        let _ = out.flush();
+        pending.fetch_sub(n, Ordering::AcqRel);
+        if !open {
+            return;
+        }
     }
 }
 

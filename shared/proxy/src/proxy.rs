@@ -2,6 +2,7 @@
 //! policy lives in weir-routing and weir-config, and errors become statuses in one place,
 //! [`WeirProxy::fail_to_proxy`].
 
+use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -325,7 +326,8 @@ fn set_path(req: &mut RequestHeader, path: &str) -> Result<()> {
 }
 
 /// The request's host, lower case, without port: from the URI (HTTP/2, absolute form) or Host.
-fn host_of(req: &RequestHeader) -> String {
+/// Borrowed unless it has upper-case letters.
+fn host_of(req: &RequestHeader) -> Cow<'_, str> {
     let raw = req
         .uri
         .host()
@@ -335,7 +337,11 @@ fn host_of(req: &RequestHeader) -> String {
         Some(v6) => v6.split(']').next().unwrap_or(v6),
         None => raw.rsplit_once(':').map_or(raw, |(h, _)| h),
     };
-    host.to_ascii_lowercase()
+    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(host)
+    }
 }
 
 fn client_ip(session: &Session) -> Option<IpAddr> {

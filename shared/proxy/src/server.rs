@@ -69,7 +69,7 @@ pub fn run(reloader: Reloader) -> anyhow::Result<()> {
     let proxy = WeirProxy::new(
         reloader.clone(),
         listeners.clone(),
-        access_log,
+        access_log.clone(),
         in_flight.clone(),
     );
     let mut proxy =
@@ -90,7 +90,14 @@ pub fn run(reloader: Reloader) -> anyhow::Result<()> {
             reloader: reloader.clone(),
         },
     ));
-    server.add_service(background_service("drain", Drain { in_flight, grace }));
+    server.add_service(background_service(
+        "drain",
+        Drain {
+            in_flight,
+            grace,
+            access_log: access_log.clone(),
+        },
+    ));
     let proxy = server.add_service(proxy);
     let admin = server.add_service(admin);
     // /ready answers only once SIGHUP is handled and the proxy has started.
@@ -156,6 +163,7 @@ impl BackgroundService for Reload {
 struct Drain {
     in_flight: Arc<AtomicUsize>,
     grace: Duration,
+    access_log: Arc<AccessLog>,
 }
 
 #[async_trait]
@@ -168,6 +176,7 @@ impl BackgroundService for Drain {
         while self.in_flight.load(Ordering::Acquire) > 0 {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        self.access_log.wait_written(Duration::from_secs(1));
         info!("drained; exiting");
         std::process::exit(0);
     }

@@ -240,6 +240,25 @@ proptest! {
     }
 }
 
+proptest! {
+    /// `find` (fast, no allocation) and `explain` (with reasons) never disagree.
+    #[test]
+    fn matches_agrees_with_mismatch(
+        spec in (0usize..3, 0usize..5, any::<bool>(), 0usize..3),
+        path in 0usize..6,
+        post in any::<bool>(),
+        hdrs in 0usize..3,
+    ) {
+        let route = spec_route(0, spec);
+        let m = &route.config.matches[0];
+        let path = ["/", "/a", "/a/b", "/a/b/c", "/z", "/a/bc"][path];
+        let values = [("x-h0", "1"), ("x-h1", "1")];
+        let headers = HeaderList(&values[..hdrs]);
+        let req = Request { method: if post { "POST" } else { "GET" }, host: "a.test", path, query: None, headers: &headers };
+        prop_assert_eq!(matcher::matches(m, &req), matcher::mismatch(m, &req).is_none());
+    }
+}
+
 /// A route from (host kind, path kind, methods?, header count).
 fn spec_route(
     i: usize,
