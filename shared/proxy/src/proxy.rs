@@ -353,16 +353,16 @@ fn client_ip(session: &Session) -> Option<IpAddr> {
 
 /// A random UUID v4, as Envoy generates for `x-request-id`.
 fn new_request_id() -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let n = fastrand::u128(..) & !(0xf << 76) & !(0x3 << 62) | (0x4 << 76) | (0x2 << 62);
-    let h = format!("{n:032x}");
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..]
-    )
+    let mut id = String::with_capacity(36);
+    for i in 0..32 {
+        if matches!(i, 8 | 12 | 16 | 20) {
+            id.push('-');
+        }
+        id.push(HEX[(n >> (124 - 4 * i)) as usize & 0xf] as char);
+    }
+    id
 }
 
 struct HeaderView<'a>(&'a http::HeaderMap);
