@@ -2,12 +2,10 @@
 //!
 //! The parent directory is watched, not the file: editors save by writing a temporary file and
 //! renaming it over the old one, and Kubernetes swaps a ConfigMap by re-pointing the `..data`
-//! symlink, and neither is seen by a watch on the old file's inode. Events arrive in bursts,
-//! so they are debounced: the callback runs once the directory has been quiet for `quiet`.
+//! symlink, and neither is seen by a watch on the old file's inode. Events arrive in bursts;
+//! the caller debounces them (weir-proxy does, on its control task, with no thread of its own).
 
 use std::path::Path;
-use std::sync::mpsc::{channel, RecvTimeoutError};
-use std::time::Duration;
 
 use notify::{RecommendedWatcher, RecursiveMode, Watcher as _};
 
@@ -16,12 +14,8 @@ pub struct Watcher {
     _inner: RecommendedWatcher,
 }
 
-/// Calls `on_change` (on a thread of its own) after changes to `path`, debounced by `quiet`.
-pub fn watch(
-    path: &Path,
-    quiet: Duration,
-    on_change: impl Fn() + Send + 'static,
-) -> notify::Result<Watcher> {
+/// Calls `on_change`, on notify's thread, for every event that may change the config at `path`.
+pub fn watch(path: &Path, on_change: impl Fn() + Send + 'static) -> notify::Result<Watcher> {
     let dir = if path.is_dir() {
         path.to_path_buf()
     } else {
@@ -34,7 +28,6 @@ pub fn watch(
     let file_name = (!path.is_dir())
         .then(|| path.file_name().map(|n| n.to_os_string()))
         .flatten();
-    let (tx, rx) = channel::<()>();
     let mut inner = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         let Ok(event) = event else { return };
         if matches!(event.kind, notify::EventKind::Access(_)) {
@@ -45,26 +38,10 @@ pub fn watch(
             .iter()
             .any(|p| concerns_config(p, file_name.as_deref()))
         {
-            let _ = tx.send(());
+            on_change();
         }
     })?;
     inner.watch(&dir, RecursiveMode::NonRecursive)?;
-    std::thread::Builder::new()
-        .name("config-watch".into())
-        .spawn(move || {
-            // Ends when the watcher, and with it the sender, is dropped.
-            while rx.recv().is_ok() {
-                loop {
-                    match rx.recv_timeout(quiet) {
-                        Ok(()) => continue,
-                        Err(RecvTimeoutError::Timeout) => break,
-                        Err(RecvTimeoutError::Disconnected) => return,
-                    }
-                }
-                on_change();
-            }
-        })
-        .map_err(notify::Error::io)?;
     Ok(Watcher { _inner: inner })
 }
 

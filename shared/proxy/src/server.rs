@@ -21,7 +21,7 @@ use crate::admin::Admin;
 use crate::proxy::WeirProxy;
 use crate::reload::{Outcome, Reloader};
 
-/// How long the config directory must be quiet before a reload.
+/// How long the config's files must be quiet before a reload.
 const RELOAD_QUIET: Duration = Duration::from_millis(200);
 
 /// Runs the gateway until SIGTERM (drain) or SIGINT (exit at once).
@@ -84,37 +84,37 @@ pub fn run(reloader: Reloader) -> anyhow::Result<()> {
     admin.add_tcp(&config.admin.listen.to_string());
     admin.threads = Some(1);
 
-    let reload = server.add_service(background_service(
-        "reload",
-        Reload {
+    let control = server.add_service(background_service(
+        "control",
+        Control {
             reloader: reloader.clone(),
-        },
-    ));
-    server.add_service(background_service(
-        "drain",
-        Drain {
             in_flight,
+            access_log,
             grace,
-            access_log: access_log.clone(),
         },
     ));
     let proxy = server.add_service(proxy);
     let admin = server.add_service(admin);
     // /ready answers only once SIGHUP is handled and the proxy has started.
-    admin.add_dependency(&reload);
+    admin.add_dependency(&control);
     admin.add_dependency(&proxy);
     info!(generation = snapshot.generation, revision = %snapshot.revision, threads, "starting");
     drop(snapshot);
     server.run_forever()
 }
 
-/// Reloads on file changes and on SIGHUP.
-struct Reload {
+/// The control task: reloads on file changes (debounced) and on SIGHUP, and after SIGTERM
+/// ends the process as soon as the requests in flight are done. (Pingora itself would stop
+/// accepting and then sleep the whole grace period.)
+struct Control {
     reloader: Arc<Reloader>,
+    in_flight: Arc<AtomicUsize>,
+    access_log: Arc<AccessLog>,
+    grace: Duration,
 }
 
 #[async_trait]
-impl BackgroundService for Reload {
+impl BackgroundService for Control {
     async fn start_with_ready_notifier(
         &self,
         mut shutdown: ShutdownWatch,
@@ -128,7 +128,7 @@ impl BackgroundService for Reload {
             }
         };
         let (tx, mut changed) = tokio::sync::mpsc::channel::<()>(1);
-        let watcher = weir_config::watch(self.reloader.path(), RELOAD_QUIET, move || {
+        let watcher = weir_config::watch(self.reloader.path(), move || {
             let _ = tx.try_send(());
         });
         if let Err(e) = &watcher {
@@ -140,9 +140,13 @@ impl BackgroundService for Reload {
         ready.notify_ready();
         loop {
             let why = tokio::select! {
-                Some(()) = changed.recv() => "file change",
+                Some(()) = changed.recv() => {
+                    // Editors and ConfigMap swaps come in bursts: wait for quiet.
+                    while let Ok(Some(())) = tokio::time::timeout(RELOAD_QUIET, changed.recv()).await {}
+                    "file change"
+                }
                 Some(()) = hangup.recv() => "SIGHUP",
-                _ = shutdown.changed() => return,
+                _ = shutdown.changed() => return self.drain().await,
             };
             // Reading and compiling the config blocks; keep it off this runtime's thread.
             let reloader = self.reloader.clone();
@@ -158,20 +162,8 @@ impl BackgroundService for Reload {
     }
 }
 
-/// After SIGTERM Pingora stops accepting and sleeps the whole grace period; this ends the
-/// process as soon as the requests in flight are done instead.
-struct Drain {
-    in_flight: Arc<AtomicUsize>,
-    grace: Duration,
-    access_log: Arc<AccessLog>,
-}
-
-#[async_trait]
-impl BackgroundService for Drain {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
-        if shutdown.changed().await.is_err() {
-            return;
-        }
+impl Control {
+    async fn drain(&self) {
         info!(in_flight = self.in_flight.load(Ordering::Acquire), grace = ?self.grace, "draining");
         while self.in_flight.load(Ordering::Acquire) > 0 {
             tokio::time::sleep(Duration::from_millis(10)).await;
