@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use async_trait::async_trait;
+use pingora_core::listeners::{L4BufferSettings, ListenerConfig};
 use pingora_core::server::configuration::{Opt, ServerConf};
 use pingora_core::server::{Server, ShutdownWatch};
 use pingora_core::services::background::{background_service, BackgroundService};
@@ -75,7 +76,11 @@ pub fn run(reloader: Reloader) -> anyhow::Result<()> {
     let mut proxy =
         pingora_proxy::http_proxy_service_with_name(&server.configuration, proxy, "weir-proxy");
     for (_, addr) in &listeners {
-        proxy.add_tcp(&addr.to_string());
+        // No L4 read buffer on plaintext listeners: Pingora's HTTP/1 session reads into its
+        // own buffers, so the default 64 KiB BufReader only adds a copy per read and 64 KiB
+        // per idle keep-alive connection. (TLS listeners will want it back: 16 KiB records.)
+        let plain = L4BufferSettings::default().read(0);
+        proxy.add_listener(ListenerConfig::tcp(addr.to_string()).l4_buffer(plain));
     }
     let mut admin = Service::new(
         "weir-admin".to_string(),
