@@ -77,8 +77,53 @@ pub struct Route {
     /// Empty = match every request.
     pub matches: Vec<Match>,
     pub action: Action,
+    pub rewrite: Option<Rewrite>,
+    pub fault: Option<Fault>,
+    pub request_headers: HeaderOps,
+    pub response_headers: HeaderOps,
     /// Where the route was declared, for `explain`: "routes.toml:12".
     pub origin: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Rewrite {
+    /// Replaces the prefix (or exact path) the winning match block matched.
+    pub path_prefix: Option<String>,
+    pub host: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Fault {
+    /// Delay and share of requests (0-100) it applies to.
+    pub delay: Option<Delay>,
+    pub abort: Option<Abort>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Delay {
+    #[serde(serialize_with = "as_str")]
+    pub fixed: Duration,
+    pub percent: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Abort {
+    pub status: u16,
+    pub percent: f64,
+}
+
+/// Header changes; names lower case, names and values checked at load.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct HeaderOps {
+    pub set: Vec<(String, String)>,
+    pub add: Vec<(String, String)>,
+    pub remove: Vec<String>,
+}
+
+impl HeaderOps {
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.add.is_empty() && self.remove.is_empty()
+    }
 }
 
 /// A host pattern, lowercased, without port.
@@ -147,6 +192,15 @@ pub enum Action {
         status: u16,
         body: String,
     },
+    Redirect(Redirect),
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Redirect {
+    pub status: u16,
+    pub scheme: Option<String>,
+    pub host: Option<String>,
+    pub path: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -78,6 +78,16 @@ pub struct RawRoute {
     pub hosts: Option<Vec<String>>,
     /// A fixed answer instead of backends.
     pub direct_response: Option<RawDirectResponse>,
+    /// A redirect instead of backends.
+    pub redirect: Option<RawRedirect>,
+    /// Path prefix and Host rewritten before the request goes upstream.
+    pub rewrite: Option<RawRewrite>,
+    /// Injected delays and aborts.
+    pub fault: Option<RawFault>,
+    /// Changes to the request headers sent upstream.
+    pub request_headers: Option<RawHeaderOps>,
+    /// Changes to the response headers sent to the client.
+    pub response_headers: Option<RawHeaderOps>,
     /// Match blocks; any one may match; none = match everything.
     #[serde(rename = "match")]
     pub matches: Vec<RawMatch>,
@@ -92,6 +102,64 @@ pub struct RawDirectResponse {
     pub status: Option<u16>,
     /// Response body; default empty.
     pub body: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawRedirect {
+    /// 301 (default), 302, 303, 307 or 308.
+    pub status: Option<u16>,
+    /// "http" or "https"; default: the request's.
+    pub scheme: Option<String>,
+    /// Default: the request's host.
+    pub host: Option<String>,
+    /// Default: the request's path; the query is always kept.
+    pub path: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawRewrite {
+    /// Replaces the path prefix (or exact path) that matched.
+    pub path_prefix: Option<String>,
+    /// Replaces the Host header.
+    pub host: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawFault {
+    pub delay: Option<RawDelay>,
+    pub abort: Option<RawAbort>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawDelay {
+    /// How long, e.g. "2s".
+    pub fixed: Option<String>,
+    /// Share of requests delayed, 0-100; default 100.
+    pub percent: Option<f64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawAbort {
+    /// Status answered instead of proxying.
+    pub status: Option<u16>,
+    /// Share of requests aborted, 0-100; default 100.
+    pub percent: Option<f64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawHeaderOps {
+    /// Header -> value, replacing any value present.
+    pub set: BTreeMap<String, String>,
+    /// Header -> value, added beside any value present.
+    pub add: BTreeMap<String, String>,
+    /// Headers removed.
+    pub remove: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -320,21 +320,38 @@ impl Checker<'_> {
             .enumerate()
             .filter_map(|(i, m)| self.matcher(&at.item("match", i), m))
             .collect();
-        let action = match (r.direct_response, r.backend.is_empty()) {
-            (Some(_), false) => {
-                self.fail(
-                    at,
-                    "has both [[route.backend]] and direct_response; choose one",
-                );
+        let chosen = [
+            !r.backend.is_empty(),
+            r.direct_response.is_some(),
+            r.redirect.is_some(),
+        ];
+        let action = match chosen.iter().filter(|&&c| c).count() {
+            0 => {
+                self.fail(at, "needs [[route.backend]], direct_response or redirect");
                 None
             }
-            (None, true) => {
-                self.fail(at, "needs [[route.backend]] or direct_response");
+            1 => match (r.direct_response, r.redirect) {
+                (Some(d), _) => self.direct_response(&at.key("direct_response"), d),
+                (_, Some(rd)) => self.redirect(&at.key("redirect"), rd),
+                _ => self.backends(at, r.backend, services),
+            },
+            _ => {
+                self.fail(at, "has more than one of [[route.backend]], direct_response and redirect; choose one");
                 None
             }
-            (Some(d), true) => self.direct_response(&at.key("direct_response"), d),
-            (None, false) => self.backends(at, r.backend, services),
         };
+        let rewrite = r
+            .rewrite
+            .and_then(|rw| self.rewrite(&at.key("rewrite"), rw, &matches));
+        if rewrite.is_some() && !matches!(action, Some(Action::Backends(_))) {
+            self.fail(
+                &at.key("rewrite"),
+                "rewrite applies only to routes with [[route.backend]]",
+            );
+        }
+        let fault = r.fault.and_then(|f| self.fault(&at.key("fault"), f));
+        let request_headers = self.header_ops(&at.key("request_headers"), r.request_headers);
+        let response_headers = self.header_ops(&at.key("response_headers"), r.response_headers);
         let origin = self.sources.place(at.file, &at.key);
         (self.errors.len() == before).then(|| Route {
             name: r.name.unwrap_or_default(),
@@ -342,8 +359,176 @@ impl Checker<'_> {
             hosts,
             matches,
             action: action.expect("no error means an action"),
+            rewrite,
+            fault,
+            request_headers,
+            response_headers,
             origin,
         })
+    }
+
+    fn redirect(&mut self, at: &At, r: RawRedirect) -> Option<Action> {
+        let status = r.status.unwrap_or(301);
+        if ![301, 302, 303, 307, 308].contains(&status) {
+            self.fail(
+                &at.key("status"),
+                format!("redirect status {status}: expected 301, 302, 303, 307 or 308"),
+            );
+        }
+        if let Some(scheme) = &r.scheme {
+            if scheme != "http" && scheme != "https" {
+                self.fail(
+                    &at.key("scheme"),
+                    format!("scheme {scheme:?}: expected \"http\" or \"https\""),
+                );
+            }
+        }
+        if let Some(host) = &r.host {
+            let name = host.rsplit_once(':').map_or(host.as_str(), |(h, port)| {
+                if port.parse::<u16>().is_err() {
+                    ""
+                } else {
+                    h
+                }
+            });
+            self.host(&at.key("host"), name)?;
+        }
+        if let Some(path) = &r.path {
+            self.uri_path(&at.key("path"), path);
+        }
+        Some(Action::Redirect(Redirect {
+            status,
+            scheme: r.scheme,
+            host: r.host,
+            path: r.path,
+        }))
+    }
+
+    /// A prefix rewrite replaces what the winning block's path matched, so every block must
+    /// match the path by prefix or exactly.
+    fn rewrite(&mut self, at: &At, r: RawRewrite, matches: &[Match]) -> Option<Rewrite> {
+        if let Some(prefix) = &r.path_prefix {
+            self.uri_path(&at.key("path_prefix"), prefix);
+            let by_prefix =
+                |m: &Match| matches!(m.path, Some(PathMatch::Prefix(_) | PathMatch::Exact(_)));
+            if matches.is_empty() || !matches.iter().all(by_prefix) {
+                self.fail(
+                    &at.key("path_prefix"),
+                    "path_prefix needs every [[route.match]] to match the path by prefix or exact",
+                );
+            }
+        }
+        if let Some(host) = &r.host {
+            self.header_value(&at.key("host"), host);
+        }
+        Some(Rewrite {
+            path_prefix: r.path_prefix,
+            host: r.host,
+        })
+    }
+
+    fn fault(&mut self, at: &At, f: RawFault) -> Option<Fault> {
+        let delay = f.delay.and_then(|d| {
+            let here = at.key("delay");
+            let percent = self.percent(&here.key("percent"), d.percent);
+            let fixed = match d.fixed {
+                Some(text) => self.duration(&here.key("fixed"), &text),
+                None => {
+                    self.fail(&here, "delay needs fixed, e.g. fixed = \"2s\"");
+                    None
+                }
+            };
+            Some(Delay {
+                fixed: fixed?,
+                percent,
+            })
+        });
+        let abort = f.abort.and_then(|a| {
+            let here = at.key("abort");
+            let percent = self.percent(&here.key("percent"), a.percent);
+            match a.status {
+                Some(status @ 200..=599) => Some(Abort { status, percent }),
+                Some(status) => {
+                    self.fail(
+                        &here.key("status"),
+                        format!("abort status {status}: expected 200-599"),
+                    );
+                    None
+                }
+                None => {
+                    self.fail(&here, "abort needs a status");
+                    None
+                }
+            }
+        });
+        Some(Fault { delay, abort })
+    }
+
+    fn percent(&mut self, at: &At, percent: Option<f64>) -> f64 {
+        let p = percent.unwrap_or(100.0);
+        if !(0.0..=100.0).contains(&p) {
+            self.fail(at, format!("percent {p} is not between 0 and 100"));
+        }
+        p
+    }
+
+    fn header_ops(&mut self, at: &At, ops: Option<RawHeaderOps>) -> HeaderOps {
+        let Some(ops) = ops else {
+            return HeaderOps::default();
+        };
+        let mut out = HeaderOps::default();
+        for (kind, pairs) in [("set", ops.set), ("add", ops.add)] {
+            for (name, value) in pairs {
+                let here = at.key(kind).key(name.as_str());
+                let lower = name.to_ascii_lowercase();
+                if !http_header_name_ok(&lower) {
+                    self.fail(&here, format!("bad header name {name:?}"));
+                } else if self.header_value(&here, &value) {
+                    let list = if kind == "set" {
+                        &mut out.set
+                    } else {
+                        &mut out.add
+                    };
+                    list.push((lower, value));
+                }
+            }
+        }
+        for (i, name) in ops.remove.into_iter().enumerate() {
+            let lower = name.to_ascii_lowercase();
+            if http_header_name_ok(&lower) {
+                out.remove.push(lower);
+            } else {
+                self.fail(&at.item("remove", i), format!("bad header name {name:?}"));
+            }
+        }
+        out
+    }
+
+    /// Visible ASCII, spaces and tabs; no CR or LF (which would split the header).
+    fn header_value(&mut self, at: &At, value: &str) -> bool {
+        let ok = value
+            .bytes()
+            .all(|b| b == b'\t' || (b' '..=b'~').contains(&b));
+        if !ok {
+            self.fail(
+                at,
+                format!("bad header value {value:?}: only visible ASCII, spaces and tabs"),
+            );
+        }
+        ok
+    }
+
+    fn uri_path(&mut self, at: &At, path: &str) {
+        let ok = path.starts_with('/')
+            && path
+                .bytes()
+                .all(|b| (b'!'..=b'~').contains(&b) && b != b'?' && b != b'#');
+        if !ok {
+            self.fail(
+                at,
+                format!("bad path {path:?}: must start with \"/\", without spaces, '?' or '#'"),
+            );
+        }
     }
 
     fn direct_response(&mut self, at: &At, d: RawDirectResponse) -> Option<Action> {

@@ -81,7 +81,7 @@ direct_response = {{ status = 200 }}
         errs[1]
     );
     assert!(
-        errs[2].starts_with("gw.toml:11: route \"both\": has both"),
+        errs[2].starts_with("gw.toml:11: route \"both\": has more than one of"),
         "{}",
         errs[2]
     );
@@ -220,5 +220,38 @@ fn a_missing_or_empty_source_is_an_error_not_a_panic() {
         assert!(errs[0].message.contains("no *.toml files"), "{errs:?}");
         let errs = load(&dir.path().join("missing.toml"), role).unwrap_err().0;
         assert!(errs[0].message.starts_with("cannot read"), "{errs:?}");
+    }
+}
+
+#[test]
+fn header_changes_rewrites_redirects_and_faults_are_checked_at_load() {
+    let text = format!(
+        "{SERVICE}[[route]]
+name = \"r\"
+rewrite = {{ path_prefix = \"/v2/\" }}
+  [[route.match]]
+  path = {{ regex = \"/api/.*\" }}
+  [[route.backend]]
+  service = \"reviews\"
+  [route.request_headers]
+  set = {{ \"x-bad\" = \"line\\nbreak\", \"bad name\" = \"v\" }}
+  [route.fault]
+  abort = {{ status = 503, percent = 150.0 }}
+  delay = {{ percent = 10.0 }}
+[[route]]
+name = \"moved\"
+redirect = {{ status = 200 }}
+"
+    );
+    let errs = errors(&text).join("\n");
+    for want in [
+        "route \"r\": path_prefix needs every [[route.match]] to match the path by prefix or exact",
+        "route \"r\": bad header value \"line\\nbreak\"",
+        "route \"r\": bad header name \"bad name\"",
+        "route \"r\": percent 150 is not between 0 and 100",
+        "route \"r\": delay needs fixed",
+        "route \"moved\": redirect status 200: expected 301, 302, 303, 307 or 308",
+    ] {
+        assert!(errs.contains(want), "missing {want:?} in:\n{errs}");
     }
 }

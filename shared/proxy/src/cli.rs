@@ -196,6 +196,13 @@ fn explain(
                 .map_or("no match blocks".to_string(), |b| format!("match[{b}]"));
             println!("route:    {:?} ({}), {block}", r.name, r.origin);
             match &r.action {
+                Action::Redirect(rd) => println!(
+                    "action:   redirect {} to scheme {}, host {}, path {} (query kept)",
+                    rd.status,
+                    rd.scheme.as_deref().unwrap_or("(same)"),
+                    rd.host.as_deref().unwrap_or("(same)"),
+                    rd.path.as_deref().unwrap_or("(same)")
+                ),
                 Action::DirectResponse { status, body } => {
                     println!(
                         "action:   direct response {status}, {} byte body",
@@ -223,6 +230,7 @@ fn explain(
                     }
                 }
             }
+            describe_policies(r);
         }
     }
     println!("candidates, in precedence order:");
@@ -236,4 +244,45 @@ fn explain(
         }
     }
     ExitCode::SUCCESS
+}
+
+/// What else the route does to a matching request: faults, rewrites, header changes.
+fn describe_policies(r: &weir_config::Route) {
+    if let Some(f) = &r.fault {
+        if let Some(d) = &f.delay {
+            let fixed = weir_config::duration::format(d.fixed);
+            println!(
+                "fault:    delay {fixed} for {}% of requests (flag FI)",
+                d.percent
+            );
+        }
+        if let Some(a) = &f.abort {
+            println!(
+                "fault:    abort with {} for {}% of requests (flag FI)",
+                a.status, a.percent
+            );
+        }
+    }
+    if let Some(rw) = &r.rewrite {
+        if let Some(p) = &rw.path_prefix {
+            println!("rewrite:  matched path prefix -> {p:?}");
+        }
+        if let Some(h) = &rw.host {
+            println!("rewrite:  Host -> {h:?}");
+        }
+    }
+    for (label, ops) in [
+        ("request", &r.request_headers),
+        ("response", &r.response_headers),
+    ] {
+        for (k, v) in &ops.set {
+            println!("{label} header: set {k}: {v}");
+        }
+        for (k, v) in &ops.add {
+            println!("{label} header: add {k}: {v}");
+        }
+        for k in &ops.remove {
+            println!("{label} header: remove {k}");
+        }
+    }
 }

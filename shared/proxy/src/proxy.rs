@@ -14,7 +14,7 @@ use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
-use weir_config::Action;
+use weir_config::{Action, HeaderOps, PathMatch, Redirect};
 use weir_routing::{CompiledRoute, Request};
 
 use crate::access_log::{AccessLog, Entry};
@@ -69,6 +69,8 @@ pub struct Ctx {
     snapshot: Option<Arc<Snapshot>>,
     listener: usize,
     route: Option<Arc<CompiledRoute>>,
+    /// The match block of `route` that matched, for the path rewrite.
+    block: Option<usize>,
     service: Option<Arc<ServiceState>>,
     upstream: Option<SocketAddr>,
     /// Response flag for the access log: "NR", "UF", ... or "" when none.
@@ -96,6 +98,7 @@ impl ProxyHttp for WeirProxy {
             snapshot: None,
             listener: 0,
             route: None,
+            block: None,
             service: None,
             upstream: None,
             flags: "",
@@ -143,18 +146,52 @@ impl ProxyHttp for WeirProxy {
                 .tables
                 .get(listener)
                 .and_then(|t| t.find(&request))
-                .map(|f| f.route.clone())
+                .map(|f| (f.route.clone(), f.block))
         };
         ctx.snapshot = Some(snapshot);
-        let Some(route) = found else {
+        let Some((route, block)) = found else {
             ctx.flags = "NR";
-            respond(session, ctx, 404, Bytes::from_static(b"no route\n")).await?;
+            respond(session, ctx, 404, Bytes::from_static(b"no route\n"), None).await?;
             return Ok(true);
         };
-        let answered = match (&route.config.action, &route.split) {
+        ctx.route = Some(route.clone());
+        ctx.block = block;
+        // Faults as Envoy applies them: the delay first, then the abort.
+        if let Some(fault) = &route.config.fault {
+            if let Some(delay) = fault
+                .delay
+                .as_ref()
+                .filter(|d| route.delay_sampler.pick(d.percent))
+            {
+                ctx.flags = "FI";
+                tokio::time::sleep(delay.fixed).await;
+            }
+            if let Some(abort) = fault
+                .abort
+                .as_ref()
+                .filter(|a| route.abort_sampler.pick(a.percent))
+            {
+                ctx.flags = "FI";
+                respond(
+                    session,
+                    ctx,
+                    abort.status,
+                    Bytes::from_static(b"fault filter abort\n"),
+                    None,
+                )
+                .await?;
+                return Ok(true);
+            }
+        }
+        match (&route.config.action, &route.split) {
             (Action::DirectResponse { status, body }, _) => {
-                respond(session, ctx, *status, Bytes::from(body.clone())).await?;
-                true
+                respond(session, ctx, *status, Bytes::from(body.clone()), None).await?;
+                Ok(true)
+            }
+            (Action::Redirect(r), _) => {
+                let location = redirect_location(session.req_header(), r);
+                respond(session, ctx, r.status, Bytes::new(), Some(location)).await?;
+                Ok(true)
             }
             (Action::Backends(backends), Some(split)) => {
                 let backend = &backends[split.pick(fastrand::u64(..))];
@@ -163,12 +200,10 @@ impl ProxyHttp for WeirProxy {
                     .as_ref()
                     .and_then(|s| s.services.get(&backend.service))
                     .cloned();
-                false
+                Ok(false)
             }
             (Action::Backends(_), None) => unreachable!("a route with backends always has a split"),
-        };
-        ctx.route = Some(route);
-        Ok(answered)
+        }
     }
 
     async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
@@ -205,6 +240,35 @@ impl ProxyHttp for WeirProxy {
         }
         upstream.insert_header("x-forwarded-proto", "http")?;
         upstream.insert_header("x-request-id", ctx.request_id.as_str())?;
+        if let Some(route) = &ctx.route {
+            let r = &route.config;
+            if let Some(rewrite) = &r.rewrite {
+                if let Some(prefix) = &rewrite.path_prefix {
+                    let matched = ctx.block.and_then(|b| r.matches[b].path.as_ref());
+                    let rest = match matched {
+                        Some(PathMatch::Prefix(p)) => {
+                            upstream.uri.path().get(p.len()..).unwrap_or("")
+                        }
+                        _ => "",
+                    };
+                    let path = format!("{prefix}{rest}");
+                    set_path(upstream, &path)?;
+                }
+                if let Some(host) = &rewrite.host {
+                    upstream.insert_header("host", host.as_str())?;
+                }
+            }
+            let ops = &r.request_headers;
+            for name in &ops.remove {
+                upstream.remove_header(name.as_str());
+            }
+            for (name, value) in &ops.set {
+                upstream.insert_header(name.clone(), value.as_str())?;
+            }
+            for (name, value) in &ops.add {
+                upstream.append_header(name.clone(), value.as_str())?;
+            }
+        }
         Ok(())
     }
 
@@ -215,6 +279,9 @@ impl ProxyHttp for WeirProxy {
         ctx: &mut Ctx,
     ) -> Result<()> {
         response.insert_header("x-request-id", ctx.request_id.as_str())?;
+        if let Some(route) = &ctx.route {
+            apply_response_headers(response, &route.config.response_headers)?;
+        }
         Ok(())
     }
 
@@ -258,7 +325,7 @@ impl ProxyHttp for WeirProxy {
         };
         ctx.flags = flags;
         if code > 0 && session.response_written().is_none() {
-            let _ = respond(session, ctx, code, Bytes::from_static(body)).await;
+            let _ = respond(session, ctx, code, Bytes::from_static(body), None).await;
         }
         FailToProxy {
             error_code: code,
@@ -293,20 +360,76 @@ impl ProxyHttp for WeirProxy {
     }
 }
 
-/// Writes a complete response from the proxy itself (no route, direct response, errors).
-async fn respond(session: &mut Session, ctx: &Ctx, status: u16, body: Bytes) -> Result<()> {
-    let mut resp = ResponseHeader::build(status, Some(3))?;
+/// Writes a complete response from the proxy itself (no route, direct response, redirect,
+/// fault, errors), with the route's response header changes when there is a route.
+async fn respond(
+    session: &mut Session,
+    ctx: &Ctx,
+    status: u16,
+    body: Bytes,
+    location: Option<String>,
+) -> Result<()> {
+    let mut resp = ResponseHeader::build(status, Some(4))?;
     resp.insert_header("content-length", body.len().to_string())?;
     if !body.is_empty() {
         resp.insert_header("content-type", "text/plain; charset=utf-8")?;
     }
+    if let Some(location) = location {
+        resp.insert_header("location", location)?;
+    }
     resp.insert_header("x-request-id", ctx.request_id.as_str())?;
+    if let Some(route) = &ctx.route {
+        apply_response_headers(&mut resp, &route.config.response_headers)?;
+    }
     let empty = body.is_empty();
     session.write_response_header(Box::new(resp), empty).await?;
     if !empty {
         session.write_response_body(Some(body), true).await?;
     }
     Ok(())
+}
+
+fn apply_response_headers(resp: &mut ResponseHeader, ops: &HeaderOps) -> Result<()> {
+    for name in &ops.remove {
+        resp.remove_header(name.as_str());
+    }
+    for (name, value) in &ops.set {
+        resp.insert_header(name.clone(), value.as_str())?;
+    }
+    for (name, value) in &ops.add {
+        resp.append_header(name.clone(), value.as_str())?;
+    }
+    Ok(())
+}
+
+/// The Location of a redirect: each part from the config, else from the request; the query
+/// is kept.
+fn redirect_location(req: &RequestHeader, r: &Redirect) -> String {
+    let scheme = r.scheme.as_deref().unwrap_or("http");
+    let host = r.host.clone().unwrap_or_else(|| {
+        let host = req
+            .uri
+            .authority()
+            .map(|a| a.as_str())
+            .or_else(|| req.headers.get("host").and_then(|h| h.to_str().ok()))
+            .unwrap_or("");
+        // A new scheme means a new default port: drop the one the request named.
+        match (&r.scheme, host.rsplit_once(':')) {
+            (Some(_), Some((name, port)))
+                if !port.is_empty()
+                    && port.bytes().all(|b| b.is_ascii_digit())
+                    && (!name.contains(':') || name.ends_with(']')) =>
+            {
+                name.to_string()
+            }
+            _ => host.to_string(),
+        }
+    });
+    let path = r.path.as_deref().unwrap_or(req.uri.path());
+    match req.uri.query() {
+        Some(q) => format!("{scheme}://{host}{path}?{q}"),
+        None => format!("{scheme}://{host}{path}"),
+    }
 }
 
 /// Replaces the path of the request URI, keeping its query.

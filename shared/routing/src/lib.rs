@@ -16,6 +16,9 @@ use std::sync::Arc;
 use weir_config::{Action, Config, HostPattern, Match, PathMatch, Route};
 
 pub use explain::{Candidate, Verdict};
+
+#[cfg(test)]
+mod sampler_tests;
 pub use matcher::{HeaderList, Headers, Request};
 pub use path::normalize_path;
 
@@ -27,6 +30,58 @@ pub struct CompiledRoute {
     pub split: Option<Split>,
     /// Position in the config (files sorted by name, then position).
     pub order: usize,
+    /// Which requests get the route's injected delay, and which its abort.
+    pub delay_sampler: Sampler,
+    pub abort_sampler: Sampler,
+}
+
+impl CompiledRoute {
+    pub fn new(config: Route, order: usize) -> CompiledRoute {
+        let split = match &config.action {
+            Action::Backends(b) => Some(Split::new(b.iter().map(|b| b.weight))),
+            _ => None,
+        };
+        CompiledRoute {
+            config,
+            split,
+            order,
+            delay_sampler: Sampler::new(0.618_033_988_749_895),
+            abort_sampler: Sampler::new(0.414_213_562_373_095),
+        }
+    }
+}
+
+/// Picks a given percentage of calls, evenly spread: call n is picked when the fractional part
+/// of n × step falls below the percentage (a Weyl sequence). Unlike a random draw, the share
+/// is exact to within a few calls over any window, so "5% of requests" means 5%.
+#[derive(Debug)]
+pub struct Sampler {
+    calls: std::sync::atomic::AtomicU64,
+    /// An irrational step; different samplers use different steps to stay independent.
+    step: f64,
+}
+
+impl Sampler {
+    pub fn new(step: f64) -> Sampler {
+        Sampler {
+            calls: std::sync::atomic::AtomicU64::new(0),
+            step,
+        }
+    }
+
+    /// Whether this call is among the `percent` (0-100) picked.
+    pub fn pick(&self, percent: f64) -> bool {
+        if percent >= 100.0 {
+            return true;
+        }
+        if percent <= 0.0 {
+            return false;
+        }
+        let n = self
+            .calls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        (n as f64 * self.step).fract() * 100.0 < percent
+    }
 }
 
 /// The routes attached to one listener, indexed by host.
@@ -75,16 +130,7 @@ impl RouteTable {
             .iter()
             .enumerate()
             .filter(|(_, r)| r.listeners.is_empty() || r.listeners.iter().any(|l| l == listener))
-            .map(|(order, r)| {
-                Arc::new(CompiledRoute {
-                    config: r.clone(),
-                    split: match &r.action {
-                        Action::Backends(b) => Some(Split::new(b.iter().map(|b| b.weight))),
-                        _ => None,
-                    },
-                    order,
-                })
-            })
+            .map(|(order, r)| Arc::new(CompiledRoute::new(r.clone(), order)))
             .collect();
         Self::from_routes(routes)
     }

@@ -225,7 +225,7 @@ proptest! {
         let shuffled: Vec<_> = shuffled
             .into_iter()
             .enumerate()
-            .map(|(order, r)| Arc::new(CompiledRoute { config: r.config.clone(), split: None, order }))
+            .map(|(order, r)| Arc::new(CompiledRoute::new(r.config.clone(), order)))
             .collect();
         let a = RouteTable::from_routes(routes);
         let b = RouteTable::from_routes(shuffled);
@@ -288,26 +288,27 @@ fn spec_route(
     } else {
         vec![]
     };
-    Arc::new(CompiledRoute {
-        config: Route {
-            name: format!("r{i}"),
-            listeners: vec![],
-            hosts,
-            matches: vec![Match {
-                path,
-                methods,
-                headers,
-                query: vec![],
-            }],
-            action: Action::DirectResponse {
-                status: 200,
-                body: String::new(),
-            },
-            origin: String::new(),
+    let config = Route {
+        name: format!("r{i}"),
+        listeners: vec![],
+        hosts,
+        matches: vec![Match {
+            path,
+            methods,
+            headers,
+            query: vec![],
+        }],
+        action: Action::DirectResponse {
+            status: 200,
+            body: String::new(),
         },
-        split: None,
-        order: i,
-    })
+        rewrite: None,
+        fault: None,
+        request_headers: Default::default(),
+        response_headers: Default::default(),
+        origin: String::new(),
+    };
+    Arc::new(CompiledRoute::new(config, i))
 }
 
 fn regex_for(pattern: &str) -> regex::Regex {

@@ -1,0 +1,22 @@
+use super::Sampler;
+
+#[test]
+fn sampler_picks_the_percentage_within_a_few_calls() {
+    for percent in [0.0, 1.0, 5.0, 33.3, 50.0, 95.0, 100.0] {
+        let s = Sampler::new(0.618_033_988_749_895);
+        let picked = (0..2_000).filter(|_| s.pick(percent)).count() as f64;
+        let share = picked / 20.0;
+        assert!((share - percent).abs() < 0.5, "{percent}%: picked {share}%");
+    }
+}
+
+#[test]
+fn two_samplers_are_not_in_lockstep() {
+    let (a, b) = (
+        Sampler::new(0.618_033_988_749_895),
+        Sampler::new(0.414_213_562_373_095),
+    );
+    let both = (0..2_000).filter(|_| a.pick(50.0) & b.pick(50.0)).count();
+    // Independent halves overlap on about a quarter of the calls.
+    assert!((400..600).contains(&both), "{both}");
+}

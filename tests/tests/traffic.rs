@@ -1,0 +1,124 @@
+//! Header changes, rewrites, redirects and fault injection through the real gateway.
+#![allow(clippy::unwrap_used)]
+
+use std::time::{Duration, Instant};
+
+use weir_tests::{wait_until, Gateway, Upstream};
+
+fn route_to(service: &str, extra: &str) -> String {
+    format!("[[route]]\nname = \"r\"\n{extra}\n  [[route.backend]]\n  service = \"{service}\"\n")
+}
+
+#[test]
+fn request_and_response_headers_are_set_added_and_removed() {
+    let up = Upstream::start("app");
+    let gw = Gateway::start(&format!(
+        "{}{}",
+        up.service(),
+        route_to(
+            "app",
+            "[route.request_headers]\nset = { \"x-env\" = \"prod\" }\nadd = { \"x-seen-by\" = \"weir\" }\nremove = [\"x-debug\"]\n\
+             [route.response_headers]\nset = { \"x-upstream\" = \"hidden\" }\nadd = { \"x-served-by\" = \"weir\" }\nremove = [\"server\"]"
+        )
+    ));
+    let r = gw.get(
+        "/",
+        &[("x-env", "dev"), ("x-debug", "1"), ("x-seen-by", "edge")],
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(up.last_header("x-env").as_deref(), Some("prod"));
+    assert_eq!(up.last_header("x-debug"), None);
+    assert!(up.last_header("x-seen-by").is_some());
+    assert_eq!(r.header("x-upstream"), Some("hidden"));
+    assert_eq!(r.header("x-served-by"), Some("weir"));
+    assert_eq!(r.header("server"), None);
+}
+
+#[test]
+fn path_prefix_and_host_are_rewritten() {
+    let up = Upstream::start("reviews");
+    let gw = Gateway::start(&format!(
+        "{}[[route]]\nname = \"r\"\nrewrite = {{ path_prefix = \"/v2/\", host = \"reviews.internal\" }}\n\
+         [[route.match]]\n  path = {{ prefix = \"/api/\" }}\n  [[route.backend]]\n  service = \"reviews\"\n",
+        up.service()
+    ));
+    assert_eq!(gw.get("/api/items/7?x=1", &[]).status, 200);
+    assert_eq!(up.last_header(":path").as_deref(), Some("/v2/items/7?x=1"));
+    assert_eq!(up.last_header("host").as_deref(), Some("reviews.internal"));
+}
+
+#[test]
+fn redirects_keep_what_they_do_not_change() {
+    let gw = Gateway::start(
+        "[[route]]\nname = \"moved\"\nredirect = { status = 308, scheme = \"https\", path = \"/new\" }\n",
+    );
+    // ureq follows redirects by default: ask on a raw connection.
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", gw.port)).unwrap();
+    conn.write_all(
+        b"GET /old?q=1 HTTP/1.1\r\nHost: shop.example.com:8080\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    let mut reply = String::new();
+    conn.read_to_string(&mut reply).unwrap();
+    assert!(reply.starts_with("HTTP/1.1 308"), "{reply}");
+    assert!(
+        reply
+            .to_ascii_lowercase()
+            .contains("location: https://shop.example.com/new?q=1\r\n"),
+        "{reply}"
+    );
+}
+
+#[test]
+fn aborts_honour_their_percentage_and_are_flagged() {
+    let up = Upstream::start("app");
+    let gw = Gateway::start(&format!(
+        "{}{}",
+        up.service(),
+        route_to(
+            "app",
+            "[route.fault]\nabort = { status = 503, percent = 30.0 }"
+        )
+    ));
+    let aborted = (0..2000).filter(|_| gw.get("/", &[]).status == 503).count();
+    let share = aborted as f64 / 20.0;
+    assert!(
+        (28.0..=32.0).contains(&share),
+        "aborted {share}% (want 30 ± 2)"
+    );
+    assert_eq!(up.hits(), 2000 - aborted);
+    wait_until("FI in the access log", Duration::from_secs(5), || {
+        gw.access_log()
+            .iter()
+            .filter(|l| l["flags"] == "FI" && l["status"] == 503)
+            .count()
+            == aborted
+    });
+}
+
+#[test]
+fn delays_hold_the_request_then_proxy_it() {
+    let up = Upstream::start("app");
+    let gw = Gateway::start(&format!(
+        "{}{}",
+        up.service(),
+        route_to(
+            "app",
+            "[route.fault]\ndelay = { fixed = \"300ms\", percent = 100.0 }"
+        )
+    ));
+    let start = Instant::now();
+    let r = gw.get("/", &[]);
+    assert_eq!((r.status, r.body.as_str()), (200, "app"));
+    assert!(
+        start.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        start.elapsed()
+    );
+    wait_until("FI in the access log", Duration::from_secs(5), || {
+        gw.access_log()
+            .iter()
+            .any(|l| l["flags"] == "FI" && l["status"] == 200)
+    });
+}
