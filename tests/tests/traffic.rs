@@ -122,3 +122,73 @@ fn delays_hold_the_request_then_proxy_it() {
             .any(|l| l["flags"] == "FI" && l["status"] == 200)
     });
 }
+
+fn hashed_service(name: &str, endpoints: &[&Upstream], hash_on: &str) -> String {
+    let eps: Vec<String> = endpoints
+        .iter()
+        .map(|u| format!("\"{}\"", u.addr))
+        .collect();
+    format!(
+        "[[service]]\nname = \"{name}\"\nendpoints = [{}]\nload_balancer = \"consistent_hash\"\nhash_on = {hash_on}\n",
+        eps.join(", ")
+    )
+}
+
+#[test]
+fn sticky_canary_keeps_each_user_on_one_version() {
+    let (v1, v2) = (Upstream::start("v1"), Upstream::start("v2"));
+    let gw = Gateway::start(&format!(
+        "{}{}[[route]]\nname = \"split\"\n  [[route.backend]]\n  service = \"v1\"\n  weight = 50\n\
+         [[route.backend]]\n  service = \"v2\"\n  weight = 50\n",
+        hashed_service("v1", &[&v1], "{ header = \"x-user\" }"),
+        hashed_service("v2", &[&v2], "{ header = \"x-user\" }"),
+    ));
+    let mut on_v2 = 0;
+    for user in 0..40 {
+        let id = format!("user-{user}");
+        let first = gw.get("/", &[("x-user", &id)]).body;
+        for _ in 0..5 {
+            assert_eq!(gw.get("/", &[("x-user", &id)]).body, first, "{id} moved");
+        }
+        on_v2 += usize::from(first == "v2");
+    }
+    assert!(
+        (8..=32).contains(&on_v2),
+        "{on_v2} of 40 users on v2 (want about half)"
+    );
+}
+
+#[test]
+fn consistent_hash_keeps_a_cookie_on_one_endpoint() {
+    let ups = [
+        Upstream::start("a"),
+        Upstream::start("b"),
+        Upstream::start("c"),
+    ];
+    let gw = Gateway::start(&format!(
+        "{}{}",
+        hashed_service(
+            "app",
+            &[&ups[0], &ups[1], &ups[2]],
+            "{ cookie = \"session\" }"
+        ),
+        route_to("app", "")
+    ));
+    let mut seen = std::collections::HashSet::new();
+    for user in 0..30 {
+        let cookie = format!("theme=dark; session=s{user}");
+        let first = gw.get("/", &[("cookie", &cookie)]).body;
+        for _ in 0..3 {
+            assert_eq!(gw.get("/", &[("cookie", &cookie)]).body, first);
+        }
+        seen.insert(first);
+    }
+    assert_eq!(
+        seen.len(),
+        3,
+        "30 sessions should reach every endpoint: {seen:?}"
+    );
+    // Without the cookie: round robin over all three.
+    let spread: std::collections::HashSet<_> = (0..3).map(|_| gw.get("/", &[]).body).collect();
+    assert_eq!(spread.len(), 3);
+}

@@ -213,6 +213,25 @@ pub struct Backend {
 pub struct Service {
     pub name: String,
     pub endpoints: Vec<SocketAddr>,
+    pub load_balancer: LoadBalancer,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LoadBalancer {
+    RoundRobin,
+    Random,
+    /// Ketama ring over the endpoints, keyed by part of the request.
+    ConsistentHash(HashOn),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HashOn {
+    /// Lower-case header name.
+    Header(String),
+    Cookie(String),
+    SourceIp,
 }
 
 #[derive(Debug, Clone, Serialize)]

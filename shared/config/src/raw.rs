@@ -202,6 +202,25 @@ pub struct RawService {
     pub name: Option<String>,
     /// Static "ip:port" endpoints.
     pub endpoints: Option<Vec<String>>,
+    /// "round_robin" (default), "random" or "consistent_hash".
+    pub load_balancer: Option<String>,
+    /// consistent_hash only: what to hash.
+    pub hash_on: Option<RawHashOn>,
+}
+
+/// `hash_on = { header = "x-user" }`, `{ cookie = "user" }` or `"source_ip"`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawHashOn {
+    Name(String),
+    Table(RawHashOnTable),
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawHashOnTable {
+    pub header: Option<String>,
+    pub cookie: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -282,10 +282,72 @@ impl Checker<'_> {
             .enumerate()
             .filter_map(|(i, e)| self.addr(&at.item("endpoints", i), e))
             .collect();
+        let load_balancer = self.load_balancer(at, s.load_balancer.as_deref(), s.hash_on);
+        let load_balancer = load_balancer?;
         (endpoints.len() == raw.len() && !raw.is_empty()).then(|| Service {
             name: s.name.unwrap_or_default(),
             endpoints,
+            load_balancer,
         })
+    }
+
+    fn load_balancer(
+        &mut self,
+        at: &At,
+        kind: Option<&str>,
+        hash_on: Option<RawHashOn>,
+    ) -> Option<LoadBalancer> {
+        let here = at.key("load_balancer");
+        let balancer = match kind {
+            None | Some("round_robin") => LoadBalancer::RoundRobin,
+            Some("random") => LoadBalancer::Random,
+            Some("consistent_hash") => {
+                let hash_on = match hash_on {
+                    Some(RawHashOn::Name(name)) if name == "source_ip" => Some(HashOn::SourceIp),
+                    Some(RawHashOn::Table(RawHashOnTable {
+                        header: Some(h),
+                        cookie: None,
+                    })) => {
+                        let lower = h.to_ascii_lowercase();
+                        if !http_header_name_ok(&lower) {
+                            self.fail(&at.key("hash_on"), format!("bad header name {h:?}"));
+                        }
+                        Some(HashOn::Header(lower))
+                    }
+                    Some(RawHashOn::Table(RawHashOnTable {
+                        header: None,
+                        cookie: Some(c),
+                    })) if !c.is_empty() => Some(HashOn::Cookie(c)),
+                    None => {
+                        self.fail(at, "consistent_hash needs hash_on");
+                        None
+                    }
+                    Some(_) => {
+                        self.fail(
+                            &at.key("hash_on"),
+                            "hash_on needs exactly one of { header = \"...\" }, { cookie = \"...\" } or \"source_ip\"",
+                        );
+                        None
+                    }
+                };
+                return hash_on.map(LoadBalancer::ConsistentHash);
+            }
+            Some("least_request") => {
+                self.fail(&here, "load_balancer \"least_request\" is not implemented yet; use \"round_robin\", \"random\" or \"consistent_hash\"");
+                return None;
+            }
+            Some(other) => {
+                self.fail(&here, format!("load_balancer {other:?}: expected \"round_robin\", \"random\" or \"consistent_hash\""));
+                return None;
+            }
+        };
+        if hash_on.is_some() {
+            self.fail(
+                &at.key("hash_on"),
+                "hash_on applies only to load_balancer = \"consistent_hash\"",
+            );
+        }
+        Some(balancer)
     }
 
     fn route(

@@ -255,3 +255,26 @@ redirect = {{ status = 200 }}
         assert!(errs.contains(want), "missing {want:?} in:\n{errs}");
     }
 }
+
+#[test]
+fn load_balancers_are_checked() {
+    let text = "[[service]]\nname = \"a\"\nendpoints = [\"127.0.0.1:1\"]\nload_balancer = \"consistent_hash\"\n\
+                [[service]]\nname = \"b\"\nendpoints = [\"127.0.0.1:1\"]\nload_balancer = \"consistent_hash\"\nhash_on = \"cookie\"\n\
+                [[service]]\nname = \"c\"\nendpoints = [\"127.0.0.1:1\"]\nhash_on = \"source_ip\"\n\
+                [[service]]\nname = \"d\"\nendpoints = [\"127.0.0.1:1\"]\nload_balancer = \"fastest\"\n";
+    let errs = errors(text).join("\n");
+    for want in [
+        "gw.toml:1: service \"a\": consistent_hash needs hash_on",
+        "gw.toml:9: service \"b\": hash_on needs exactly one of",
+        "gw.toml:13: service \"c\": hash_on applies only to load_balancer = \"consistent_hash\"",
+        "gw.toml:17: service \"d\": load_balancer \"fastest\": expected",
+    ] {
+        assert!(errs.contains(want), "missing {want:?} in:\n{errs}");
+    }
+    let ok = "[[service]]\nname = \"a\"\nendpoints = [\"127.0.0.1:1\"]\nload_balancer = \"consistent_hash\"\nhash_on = { header = \"X-User\" }\n";
+    let loaded = parse("gw.toml", ok, Role::Gateway).unwrap();
+    assert_eq!(
+        loaded.config.services[0].load_balancer,
+        weir_config::LoadBalancer::ConsistentHash(weir_config::HashOn::Header("x-user".into()))
+    );
+}

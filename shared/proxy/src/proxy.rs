@@ -14,7 +14,7 @@ use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
-use weir_config::{Action, HeaderOps, PathMatch, Redirect};
+use weir_config::{Action, HashOn, HeaderOps, PathMatch, Redirect};
 use weir_routing::{CompiledRoute, Request};
 
 use crate::access_log::{AccessLog, Entry};
@@ -148,7 +148,7 @@ impl ProxyHttp for WeirProxy {
                 .and_then(|t| t.find(&request))
                 .map(|f| (f.route.clone(), f.block))
         };
-        ctx.snapshot = Some(snapshot);
+        ctx.snapshot = Some(snapshot.clone());
         let Some((route, block)) = found else {
             ctx.flags = "NR";
             respond(session, ctx, 404, Bytes::from_static(b"no route\n"), None).await?;
@@ -194,24 +194,33 @@ impl ProxyHttp for WeirProxy {
                 Ok(true)
             }
             (Action::Backends(backends), Some(split)) => {
-                let backend = &backends[split.pick(fastrand::u64(..))];
-                ctx.service = ctx
-                    .snapshot
-                    .as_ref()
-                    .and_then(|s| s.services.get(&backend.service))
-                    .cloned();
+                let services = &snapshot.services;
+                // Sticky canaries: when the split's first service hashes on part of the
+                // request, that key, not chance, picks the backend, so a user stays on one
+                // version (and, shifting weight toward the last backend, keeps moving users
+                // one way only).
+                let sticky = services
+                    .get(&backends[0].service)
+                    .and_then(|s| weir_resilience::hash_on(&s.config))
+                    .and_then(|on| hash_key(session, on));
+                let roll = sticky
+                    .as_deref()
+                    .map_or_else(|| fastrand::u64(..), weir_resilience::roll);
+                let backend = &backends[split.pick(roll)];
+                ctx.service = services.get(&backend.service).cloned();
                 Ok(false)
             }
             (Action::Backends(_), None) => unreachable!("a route with backends always has a split"),
         }
     }
 
-    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+    async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
         let service = ctx
             .service
             .as_ref()
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "route chose no service"))?;
-        let addr = service.next_endpoint();
+        let key = weir_resilience::hash_on(&service.config).and_then(|on| hash_key(session, on));
+        let addr = service.balancer.pick(key.as_deref());
         ctx.upstream = Some(addr);
         // From a SocketAddr, so Pingora does no (blocking) name resolution.
         let mut peer = HttpPeer::new(addr, false, String::new());
@@ -429,6 +438,24 @@ fn redirect_location(req: &RequestHeader, r: &Redirect) -> String {
     match req.uri.query() {
         Some(q) => format!("{scheme}://{host}{path}?{q}"),
         None => format!("{scheme}://{host}{path}"),
+    }
+}
+
+/// The bytes a consistent-hash service hashes for this request, if the request has them.
+fn hash_key(session: &Session, on: &HashOn) -> Option<Vec<u8>> {
+    let headers = &session.req_header().headers;
+    match on {
+        HashOn::Header(name) => headers.get(name.as_str()).map(|v| v.as_bytes().to_vec()),
+        HashOn::Cookie(name) => headers
+            .get_all("cookie")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .find_map(|c| weir_resilience::cookie(c, name))
+            .map(|v| v.as_bytes().to_vec()),
+        HashOn::SourceIp => client_ip(session).map(|ip| match ip {
+            IpAddr::V4(v4) => v4.octets().to_vec(),
+            IpAddr::V6(v6) => v6.octets().to_vec(),
+        }),
     }
 }
 

@@ -1,11 +1,10 @@
 //! The compiled config that requests read: one immutable [`Snapshot`] per generation.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use weir_config::{Config, Loaded, Role, Service};
+use weir_resilience::Balancer;
 use weir_routing::RouteTable;
 
 /// Everything a request needs, compiled once per reload and never mutated.
@@ -23,15 +22,7 @@ pub struct Snapshot {
 /// A service with the runtime state that outlives reloads while its definition is unchanged.
 pub struct ServiceState {
     pub config: Service,
-    next: AtomicUsize,
-}
-
-impl ServiceState {
-    /// Round robin over the endpoints.
-    pub fn next_endpoint(&self) -> SocketAddr {
-        let eps = &self.config.endpoints;
-        eps[self.next.fetch_add(1, Ordering::Relaxed) % eps.len()]
-    }
+    pub balancer: Balancer,
 }
 
 impl Snapshot {
@@ -54,7 +45,7 @@ impl Snapshot {
                 let state = kept.unwrap_or_else(|| {
                     Arc::new(ServiceState {
                         config: s.clone(),
-                        next: AtomicUsize::new(0),
+                        balancer: Balancer::new(s),
                     })
                 });
                 (s.name.clone(), state)
