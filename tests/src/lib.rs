@@ -352,6 +352,17 @@ impl Drop for Gateway {
     }
 }
 
+/// Sends raw bytes on a new connection and reads until the server closes it: for requests
+/// an HTTP client would rewrite (dot segments) or follow (redirects).
+pub fn raw_request(port: u16, request: &[u8]) -> String {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    conn.write_all(request).unwrap();
+    let mut reply = String::new();
+    conn.read_to_string(&mut reply).unwrap();
+    reply
+}
+
 /// Runs a workspace binary to completion: (exit code, stdout, stderr).
 pub fn run(bin: &str, args: &[&str]) -> (i32, String, String) {
     let out = Command::new(binary(bin)).args(args).output().unwrap();

@@ -227,14 +227,10 @@ fn dot_segments_cannot_escape_a_prefix() {
         backend("admin"),
     ));
     // ureq would normalize the path itself: send the raw request line.
-    use std::io::{Read, Write};
-    let mut conn = std::net::TcpStream::connect(("127.0.0.1", gw.port)).unwrap();
-    conn.write_all(
+    let reply = weir_tests::raw_request(
+        gw.port,
         b"GET /public/%2e%2e/admin/x?q=1 HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
-    )
-    .unwrap();
-    let mut reply = String::new();
-    conn.read_to_string(&mut reply).unwrap();
+    );
     assert!(reply.ends_with("admin"), "{reply}");
     assert_eq!(admin.last_header(":path").as_deref(), Some("/admin/x?q=1"));
     assert_eq!(public.hits(), 0);

@@ -53,14 +53,10 @@ fn redirects_keep_what_they_do_not_change() {
         "[[route]]\nname = \"moved\"\nredirect = { status = 308, scheme = \"https\", path = \"/new\" }\n",
     );
     // ureq follows redirects by default: ask on a raw connection.
-    use std::io::{Read, Write};
-    let mut conn = std::net::TcpStream::connect(("127.0.0.1", gw.port)).unwrap();
-    conn.write_all(
+    let reply = weir_tests::raw_request(
+        gw.port,
         b"GET /old?q=1 HTTP/1.1\r\nHost: shop.example.com:8080\r\nConnection: close\r\n\r\n",
-    )
-    .unwrap();
-    let mut reply = String::new();
-    conn.read_to_string(&mut reply).unwrap();
+    );
     assert!(reply.starts_with("HTTP/1.1 308"), "{reply}");
     assert!(
         reply

@@ -21,6 +21,23 @@ use crate::access_log::{AccessLog, Entry};
 use crate::reload::Reloader;
 use crate::snapshot::{ServiceState, Snapshot};
 
+/// Applies a route's header changes: remove, then set, then add. A macro because Pingora's
+/// request and response headers have these methods but no trait in common.
+macro_rules! apply_header_ops {
+    ($headers:expr, $ops:expr) => {{
+        let ops: &HeaderOps = $ops;
+        for name in &ops.remove {
+            $headers.remove_header(name.as_str());
+        }
+        for (name, value) in &ops.set {
+            $headers.insert_header(name.clone(), value.as_str())?;
+        }
+        for (name, value) in &ops.add {
+            $headers.append_header(name.clone(), value.as_str())?;
+        }
+    }};
+}
+
 /// Connect timeout to an endpoint (DESIGN.md `connection_pool.connect_timeout` default).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long an idle upstream connection is kept in the pool.
@@ -267,16 +284,7 @@ impl ProxyHttp for WeirProxy {
                     upstream.insert_header("host", host.as_str())?;
                 }
             }
-            let ops = &r.request_headers;
-            for name in &ops.remove {
-                upstream.remove_header(name.as_str());
-            }
-            for (name, value) in &ops.set {
-                upstream.insert_header(name.clone(), value.as_str())?;
-            }
-            for (name, value) in &ops.add {
-                upstream.append_header(name.clone(), value.as_str())?;
-            }
+            apply_header_ops!(upstream, &r.request_headers);
         }
         Ok(())
     }
@@ -399,15 +407,7 @@ async fn respond(
 }
 
 fn apply_response_headers(resp: &mut ResponseHeader, ops: &HeaderOps) -> Result<()> {
-    for name in &ops.remove {
-        resp.remove_header(name.as_str());
-    }
-    for (name, value) in &ops.set {
-        resp.insert_header(name.clone(), value.as_str())?;
-    }
-    for (name, value) in &ops.add {
-        resp.append_header(name.clone(), value.as_str())?;
-    }
+    apply_header_ops!(resp, ops);
     Ok(())
 }
 
