@@ -34,30 +34,46 @@ pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool)
 
 /// A real HTTP/1.1 server that answers every request with its own name.
 ///
-/// `GET /slow/<ms>` answers after `ms` milliseconds. The headers of the last request are kept
-/// for inspection.
+/// `GET /slow/<ms>` answers after `ms` milliseconds. The headers and body of the last request
+/// are kept for inspection.
 pub struct Upstream {
     pub name: String,
     pub addr: SocketAddr,
     server: Arc<tiny_http::Server>,
     hits: Arc<AtomicUsize>,
     last_headers: Arc<Mutex<Vec<(String, String)>>>,
+    last_body: Arc<Mutex<Vec<u8>>>,
     workers: Vec<thread::JoinHandle<()>>,
 }
 
 impl Upstream {
     pub fn start(name: &str) -> Upstream {
+        Upstream::start_with(name, 200, Duration::ZERO)
+    }
+
+    /// An upstream that answers every request with `status`.
+    pub fn failing(name: &str, status: u16) -> Upstream {
+        Upstream::start_with(name, status, Duration::ZERO)
+    }
+
+    /// An upstream that waits `delay` before every answer.
+    pub fn slow(name: &str, delay: Duration) -> Upstream {
+        Upstream::start_with(name, 200, delay)
+    }
+
+    fn start_with(name: &str, status: u16, delay: Duration) -> Upstream {
         let server = Arc::new(tiny_http::Server::http("127.0.0.1:0").unwrap());
         let addr = server.server_addr().to_ip().unwrap();
         let hits = Arc::new(AtomicUsize::new(0));
         let last_headers = Arc::new(Mutex::new(Vec::new()));
+        let last_body = Arc::new(Mutex::new(Vec::new()));
         let workers = (0..8)
             .map(|_| {
                 let (server, hits, last) = (server.clone(), hits.clone(), last_headers.clone());
+                let last_body = last_body.clone();
                 let name = name.to_string();
                 thread::spawn(move || {
                     for mut req in server.incoming_requests() {
-                        hits.fetch_add(1, Ordering::SeqCst);
                         let mut seen: Vec<(String, String)> = req
                             .headers()
                             .iter()
@@ -69,16 +85,22 @@ impl Upstream {
                             })
                             .collect();
                         seen.push((":path".into(), req.url().to_string()));
-                        *last.lock().unwrap() = seen;
                         let mut body = Vec::new();
                         let _ = std::io::Read::read_to_end(req.as_reader(), &mut body);
+                        // Recorded before counting, so a test that waits on hits() sees them.
+                        *last.lock().unwrap() = seen;
+                        *last_body.lock().unwrap() = body;
+                        hits.fetch_add(1, Ordering::SeqCst);
+                        thread::sleep(delay);
                         if let Some(ms) = req.url().strip_prefix("/slow/") {
                             thread::sleep(Duration::from_millis(ms.parse().unwrap_or(0)));
                         }
                         let header =
                             tiny_http::Header::from_bytes("x-upstream", name.as_bytes()).unwrap();
                         let _ = req.respond(
-                            tiny_http::Response::from_string(name.clone()).with_header(header),
+                            tiny_http::Response::from_string(name.clone())
+                                .with_status_code(status)
+                                .with_header(header),
                         );
                     }
                 })
@@ -90,8 +112,14 @@ impl Upstream {
             server,
             hits,
             last_headers,
+            last_body,
             workers,
         }
+    }
+
+    /// The body of the last request received.
+    pub fn last_body(&self) -> Vec<u8> {
+        self.last_body.lock().unwrap().clone()
     }
 
     /// Requests received so far.
@@ -160,11 +188,26 @@ pub fn send(
     url: &str,
     headers: &[(&str, &str)],
 ) -> Result<Reply, String> {
+    send_body(agent, method, url, headers, None)
+}
+
+/// [`send`] with a body (sent with Content-Length).
+pub fn send_body(
+    agent: &ureq::Agent,
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+) -> Result<Reply, String> {
     let mut req = agent.request(method, url);
     for (k, v) in headers {
         req = req.set(k, v);
     }
-    let resp = match req.call() {
+    let sent = match body {
+        Some(body) => req.send_bytes(body),
+        None => req.call(),
+    };
+    let resp = match sent {
         Ok(r) => r,
         Err(ureq::Error::Status(_, r)) => r,
         Err(e) => return Err(e.to_string()),
@@ -281,6 +324,16 @@ impl Gateway {
             &format!("http://127.0.0.1:{}{path}", self.admin),
             &[],
         )
+    }
+
+    /// The value of one series in admin `/metrics`, e.g.
+    /// `weir_mirror_requests_total{result="dropped",service="shadow"}` (labels sorted by name,
+    /// as Prometheus prints them); 0 when the series does not exist yet.
+    pub fn metric(&self, series: &str) -> f64 {
+        let text = self.admin_get("/metrics").unwrap().body;
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0.0)
     }
 
     /// Admin `/config` as JSON.

@@ -87,6 +87,47 @@ fn explain_names_the_winner_the_losers_and_the_split() {
 }
 
 #[test]
+fn explain_shows_the_mirror_and_faults_that_would_apply() {
+    let config = repo_root().join("examples/mirroring/gateway.toml");
+    let args = [
+        "explain",
+        "--config",
+        config.to_str().unwrap(),
+        "GET",
+        "http://localhost:8080/",
+    ];
+    let (code, stdout, stderr) = run("weir-gateway", &args);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("mirror:   100% of requests copied to service \"shop-v2\""),
+        "{stdout}"
+    );
+    let config = repo_root().join("examples/fault-injection/gateway.toml");
+    let args = [
+        "explain",
+        "--config",
+        config.to_str().unwrap(),
+        "GET",
+        "http://localhost:8080/",
+        "-H",
+        "x-chaos: on",
+    ];
+    let (_, stdout, _) = run("weir-gateway", &args);
+    assert!(
+        stdout.contains("fault:    delay 2s for 50% of requests (flag FI)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("fault:    abort with 503 for 10% of requests (flag FI)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("response header: set x-chaos: applied"),
+        "{stdout}"
+    );
+}
+
+#[test]
 fn explain_says_when_nothing_matches() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("gw.toml");

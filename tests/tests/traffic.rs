@@ -91,6 +91,10 @@ fn aborts_honour_their_percentage_and_are_flagged() {
             .count()
             == aborted
     });
+    assert_eq!(
+        gw.metric("weir_faults_injected_total{kind=\"abort\",route=\"r\"}"),
+        aborted as f64
+    );
 }
 
 #[test]
@@ -117,6 +121,10 @@ fn delays_hold_the_request_then_proxy_it() {
             .iter()
             .any(|l| l["flags"] == "FI" && l["status"] == 200)
     });
+    assert_eq!(
+        gw.metric("weir_faults_injected_total{kind=\"delay\",route=\"r\"}"),
+        1.0
+    );
 }
 
 fn hashed_service(name: &str, endpoints: &[&Upstream], hash_on: &str) -> String {

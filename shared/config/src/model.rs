@@ -79,6 +79,7 @@ pub struct Route {
     pub action: Action,
     pub rewrite: Option<Rewrite>,
     pub fault: Option<Fault>,
+    pub mirror: Option<Mirror>,
     pub request_headers: HeaderOps,
     pub response_headers: HeaderOps,
     /// Where the route was declared, for `explain`: "routes.toml:12".
@@ -90,6 +91,13 @@ pub struct Rewrite {
     /// Replaces the prefix (or exact path) the winning match block matched.
     pub path_prefix: Option<String>,
     pub host: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Mirror {
+    pub service: String,
+    pub percent: f64,
+    pub max_body_bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -214,6 +222,27 @@ pub struct Service {
     pub name: String,
     pub endpoints: Vec<SocketAddr>,
     pub load_balancer: LoadBalancer,
+    pub connection_pool: ConnectionPool,
+}
+
+/// Limits and timeouts of the connections to one service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ConnectionPool {
+    pub max_requests: usize,
+    #[serde(serialize_with = "as_str")]
+    pub connect_timeout: Duration,
+    #[serde(serialize_with = "as_str")]
+    pub idle_timeout: Duration,
+}
+
+impl Default for ConnectionPool {
+    fn default() -> Self {
+        ConnectionPool {
+            max_requests: 1024,
+            connect_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(60),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

@@ -84,6 +84,8 @@ pub struct RawRoute {
     pub rewrite: Option<RawRewrite>,
     /// Injected delays and aborts.
     pub fault: Option<RawFault>,
+    /// A fire-and-forget copy of requests to another service.
+    pub mirror: Option<RawMirror>,
     /// Changes to the request headers sent upstream.
     pub request_headers: Option<RawHeaderOps>,
     /// Changes to the response headers sent to the client.
@@ -124,6 +126,17 @@ pub struct RawRewrite {
     pub path_prefix: Option<String>,
     /// Replaces the Host header.
     pub host: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawMirror {
+    /// Name of the `[[service]]` that gets the copies.
+    pub service: Option<String>,
+    /// Share of requests copied, 0-100; default 100.
+    pub percent: Option<f64>,
+    /// A request with a larger body is not mirrored; default 65536.
+    pub max_body_bytes: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -206,6 +219,19 @@ pub struct RawService {
     pub load_balancer: Option<String>,
     /// consistent_hash only: what to hash.
     pub hash_on: Option<RawHashOn>,
+    /// Connection limits and timeouts (circuit breaking).
+    pub connection_pool: Option<RawConnectionPool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawConnectionPool {
+    /// Concurrent requests (mirror copies included); over it -> 503 UO; default 1024.
+    pub max_requests: Option<u64>,
+    /// Default "5s".
+    pub connect_timeout: Option<String>,
+    /// How long an idle upstream connection is pooled; default "60s".
+    pub idle_timeout: Option<String>,
 }
 
 /// `hash_on = { header = "x-user" }`, `{ cookie = "user" }` or `"source_ip"`.

@@ -283,12 +283,42 @@ impl Checker<'_> {
             .filter_map(|(i, e)| self.addr(&at.item("endpoints", i), e))
             .collect();
         let load_balancer = self.load_balancer(at, s.load_balancer.as_deref(), s.hash_on);
+        let connection_pool = s
+            .connection_pool
+            .map(|p| self.connection_pool(&at.key("connection_pool"), p))
+            .unwrap_or_default();
         let load_balancer = load_balancer?;
         (endpoints.len() == raw.len() && !raw.is_empty()).then(|| Service {
             name: s.name.unwrap_or_default(),
             endpoints,
             load_balancer,
+            connection_pool,
         })
+    }
+
+    fn connection_pool(&mut self, at: &At, p: RawConnectionPool) -> ConnectionPool {
+        let mut pool = ConnectionPool::default();
+        if let Some(max) = p.max_requests {
+            if max == 0 {
+                self.fail(&at.key("max_requests"), "max_requests must be at least 1");
+            }
+            pool.max_requests = usize::try_from(max).unwrap_or(usize::MAX);
+        }
+        let mut timeout = |key: &str, text: Option<String>, slot: &mut Duration| {
+            if let Some(d) = text.and_then(|t| self.duration(&at.key(key), &t)) {
+                if d.is_zero() {
+                    self.fail(&at.key(key), format!("{key} must be more than 0"));
+                }
+                *slot = d;
+            }
+        };
+        timeout(
+            "connect_timeout",
+            p.connect_timeout,
+            &mut pool.connect_timeout,
+        );
+        timeout("idle_timeout", p.idle_timeout, &mut pool.idle_timeout);
+        pool
     }
 
     fn load_balancer(
@@ -412,6 +442,15 @@ impl Checker<'_> {
             );
         }
         let fault = r.fault.and_then(|f| self.fault(&at.key("fault"), f));
+        let mirror = r
+            .mirror
+            .and_then(|m| self.mirror(&at.key("mirror"), m, services));
+        if mirror.is_some() && !matches!(action, Some(Action::Backends(_))) {
+            self.fail(
+                &at.key("mirror"),
+                "mirror applies only to routes with [[route.backend]]",
+            );
+        }
         let request_headers = self.header_ops(&at.key("request_headers"), r.request_headers);
         let response_headers = self.header_ops(&at.key("response_headers"), r.response_headers);
         let origin = self.sources.place(at.file, &at.key);
@@ -423,9 +462,30 @@ impl Checker<'_> {
             action: action.expect("no error means an action"),
             rewrite,
             fault,
+            mirror,
             request_headers,
             response_headers,
             origin,
+        })
+    }
+
+    fn mirror(&mut self, at: &At, m: RawMirror, services: &HashSet<&str>) -> Option<Mirror> {
+        let percent = self.percent(&at.key("percent"), m.percent);
+        let service = match m.service {
+            None => {
+                self.fail(at, "missing required key \"service\"");
+                return None;
+            }
+            Some(s) if !services.contains(s.as_str()) => {
+                self.fail(&at.key("service"), format!("unknown service {s:?}"));
+                return None;
+            }
+            Some(s) => s,
+        };
+        Some(Mirror {
+            service,
+            percent,
+            max_body_bytes: m.max_body_bytes.unwrap_or(65536),
         })
     }
 

@@ -278,3 +278,30 @@ fn load_balancers_are_checked() {
         weir_config::LoadBalancer::ConsistentHash(weir_config::HashOn::Header("x-user".into()))
     );
 }
+
+#[test]
+fn mirrors_and_connection_pools_are_checked() {
+    let text = "[[service]]\nname = \"a\"\nendpoints = [\"127.0.0.1:1\"]\n\
+                connection_pool = { max_requests = 0, connect_timeout = \"0s\", idle_timeout = \"soon\" }\n\
+                [[route]]\nname = \"r\"\n  [[route.backend]]\n  service = \"a\"\n  \
+                [route.mirror]\n  service = \"shadow\"\n  percent = 101.0\n\
+                [[route]]\nname = \"d\"\ndirect_response = { status = 200 }\n  \
+                [route.mirror]\n  service = \"a\"\n";
+    let errs = errors(text).join("\n");
+    for want in [
+        "gw.toml:4: service \"a\": max_requests must be at least 1",
+        "gw.toml:4: service \"a\": connect_timeout must be more than 0",
+        "gw.toml:4: service \"a\": bad duration \"soon\"",
+        "gw.toml:10: route \"r\": unknown service \"shadow\"",
+        "gw.toml:15: route \"d\": mirror applies only to routes with [[route.backend]]",
+    ] {
+        assert!(errs.contains(want), "missing {want:?} in:\n{errs}");
+    }
+    let ok = "[[service]]\nname = \"a\"\nendpoints = [\"127.0.0.1:1\"]\n\
+              [[route]]\nname = \"r\"\n  [[route.backend]]\n  service = \"a\"\n  \
+              [route.mirror]\n  service = \"a\"\n";
+    let loaded = parse("gw.toml", ok, Role::Gateway).unwrap();
+    let mirror = loaded.config.routes[0].mirror.as_ref().unwrap();
+    assert_eq!((mirror.percent, mirror.max_body_bytes), (100.0, 65536));
+    assert_eq!(loaded.config.services[0].connection_pool.max_requests, 1024);
+}

@@ -1,4 +1,4 @@
-//! The admin listener (DESIGN.md §4): `/live`, `/ready`, `/config`.
+//! The admin listener (DESIGN.md §4): `/live`, `/ready`, `/config`, `/metrics`.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
@@ -23,6 +23,22 @@ impl Admin {
             reloader,
             listeners,
         }
+    }
+
+    /// The Prometheus text, with the gauges that are read from the snapshot at scrape time
+    /// (so the request path pays nothing for them) brought up to date first.
+    fn metrics(&self) -> String {
+        let metrics = weir_telemetry::metrics();
+        let snapshot = self.reloader.snapshot();
+        metrics.upstream_requests_active.reset();
+        for (name, service) in &snapshot.services {
+            let active = i64::try_from(service.requests.active()).unwrap_or(i64::MAX);
+            metrics
+                .upstream_requests_active
+                .with_label_values(&[name.as_str()])
+                .set(active);
+        }
+        metrics.render()
     }
 
     /// `None` when every listener accepts a connection, else the first that does not.
@@ -63,9 +79,14 @@ impl ServeHttp for Admin {
                 body.push(b'\n');
                 reply(StatusCode::OK, "application/json", body)
             }
+            ("GET", "/metrics") => reply(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                self.metrics().into_bytes(),
+            ),
             _ => text(
                 StatusCode::NOT_FOUND,
-                "not found; try /live, /ready or /config\n".into(),
+                "not found; try /live, /ready, /config or /metrics\n".into(),
             ),
         }
     }

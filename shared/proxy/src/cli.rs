@@ -246,7 +246,7 @@ fn explain(
     ExitCode::SUCCESS
 }
 
-/// What else the route does to a matching request: faults, rewrites, header changes.
+/// What else the route does to a matching request: faults, mirror, rewrites, header changes.
 fn describe_policies(r: &weir_config::Route) {
     if let Some(f) = &r.fault {
         if let Some(d) = &f.delay {
@@ -262,6 +262,12 @@ fn describe_policies(r: &weir_config::Route) {
                 a.status, a.percent
             );
         }
+    }
+    if let Some(m) = &r.mirror {
+        println!(
+            "mirror:   {}% of requests copied to service {:?} (Host + \"-shadow\", bodies up to {} bytes)",
+            m.percent, m.service, m.max_body_bytes
+        );
     }
     if let Some(rw) = &r.rewrite {
         if let Some(p) = &rw.path_prefix {

@@ -3,13 +3,14 @@
 //! - [`snapshot`]: the compiled config a request reads, one `Arc` per generation;
 //! - [`reload`]: load -> validate -> compile -> swap, keeping the last good config;
 //! - [`proxy`]: the Pingora `ProxyHttp`, where errors become statuses and flags;
+//! - [`mirror`]: fire-and-forget copies of requests to a shadow service;
 //! - [`admin`]: `/live`, `/ready`, `/config`;
 //! - [`server`]: wiring of the Pingora server, reload triggers and the SIGTERM drain;
 //! - [`cli`]: the command line of both binaries.
 
-pub mod access_log;
 pub mod admin;
 pub mod cli;
+pub mod mirror;
 pub mod proxy;
 pub mod reload;
 pub mod server;

@@ -6,20 +6,23 @@ use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use pingora_core::connectors::http::Connector;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 use weir_config::{Action, HashOn, HeaderOps, PathMatch, Redirect};
+use weir_resilience::Permit;
 use weir_routing::{CompiledRoute, Request};
 
-use crate::access_log::{AccessLog, Entry};
+use crate::mirror::{self, MirrorBody};
 use crate::reload::Reloader;
 use crate::snapshot::{ServiceState, Snapshot};
+use weir_telemetry::access_log::{AccessLog, Entry};
 
 /// Applies a route's header changes: remove, then set, then add. A macro because Pingora's
 /// request and response headers have these methods but no trait in common.
@@ -38,17 +41,14 @@ macro_rules! apply_header_ops {
     }};
 }
 
-/// Connect timeout to an endpoint (DESIGN.md `connection_pool.connect_timeout` default).
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long an idle upstream connection is kept in the pool.
-const UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-
 pub struct WeirProxy {
     reloader: Arc<Reloader>,
     /// Listener names and addresses, to tell which listener a connection came in on.
     listeners: Vec<(String, SocketAddr)>,
     access_log: Arc<AccessLog>,
     in_flight: Arc<AtomicUsize>,
+    /// Mirror copies' own connection pool.
+    mirror_connector: Arc<Connector>,
 }
 
 impl WeirProxy {
@@ -63,7 +63,41 @@ impl WeirProxy {
             listeners,
             access_log,
             in_flight,
+            mirror_connector: Arc::new(Connector::new(None)),
         }
+    }
+
+    /// Starts the route's mirror copy of this request (DESIGN.md `route.mirror`).
+    fn start_mirror(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        mirror: &weir_config::Mirror,
+        snapshot: &Snapshot,
+    ) -> Result<()> {
+        let Some(service) = snapshot.services.get(&mirror.service) else {
+            return Ok(());
+        };
+        let mut header = session.req_header().clone();
+        prepare_upstream(&mut header, client_ip(session), ctx)?;
+        let key = weir_resilience::hash_on(&service.config).and_then(|on| hash_key(session, on));
+        let body_len = session
+            .req_header()
+            .headers
+            .get("content-length")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        let body_empty = session.is_body_empty();
+        ctx.mirror = mirror::start(
+            &self.mirror_connector,
+            mirror,
+            service,
+            header,
+            key,
+            body_len,
+            body_empty,
+        );
+        Ok(())
     }
 
     fn listener(&self, session: &Session) -> usize {
@@ -89,6 +123,10 @@ pub struct Ctx {
     /// The match block of `route` that matched, for the path rewrite.
     block: Option<usize>,
     service: Option<Arc<ServiceState>>,
+    /// The request's place under its service's `max_requests`.
+    permit: Option<Permit>,
+    /// The body's way to the mirror copy, while the body is still coming.
+    mirror: Option<MirrorBody>,
     upstream: Option<SocketAddr>,
     /// Response flag for the access log: "NR", "UF", ... or "" when none.
     flags: &'static str,
@@ -117,6 +155,8 @@ impl ProxyHttp for WeirProxy {
             route: None,
             block: None,
             service: None,
+            permit: None,
+            mirror: None,
             upstream: None,
             flags: "",
             request_id: String::new(),
@@ -181,6 +221,7 @@ impl ProxyHttp for WeirProxy {
                 .filter(|d| route.delay_sampler.pick(d.percent))
             {
                 ctx.flags = "FI";
+                count_fault(&route, "delay");
                 tokio::time::sleep(delay.fixed).await;
             }
             if let Some(abort) = fault
@@ -189,6 +230,7 @@ impl ProxyHttp for WeirProxy {
                 .filter(|a| route.abort_sampler.pick(a.percent))
             {
                 ctx.flags = "FI";
+                count_fault(&route, "abort");
                 respond(
                     session,
                     ctx,
@@ -224,7 +266,24 @@ impl ProxyHttp for WeirProxy {
                     .as_deref()
                     .map_or_else(|| fastrand::u64(..), weir_resilience::roll);
                 let backend = &backends[split.pick(roll)];
-                ctx.service = services.get(&backend.service).cloned();
+                let Some(service) = services.get(&backend.service).cloned() else {
+                    return Err(Error::explain(ErrorType::InternalError, "unknown service"));
+                };
+                // Circuit breaking: over `max_requests` the answer is an immediate 503.
+                let Some(permit) = service.requests.try_acquire() else {
+                    ctx.flags = "UO";
+                    ctx.service = Some(service);
+                    let body = Bytes::from_static(b"upstream overflow\n");
+                    respond(session, ctx, 503, body, None).await?;
+                    return Ok(true);
+                };
+                ctx.permit = Some(permit);
+                ctx.service = Some(service);
+                if let Some(m) = &route.config.mirror {
+                    if route.mirror_sampler.pick(m.percent) {
+                        self.start_mirror(session, ctx, m, &snapshot)?;
+                    }
+                }
                 Ok(false)
             }
             (Action::Backends(_), None) => unreachable!("a route with backends always has a split"),
@@ -239,11 +298,30 @@ impl ProxyHttp for WeirProxy {
         let key = weir_resilience::hash_on(&service.config).and_then(|on| hash_key(session, on));
         let addr = service.balancer.pick(key.as_deref());
         ctx.upstream = Some(addr);
+        if let Some(mirror) = &mut ctx.mirror {
+            mirror.new_try();
+        }
         // From a SocketAddr, so Pingora does no (blocking) name resolution.
         let mut peer = HttpPeer::new(addr, false, String::new());
-        peer.options.connection_timeout = Some(CONNECT_TIMEOUT);
-        peer.options.idle_timeout = Some(UPSTREAM_IDLE_TIMEOUT);
+        let pool = &service.config.connection_pool;
+        peer.options.connection_timeout = Some(pool.connect_timeout);
+        peer.options.idle_timeout = Some(pool.idle_timeout);
         Ok(Box::new(peer))
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        if let Some(mirror) = &mut ctx.mirror {
+            if !mirror.feed(body.as_ref(), end_of_stream) {
+                ctx.mirror = None;
+            }
+        }
+        Ok(())
     }
 
     async fn upstream_request_filter(
@@ -252,41 +330,7 @@ impl ProxyHttp for WeirProxy {
         upstream: &mut RequestHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        // Edge proxy: append the peer to X-Forwarded-For, say how the client reached us.
-        if let Some(ip) = client_ip(session) {
-            let xff = match upstream
-                .headers
-                .get("x-forwarded-for")
-                .and_then(|v| v.to_str().ok())
-            {
-                Some(prior) if !prior.is_empty() => format!("{prior}, {ip}"),
-                _ => ip.to_string(),
-            };
-            upstream.insert_header("x-forwarded-for", xff)?;
-        }
-        upstream.insert_header("x-forwarded-proto", "http")?;
-        upstream.insert_header("x-request-id", ctx.request_id.as_str())?;
-        if let Some(route) = &ctx.route {
-            let r = &route.config;
-            if let Some(rewrite) = &r.rewrite {
-                if let Some(prefix) = &rewrite.path_prefix {
-                    let matched = ctx.block.and_then(|b| r.matches[b].path.as_ref());
-                    let rest = match matched {
-                        Some(PathMatch::Prefix(p)) => {
-                            upstream.uri.path().get(p.len()..).unwrap_or("")
-                        }
-                        _ => "",
-                    };
-                    let path = format!("{prefix}{rest}");
-                    set_path(upstream, &path)?;
-                }
-                if let Some(host) = &rewrite.host {
-                    upstream.insert_header("host", host.as_str())?;
-                }
-            }
-            apply_header_ops!(upstream, &r.request_headers);
-        }
-        Ok(())
+        prepare_upstream(upstream, client_ip(session), ctx)
     }
 
     async fn response_filter(
@@ -375,6 +419,51 @@ impl ProxyHttp for WeirProxy {
             generation: ctx.snapshot.as_ref().map_or(0, |s| s.generation),
         });
     }
+}
+
+/// The request as it goes upstream (to the chosen service or a mirror): forwarding headers,
+/// the route's rewrite and request header changes.
+fn prepare_upstream(upstream: &mut RequestHeader, client: Option<IpAddr>, ctx: &Ctx) -> Result<()> {
+    // Edge proxy: append the peer to X-Forwarded-For, say how the client reached us.
+    if let Some(ip) = client {
+        let xff = match upstream
+            .headers
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok())
+        {
+            Some(prior) if !prior.is_empty() => format!("{prior}, {ip}"),
+            _ => ip.to_string(),
+        };
+        upstream.insert_header("x-forwarded-for", xff)?;
+    }
+    upstream.insert_header("x-forwarded-proto", "http")?;
+    upstream.insert_header("x-request-id", ctx.request_id.as_str())?;
+    if let Some(route) = &ctx.route {
+        let r = &route.config;
+        if let Some(rewrite) = &r.rewrite {
+            if let Some(prefix) = &rewrite.path_prefix {
+                let matched = ctx.block.and_then(|b| r.matches[b].path.as_ref());
+                let rest = match matched {
+                    Some(PathMatch::Prefix(p)) => upstream.uri.path().get(p.len()..).unwrap_or(""),
+                    _ => "",
+                };
+                let path = format!("{prefix}{rest}");
+                set_path(upstream, &path)?;
+            }
+            if let Some(host) = &rewrite.host {
+                upstream.insert_header("host", host.as_str())?;
+            }
+        }
+        apply_header_ops!(upstream, &r.request_headers);
+    }
+    Ok(())
+}
+
+fn count_fault(route: &CompiledRoute, kind: &str) {
+    weir_telemetry::metrics()
+        .faults_injected
+        .with_label_values(&[route.config.name.as_str(), kind])
+        .inc();
 }
 
 /// Writes a complete response from the proxy itself (no route, direct response, redirect,

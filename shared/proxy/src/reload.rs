@@ -37,6 +37,11 @@ impl Reloader {
     pub fn new(path: &Path, role: Role) -> Result<Reloader, ConfigErrors> {
         let loaded = weir_config::load(path, role)?;
         let snapshot = Snapshot::compile(loaded, role, 1, None);
+        weir_telemetry::metrics().config_applied(
+            &path.display().to_string(),
+            &snapshot.revision,
+            1,
+        );
         Ok(Reloader {
             path: path.to_path_buf(),
             role,
@@ -85,12 +90,23 @@ impl Reloader {
         let generation = old.generation + 1;
         let snapshot = Snapshot::compile(loaded, self.role, generation, Some(&old));
         info!(generation, revision = %snapshot.revision, "config reloaded");
+        let metrics = weir_telemetry::metrics();
+        metrics.config_applied(
+            &self.path.display().to_string(),
+            &snapshot.revision,
+            generation,
+        );
+        metrics.config_reloads.with_label_values(&["success"]).inc();
         self.current.store(Arc::new(snapshot));
         self.set_error(None);
         Outcome::Applied { generation }
     }
 
     fn fail(&self, generation: u64, message: String) {
+        weir_telemetry::metrics()
+            .config_reloads
+            .with_label_values(&["failure"])
+            .inc();
         error!(
             generation,
             "reload failed; still serving the last good config"

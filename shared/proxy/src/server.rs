@@ -17,10 +17,10 @@ use pingora_core::services::ServiceReadyNotifier;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info, warn};
 
-use crate::access_log::AccessLog;
 use crate::admin::Admin;
 use crate::proxy::WeirProxy;
 use crate::reload::{Outcome, Reloader};
+use weir_telemetry::access_log::AccessLog;
 
 /// How long the config's files must be quiet before a reload.
 const RELOAD_QUIET: Duration = Duration::from_millis(200);

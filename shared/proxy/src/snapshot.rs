@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use weir_config::{Config, Loaded, Role, Service};
-use weir_resilience::Balancer;
+use weir_resilience::{Balancer, Limiter};
 use weir_routing::RouteTable;
 
 /// Everything a request needs, compiled once per reload and never mutated.
@@ -23,6 +23,8 @@ pub struct Snapshot {
 pub struct ServiceState {
     pub config: Service,
     pub balancer: Balancer,
+    /// Requests in flight (mirror copies included) against `connection_pool.max_requests`.
+    pub requests: Arc<Limiter>,
 }
 
 impl Snapshot {
@@ -46,6 +48,7 @@ impl Snapshot {
                     Arc::new(ServiceState {
                         config: s.clone(),
                         balancer: Balancer::new(s),
+                        requests: Limiter::new(s.connection_pool.max_requests),
                     })
                 });
                 (s.name.clone(), state)

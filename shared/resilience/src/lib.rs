@@ -1,8 +1,11 @@
 //! weir-resilience: how a request picks an endpoint of a service.
 //!
-//! For now the load balancers of DESIGN.md §3: round robin, random and consistent hash (a
-//! ketama ring, Pingora's own `pingora-ketama`). Retries, budgets, circuit breaking and
-//! outlier detection will live here too.
+//! For now the load balancers of DESIGN.md §3 (round robin, random and consistent hash, a
+//! ketama ring, Pingora's own `pingora-ketama`) and the concurrency [`Limiter`] of circuit
+//! breaking. Retries, budgets and outlier detection will live here too.
+
+mod limiter;
+pub use limiter::{Limiter, Permit};
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -94,6 +97,7 @@ mod tests {
             name: "s".into(),
             endpoints,
             load_balancer: lb,
+            connection_pool: Default::default(),
         }
     }
 

@@ -33,6 +33,8 @@ pub struct CompiledRoute {
     /// Which requests get the route's injected delay, and which its abort.
     pub delay_sampler: Sampler,
     pub abort_sampler: Sampler,
+    /// Which requests are copied to the route's mirror.
+    pub mirror_sampler: Sampler,
 }
 
 impl CompiledRoute {
@@ -47,6 +49,7 @@ impl CompiledRoute {
             order,
             delay_sampler: Sampler::new(0.618_033_988_749_895),
             abort_sampler: Sampler::new(0.414_213_562_373_095),
+            mirror_sampler: Sampler::new(0.732_050_807_568_877),
         }
     }
 }

@@ -304,6 +304,7 @@ fn spec_route(
         },
         rewrite: None,
         fault: None,
+        mirror: None,
         request_headers: Default::default(),
         response_headers: Default::default(),
         origin: String::new(),

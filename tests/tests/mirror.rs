@@ -1,0 +1,202 @@
+//! Traffic mirroring through the real gateway, against real primaries and mirrors that are
+//! slow, refuse connections or fail.
+#![allow(clippy::unwrap_used)]
+
+use std::time::{Duration, Instant};
+
+use weir_tests::{client, free_port, send_body, wait_until, Gateway, Upstream};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// A route "r" to `app` that mirrors to `shadow` with the extra `mirror` keys.
+fn mirrored(app: &Upstream, shadow: &str, mirror: &str) -> String {
+    format!(
+        "{}[[route]]\nname = \"r\"\n  [[route.backend]]\n  service = \"app\"\n  \
+         [route.mirror]\n  service = \"{shadow}\"\n  {mirror}\n",
+        app.service()
+    )
+}
+
+fn mirror_count(gw: &Gateway, service: &str, result: &str) -> f64 {
+    gw.metric(&format!(
+        "weir_mirror_requests_total{{result=\"{result}\",service=\"{service}\"}}"
+    ))
+}
+
+#[test]
+fn the_mirror_gets_a_copy_with_shadow_host_and_body() {
+    let (app, shadow) = (Upstream::start("app"), Upstream::start("shadow"));
+    let gw = Gateway::start(&format!(
+        "{}{}",
+        mirrored(&app, "shadow", ""),
+        shadow.service()
+    ));
+    let agent = client();
+    let r = send_body(
+        &agent,
+        "POST",
+        &gw.url("/orders?id=7"),
+        &[
+            ("host", "shop.example.com"),
+            ("x-request-id", "mirror-test-1"),
+        ],
+        Some(b"{\"item\": 7}"),
+    )
+    .unwrap();
+    assert_eq!((r.status, r.body.as_str()), (200, "app"));
+    wait_until("the mirror's copy", WAIT, || shadow.hits() == 1);
+    assert_eq!(
+        shadow.last_header("host").as_deref(),
+        Some("shop.example.com-shadow")
+    );
+    assert_eq!(shadow.last_header(":path").as_deref(), Some("/orders?id=7"));
+    assert_eq!(
+        shadow.last_header("x-request-id").as_deref(),
+        Some("mirror-test-1")
+    );
+    assert_eq!(shadow.last_body(), b"{\"item\": 7}");
+    assert_eq!(app.last_body(), b"{\"item\": 7}");
+    assert_eq!(app.last_header("host").as_deref(), Some("shop.example.com"));
+    wait_until("the success counted", WAIT, || {
+        mirror_count(&gw, "shadow", "success") == 1.0
+    });
+}
+
+#[test]
+fn bodies_over_max_body_bytes_are_not_mirrored() {
+    let (app, shadow) = (Upstream::start("app"), Upstream::start("shadow"));
+    let gw = Gateway::start(&format!(
+        "{}{}",
+        mirrored(&app, "shadow", "max_body_bytes = 16"),
+        shadow.service()
+    ));
+    let agent = client();
+    let big = vec![b'x'; 1000];
+    let r = send_body(&agent, "POST", &gw.url("/"), &[], Some(&big)).unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        app.last_body().len(),
+        1000,
+        "the primary gets the whole body"
+    );
+    // A chunked body is only found too large as it streams.
+    let chunked = weir_tests::raw_request(
+        gw.port,
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n\
+          14\r\n01234567890123456789\r\n0\r\n\r\n",
+    );
+    assert!(chunked.starts_with("HTTP/1.1 200"), "{chunked}");
+    assert_eq!(app.last_body(), b"01234567890123456789");
+    let small = send_body(&agent, "POST", &gw.url("/"), &[], Some(b"small")).unwrap();
+    assert_eq!(small.status, 200);
+    wait_until("the small body mirrored", WAIT, || shadow.hits() == 1);
+    assert_eq!(shadow.last_body(), b"small");
+    wait_until("two too_large counted", WAIT, || {
+        mirror_count(&gw, "shadow", "too_large") == 2.0
+    });
+    assert_eq!(shadow.hits(), 1);
+}
+
+/// Sends `n` requests and returns the slowest time.
+fn slowest_of(gw: &Gateway, n: usize) -> Duration {
+    let agent = client();
+    (0..n)
+        .map(|i| {
+            let start = Instant::now();
+            let body = format!("request {i}");
+            let r = send_body(&agent, "POST", &gw.url("/"), &[], Some(body.as_bytes())).unwrap();
+            assert_eq!((r.status, r.body.as_str()), (200, "app"));
+            start.elapsed()
+        })
+        .max()
+        .unwrap()
+}
+
+#[test]
+fn a_slow_mirror_changes_nothing_for_the_client() {
+    let app = Upstream::start("app");
+    let delay = Duration::from_secs(5);
+    let shadow = Upstream::slow("shadow", delay);
+    let gw = Gateway::start(&format!(
+        "{}{}",
+        mirrored(&app, "shadow", ""),
+        shadow.service()
+    ));
+    // Each copy is held 5 s by the mirror; a client that waited on it would see that.
+    let slowest = slowest_of(&gw, 20);
+    assert!(slowest < delay / 4, "slowest request took {slowest:?}");
+    wait_until("copies reached the slow mirror", WAIT, || {
+        shadow.hits() >= 8
+    });
+}
+
+#[test]
+fn a_refusing_mirror_changes_nothing_for_the_client() {
+    let app = Upstream::start("app");
+    let gw = Gateway::start(&format!(
+        "{}[[service]]\nname = \"shadow\"\nendpoints = [\"127.0.0.1:{}\"]\n",
+        mirrored(&app, "shadow", ""),
+        free_port()
+    ));
+    slowest_of(&gw, 20);
+    assert_eq!(app.hits(), 20);
+    wait_until("20 failures counted", WAIT, || {
+        mirror_count(&gw, "shadow", "failure") == 20.0
+    });
+}
+
+#[test]
+fn a_failing_mirror_changes_nothing_for_the_client() {
+    let app = Upstream::start("app");
+    let shadow = Upstream::failing("shadow", 500);
+    let gw = Gateway::start(&format!(
+        "{}{}",
+        mirrored(&app, "shadow", ""),
+        shadow.service()
+    ));
+    slowest_of(&gw, 20);
+    wait_until("20 failures counted", WAIT, || {
+        mirror_count(&gw, "shadow", "failure") == 20.0
+    });
+    assert_eq!(shadow.hits(), 20);
+}
+
+#[test]
+fn mirror_copies_in_flight_are_bounded_per_service() {
+    let app = Upstream::start("app");
+    let shadow = Upstream::slow("shadow", Duration::from_secs(5));
+    let gw = Gateway::start(&format!(
+        "{}[[service]]\nname = \"shadow\"\nendpoints = [\"{}\"]\n\
+         connection_pool = {{ max_requests = 2 }}\n",
+        mirrored(&app, "shadow", ""),
+        shadow.addr
+    ));
+    slowest_of(&gw, 10);
+    // The first two copies hold both places for 5 s; the other eight are dropped.
+    assert_eq!(mirror_count(&gw, "shadow", "dropped"), 8.0);
+    assert_eq!(
+        gw.metric("weir_upstream_requests_active{service=\"shadow\"}"),
+        2.0
+    );
+    wait_until("both copies reach the mirror", WAIT, || shadow.hits() == 2);
+}
+
+#[test]
+fn a_percentage_of_requests_is_mirrored() {
+    let (app, shadow) = (Upstream::start("app"), Upstream::start("shadow"));
+    let gw = Gateway::start(&format!(
+        "{}{}",
+        mirrored(&app, "shadow", "percent = 25.0"),
+        shadow.service()
+    ));
+    for _ in 0..400 {
+        assert_eq!(gw.get("/", &[]).status, 200);
+    }
+    // Every copy was started before its primary finished; wait until all are done.
+    wait_until("no copy in flight", WAIT, || {
+        gw.metric("weir_upstream_requests_active{service=\"shadow\"}") == 0.0
+    });
+    let sent = mirror_count(&gw, "shadow", "success");
+    assert!((98.0..=102.0).contains(&sent), "{sent} of 400 mirrored");
+    assert_eq!(shadow.hits() as f64, sent);
+}
