@@ -61,8 +61,17 @@ impl Upstream {
         Upstream::start_with(name, 200, delay)
     }
 
+    /// An upstream on a given address, e.g. "127.0.0.2:8080".
+    pub fn start_at(name: &str, addr: &str) -> Upstream {
+        Upstream::serve(name, addr, 200, Duration::ZERO)
+    }
+
     fn start_with(name: &str, status: u16, delay: Duration) -> Upstream {
-        let server = Arc::new(tiny_http::Server::http("127.0.0.1:0").unwrap());
+        Upstream::serve(name, "127.0.0.1:0", status, delay)
+    }
+
+    fn serve(name: &str, addr: &str, status: u16, delay: Duration) -> Upstream {
+        let server = Arc::new(tiny_http::Server::http(addr).unwrap());
         let addr = server.server_addr().to_ip().unwrap();
         let hits = Arc::new(AtomicUsize::new(0));
         let last_headers = Arc::new(Mutex::new(Vec::new()));
@@ -152,6 +161,58 @@ impl Drop for Upstream {
             self.server.unblock();
         }
         for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+}
+
+/// A server that accepts connections, reads the request and closes without an answer: the
+/// connection breaks before a response, which retry conditions call "reset".
+pub struct Resetter {
+    pub addr: SocketAddr,
+    hits: Arc<AtomicUsize>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    worker: Option<thread::JoinHandle<()>>,
+}
+
+impl Resetter {
+    pub fn start() -> Resetter {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hits = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let worker = {
+            let (hits, stop) = (hits.clone(), stop.clone());
+            thread::spawn(move || {
+                for conn in listener.incoming() {
+                    if stop.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    let Ok(mut conn) = conn else { continue };
+                    let mut buf = [0u8; 4096];
+                    let _ = std::io::Read::read(&mut conn, &mut buf);
+                    hits.fetch_add(1, Ordering::SeqCst);
+                }
+            })
+        };
+        Resetter {
+            addr,
+            hits,
+            stop,
+            worker: Some(worker),
+        }
+    }
+
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Resetter {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = std::net::TcpStream::connect(self.addr);
+        if let Some(w) = self.worker.take() {
             let _ = w.join();
         }
     }

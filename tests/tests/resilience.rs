@@ -54,3 +54,377 @@ fn over_max_requests_the_answer_is_an_immediate_503_uo() {
     // The places are given back: the service serves again.
     assert_eq!(gw.get("/", &[]).status, 200);
 }
+
+fn service(name: &str, endpoints: &[String], extra: &str) -> String {
+    let list: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
+    format!(
+        "[[service]]\nname = \"{name}\"\nendpoints = [{}]\n{extra}\n",
+        list.join(", ")
+    )
+}
+
+/// A retry budget that never binds, for tests about something else.
+const AMPLE: &str = "  budget = { ratio = 1.0, min_per_second = 1000 }\n";
+
+/// A route "r" to service "app" with `extra` route keys (before any sub-table).
+fn route(extra: &str) -> String {
+    format!("[[route]]\nname = \"r\"\n{extra}\n  [[route.backend]]\n  service = \"app\"\n")
+}
+
+fn post(gw: &Gateway, body: &str) -> u16 {
+    weir_tests::send_body(&client(), "POST", &gw.url("/"), &[], Some(body.as_bytes()))
+        .unwrap()
+        .status
+}
+
+#[test]
+fn a_503_is_retried_on_another_endpoint() {
+    let (bad, good) = (Upstream::failing("bad", 503), Upstream::start("good"));
+    let gw = Gateway::start(&format!(
+        "{}{}",
+        service("app", &[bad.addr.to_string(), good.addr.to_string()], ""),
+        route(&format!("  [route.retry]\n{AMPLE}"))
+    ));
+    for _ in 0..20 {
+        let r = gw.get("/", &[]);
+        assert_eq!((r.status, r.body.as_str()), (200, "good"));
+    }
+    assert!(bad.hits() >= 5, "round robin sent {} to bad", bad.hits());
+    assert_eq!(good.hits(), 20);
+    assert_eq!(
+        gw.metric("weir_upstream_retries_total{reason=\"503\",service=\"app\"}"),
+        bad.hits() as f64
+    );
+}
+
+#[test]
+fn a_post_is_retried_only_when_it_never_reached_the_upstream() {
+    let (bad, good) = (Upstream::failing("bad", 503), Upstream::start("good"));
+    let refused = format!("127.0.0.1:{}", weir_tests::free_port());
+    let gw = Gateway::start(&format!(
+        "{}{}{}[[route]]\nname = \"refusing\"\n  [[route.match]]\n  path = {{ prefix = \"/refused\" }}\n  \
+         [[route.backend]]\n  service = \"refusing\"\n",
+        service("app", &[bad.addr.to_string(), good.addr.to_string()], ""),
+        service("refusing", &[refused, good.addr.to_string()], ""),
+        route(&format!("  [route.retry]\n{AMPLE}"))
+    ));
+    let statuses: Vec<u16> = (0..10).map(|i| post(&gw, &format!("order {i}"))).collect();
+    assert!(statuses.contains(&503), "{statuses:?}");
+    assert_eq!(bad.hits(), statuses.iter().filter(|s| **s == 503).count());
+    // A refused connection proves the POST never arrived: it is retried.
+    let agent = client();
+    for i in 0..10 {
+        let r = weir_tests::send_body(
+            &agent,
+            "POST",
+            &gw.url("/refused"),
+            &[],
+            Some(format!("pay {i}").as_bytes()),
+        )
+        .unwrap();
+        assert_eq!(r.status, 200);
+    }
+}
+
+#[test]
+fn non_idempotent_true_retries_a_post_after_a_503() {
+    let (bad, good) = (Upstream::failing("bad", 503), Upstream::start("good"));
+    let gw = Gateway::start(&format!(
+        "{}{}  [route.retry]\n  non_idempotent = true\n{AMPLE}",
+        service("app", &[bad.addr.to_string(), good.addr.to_string()], ""),
+        route("")
+    ));
+    for i in 0..10 {
+        assert_eq!(post(&gw, &format!("order {i}")), 200);
+    }
+    assert_eq!(good.last_body(), b"order 9");
+}
+
+#[test]
+fn resets_are_retried_only_when_listed() {
+    let resetter = weir_tests::Resetter::start();
+    let good = Upstream::start("good");
+    let endpoints = [resetter.addr.to_string(), good.addr.to_string()];
+    let gw = Gateway::start(&format!(
+        "{}{}  [route.retry]\n  on = [\"reset\"]\n{AMPLE}",
+        service("app", &endpoints, ""),
+        route("")
+    ));
+    for _ in 0..10 {
+        assert_eq!(gw.get("/", &[]).status, 200);
+    }
+    assert!(resetter.hits() >= 3);
+    let gw = Gateway::start(&format!(
+        "{}{}  [route.retry]\n  on = [\"503\"]\n",
+        service("app", &endpoints, ""),
+        route("")
+    ));
+    let statuses: Vec<u16> = (0..10).map(|_| gw.get("/", &[]).status).collect();
+    assert!(statuses.contains(&502), "{statuses:?}");
+}
+
+#[test]
+fn the_retry_budget_keeps_a_failing_upstream_from_being_stormed() {
+    let bad = Upstream::failing("bad", 503);
+    let gw = Gateway::start(&format!(
+        "{}{}  [route.retry]\n  attempts = 5\n  on = [\"503\"]\n  backoff = \"1ms\"\n  \
+         budget = {{ ratio = 0.2, min_per_second = 1 }}\n",
+        service("app", &[bad.addr.to_string()], ""),
+        route("")
+    ));
+    let start = Instant::now();
+    let n = 200;
+    for _ in 0..n {
+        assert_eq!(gw.get("/", &[]).status, 503);
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let received = bad.hits() as f64;
+    // Without the budget: 6 tries per request, 1,200.
+    let bound = (1.0 + 0.2) * n as f64 + 1.0 * seconds.ceil() + 1.0;
+    assert!(
+        received <= bound,
+        "upstream got {received} for {n} requests in {seconds:.1}s (bound {bound})"
+    );
+    assert!(
+        received > n as f64 * 1.1,
+        "the budget still allows retries: {received}"
+    );
+    wait_until("URX in the access log", Duration::from_secs(5), || {
+        gw.access_log().iter().any(|l| l["flags"] == "URX")
+    });
+}
+
+#[test]
+fn the_deadline_bounds_every_try_and_answers_504_dt() {
+    let stall = Duration::from_secs(3);
+    let slow = Upstream::slow("slow", stall);
+    let gw = Gateway::start(&format!(
+        "{}{}",
+        service("app", &[slow.addr.to_string()], ""),
+        route("timeout = \"400ms\"")
+    ));
+    let start = Instant::now();
+    let r = gw.get("/", &[]);
+    let took = start.elapsed();
+    assert_eq!(r.status, 504);
+    assert!(took < stall / 2, "took {took:?}");
+    wait_until("DT in the access log", Duration::from_secs(5), || {
+        gw.access_log()
+            .iter()
+            .any(|l| l["flags"] == "DT" && l["status"] == 504)
+    });
+}
+
+#[test]
+fn a_per_try_timeout_is_retried_elsewhere_and_is_504_ut_when_tries_run_out() {
+    let stall = Duration::from_secs(3);
+    let (slow, good) = (Upstream::slow("slow", stall), Upstream::start("good"));
+    let gw = Gateway::start(&format!(
+        "{}{}  [route.retry]\n  per_try_timeout = \"300ms\"\n  on = [\"gateway-error\"]\n{AMPLE}",
+        service("app", &[slow.addr.to_string(), good.addr.to_string()], ""),
+        route("timeout = \"10s\"")
+    ));
+    for _ in 0..4 {
+        let start = Instant::now();
+        assert_eq!(gw.get("/", &[]).body, "good");
+        assert!(start.elapsed() < stall, "{:?}", start.elapsed());
+    }
+    assert!(slow.hits() >= 1);
+    let gw = Gateway::start(&format!(
+        "{}{}  [route.retry]\n  attempts = 0\n  per_try_timeout = \"300ms\"\n",
+        service("app", &[slow.addr.to_string()], ""),
+        route("")
+    ));
+    assert_eq!(gw.get("/", &[]).status, 504);
+    wait_until("UT in the access log", Duration::from_secs(5), || {
+        gw.access_log()
+            .iter()
+            .any(|l| l["flags"] == "UT" && l["status"] == 504)
+    });
+}
+
+#[test]
+fn max_connections_queue_up_to_max_pending_then_overflow() {
+    let up = Upstream::slow("app", Duration::from_millis(1500));
+    let gw = Gateway::start(&format!(
+        "{}{}",
+        service(
+            "app",
+            &[up.addr.to_string()],
+            "connection_pool = { max_connections = 1, max_pending_requests = 1 }"
+        ),
+        route("")
+    ));
+    let url = gw.url("/");
+    let held: Vec<_> = (0..2)
+        .map(|_| {
+            let url = url.clone();
+            thread::spawn(move || send(&client(), "GET", &url, &[]).unwrap().status)
+        })
+        .collect();
+    // One holds the connection, the other waits in line for it.
+    wait_until("both requests in", Duration::from_secs(10), || {
+        up.hits() == 1 && gw.metric("weir_upstream_requests_active{service=\"app\"}") == 2.0
+    });
+    let start = Instant::now();
+    let r = gw.get("/", &[]);
+    let shed = start.elapsed();
+    assert_eq!((r.status, r.body.as_str()), (503, "upstream overflow\n"));
+    assert!(shed < Duration::from_millis(1500), "shed after {shed:?}");
+    for h in held {
+        assert_eq!(
+            h.join().unwrap(),
+            200,
+            "the queued request is served in turn"
+        );
+    }
+    assert_eq!(up.hits(), 2);
+}
+
+fn endpoint_states(gw: &Gateway) -> Vec<String> {
+    let v: serde_json::Value =
+        serde_json::from_str(&gw.admin_get("/endpoints").unwrap().body).unwrap();
+    v["app"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            format!(
+                "{} {}",
+                e["address"].as_str().unwrap(),
+                e["state"].as_str().unwrap()
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn consecutive_5xx_eject_an_endpoint_through_reloads_until_its_time_is_up() {
+    let (bad, good) = (Upstream::failing("bad", 500), Upstream::start("good"));
+    let config = |marker: &str| {
+        format!(
+            "{}{}[[route]]\nname = \"marker\"\ndirect_response = {{ status = 200, body = \"{marker}\" }}\n  \
+             [[route.match]]\n  path = {{ exact = \"/marker\" }}\n",
+            service(
+                "app",
+                &[bad.addr.to_string(), good.addr.to_string()],
+                "[service.outlier_detection]\nconsecutive_5xx = 3\nbase_ejection_time = \"2s\"\nmax_ejection_percent = 50\n"
+            ),
+            route("  [route.retry]\n  attempts = 0\n")
+        )
+    };
+    let gw = Gateway::start(&config("one"));
+    let mut statuses = Vec::new();
+    while bad.hits() < 3 {
+        statuses.push(gw.get("/", &[]).status);
+    }
+    assert_eq!(statuses.iter().filter(|s| **s == 500).count(), 3);
+    let ejected = format!("{} ejected", bad.addr);
+    assert!(
+        endpoint_states(&gw).contains(&ejected),
+        "{:?}",
+        endpoint_states(&gw)
+    );
+    assert_eq!(
+        gw.metric("weir_outlier_ejections_total{service=\"app\"}"),
+        1.0
+    );
+    // An unrelated reload keeps the service's state: still ejected.
+    gw.write_config(&config("two"));
+    wait_until("the reload", Duration::from_secs(5), || {
+        gw.get("/marker", &[]).body == "two"
+    });
+    assert!(
+        endpoint_states(&gw).contains(&ejected),
+        "{:?}",
+        endpoint_states(&gw)
+    );
+    for _ in 0..10 {
+        assert_eq!(gw.get("/", &[]).status, 200);
+    }
+    assert_eq!(bad.hits(), 3, "no traffic while ejected");
+    wait_until("the endpoint returns", Duration::from_secs(10), || {
+        endpoint_states(&gw).contains(&format!("{} healthy", bad.addr))
+    });
+    wait_until("traffic again", Duration::from_secs(5), || {
+        gw.get("/", &[]).status == 500
+    });
+    assert!(
+        gw.stderr().contains("endpoint ejected"),
+        "logged with its reason"
+    );
+}
+
+#[test]
+fn health_checks_take_failing_endpoints_out_and_503_uh_when_none_is_left() {
+    let (bad, good) = (Upstream::failing("bad", 503), Upstream::start("good"));
+    let checks = "[service.health_check]\npath = \"/healthz\"\ninterval = \"100ms\"\ntimeout = \"1s\"\nunhealthy_threshold = 2\n";
+    let gw = Gateway::start(&format!(
+        "{}{}{}[[route]]\nname = \"lonely\"\n  [[route.match]]\n  path = {{ prefix = \"/lonely\" }}\n  \
+         [[route.backend]]\n  service = \"lonely\"\n",
+        service("app", &[bad.addr.to_string(), good.addr.to_string()], checks),
+        service("lonely", &[bad.addr.to_string()], checks),
+        route("  [route.retry]\n  attempts = 0\n")
+    ));
+    wait_until("bad marked unhealthy", Duration::from_secs(10), || {
+        endpoint_states(&gw).contains(&format!("{} unhealthy", bad.addr))
+    });
+    let before = bad.hits();
+    for _ in 0..10 {
+        assert_eq!(gw.get("/", &[]).body, "good");
+    }
+    let r = gw.get("/lonely", &[]);
+    assert_eq!((r.status, r.body.as_str()), (503, "no healthy upstream\n"));
+    // Only health checks reach bad now.
+    assert!(bad.last_header(":path").as_deref() == Some("/healthz"));
+    assert!(bad.hits() >= before);
+    assert_eq!(
+        gw.metric("weir_endpoints{service=\"app\",state=\"unhealthy\"}"),
+        1.0
+    );
+}
+
+/// The share of `n` concurrent requests the slow endpoint got under `balancer`.
+fn slow_share(balancer: &str) -> f64 {
+    let slow = Upstream::slow("slow", Duration::from_millis(100));
+    let fast: Vec<_> = (0..2)
+        .map(|_| Upstream::slow("fast", Duration::from_millis(10)))
+        .collect();
+    let mut endpoints = vec![slow.addr.to_string()];
+    endpoints.extend(fast.iter().map(|f| f.addr.to_string()));
+    let gw = Gateway::start(&format!(
+        "{}{}",
+        service(
+            "app",
+            &endpoints,
+            &format!("load_balancer = \"{balancer}\"")
+        ),
+        route("")
+    ));
+    let url = gw.url("/");
+    let clients: Vec<_> = (0..6)
+        .map(|_| {
+            let url = url.clone();
+            thread::spawn(move || {
+                let agent = client();
+                for _ in 0..30 {
+                    assert_eq!(send(&agent, "GET", &url, &[]).unwrap().status, 200);
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().unwrap();
+    }
+    slow.hits() as f64 / 180.0
+}
+
+#[test]
+fn least_request_sends_a_slow_endpoint_less_traffic_than_round_robin() {
+    let rr = slow_share("round_robin");
+    let lr = slow_share("least_request");
+    assert!(
+        lr < rr * 0.6,
+        "slow endpoint's share: least_request {lr:.2}, round_robin {rr:.2}"
+    );
+}

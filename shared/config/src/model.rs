@@ -34,6 +34,8 @@ pub struct Runtime {
     pub threads: usize,
     #[serde(serialize_with = "as_str")]
     pub grace_period: Duration,
+    /// DNS servers for `service.dns`; empty = the system's.
+    pub nameservers: Vec<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -80,6 +82,10 @@ pub struct Route {
     pub rewrite: Option<Rewrite>,
     pub fault: Option<Fault>,
     pub mirror: Option<Mirror>,
+    /// Bound on the whole request, all tries included.
+    #[serde(serialize_with = "as_opt_str")]
+    pub timeout: Option<Duration>,
+    pub retry: Retry,
     pub request_headers: HeaderOps,
     pub response_headers: HeaderOps,
     /// Where the route was declared, for `explain`: "routes.toml:12".
@@ -91,6 +97,68 @@ pub struct Rewrite {
     /// Replaces the prefix (or exact path) the winning match block matched.
     pub path_prefix: Option<String>,
     pub host: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Retry {
+    /// Retries after the first try; 0 = none.
+    pub attempts: u32,
+    #[serde(serialize_with = "as_opt_str")]
+    pub per_try_timeout: Option<Duration>,
+    pub on: RetryOn,
+    pub non_idempotent: bool,
+    #[serde(serialize_with = "as_str")]
+    pub backoff: Duration,
+    pub budget: Budget,
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Retry {
+            attempts: 2,
+            per_try_timeout: None,
+            on: RetryOn {
+                connect_failure: true,
+                refused_stream: true,
+                statuses: vec![503],
+                ..RetryOn::default()
+            },
+            non_idempotent: false,
+            backoff: Duration::from_millis(25),
+            budget: Budget::default(),
+        }
+    }
+}
+
+/// When a try is retried (DESIGN.md `route.retry.on`, after Envoy's `retry_on`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct RetryOn {
+    pub connect_failure: bool,
+    pub refused_stream: bool,
+    /// Reset, closed or timed out before a response.
+    pub reset: bool,
+    /// Any 5xx, and every failure without a response.
+    pub any_5xx: bool,
+    /// 502, 503, 504, and every failure without a response.
+    pub gateway_error: bool,
+    /// 409.
+    pub retriable_4xx: bool,
+    pub statuses: Vec<u16>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Budget {
+    pub ratio: f64,
+    pub min_per_second: u32,
+}
+
+impl Default for Budget {
+    fn default() -> Self {
+        Budget {
+            ratio: 0.2,
+            min_per_second: 10,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -220,14 +288,67 @@ pub struct Backend {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Service {
     pub name: String,
+    /// Static endpoints; empty when `dns` is set.
     pub endpoints: Vec<SocketAddr>,
+    pub dns: Option<Dns>,
     pub load_balancer: LoadBalancer,
     pub connection_pool: ConnectionPool,
+    pub outlier_detection: Option<OutlierDetection>,
+    pub health_check: Option<HealthCheck>,
+}
+
+/// `dns = "name:port"`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Dns {
+    pub name: String,
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct OutlierDetection {
+    /// 0 = off.
+    pub consecutive_5xx: u32,
+    /// 0 = off.
+    pub consecutive_gateway_errors: u32,
+    /// An endpoint's ejection count drops by one for every interval it stays in.
+    #[serde(serialize_with = "as_str")]
+    pub interval: Duration,
+    #[serde(serialize_with = "as_str")]
+    pub base_ejection_time: Duration,
+    #[serde(serialize_with = "as_str")]
+    pub max_ejection_time: Duration,
+    pub max_ejection_percent: u32,
+}
+
+impl Default for OutlierDetection {
+    fn default() -> Self {
+        OutlierDetection {
+            consecutive_5xx: 5,
+            consecutive_gateway_errors: 0,
+            interval: Duration::from_secs(10),
+            base_ejection_time: Duration::from_secs(30),
+            max_ejection_time: Duration::from_secs(300),
+            max_ejection_percent: 10,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HealthCheck {
+    pub path: String,
+    #[serde(serialize_with = "as_str")]
+    pub interval: Duration,
+    #[serde(serialize_with = "as_str")]
+    pub timeout: Duration,
+    pub healthy_threshold: u32,
+    pub unhealthy_threshold: u32,
 }
 
 /// Limits and timeouts of the connections to one service.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ConnectionPool {
+    pub max_connections: usize,
+    pub max_pending_requests: usize,
     pub max_requests: usize,
     #[serde(serialize_with = "as_str")]
     pub connect_timeout: Duration,
@@ -238,6 +359,8 @@ pub struct ConnectionPool {
 impl Default for ConnectionPool {
     fn default() -> Self {
         ConnectionPool {
+            max_connections: 1024,
+            max_pending_requests: 1024,
             max_requests: 1024,
             connect_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(60),
@@ -250,6 +373,8 @@ impl Default for ConnectionPool {
 pub enum LoadBalancer {
     RoundRobin,
     Random,
+    /// Power of two choices over the requests in flight per endpoint.
+    LeastRequest,
     /// Ketama ring over the endpoints, keyed by part of the request.
     ConsistentHash(HashOn),
 }
@@ -300,4 +425,11 @@ pub struct Outbound {
 
 fn as_str<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&crate::duration::format(*d))
+}
+
+fn as_opt_str<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => as_str(d, s),
+        None => s.serialize_none(),
+    }
 }

@@ -40,6 +40,8 @@ pub struct RawRuntime {
     pub threads: Option<usize>,
     /// How long SIGTERM waits for requests in flight, e.g. "10s".
     pub grace_period: Option<String>,
+    /// DNS servers ("ip:port") for `service.dns`; default: the system's (/etc/resolv.conf).
+    pub nameservers: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -86,6 +88,10 @@ pub struct RawRoute {
     pub fault: Option<RawFault>,
     /// A fire-and-forget copy of requests to another service.
     pub mirror: Option<RawMirror>,
+    /// Bound on the whole request, retries included, e.g. "15s"; default none.
+    pub timeout: Option<String>,
+    /// Retry policy; absent = the defaults.
+    pub retry: Option<RawRetry>,
     /// Changes to the request headers sent upstream.
     pub request_headers: Option<RawHeaderOps>,
     /// Changes to the response headers sent to the client.
@@ -126,6 +132,40 @@ pub struct RawRewrite {
     pub path_prefix: Option<String>,
     /// Replaces the Host header.
     pub host: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawRetry {
+    /// Retries after the first try; 0 disables; default 2.
+    pub attempts: Option<u32>,
+    /// Bound on each try; default none; always capped by what is left of `timeout`.
+    pub per_try_timeout: Option<String>,
+    /// Conditions; default ["connect-failure", "refused-stream", "503"].
+    pub on: Option<Vec<RawRetryOn>>,
+    /// Retry non-idempotent methods after they may have reached the upstream; default false.
+    pub non_idempotent: Option<bool>,
+    /// Base of exponential backoff with full jitter; default "25ms".
+    pub backoff: Option<String>,
+    /// Retries per service stay under ratio × requests + min_per_second.
+    pub budget: Option<RawBudget>,
+}
+
+/// A retry condition: a name ("5xx", ...) or a status code.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawRetryOn {
+    Status(u16),
+    Name(String),
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawBudget {
+    /// Default 0.2.
+    pub ratio: Option<f64>,
+    /// Default 10.
+    pub min_per_second: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -215,17 +255,48 @@ pub struct RawService {
     pub name: Option<String>,
     /// Static "ip:port" endpoints.
     pub endpoints: Option<Vec<String>>,
-    /// "round_robin" (default), "random" or "consistent_hash".
+    /// Instead of endpoints: "name:port", resolved and re-resolved on TTL.
+    pub dns: Option<String>,
+    /// "round_robin" (default), "random", "least_request" or "consistent_hash".
     pub load_balancer: Option<String>,
     /// consistent_hash only: what to hash.
     pub hash_on: Option<RawHashOn>,
     /// Connection limits and timeouts (circuit breaking).
     pub connection_pool: Option<RawConnectionPool>,
+    /// Passive ejection of failing endpoints.
+    pub outlier_detection: Option<RawOutlierDetection>,
+    /// Active HTTP health checks.
+    pub health_check: Option<RawHealthCheck>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawOutlierDetection {
+    pub consecutive_5xx: Option<u32>,
+    pub consecutive_gateway_errors: Option<u32>,
+    pub interval: Option<String>,
+    pub base_ejection_time: Option<String>,
+    pub max_ejection_time: Option<String>,
+    pub max_ejection_percent: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawHealthCheck {
+    pub path: Option<String>,
+    pub interval: Option<String>,
+    pub timeout: Option<String>,
+    pub healthy_threshold: Option<u32>,
+    pub unhealthy_threshold: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
 pub struct RawConnectionPool {
+    /// Connections to the service at once; requests beyond wait (pending); default 1024.
+    pub max_connections: Option<u64>,
+    /// Requests waiting for a connection; beyond -> 503 UO; default 1024.
+    pub max_pending_requests: Option<u64>,
     /// Concurrent requests (mirror copies included); over it -> 503 UO; default 1024.
     pub max_requests: Option<u64>,
     /// Default "5s".

@@ -151,6 +151,7 @@ impl Checker<'_> {
             runtime: runtime.unwrap_or(Runtime {
                 threads: 0,
                 grace_period: Duration::from_secs(10),
+                nameservers: Vec::new(),
             }),
             admin: admin.unwrap_or(Admin {
                 listen: default_admin(),
@@ -222,9 +223,17 @@ impl Checker<'_> {
             .map(|d| self.duration(&at.key("grace_period"), &d))
             .unwrap_or(Some(Duration::from_secs(10)))
             .unwrap_or_default();
+        let nameservers = r
+            .nameservers
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+            .filter_map(|(i, n)| self.addr(&at.item("nameservers", i), n))
+            .collect();
         Runtime {
             threads: r.threads.unwrap_or(0),
             grace_period,
+            nameservers,
         }
     }
 
@@ -270,11 +279,23 @@ impl Checker<'_> {
     }
 
     fn service(&mut self, at: &At, s: RawService) -> Option<Service> {
-        let Some(raw) = s.endpoints else {
-            self.fail(at, "missing required key \"endpoints\"");
-            return None;
+        let dns = match (&s.endpoints, s.dns) {
+            (None, None) => {
+                self.fail(
+                    at,
+                    "needs endpoints = [\"ip:port\", ...] or dns = \"name:port\"",
+                );
+                return None;
+            }
+            (Some(_), Some(_)) => {
+                self.fail(at, "has both endpoints and dns; choose one");
+                return None;
+            }
+            (None, Some(dns)) => Some(self.dns(&at.key("dns"), &dns)?),
+            (Some(_), None) => None,
         };
-        if raw.is_empty() {
+        let raw = s.endpoints.unwrap_or_default();
+        if raw.is_empty() && dns.is_none() {
             self.fail(&at.key("endpoints"), "needs at least one endpoint");
         }
         let endpoints: Vec<_> = raw
@@ -287,38 +308,155 @@ impl Checker<'_> {
             .connection_pool
             .map(|p| self.connection_pool(&at.key("connection_pool"), p))
             .unwrap_or_default();
+        let outlier_detection = s
+            .outlier_detection
+            .map(|o| self.outlier_detection(&at.key("outlier_detection"), o));
+        let health_check = s
+            .health_check
+            .and_then(|h| self.health_check(&at.key("health_check"), h));
         let load_balancer = load_balancer?;
-        (endpoints.len() == raw.len() && !raw.is_empty()).then(|| Service {
+        (endpoints.len() == raw.len() && (!raw.is_empty() || dns.is_some())).then(|| Service {
             name: s.name.unwrap_or_default(),
             endpoints,
+            dns,
             load_balancer,
             connection_pool,
+            outlier_detection,
+            health_check,
+        })
+    }
+
+    fn dns(&mut self, at: &At, text: &str) -> Option<Dns> {
+        let parsed = text
+            .rsplit_once(':')
+            .and_then(|(name, port)| Some((name, port.parse::<u16>().ok()?)));
+        match parsed {
+            Some((name, port)) if port > 0 && self.host(at, name).is_some() => Some(Dns {
+                name: name.to_ascii_lowercase(),
+                port,
+            }),
+            _ => {
+                self.fail(
+                    at,
+                    format!("bad dns {text:?}: expected name:port, such as \"reviews.default.svc.cluster.local:9080\""),
+                );
+                None
+            }
+        }
+    }
+
+    /// A duration key that must be more than 0, else `default`.
+    fn positive(
+        &mut self,
+        at: &At,
+        key: &str,
+        text: Option<String>,
+        default: Duration,
+    ) -> Duration {
+        let Some(d) = text.and_then(|t| self.duration(&at.key(key), &t)) else {
+            return default;
+        };
+        if d.is_zero() {
+            self.fail(&at.key(key), format!("{key} must be more than 0"));
+        }
+        d
+    }
+
+    fn outlier_detection(&mut self, at: &At, o: RawOutlierDetection) -> OutlierDetection {
+        let d = OutlierDetection::default();
+        let max_ejection_percent = o.max_ejection_percent.unwrap_or(d.max_ejection_percent);
+        if max_ejection_percent > 100 {
+            self.fail(
+                &at.key("max_ejection_percent"),
+                format!("max_ejection_percent {max_ejection_percent} is over 100"),
+            );
+        }
+        let out = OutlierDetection {
+            consecutive_5xx: o.consecutive_5xx.unwrap_or(d.consecutive_5xx),
+            consecutive_gateway_errors: o
+                .consecutive_gateway_errors
+                .unwrap_or(d.consecutive_gateway_errors),
+            interval: self.positive(at, "interval", o.interval, d.interval),
+            base_ejection_time: self.positive(
+                at,
+                "base_ejection_time",
+                o.base_ejection_time,
+                d.base_ejection_time,
+            ),
+            max_ejection_time: self.positive(
+                at,
+                "max_ejection_time",
+                o.max_ejection_time,
+                d.max_ejection_time,
+            ),
+            max_ejection_percent,
+        };
+        if out.max_ejection_time < out.base_ejection_time {
+            self.fail(
+                &at.key("max_ejection_time"),
+                "max_ejection_time is shorter than base_ejection_time",
+            );
+        }
+        out
+    }
+
+    fn health_check(&mut self, at: &At, h: RawHealthCheck) -> Option<HealthCheck> {
+        let Some(path) = h.path else {
+            self.fail(
+                at,
+                "missing required key \"path\", e.g. path = \"/healthz\"",
+            );
+            return None;
+        };
+        self.uri_path(&at.key("path"), &path);
+        let threshold = |v: &mut Self, key: &str, value: Option<u32>, default: u32| {
+            let n = value.unwrap_or(default);
+            if n == 0 {
+                v.fail(&at.key(key), format!("{key} must be at least 1"));
+            }
+            n
+        };
+        let healthy_threshold = threshold(self, "healthy_threshold", h.healthy_threshold, 2);
+        let unhealthy_threshold = threshold(self, "unhealthy_threshold", h.unhealthy_threshold, 3);
+        Some(HealthCheck {
+            path,
+            interval: self.positive(at, "interval", h.interval, Duration::from_secs(5)),
+            timeout: self.positive(at, "timeout", h.timeout, Duration::from_secs(1)),
+            healthy_threshold,
+            unhealthy_threshold,
         })
     }
 
     fn connection_pool(&mut self, at: &At, p: RawConnectionPool) -> ConnectionPool {
-        let mut pool = ConnectionPool::default();
-        if let Some(max) = p.max_requests {
-            if max == 0 {
-                self.fail(&at.key("max_requests"), "max_requests must be at least 1");
+        let d = ConnectionPool::default();
+        let mut limit = |key: &str, value: Option<u64>, default: usize, min: u64| match value {
+            Some(n) if n < min => {
+                self.fail(&at.key(key), format!("{key} must be at least {min}"));
+                default
             }
-            pool.max_requests = usize::try_from(max).unwrap_or(usize::MAX);
-        }
-        let mut timeout = |key: &str, text: Option<String>, slot: &mut Duration| {
-            if let Some(d) = text.and_then(|t| self.duration(&at.key(key), &t)) {
-                if d.is_zero() {
-                    self.fail(&at.key(key), format!("{key} must be more than 0"));
-                }
-                *slot = d;
-            }
+            Some(n) => usize::try_from(n).unwrap_or(usize::MAX),
+            None => default,
         };
-        timeout(
-            "connect_timeout",
-            p.connect_timeout,
-            &mut pool.connect_timeout,
+        let max_connections = limit("max_connections", p.max_connections, d.max_connections, 1);
+        let max_pending_requests = limit(
+            "max_pending_requests",
+            p.max_pending_requests,
+            d.max_pending_requests,
+            0,
         );
-        timeout("idle_timeout", p.idle_timeout, &mut pool.idle_timeout);
-        pool
+        let max_requests = limit("max_requests", p.max_requests, d.max_requests, 1);
+        ConnectionPool {
+            max_connections,
+            max_pending_requests,
+            max_requests,
+            connect_timeout: self.positive(
+                at,
+                "connect_timeout",
+                p.connect_timeout,
+                d.connect_timeout,
+            ),
+            idle_timeout: self.positive(at, "idle_timeout", p.idle_timeout, d.idle_timeout),
+        }
     }
 
     fn load_balancer(
@@ -362,12 +500,9 @@ impl Checker<'_> {
                 };
                 return hash_on.map(LoadBalancer::ConsistentHash);
             }
-            Some("least_request") => {
-                self.fail(&here, "load_balancer \"least_request\" is not implemented yet; use \"round_robin\", \"random\" or \"consistent_hash\"");
-                return None;
-            }
+            Some("least_request") => LoadBalancer::LeastRequest,
             Some(other) => {
-                self.fail(&here, format!("load_balancer {other:?}: expected \"round_robin\", \"random\" or \"consistent_hash\""));
+                self.fail(&here, format!("load_balancer {other:?}: expected \"round_robin\", \"random\", \"least_request\" or \"consistent_hash\""));
                 return None;
             }
         };
@@ -445,6 +580,13 @@ impl Checker<'_> {
         let mirror = r
             .mirror
             .and_then(|m| self.mirror(&at.key("mirror"), m, services));
+        let timeout = r
+            .timeout
+            .map(|t| self.positive(at, "timeout", Some(t), Duration::ZERO));
+        let retry = r
+            .retry
+            .map(|rt| self.retry(&at.key("retry"), rt))
+            .unwrap_or_default();
         if mirror.is_some() && !matches!(action, Some(Action::Backends(_))) {
             self.fail(
                 &at.key("mirror"),
@@ -463,10 +605,73 @@ impl Checker<'_> {
             rewrite,
             fault,
             mirror,
+            timeout,
+            retry,
             request_headers,
             response_headers,
             origin,
         })
+    }
+
+    fn retry(&mut self, at: &At, r: RawRetry) -> Retry {
+        let d = Retry::default();
+        let on = match r.on {
+            None => d.on,
+            Some(list) => {
+                let mut on = RetryOn::default();
+                for (i, cond) in list.into_iter().enumerate() {
+                    match cond {
+                        RawRetryOn::Status(code @ 100..=599) => on.statuses.push(code),
+                        RawRetryOn::Name(name) => match name.as_str() {
+                            "connect-failure" => on.connect_failure = true,
+                            "refused-stream" => on.refused_stream = true,
+                            "reset" => on.reset = true,
+                            "5xx" => on.any_5xx = true,
+                            "gateway-error" => on.gateway_error = true,
+                            "retriable-4xx" => on.retriable_4xx = true,
+                            other => match other.parse::<u16>() {
+                                Ok(code @ 100..=599) => on.statuses.push(code),
+                                _ => self.fail(
+                                    &at.item("on", i),
+                                    format!("unknown retry condition {other:?}: expected connect-failure, refused-stream, reset, 5xx, gateway-error, retriable-4xx or a status code"),
+                                ),
+                            },
+                        },
+                        RawRetryOn::Status(code) => self.fail(
+                            &at.item("on", i),
+                            format!("status {code} is not between 100 and 599"),
+                        ),
+                    }
+                }
+                on
+            }
+        };
+        let budget = match r.budget {
+            None => d.budget,
+            Some(b) => {
+                let ratio = b.ratio.unwrap_or(d.budget.ratio);
+                if !(0.0..=10.0).contains(&ratio) {
+                    self.fail(
+                        &at.key("budget"),
+                        format!("budget ratio {ratio} is not between 0 and 10"),
+                    );
+                }
+                Budget {
+                    ratio,
+                    min_per_second: b.min_per_second.unwrap_or(d.budget.min_per_second),
+                }
+            }
+        };
+        Retry {
+            attempts: r.attempts.unwrap_or(d.attempts),
+            per_try_timeout: r
+                .per_try_timeout
+                .map(|t| self.positive(at, "per_try_timeout", Some(t), Duration::ZERO)),
+            on,
+            non_idempotent: r.non_idempotent.unwrap_or(false),
+            backoff: self.positive(at, "backoff", r.backoff, d.backoff),
+            budget,
+        }
     }
 
     fn mirror(&mut self, at: &At, m: RawMirror, services: &HashSet<&str>) -> Option<Mirror> {

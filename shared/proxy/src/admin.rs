@@ -1,4 +1,5 @@
-//! The admin listener (DESIGN.md §4): `/live`, `/ready`, `/config`, `/metrics`.
+//! The admin listener (DESIGN.md §4): `/live`, `/ready`, `/config`, `/metrics`, and
+//! `/endpoints` (every endpoint's state: healthy, ejected or unhealthy).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
@@ -31,12 +32,21 @@ impl Admin {
         let metrics = weir_telemetry::metrics();
         let snapshot = self.reloader.snapshot();
         metrics.upstream_requests_active.reset();
+        metrics.endpoints.reset();
         for (name, service) in &snapshot.services {
             let active = i64::try_from(service.requests.active()).unwrap_or(i64::MAX);
             metrics
                 .upstream_requests_active
                 .with_label_values(&[name.as_str()])
                 .set(active);
+            let statuses = service.balancer.statuses();
+            for state in ["healthy", "ejected", "unhealthy"] {
+                let n = statuses.iter().filter(|s| s.state == state).count();
+                metrics
+                    .endpoints
+                    .with_label_values(&[name.as_str(), state])
+                    .set(i64::try_from(n).unwrap_or(i64::MAX));
+            }
         }
         metrics.render()
     }
@@ -79,6 +89,17 @@ impl ServeHttp for Admin {
                 body.push(b'\n');
                 reply(StatusCode::OK, "application/json", body)
             }
+            ("GET", "/endpoints") => {
+                let snapshot = self.reloader.snapshot();
+                let endpoints: std::collections::BTreeMap<_, _> = snapshot
+                    .services
+                    .iter()
+                    .map(|(name, s)| (name, s.balancer.statuses()))
+                    .collect();
+                let mut body = serde_json::to_vec_pretty(&endpoints).unwrap_or_default();
+                body.push(b'\n');
+                reply(StatusCode::OK, "application/json", body)
+            }
             ("GET", "/metrics") => reply(
                 StatusCode::OK,
                 "text/plain; version=0.0.4; charset=utf-8",
@@ -86,7 +107,7 @@ impl ServeHttp for Admin {
             ),
             _ => text(
                 StatusCode::NOT_FOUND,
-                "not found; try /live, /ready, /config or /metrics\n".into(),
+                "not found; try /live, /ready, /config, /endpoints or /metrics\n".into(),
             ),
         }
     }

@@ -214,19 +214,16 @@ fn explain(
                     println!("action:   split between {} backend(s)", backends.len());
                     for b in backends {
                         let share = 100.0 * f64::from(b.weight) / total as f64;
-                        let endpoints = config
+                        let how = config
                             .services
                             .iter()
                             .find(|s| s.name == b.service)
-                            .map(|s| {
-                                s.endpoints
-                                    .iter()
-                                    .map(|e| e.to_string())
-                                    .collect::<Vec<_>>()
-                                    .join(", ")
-                            })
+                            .map(describe_service)
                             .unwrap_or_default();
-                        println!("            {}  weight {}  ({share:.1}%)  round robin over {endpoints}", b.service, b.weight);
+                        println!(
+                            "            {}  weight {}  ({share:.1}%)  {how}",
+                            b.service, b.weight
+                        );
                     }
                 }
             }
@@ -246,8 +243,79 @@ fn explain(
     ExitCode::SUCCESS
 }
 
-/// What else the route does to a matching request: faults, mirror, rewrites, header changes.
+/// "round robin over 10.0.0.1:80, 10.0.0.2:80", "least request over dns reviews:9080", ...
+fn describe_service(s: &weir_config::Service) -> String {
+    use weir_config::{HashOn, LoadBalancer};
+    let how = match &s.load_balancer {
+        LoadBalancer::RoundRobin => "round robin".to_string(),
+        LoadBalancer::Random => "random".to_string(),
+        LoadBalancer::LeastRequest => "least request".to_string(),
+        LoadBalancer::ConsistentHash(HashOn::Header(h)) => format!("consistent hash on header {h}"),
+        LoadBalancer::ConsistentHash(HashOn::Cookie(c)) => format!("consistent hash on cookie {c}"),
+        LoadBalancer::ConsistentHash(HashOn::SourceIp) => {
+            "consistent hash on source ip".to_string()
+        }
+    };
+    let over = match &s.dns {
+        Some(dns) => format!("dns {}:{}", dns.name, dns.port),
+        None => s
+            .endpoints
+            .iter()
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+    };
+    format!("{how} over {over}")
+}
+
+/// What else the route does to a matching request: deadline, retries, faults, mirror,
+/// rewrites, header changes.
 fn describe_policies(r: &weir_config::Route) {
+    use weir_config::duration::format;
+    if let Some(t) = r.timeout {
+        println!(
+            "timeout:  {} for the whole request, retries included (504 DT)",
+            format(t)
+        );
+    }
+    if let Some(weir_config::Action::Backends(_)) = Some(&r.action) {
+        let rt = &r.retry;
+        if rt.attempts == 0 {
+            println!("retry:    off");
+        } else {
+            let on = &rt.on;
+            let mut conds: Vec<String> = [
+                (on.connect_failure, "connect-failure"),
+                (on.refused_stream, "refused-stream"),
+                (on.reset, "reset"),
+                (on.any_5xx, "5xx"),
+                (on.gateway_error, "gateway-error"),
+                (on.retriable_4xx, "retriable-4xx"),
+            ]
+            .iter()
+            .filter(|(set, _)| *set)
+            .map(|(_, name)| name.to_string())
+            .collect();
+            conds.extend(on.statuses.iter().map(|c| c.to_string()));
+            let per_try = rt
+                .per_try_timeout
+                .map(|t| format!(", {} per try", format(t)))
+                .unwrap_or_default();
+            println!(
+                "retry:    up to {} on {}{per_try}; backoff {}; {} (budget {} of requests + {}/s)",
+                rt.attempts,
+                conds.join(", "),
+                format(rt.backoff),
+                if rt.non_idempotent {
+                    "any method"
+                } else {
+                    "POST and other non-idempotent methods only if the request never reached the upstream"
+                },
+                rt.budget.ratio,
+                rt.budget.min_per_second
+            );
+        }
+    }
     if let Some(f) = &r.fault {
         if let Some(d) = &f.delay {
             let fixed = weir_config::duration::format(d.fixed);

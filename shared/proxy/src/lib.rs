@@ -4,12 +4,16 @@
 //! - [`reload`]: load -> validate -> compile -> swap, keeping the last good config;
 //! - [`proxy`]: the Pingora `ProxyHttp`, where errors become statuses and flags;
 //! - [`mirror`]: fire-and-forget copies of requests to a shadow service;
+//! - [`discovery`]: per-service background work: active health checks, DNS re-resolution;
+//! - [`client`]: one upstream request outside the proxy path (mirror copies, health checks);
 //! - [`admin`]: `/live`, `/ready`, `/config`;
 //! - [`server`]: wiring of the Pingora server, reload triggers and the SIGTERM drain;
 //! - [`cli`]: the command line of both binaries.
 
 pub mod admin;
 pub mod cli;
+pub mod client;
+pub mod discovery;
 pub mod mirror;
 pub mod proxy;
 pub mod reload;

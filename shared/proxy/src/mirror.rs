@@ -12,7 +12,6 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use pingora_core::connectors::http::Connector;
 use pingora_core::upstreams::peer::HttpPeer;
-use pingora_error::Result;
 use pingora_http::RequestHeader;
 use tokio::sync::mpsc;
 use weir_config::Mirror;
@@ -203,10 +202,13 @@ async fn send(
         },
     };
     let pool = &service.config.connection_pool;
-    let addr = service.balancer.pick(key.as_deref());
-    let mut peer = HttpPeer::new(addr, false, String::new());
+    let Some(endpoint) = service.balancer.pick(key.as_deref(), None) else {
+        return Outcome::Failure;
+    };
+    let _active = endpoint.begin();
+    let mut peer = HttpPeer::new(endpoint.addr, false, String::new());
     peer.options.connection_timeout = Some(pool.connect_timeout);
-    match exchange(connector, &peer, header, body, pool.idle_timeout).await {
+    match crate::client::exchange(connector, &peer, header, body, pool.idle_timeout).await {
         Ok(status) if status < 500 => Outcome::Success,
         _ => Outcome::Failure,
     }
@@ -228,27 +230,4 @@ async fn collect(mut rx: mpsc::Receiver<Chunk>, max: usize) -> std::result::Resu
             None => return Err(Outcome::Dropped),
         }
     }
-}
-
-/// Sends the copy and reads its answer to the end, so the connection can go back to the pool.
-async fn exchange(
-    connector: &Connector,
-    peer: &HttpPeer,
-    header: RequestHeader,
-    body: Bytes,
-    idle_timeout: Duration,
-) -> Result<u16> {
-    let (mut session, _reused) = connector.get_http_session(peer).await?;
-    session.write_request_header(Box::new(header)).await?;
-    if !body.is_empty() {
-        session.write_request_body(body, true).await?;
-    }
-    session.finish_request_body().await?;
-    session.read_response_header().await?;
-    let status = session.response_header().map_or(0, |r| r.status.as_u16());
-    while session.read_response_body().await?.is_some() {}
-    connector
-        .release_http_session(session, peer, Some(idle_timeout))
-        .await;
-    Ok(status)
 }

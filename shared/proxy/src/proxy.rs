@@ -6,7 +6,7 @@ use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -15,8 +15,11 @@ use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant as Clock;
 use weir_config::{Action, HashOn, HeaderOps, PathMatch, Redirect};
-use weir_resilience::Permit;
+use weir_resilience::retry::{backoff, retriable};
+use weir_resilience::{Active, Failure, Permit, TryResult};
 use weir_routing::{CompiledRoute, Request};
 
 use crate::mirror::{self, MirrorBody};
@@ -64,6 +67,55 @@ impl WeirProxy {
             access_log,
             in_flight,
             mirror_connector: Arc::new(Connector::new(None)),
+        }
+    }
+
+    /// Whether a failed try is tried again (DESIGN.md `route.retry`): tries left, a listed
+    /// condition, a method safe to repeat (or a failure that provably never reached the
+    /// upstream), the body still buffered, time left, and the service's budget.
+    fn should_retry(&self, session: &Session, ctx: &mut Ctx, failure: Failure) -> bool {
+        let (Some(route), Some(service)) = (&ctx.route, &ctx.service) else {
+            return false;
+        };
+        let policy = &route.config.retry;
+        if !retriable(&policy.on, failure) {
+            return false;
+        }
+        if ctx.tries > policy.attempts {
+            ctx.flags = "URX";
+            return false;
+        }
+        if failure.may_have_reached_upstream()
+            && !policy.non_idempotent
+            && !session.req_header().method.is_idempotent()
+        {
+            return false;
+        }
+        if session.as_ref().retry_buffer_truncated()
+            || ctx.deadline.is_some_and(|d| Clock::now() >= d)
+        {
+            return false;
+        }
+        if !service.budget.try_withdraw(&policy.budget) {
+            ctx.flags = "URX";
+            return false;
+        }
+        weir_telemetry::metrics()
+            .upstream_retries
+            .with_label_values(&[service.config.name.as_str(), &failure.reason()])
+            .inc();
+        true
+    }
+
+    /// Tells outlier detection how the current try ended.
+    fn report(&self, ctx: &Ctx, result: TryResult) {
+        if let (Some(service), Some(active)) = (&ctx.service, &ctx.endpoint) {
+            if service.balancer.report(active.endpoint(), result).is_some() {
+                weir_telemetry::metrics()
+                    .outlier_ejections
+                    .with_label_values(&[service.config.name.as_str()])
+                    .inc();
+            }
         }
     }
 
@@ -127,7 +179,20 @@ pub struct Ctx {
     permit: Option<Permit>,
     /// The body's way to the mirror copy, while the body is still coming.
     mirror: Option<MirrorBody>,
+    /// The try in flight: its endpoint (counted for least_request and outlier detection)
+    /// and its place under the service's `max_connections`.
+    endpoint: Option<Active>,
+    connection: Option<OwnedSemaphorePermit>,
     upstream: Option<SocketAddr>,
+    /// Tries made so far (upstream_peer calls).
+    tries: u32,
+    /// When `route.timeout` runs out.
+    deadline: Option<Clock>,
+    /// The current try's timeout is what was left of the deadline (so running out is `DT`,
+    /// not `UT`).
+    deadline_bound: bool,
+    /// upstream_response_filter turned a response into a retry.
+    status_retry: bool,
     /// Response flag for the access log: "NR", "UF", ... or "" when none.
     flags: &'static str,
     request_id: String,
@@ -157,7 +222,13 @@ impl ProxyHttp for WeirProxy {
             service: None,
             permit: None,
             mirror: None,
+            endpoint: None,
+            connection: None,
             upstream: None,
+            tries: 0,
+            deadline: None,
+            deadline_bound: false,
+            status_retry: false,
             flags: "",
             request_id: String::new(),
             started: Instant::now(),
@@ -278,6 +349,11 @@ impl ProxyHttp for WeirProxy {
                     return Ok(true);
                 };
                 ctx.permit = Some(permit);
+                let policy = &route.config.retry;
+                if policy.attempts > 0 {
+                    service.budget.deposit(&policy.budget);
+                }
+                ctx.deadline = route.config.timeout.map(|t| Clock::now() + t);
                 ctx.service = Some(service);
                 if let Some(m) = &route.config.mirror {
                     if route.mirror_sampler.pick(m.percent) {
@@ -291,20 +367,62 @@ impl ProxyHttp for WeirProxy {
     }
 
     async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
-        let service = ctx
-            .service
-            .as_ref()
-            .ok_or_else(|| Error::explain(ErrorType::InternalError, "route chose no service"))?;
+        let (Some(service), Some(route)) = (ctx.service.clone(), ctx.route.clone()) else {
+            return Err(Error::explain(
+                ErrorType::InternalError,
+                "route chose no service",
+            ));
+        };
+        ctx.tries += 1;
+        if ctx.tries > 1 {
+            let wait = backoff(route.config.retry.backoff, ctx.tries - 1);
+            if ctx.deadline.is_some_and(|d| Clock::now() + wait >= d) {
+                return Err(fail_with(ctx, 504, "DT"));
+            }
+            tokio::time::sleep(wait).await;
+        }
+        // A retry goes elsewhere when it can; the last try's places are given back first.
+        let avoid = ctx.endpoint.take().map(|a| a.endpoint().addr);
+        ctx.connection = None;
         let key = weir_resilience::hash_on(&service.config).and_then(|on| hash_key(session, on));
-        let addr = service.balancer.pick(key.as_deref());
-        ctx.upstream = Some(addr);
+        let Some(endpoint) = service.balancer.pick(key.as_deref(), avoid) else {
+            return Err(fail_with(ctx, 503, "UH"));
+        };
+        let place = service.connections.acquire();
+        let place = match ctx.deadline {
+            Some(d) => match tokio::time::timeout_at(d, place).await {
+                Ok(place) => place,
+                Err(_) => return Err(fail_with(ctx, 504, "DT")),
+            },
+            None => place.await,
+        };
+        let Ok(place) = place else {
+            return Err(fail_with(ctx, 503, "UO"));
+        };
+        ctx.connection = Some(place);
+        ctx.upstream = Some(endpoint.addr);
+        ctx.endpoint = Some(endpoint.begin());
         if let Some(mirror) = &mut ctx.mirror {
             mirror.new_try();
         }
         // From a SocketAddr, so Pingora does no (blocking) name resolution.
-        let mut peer = HttpPeer::new(addr, false, String::new());
+        let mut peer = HttpPeer::new(endpoint.addr, false, String::new());
         let pool = &service.config.connection_pool;
-        peer.options.connection_timeout = Some(pool.connect_timeout);
+        let left = ctx
+            .deadline
+            .map(|d| d.saturating_duration_since(Clock::now()));
+        let per_try = route.config.retry.per_try_timeout;
+        let try_timeout = match (per_try, left) {
+            (Some(p), Some(l)) => Some(p.min(l)),
+            (p, l) => p.or(l),
+        };
+        ctx.deadline_bound = left.is_some() && try_timeout == left;
+        peer.options.connection_timeout = Some(match left {
+            Some(l) => pool.connect_timeout.min(l),
+            None => pool.connect_timeout,
+        });
+        peer.options.read_timeout = try_timeout;
+        peer.options.write_timeout = try_timeout;
         peer.options.idle_timeout = Some(pool.idle_timeout);
         Ok(Box::new(peer))
     }
@@ -333,6 +451,44 @@ impl ProxyHttp for WeirProxy {
         prepare_upstream(upstream, client_ip(session), ctx)
     }
 
+    /// Outlier detection sees every response; a retriable one becomes a retry.
+    async fn upstream_response_filter(
+        &self,
+        session: &mut Session,
+        response: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let status = response.status.as_u16();
+        if status < 200 {
+            return Ok(());
+        }
+        self.report(ctx, TryResult::Status(status));
+        let failure = Failure::Status(status);
+        let on = ctx.route.as_ref().map(|r| &r.config.retry.on);
+        if on.is_some_and(|on| retriable(on, failure)) && self.should_retry(session, ctx, failure) {
+            ctx.status_retry = true;
+            let mut e = Error::explain(ErrorType::HTTPStatus(status), "retrying");
+            e.set_retry(true);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// The deadline also bounds a response that is already streaming.
+    fn upstream_response_body_filter(
+        &self,
+        _session: &mut Session,
+        _body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<Option<Duration>> {
+        if ctx.deadline.is_some_and(|d| Clock::now() >= d) {
+            ctx.flags = "DT";
+            return Err(Error::explain(ErrorType::ReadTimedout, "request deadline"));
+        }
+        Ok(None)
+    }
+
     async fn response_filter(
         &self,
         _session: &mut Session,
@@ -353,12 +509,51 @@ impl ProxyHttp for WeirProxy {
 
     fn fail_to_connect(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         _peer: &HttpPeer,
         ctx: &mut Ctx,
-        e: Box<Error>,
+        mut e: Box<Error>,
     ) -> Box<Error> {
         ctx.flags = "UF";
+        self.report(ctx, TryResult::NoResponse);
+        let retry = self.should_retry(session, ctx, Failure::ConnectFailure);
+        e.set_retry(retry);
+        e
+    }
+
+    fn error_while_proxy(
+        &self,
+        _peer: &HttpPeer,
+        session: &mut Session,
+        mut e: Box<Error>,
+        ctx: &mut Ctx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        if std::mem::take(&mut ctx.status_retry) {
+            return e;
+        }
+        if e.esource() != &ErrorSource::Upstream || session.response_written().is_some() {
+            e.set_retry(false);
+            return e;
+        }
+        let failure = match e.etype() {
+            ErrorType::ReadTimedout | ErrorType::WriteTimedout => Failure::Timeout,
+            _ => Failure::Reset,
+        };
+        // A pooled connection the upstream had closed says nothing about the endpoint.
+        if !client_reused {
+            self.report(ctx, TryResult::NoResponse);
+        }
+        let retry = self.should_retry(session, ctx, failure);
+        if !retry
+            && session.req_header().method.is_idempotent()
+            && !session.as_ref().retry_buffer_truncated()
+        {
+            // Pingora's own rule: a stale keep-alive connection is retried on a fresh one.
+            e.retry.decide_reuse(client_reused);
+        } else {
+            e.set_retry(retry);
+        }
         e
     }
 
@@ -366,10 +561,15 @@ impl ProxyHttp for WeirProxy {
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
         use ErrorType::*;
         let (code, flags, body): (u16, &'static str, &'static [u8]) = match e.etype() {
-            HTTPStatus(code) => (*code, ctx.flags, b""),
+            HTTPStatus(code) => (*code, ctx.flags, flag_body(ctx.flags)),
             ConnectTimedout | ConnectRefused | ConnectNoRoute | ConnectError | BindError
             | SocketError | TLSHandshakeFailure | TLSHandshakeTimedout | InvalidCert
             | HandshakeError => (503, "UF", b"upstream connect error\n"),
+            ReadTimedout | WriteTimedout
+                if e.esource() == &ErrorSource::Upstream && ctx.deadline_bound =>
+            {
+                (504, "DT", b"request deadline exceeded\n")
+            }
             ReadTimedout | WriteTimedout if e.esource() == &ErrorSource::Upstream => {
                 (504, "UT", b"upstream timeout\n")
             }
@@ -457,6 +657,22 @@ fn prepare_upstream(upstream: &mut RequestHeader, client: Option<IpAddr>, ctx: &
         apply_header_ops!(upstream, &r.request_headers);
     }
     Ok(())
+}
+
+/// A failure the proxy answers itself, with `flags`; `fail_to_proxy` writes the answer.
+fn fail_with(ctx: &mut Ctx, status: u16, flags: &'static str) -> Box<Error> {
+    ctx.flags = flags;
+    Error::explain(ErrorType::HTTPStatus(status), flags)
+}
+
+/// The body of the proxy's own answer for a flag.
+fn flag_body(flags: &str) -> &'static [u8] {
+    match flags {
+        "UH" => b"no healthy upstream\n",
+        "UO" => b"upstream overflow\n",
+        "DT" => b"request deadline exceeded\n",
+        _ => b"",
+    }
 }
 
 fn count_fault(route: &CompiledRoute, kind: &str) {

@@ -18,6 +18,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info, warn};
 
 use crate::admin::Admin;
+use crate::discovery::Discovery;
 use crate::proxy::WeirProxy;
 use crate::reload::{Outcome, Reloader};
 use weir_telemetry::access_log::AccessLog;
@@ -96,6 +97,7 @@ pub fn run(reloader: Reloader) -> anyhow::Result<()> {
             in_flight,
             access_log,
             grace,
+            nameservers: config.runtime.nameservers.clone(),
         },
     ));
     let proxy = server.add_service(proxy);
@@ -108,14 +110,17 @@ pub fn run(reloader: Reloader) -> anyhow::Result<()> {
     server.run_forever()
 }
 
-/// The control task: reloads on file changes (debounced) and on SIGHUP, and after SIGTERM
-/// ends the process as soon as the requests in flight are done. (Pingora itself would stop
+/// The control task: reloads on file changes (debounced) and on SIGHUP, runs the services'
+/// health checks and DNS lookups, and after SIGTERM ends the process as soon as the requests
+/// in flight are done. (Pingora itself would stop
 /// accepting and then sleep the whole grace period.)
 struct Control {
     reloader: Arc<Reloader>,
     in_flight: Arc<AtomicUsize>,
     access_log: Arc<AccessLog>,
     grace: Duration,
+    /// For the DNS resolver of `service.dns`.
+    nameservers: Vec<SocketAddr>,
 }
 
 #[async_trait]
@@ -142,6 +147,9 @@ impl BackgroundService for Control {
                 self.reloader.path().display()
             );
         }
+        // Health checks and DNS lookups run on this runtime, beside the reloads.
+        let discovery = Discovery::new(&self.nameservers);
+        discovery.start(&self.reloader.snapshot());
         ready.notify_ready();
         loop {
             let why = tokio::select! {
@@ -157,7 +165,8 @@ impl BackgroundService for Control {
             let reloader = self.reloader.clone();
             match tokio::task::spawn_blocking(move || reloader.reload()).await {
                 Ok(Outcome::Applied { generation }) => {
-                    info!(trigger = why, generation, "reload applied")
+                    info!(trigger = why, generation, "reload applied");
+                    discovery.start(&self.reloader.snapshot());
                 }
                 Ok(Outcome::Unchanged) => info!(trigger = why, "reload: config unchanged"),
                 Ok(Outcome::Failed) => {}

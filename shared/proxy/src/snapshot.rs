@@ -1,10 +1,11 @@
 //! The compiled config that requests read: one immutable [`Snapshot`] per generation.
 
 use std::collections::HashMap;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use weir_config::{Config, Loaded, Role, Service};
-use weir_resilience::{Balancer, Limiter};
+use weir_resilience::{Balancer, ConnectionGate, Limiter, RetryBudget};
 use weir_routing::RouteTable;
 
 /// Everything a request needs, compiled once per reload and never mutated.
@@ -25,6 +26,12 @@ pub struct ServiceState {
     pub balancer: Balancer,
     /// Requests in flight (mirror copies included) against `connection_pool.max_requests`.
     pub requests: Arc<Limiter>,
+    /// Connections in use against `max_connections`, with the pending line.
+    pub connections: ConnectionGate,
+    pub budget: RetryBudget,
+    /// Whether this service's health checks and DNS lookups run (they start once, and stop
+    /// when the service is dropped).
+    pub tasks_started: AtomicBool,
 }
 
 impl Snapshot {
@@ -49,6 +56,12 @@ impl Snapshot {
                         config: s.clone(),
                         balancer: Balancer::new(s),
                         requests: Limiter::new(s.connection_pool.max_requests),
+                        connections: ConnectionGate::new(
+                            s.connection_pool.max_connections,
+                            s.connection_pool.max_pending_requests,
+                        ),
+                        budget: RetryBudget::default(),
+                        tasks_started: AtomicBool::new(false),
                     })
                 });
                 (s.name.clone(), state)

@@ -1,61 +1,25 @@
-//! weir-resilience: how a request picks an endpoint of a service.
+//! weir-resilience: how a request picks an endpoint and what it does when that fails.
 //!
-//! For now the load balancers of DESIGN.md §3 (round robin, random and consistent hash, a
-//! ketama ring, Pingora's own `pingora-ketama`) and the concurrency [`Limiter`] of circuit
-//! breaking. Retries, budgets and outlier detection will live here too.
+//! - [`balancer`]: round robin, random, least request and consistent hash (a ketama ring,
+//!   Pingora's own `pingora-ketama`) over the endpoints that are in; outlier ejection and
+//!   health state per endpoint ([`endpoint`]);
+//! - [`retry`]: retry conditions, backoff with full jitter, the per-service budget;
+//! - [`limiter`]: circuit breaking on requests and connections.
+//!
+//! No I/O: the proxy runs the health checks and DNS lookups and reports here. Time is
+//! `tokio::time::Instant`, so unit tests run on a paused clock.
 
-mod limiter;
-pub use limiter::{Limiter, Permit};
+pub mod balancer;
+pub mod endpoint;
+pub mod limiter;
+pub mod retry;
 
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+pub use balancer::{Balancer, EndpointStatus, TryResult};
+pub use endpoint::{Active, Endpoint};
+pub use limiter::{ConnectionGate, Limiter, Overflow, Permit};
+pub use retry::{Failure, RetryBudget};
 
-use pingora_ketama::{Bucket, Continuum};
 use weir_config::{HashOn, LoadBalancer, Service};
-
-/// The endpoint chooser of one service. Lock-free: an atomic counter or a read-only ring.
-pub struct Balancer {
-    endpoints: Vec<SocketAddr>,
-    next: AtomicUsize,
-    kind: Kind,
-}
-
-enum Kind {
-    RoundRobin,
-    Random,
-    Ring(Continuum),
-}
-
-impl Balancer {
-    pub fn new(service: &Service) -> Balancer {
-        let kind = match &service.load_balancer {
-            LoadBalancer::RoundRobin => Kind::RoundRobin,
-            LoadBalancer::Random => Kind::Random,
-            LoadBalancer::ConsistentHash(_) => Kind::Ring(ring(&service.endpoints)),
-        };
-        Balancer {
-            endpoints: service.endpoints.clone(),
-            next: AtomicUsize::new(0),
-            kind,
-        }
-    }
-
-    /// The endpoint for a request. `key` is the request's hash key (see [`hash_on`]); a
-    /// consistent-hash service without one falls back to round robin, as Envoy falls back to
-    /// a random pick.
-    pub fn pick(&self, key: Option<&[u8]>) -> SocketAddr {
-        match (&self.kind, key) {
-            (Kind::Ring(ring), Some(key)) => ring.node(key).unwrap_or(self.endpoints[0]),
-            (Kind::Random, _) => self.endpoints[fastrand::usize(..self.endpoints.len())],
-            _ => self.endpoints[self.next.fetch_add(1, Ordering::Relaxed) % self.endpoints.len()],
-        }
-    }
-}
-
-fn ring(endpoints: &[SocketAddr]) -> Continuum {
-    let buckets: Vec<Bucket> = endpoints.iter().map(|e| Bucket::new(*e, 1)).collect();
-    Continuum::new(&buckets)
-}
 
 /// What a consistent-hash service hashes on, if it is one.
 pub fn hash_on(service: &Service) -> Option<&HashOn> {
@@ -88,16 +52,22 @@ pub fn roll(key: &[u8]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::SocketAddr;
+    use std::time::Duration;
+    use weir_config::{HealthCheck, OutlierDetection};
 
-    fn service(n: usize, lb: LoadBalancer) -> Service {
+    pub(crate) fn service(n: usize, lb: LoadBalancer) -> Service {
         let endpoints = (0..n)
             .map(|i| SocketAddr::from(([10, 0, 0, i as u8 + 1], 80)))
             .collect();
         Service {
             name: "s".into(),
             endpoints,
+            dns: None,
             load_balancer: lb,
             connection_pool: Default::default(),
+            outlier_detection: None,
+            health_check: None,
         }
     }
 
@@ -108,7 +78,9 @@ mod tests {
     #[test]
     fn round_robin_visits_every_endpoint_in_turn() {
         let b = Balancer::new(&service(3, LoadBalancer::RoundRobin));
-        let picks: Vec<_> = (0..6).map(|_| b.pick(None).ip().to_string()).collect();
+        let picks: Vec<_> = (0..6)
+            .map(|_| b.pick(None, None).unwrap().addr.ip().to_string())
+            .collect();
         assert_eq!(
             picks,
             ["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.1", "10.0.0.2", "10.0.0.3"]
@@ -120,8 +92,8 @@ mod tests {
         let b = hashed(5);
         for user in 0..200 {
             let key = format!("user-{user}");
-            let first = b.pick(Some(key.as_bytes()));
-            assert!((0..5).all(|_| b.pick(Some(key.as_bytes())) == first));
+            let first = b.pick(Some(key.as_bytes()), None).unwrap().addr;
+            assert!((0..5).all(|_| b.pick(Some(key.as_bytes()), None).unwrap().addr == first));
         }
     }
 
@@ -134,8 +106,8 @@ mod tests {
             let mut moved = 0;
             for key in &keys {
                 let (a, b) = (
-                    before.pick(Some(key.as_bytes())),
-                    after.pick(Some(key.as_bytes())),
+                    before.pick(Some(key.as_bytes()), None).unwrap().addr,
+                    after.pick(Some(key.as_bytes()), None).unwrap().addr,
                 );
                 if a != b {
                     assert_eq!(
@@ -159,6 +131,146 @@ mod tests {
                 "{n}: moved {share}, ideal {ideal}"
             );
         }
+    }
+
+    fn with_outliers(n: usize, od: OutlierDetection) -> Balancer {
+        let mut s = service(n, LoadBalancer::RoundRobin);
+        s.outlier_detection = Some(od);
+        Balancer::new(&s)
+    }
+
+    fn states(b: &Balancer) -> Vec<&'static str> {
+        b.statuses().iter().map(|s| s.state).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn consecutive_5xx_eject_for_base_time_times_ejections() {
+        let od = OutlierDetection {
+            consecutive_5xx: 3,
+            base_ejection_time: Duration::from_secs(30),
+            max_ejection_time: Duration::from_secs(50),
+            max_ejection_percent: 50,
+            ..OutlierDetection::default()
+        };
+        let b = with_outliers(2, od);
+        let bad = b.endpoints().endpoints[0].clone();
+        assert_eq!(b.report(&bad, TryResult::Status(500)), None);
+        assert_eq!(
+            b.report(&bad, TryResult::Status(200)),
+            None,
+            "a success resets"
+        );
+        assert_eq!(b.report(&bad, TryResult::Status(500)), None);
+        assert_eq!(b.report(&bad, TryResult::Status(502)), None);
+        assert_eq!(
+            b.report(&bad, TryResult::NoResponse),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(states(&b), ["ejected", "healthy"]);
+        assert!((0..10).all(|_| b.pick(None, None).unwrap().addr != bad.addr));
+        tokio::time::advance(Duration::from_secs(31)).await;
+        assert_eq!(states(&b), ["healthy", "healthy"], "back after its time");
+        for _ in 0..2 {
+            b.report(&bad, TryResult::Status(503));
+        }
+        // The second ejection lasts 2 × 30 s, capped at max_ejection_time.
+        assert_eq!(
+            b.report(&bad, TryResult::Status(503)),
+            Some(Duration::from_secs(50))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ejection_respects_max_percent_and_keeps_one_endpoint() {
+        let od = OutlierDetection {
+            consecutive_5xx: 1,
+            max_ejection_percent: 50,
+            ..OutlierDetection::default()
+        };
+        let b = with_outliers(4, od.clone());
+        for e in b.endpoints().endpoints.iter() {
+            b.report(e, TryResult::Status(500));
+        }
+        assert_eq!(states(&b).iter().filter(|s| **s == "ejected").count(), 2);
+        let single = with_outliers(
+            1,
+            OutlierDetection {
+                max_ejection_percent: 100,
+                ..od
+            },
+        );
+        let only = single.endpoints().endpoints[0].clone();
+        assert_eq!(single.report(&only, TryResult::Status(500)), None);
+        assert!(single.pick(None, None).is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn health_checks_need_their_thresholds() {
+        let hc = HealthCheck {
+            path: "/healthz".into(),
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+            healthy_threshold: 2,
+            unhealthy_threshold: 3,
+        };
+        let b = Balancer::new(&service(2, LoadBalancer::RoundRobin));
+        let e = b.endpoints().endpoints[0].clone();
+        assert_eq!(b.record_check(&e, false, &hc), None);
+        assert_eq!(b.record_check(&e, false, &hc), None);
+        assert_eq!(b.record_check(&e, false, &hc), Some(false));
+        assert_eq!(states(&b), ["unhealthy", "healthy"]);
+        assert!((0..10).all(|_| b.pick(None, None).unwrap().addr != e.addr));
+        assert_eq!(b.record_check(&e, true, &hc), None);
+        assert_eq!(b.record_check(&e, true, &hc), Some(true));
+        let other = b.endpoints().endpoints[1].clone();
+        for _ in 0..3 {
+            b.record_check(&e, false, &hc);
+            b.record_check(&other, false, &hc);
+        }
+        assert!(b.pick(None, None).is_none(), "nothing healthy: UH");
+    }
+
+    #[test]
+    fn a_retry_avoids_the_endpoint_that_failed() {
+        for lb in [
+            LoadBalancer::RoundRobin,
+            LoadBalancer::Random,
+            LoadBalancer::LeastRequest,
+            LoadBalancer::ConsistentHash(HashOn::SourceIp),
+        ] {
+            let b = Balancer::new(&service(3, lb));
+            let failed = b.pick(Some(b"user"), None).unwrap().addr;
+            for _ in 0..20 {
+                assert_ne!(b.pick(Some(b"user"), Some(failed)).unwrap().addr, failed);
+            }
+        }
+        let one = Balancer::new(&service(1, LoadBalancer::RoundRobin));
+        let only = one.pick(None, None).unwrap().addr;
+        assert_eq!(one.pick(None, Some(only)).unwrap().addr, only);
+    }
+
+    #[test]
+    fn least_request_prefers_the_less_busy_endpoint() {
+        let b = Balancer::new(&service(2, LoadBalancer::LeastRequest));
+        let busy = b.endpoints().endpoints[0].clone();
+        let _held: Vec<_> = (0..5).map(|_| busy.begin()).collect();
+        assert!((0..50).all(|_| b.pick(None, None).unwrap().addr != busy.addr));
+    }
+
+    #[test]
+    fn dns_updates_keep_the_state_of_endpoints_that_stay() {
+        let b = Balancer::new(&service(2, LoadBalancer::RoundRobin));
+        let kept = b.endpoints().endpoints[1].clone();
+        let _active = kept.begin();
+        let new = SocketAddr::from(([10, 0, 0, 9], 80));
+        assert!(b.set_endpoints(vec![new, kept.addr]));
+        assert!(
+            !b.set_endpoints(vec![kept.addr, new]),
+            "same set, any order"
+        );
+        let set = b.endpoints();
+        let again = set.endpoints.iter().find(|e| e.addr == kept.addr).unwrap();
+        assert_eq!(again.active(), 1);
     }
 
     #[test]

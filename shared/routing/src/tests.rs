@@ -305,6 +305,8 @@ fn spec_route(
         rewrite: None,
         fault: None,
         mirror: None,
+        timeout: None,
+        retry: Default::default(),
         request_headers: Default::default(),
         response_headers: Default::default(),
         origin: String::new(),

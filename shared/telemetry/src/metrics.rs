@@ -15,6 +15,12 @@ pub struct Metrics {
     pub mirror_requests: IntCounterVec,
     /// `route`, `kind`: delay, abort.
     pub faults_injected: IntCounterVec,
+    /// `service`, `reason`: connect-failure, reset, timeout or the status retried.
+    pub upstream_retries: IntCounterVec,
+    /// `service`.
+    pub outlier_ejections: IntCounterVec,
+    /// `service`, `state`: healthy, ejected, unhealthy; set at scrape time.
+    pub endpoints: IntGaugeVec,
     /// `service`: requests to the service in flight, mirror copies included.
     pub upstream_requests_active: IntGaugeVec,
     /// `result`: success, failure.
@@ -58,6 +64,21 @@ impl Metrics {
             "Injected delays and aborts.",
             &["route", "kind"],
         );
+        let upstream_retries = counter(
+            "weir_upstream_retries_total",
+            "Retries by service and reason.",
+            &["service", "reason"],
+        );
+        let outlier_ejections = counter(
+            "weir_outlier_ejections_total",
+            "Endpoints ejected by outlier detection.",
+            &["service"],
+        );
+        let endpoints = gauges(
+            "weir_endpoints",
+            "Endpoints by state.",
+            &["service", "state"],
+        );
         let upstream_requests_active = gauges(
             "weir_upstream_requests_active",
             "Requests in flight to a service, mirror copies included.",
@@ -85,6 +106,9 @@ impl Metrics {
             registry,
             mirror_requests,
             faults_injected,
+            upstream_retries,
+            outlier_ejections,
+            endpoints,
             upstream_requests_active,
             config_reloads,
             config_generation,
