@@ -200,3 +200,43 @@ fn a_percentage_of_requests_is_mirrored() {
     assert!((98.0..=102.0).contains(&sent), "{sent} of 400 mirrored");
     assert_eq!(shadow.hits() as f64, sent);
 }
+
+#[test]
+fn a_retried_request_is_mirrored_exactly_once() {
+    let (bad, good) = (Upstream::failing("bad", 503), Upstream::start("good"));
+    let shadow = Upstream::start("shadow");
+    let gw = Gateway::start(&format!(
+        "[[service]]\nname = \"app\"\nendpoints = [\"{}\", \"{}\"]\n{}\
+         [[route]]\nname = \"r\"\n  [[route.backend]]\n  service = \"app\"\n  \
+         [route.mirror]\n  service = \"shadow\"\n  \
+         [route.retry]\n  non_idempotent = true\n  budget = {{ ratio = 1.0, min_per_second = 1000 }}\n",
+        bad.addr,
+        good.addr,
+        shadow.service()
+    ));
+    let agent = client();
+    for i in 0..10 {
+        let body = format!("order number {i}");
+        let r = send_body(
+            &agent,
+            "POST",
+            &gw.url("/orders"),
+            &[],
+            Some(body.as_bytes()),
+        )
+        .unwrap();
+        assert_eq!((r.status, r.body.as_str()), (200, "good"));
+        // Every request went to bad first or second: half of them were retried with their body.
+        wait_until("the copy", WAIT, || shadow.hits() == i + 1);
+        assert_eq!(
+            shadow.last_body(),
+            body.as_bytes(),
+            "the body once, not replayed"
+        );
+    }
+    assert!(bad.hits() >= 5, "retries happened: {}", bad.hits());
+    wait_until("no copy in flight", WAIT, || {
+        gw.metric("weir_upstream_requests_active{service=\"shadow\"}") == 0.0
+    });
+    assert_eq!(shadow.hits(), 10);
+}
