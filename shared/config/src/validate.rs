@@ -662,8 +662,15 @@ impl Checker<'_> {
                 }
             }
         };
+        let attempts = r.attempts.unwrap_or(d.attempts);
+        if attempts > 10 {
+            self.fail(
+                &at.key("attempts"),
+                format!("attempts {attempts} is over 10 (tries beyond are not made)"),
+            );
+        }
         Retry {
-            attempts: r.attempts.unwrap_or(d.attempts),
+            attempts,
             per_try_timeout: r
                 .per_try_timeout
                 .map(|t| self.positive(at, "per_try_timeout", Some(t), Duration::ZERO)),

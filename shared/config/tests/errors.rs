@@ -305,3 +305,40 @@ fn mirrors_and_connection_pools_are_checked() {
     assert_eq!((mirror.percent, mirror.max_body_bytes), (100.0, 65536));
     assert_eq!(loaded.config.services[0].connection_pool.max_requests, 1024);
 }
+
+#[test]
+fn resilience_keys_are_checked() {
+    let text = "[[service]]\nname = \"a\"\nendpoints = [\"127.0.0.1:1\"]\ndns = \"a.example:80\"\n\
+                [[service]]\nname = \"b\"\ndns = \"no port\"\n\
+                [[service]]\nname = \"c\"\nendpoints = [\"127.0.0.1:1\"]\n\
+                [service.outlier_detection]\nmax_ejection_percent = 150\nbase_ejection_time = \"1m\"\nmax_ejection_time = \"10s\"\n\
+                [service.health_check]\ninterval = \"0s\"\nunhealthy_threshold = 0\n\
+                [[route]]\nname = \"r\"\ntimeout = \"soon\"\n  [[route.backend]]\n  service = \"c\"\n  \
+                [route.retry]\n  on = [\"5xx\", \"sometimes\", 700]\n  budget = { ratio = -1.0 }\n";
+    let errs = errors(text).join("\n");
+    for want in [
+        "gw.toml:1: service \"a\": has both endpoints and dns; choose one",
+        "gw.toml:7: service \"b\": bad dns \"no port\": expected name:port",
+        "gw.toml:12: service \"c\": max_ejection_percent 150 is over 100",
+        "gw.toml:14: service \"c\": max_ejection_time is shorter than base_ejection_time",
+        "service \"c\": missing required key \"path\"",
+        "gw.toml:20: route \"r\": bad duration \"soon\"",
+        "gw.toml:24: route \"r\" on[1]: unknown retry condition \"sometimes\"",
+        "gw.toml:24: route \"r\" on[2]: status 700 is not between 100 and 599",
+        "route \"r\": budget ratio -1 is not between 0 and 10",
+    ] {
+        assert!(errs.contains(want), "missing {want:?} in:\n{errs}");
+    }
+    let ok = "[[service]]\nname = \"a\"\ndns = \"Reviews.default.svc:9080\"\nload_balancer = \"least_request\"\n\
+              [service.outlier_detection]\n[service.health_check]\npath = \"/healthz\"\n\
+              [[route]]\nname = \"r\"\n  [[route.backend]]\n  service = \"a\"\n";
+    let loaded = parse("gw.toml", ok, Role::Gateway).unwrap();
+    let (s, r) = (&loaded.config.services[0], &loaded.config.routes[0]);
+    assert_eq!(s.dns.as_ref().unwrap().name, "reviews.default.svc");
+    assert_eq!(s.outlier_detection.as_ref().unwrap().consecutive_5xx, 5);
+    assert_eq!(s.health_check.as_ref().unwrap().unhealthy_threshold, 3);
+    assert_eq!(r.retry.attempts, 2);
+    assert_eq!(r.retry.on.statuses, [503]);
+    assert!(r.retry.on.connect_failure && !r.retry.non_idempotent);
+    assert_eq!(r.timeout, None);
+}
