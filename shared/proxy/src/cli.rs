@@ -278,7 +278,7 @@ fn describe_policies(r: &weir_config::Route) {
             format(t)
         );
     }
-    if let Some(weir_config::Action::Backends(_)) = Some(&r.action) {
+    if matches!(r.action, weir_config::Action::Backends(_)) {
         let rt = &r.retry;
         if rt.attempts == 0 {
             println!("retry:    off");
