@@ -124,6 +124,19 @@ fn a_post_is_retried_only_when_it_never_reached_the_upstream() {
         .unwrap();
         assert_eq!(r.status, 200);
     }
+    // Recovered connect failures leave no flag on the requests they delayed.
+    wait_until("the access log", Duration::from_secs(5), || {
+        gw.access_log()
+            .iter()
+            .filter(|l| l["path"] == "/refused")
+            .count()
+            == 10
+    });
+    assert!(gw
+        .access_log()
+        .iter()
+        .filter(|l| l["path"] == "/refused")
+        .all(|l| l["status"] == 200 && l["flags"] == ""));
 }
 
 #[test]

@@ -82,7 +82,9 @@ impl WeirProxy {
             return false;
         }
         if ctx.tries > policy.attempts {
-            ctx.flags = "URX";
+            if policy.attempts > 0 {
+                ctx.flags = "URX";
+            }
             return false;
         }
         if failure.may_have_reached_upstream()
@@ -514,9 +516,12 @@ impl ProxyHttp for WeirProxy {
         ctx: &mut Ctx,
         mut e: Box<Error>,
     ) -> Box<Error> {
-        ctx.flags = "UF";
         self.report(ctx, TryResult::NoResponse);
         let retry = self.should_retry(session, ctx, Failure::ConnectFailure);
+        // A connect failure that a retry recovers from is no flag of the request's.
+        if !retry {
+            ctx.flags = "UF";
+        }
         e.set_retry(retry);
         e
     }
