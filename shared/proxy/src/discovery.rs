@@ -3,6 +3,7 @@
 //! state and ended when that state is dropped (the service was changed or removed by a
 //! reload), so an unchanged service keeps checking and resolving across reloads.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
@@ -55,9 +56,10 @@ impl Discovery {
                 continue;
             }
             if let Some(hc) = &service.config.health_check {
-                let task =
-                    health_checks(self.connector.clone(), Arc::downgrade(service), hc.clone());
-                tokio::spawn(task);
+                let (connector, path) = (self.connector.clone(), hc.path.clone());
+                let idle = service.config.connection_pool.idle_timeout;
+                let probe = move |addr| check(connector.clone(), addr, path.clone(), idle);
+                tokio::spawn(health_checks(Arc::downgrade(service), hc.clone(), probe));
             }
             if let Some(dns) = &service.config.dns {
                 let task = resolve(self.resolver.clone(), Arc::downgrade(service), dns.clone());
@@ -88,7 +90,12 @@ fn resolver(nameservers: &[SocketAddr]) -> Result<TokioResolver, String> {
 }
 
 /// Checks every endpoint each `interval`, all at once, and feeds the results to the balancer.
-async fn health_checks(connector: Arc<Connector>, service: Weak<ServiceState>, hc: HealthCheck) {
+/// A probe that has not answered within `timeout` failed.
+async fn health_checks<P, F>(service: Weak<ServiceState>, hc: HealthCheck, probe: P)
+where
+    P: Fn(SocketAddr) -> F,
+    F: Future<Output = bool> + Send + 'static,
+{
     let mut tick = tokio::time::interval(hc.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -99,9 +106,8 @@ async fn health_checks(connector: Arc<Connector>, service: Weak<ServiceState>, h
         let set = state.balancer.endpoints();
         let mut checks = JoinSet::new();
         for (i, e) in set.endpoints.iter().enumerate() {
-            let (connector, hc, addr) = (connector.clone(), hc.clone(), e.addr);
-            let idle = state.config.connection_pool.idle_timeout;
-            checks.spawn(async move { (i, check(&connector, addr, &hc, idle).await) });
+            let check = tokio::time::timeout(hc.timeout, probe(e.addr));
+            checks.spawn(async move { (i, matches!(check.await, Ok(true))) });
         }
         while let Some(Ok((i, passed))) = checks.join_next().await {
             state.balancer.record_check(&set.endpoints[i], passed, &hc);
@@ -109,20 +115,16 @@ async fn health_checks(connector: Arc<Connector>, service: Weak<ServiceState>, h
     }
 }
 
-/// One check: `GET path` answered with a 2xx within `timeout`.
-async fn check(connector: &Connector, addr: SocketAddr, hc: &HealthCheck, idle: Duration) -> bool {
-    let Ok(mut req) = RequestHeader::build("GET", hc.path.as_bytes(), None) else {
+/// One check: `GET path` answered with a 2xx (the caller bounds the time).
+async fn check(connector: Arc<Connector>, addr: SocketAddr, path: String, idle: Duration) -> bool {
+    let Ok(mut req) = RequestHeader::build("GET", path.as_bytes(), None) else {
         return false;
     };
     let _ = req.insert_header("host", addr.to_string());
     let _ = req.insert_header("user-agent", "weir-health-check");
-    let mut peer = HttpPeer::new(addr, false, String::new());
-    peer.options.connection_timeout = Some(hc.timeout);
-    let exchange = crate::client::exchange(connector, &peer, req, Bytes::new(), idle);
-    matches!(
-        tokio::time::timeout(hc.timeout, exchange).await,
-        Ok(Ok(200..=299))
-    )
+    let peer = HttpPeer::new(addr, false, String::new());
+    let exchange = crate::client::exchange(&connector, &peer, req, Bytes::new(), idle);
+    matches!(exchange.await, Ok(200..=299))
 }
 
 /// Resolves `dns` again whenever its answer expires; a failed lookup keeps the last good set.
@@ -157,5 +159,115 @@ async fn resolve(resolver: Option<Arc<TokioResolver>>, service: Weak<ServiceStat
         };
         drop(state);
         tokio::time::sleep(wait).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+
+    use tokio::time::{sleep_until, Instant};
+
+    use super::*;
+
+    #[derive(Clone, Copy)]
+    enum Probe {
+        Pass,
+        Fail,
+        Hang,
+    }
+
+    fn service() -> Arc<ServiceState> {
+        let toml = r#"
+            [[service]]
+            name = "api"
+            endpoints = ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]
+            [service.health_check]
+            path = "/healthz"
+            interval = "5s"
+            timeout = "1s"
+            healthy_threshold = 2
+            unhealthy_threshold = 3
+        "#;
+        let loaded = weir_config::parse("hc.toml", toml, weir_config::Role::Gateway).unwrap();
+        Arc::new(ServiceState::new(&loaded.config.services[0]))
+    }
+
+    fn state(service: &ServiceState, port: u16) -> &'static str {
+        let statuses = service.balancer.statuses();
+        statuses
+            .iter()
+            .find(|s| s.address.port() == port)
+            .unwrap()
+            .state
+    }
+
+    /// With checks every 5 s, a 1 s timeout and thresholds 3 down / 2 up: an endpoint that
+    /// starts failing at 0 s is out after the third check (10 s), one that hangs after the
+    /// third check's timeout (11 s), and a recovered one is back after two passes.
+    #[tokio::test(start_paused = true)]
+    async fn health_check_timing() {
+        let service = service();
+        let hc = service.config.health_check.clone().unwrap();
+        let behaviour: Arc<Mutex<HashMap<u16, Probe>>> = Arc::new(Mutex::new(HashMap::from([
+            (1, Probe::Fail),
+            (2, Probe::Pass),
+            (3, Probe::Hang),
+        ])));
+        let probes = behaviour.clone();
+        let probe = move |addr: SocketAddr| {
+            let b = probes.lock().unwrap()[&addr.port()];
+            async move {
+                match b {
+                    Probe::Pass => true,
+                    Probe::Fail => false,
+                    Probe::Hang => std::future::pending().await,
+                }
+            }
+        };
+        let start = Instant::now();
+        let task = tokio::spawn(health_checks(Arc::downgrade(&service), hc, probe));
+        let at = |ms: u64| sleep_until(start + Duration::from_millis(ms));
+
+        at(9_900).await;
+        assert_eq!(
+            state(&service, 1),
+            "healthy",
+            "two failed checks are not enough"
+        );
+        at(10_100).await;
+        assert_eq!(
+            state(&service, 1),
+            "unhealthy",
+            "out after the third, at 10 s"
+        );
+        assert_eq!(
+            state(&service, 3),
+            "healthy",
+            "the third hung check has not timed out"
+        );
+        at(11_100).await;
+        assert_eq!(
+            state(&service, 3),
+            "unhealthy",
+            "out when the third check timed out"
+        );
+        assert_eq!(state(&service, 2), "healthy");
+
+        behaviour.lock().unwrap().insert(1, Probe::Pass);
+        at(15_100).await;
+        assert_eq!(state(&service, 1), "unhealthy", "one pass is not enough");
+        at(20_100).await;
+        assert_eq!(
+            state(&service, 1),
+            "healthy",
+            "back after the second pass, at 20 s"
+        );
+
+        // The loop ends with its service.
+        drop(service);
+        at(25_100).await;
+        assert!(task.is_finished());
     }
 }

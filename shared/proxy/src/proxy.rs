@@ -10,9 +10,10 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use http::{HeaderName, HeaderValue};
 use pingora_core::connectors::http::Connector;
 use pingora_core::upstreams::peer::HttpPeer;
-use pingora_error::{Error, ErrorSource, ErrorType, Result};
+use pingora_error::{Error, ErrorSource, ErrorType, OrErr, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 use tokio::sync::OwnedSemaphorePermit;
@@ -27,22 +28,9 @@ use crate::reload::Reloader;
 use crate::snapshot::{ServiceState, Snapshot};
 use weir_telemetry::access_log::{AccessLog, Entry};
 
-/// Applies a route's header changes: remove, then set, then add. A macro because Pingora's
-/// request and response headers have these methods but no trait in common.
-macro_rules! apply_header_ops {
-    ($headers:expr, $ops:expr) => {{
-        let ops: &HeaderOps = $ops;
-        for name in &ops.remove {
-            $headers.remove_header(name.as_str());
-        }
-        for (name, value) in &ops.set {
-            $headers.insert_header(name.clone(), value.as_str())?;
-        }
-        for (name, value) in &ops.add {
-            $headers.append_header(name.clone(), value.as_str())?;
-        }
-    }};
-}
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 pub struct WeirProxy {
     reloader: Arc<Reloader>,
@@ -197,7 +185,8 @@ pub struct Ctx {
     status_retry: bool,
     /// Response flag for the access log: "NR", "UF", ... or "" when none.
     flags: &'static str,
-    request_id: String,
+    /// Sent upstream and back to the client; a `HeaderValue` so each use is a refcount.
+    request_id: HeaderValue,
     started: Instant,
     _in_flight: InFlight,
 }
@@ -232,7 +221,7 @@ impl ProxyHttp for WeirProxy {
             deadline_bound: false,
             status_retry: false,
             flags: "",
-            request_id: String::new(),
+            request_id: HeaderValue::from_static(""),
             started: Instant::now(),
             _in_flight: InFlight(self.in_flight.clone()),
         }
@@ -249,16 +238,13 @@ impl ProxyHttp for WeirProxy {
             set_path(session.req_header_mut(), &path)?;
         }
         let req = session.req_header();
-        ctx.request_id = match req
-            .headers
-            .get("x-request-id")
-            .and_then(|v| v.to_str().ok())
-        {
+        ctx.request_id = match req.headers.get(X_REQUEST_ID) {
             // Kept for tracing across hops, but only a sane one: it reaches logs and upstreams.
             Some(id)
-                if (1..=128).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_graphic()) =>
+                if (1..=128).contains(&id.len())
+                    && id.as_bytes().iter().all(u8::is_ascii_graphic) =>
             {
-                id.to_string()
+                id.clone()
             }
             _ => new_request_id(),
         };
@@ -497,11 +483,11 @@ impl ProxyHttp for WeirProxy {
         response: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        response.insert_header("x-request-id", ctx.request_id.as_str())?;
-        if let Some(route) = &ctx.route {
-            apply_response_headers(response, &route.config.response_headers)?;
-        }
-        Ok(())
+        let ops = ctx.route.as_ref().map(|r| &r.config.response_headers);
+        edit_response(response, |headers| {
+            headers.insert(X_REQUEST_ID, ctx.request_id.clone());
+            ops.map_or(Ok(()), |ops| apply_header_ops(headers, ops))
+        })
     }
 
     /// Failures that carry a flag are in the access log already.
@@ -606,7 +592,7 @@ impl ProxyHttp for WeirProxy {
         let req = session.req_header();
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         self.access_log.write(&Entry {
-            request_id: &ctx.request_id,
+            request_id: ctx.request_id.to_str().unwrap_or(""),
             listener: self
                 .listeners
                 .get(ctx.listener)
@@ -629,39 +615,105 @@ impl ProxyHttp for WeirProxy {
 /// The request as it goes upstream (to the chosen service or a mirror): forwarding headers,
 /// the route's rewrite and request header changes.
 fn prepare_upstream(upstream: &mut RequestHeader, client: Option<IpAddr>, ctx: &Ctx) -> Result<()> {
-    // Edge proxy: append the peer to X-Forwarded-For, say how the client reached us.
-    if let Some(ip) = client {
-        let xff = match upstream
-            .headers
-            .get("x-forwarded-for")
-            .and_then(|v| v.to_str().ok())
-        {
-            Some(prior) if !prior.is_empty() => format!("{prior}, {ip}"),
-            _ => ip.to_string(),
-        };
-        upstream.insert_header("x-forwarded-for", xff)?;
-    }
-    upstream.insert_header("x-forwarded-proto", "http")?;
-    upstream.insert_header("x-request-id", ctx.request_id.as_str())?;
-    if let Some(route) = &ctx.route {
-        let r = &route.config;
-        if let Some(rewrite) = &r.rewrite {
-            if let Some(prefix) = &rewrite.path_prefix {
-                let matched = ctx.block.and_then(|b| r.matches[b].path.as_ref());
-                let rest = match matched {
-                    Some(PathMatch::Prefix(p)) => upstream.uri.path().get(p.len()..).unwrap_or(""),
-                    _ => "",
-                };
-                let path = format!("{prefix}{rest}");
-                set_path(upstream, &path)?;
-            }
-            if let Some(host) = &rewrite.host {
-                upstream.insert_header("host", host.as_str())?;
-            }
+    let route = ctx.route.as_ref().map(|r| &r.config);
+    edit_request(upstream, |parts| {
+        let headers = &mut parts.headers;
+        headers.reserve(3);
+        // Edge proxy: append the peer to X-Forwarded-For, say how the client reached us.
+        if let Some(ip) = client {
+            let ip = ip_text(ip);
+            let xff = match headers.get(X_FORWARDED_FOR) {
+                Some(prior) if !prior.is_empty() => {
+                    let mut v = Vec::with_capacity(prior.len() + 2 + ip.len());
+                    v.extend_from_slice(prior.as_bytes());
+                    v.extend_from_slice(b", ");
+                    v.extend_from_slice(ip.as_bytes());
+                    v
+                }
+                _ => ip.into_owned().into_bytes(),
+            };
+            let xff = HeaderValue::from_maybe_shared(Bytes::from(xff))
+                .or_err(ErrorType::InvalidHTTPHeader, "bad x-forwarded-for")?;
+            headers.insert(X_FORWARDED_FOR, xff);
         }
-        apply_header_ops!(upstream, &r.request_headers);
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+        headers.insert(X_REQUEST_ID, ctx.request_id.clone());
+        let Some(r) = route else {
+            return Ok(());
+        };
+        if let Some(host) = r.rewrite.as_ref().and_then(|w| w.host.as_deref()) {
+            headers.insert(http::header::HOST, header_value(host)?);
+        }
+        apply_header_ops(headers, &r.request_headers)
+    })?;
+    let Some(r) = route else {
+        return Ok(());
+    };
+    if let Some(prefix) = r.rewrite.as_ref().and_then(|w| w.path_prefix.as_ref()) {
+        let matched = ctx.block.and_then(|b| r.matches[b].path.as_ref());
+        let rest = match matched {
+            Some(PathMatch::Prefix(p)) => upstream.uri.path().get(p.len()..).unwrap_or(""),
+            _ => "",
+        };
+        let path = format!("{prefix}{rest}");
+        set_path(upstream, &path)?;
     }
     Ok(())
+}
+
+/// Edits a request's headers as plain `http` parts. Pingora's parsed headers keep a second,
+/// case-preserving map that every insert pays for (a name parse and an allocation); the
+/// parts take constant names. Header names then go out in canonical case, as Envoy sends
+/// them. Moving the parts out and back copies nothing; a target that is not UTF-8 keeps its
+/// raw bytes.
+fn edit_request(
+    req: &mut RequestHeader,
+    edit: impl FnOnce(&mut http::request::Parts) -> Result<()>,
+) -> Result<()> {
+    let raw = (!req.raw_path_is_utf8()).then(|| req.raw_path().to_vec());
+    let empty = RequestHeader::from(http::Request::new(()).into_parts().0);
+    let mut parts: http::request::Parts = std::mem::replace(req, empty).into();
+    let edited = edit(&mut parts);
+    *req = parts.into();
+    if let Some(raw) = raw {
+        req.set_raw_path(&raw)?;
+    }
+    edited
+}
+
+/// [`edit_request`] for a response.
+fn edit_response(
+    resp: &mut ResponseHeader,
+    edit: impl FnOnce(&mut http::HeaderMap) -> Result<()>,
+) -> Result<()> {
+    let empty = ResponseHeader::from(http::Response::new(()).into_parts().0);
+    let mut parts: http::response::Parts = std::mem::replace(resp, empty).into();
+    let edited = edit(&mut parts.headers);
+    *resp = parts.into();
+    edited
+}
+
+/// Applies a route's header changes: remove, then set, then add. The names and values were
+/// checked when the config was loaded.
+fn apply_header_ops(headers: &mut http::HeaderMap, ops: &HeaderOps) -> Result<()> {
+    for name in &ops.remove {
+        headers.remove(name.as_str());
+    }
+    for (name, value) in &ops.set {
+        headers.insert(header_name(name)?, header_value(value)?);
+    }
+    for (name, value) in &ops.add {
+        headers.append(header_name(name)?, header_value(value)?);
+    }
+    Ok(())
+}
+
+fn header_name(name: &str) -> Result<HeaderName> {
+    HeaderName::from_bytes(name.as_bytes()).or_err(ErrorType::InvalidHTTPHeader, "header name")
+}
+
+fn header_value(value: &str) -> Result<HeaderValue> {
+    HeaderValue::from_str(value).or_err(ErrorType::InvalidHTTPHeader, "header value")
 }
 
 /// A failure the proxy answers itself, with `flags`; `fail_to_proxy` writes the answer.
@@ -696,28 +748,25 @@ async fn respond(
     body: Bytes,
     location: Option<String>,
 ) -> Result<()> {
-    let mut resp = ResponseHeader::build(status, Some(4))?;
-    resp.insert_header("content-length", body.len().to_string())?;
-    if !body.is_empty() {
-        resp.insert_header("content-type", "text/plain; charset=utf-8")?;
-    }
-    if let Some(location) = location {
-        resp.insert_header("location", location)?;
-    }
-    resp.insert_header("x-request-id", ctx.request_id.as_str())?;
-    if let Some(route) = &ctx.route {
-        apply_response_headers(&mut resp, &route.config.response_headers)?;
-    }
+    let mut resp = ResponseHeader::build_no_case(status, Some(5))?;
+    let ops = ctx.route.as_ref().map(|r| &r.config.response_headers);
+    edit_response(&mut resp, |headers| {
+        headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        if !body.is_empty() {
+            let text = HeaderValue::from_static("text/plain; charset=utf-8");
+            headers.insert(http::header::CONTENT_TYPE, text);
+        }
+        if let Some(location) = location {
+            headers.insert(http::header::LOCATION, header_value(&location)?);
+        }
+        headers.insert(X_REQUEST_ID, ctx.request_id.clone());
+        ops.map_or(Ok(()), |ops| apply_header_ops(headers, ops))
+    })?;
     let empty = body.is_empty();
     session.write_response_header(Box::new(resp), empty).await?;
     if !empty {
         session.write_response_body(Some(body), true).await?;
     }
-    Ok(())
-}
-
-fn apply_response_headers(resp: &mut ResponseHeader, ops: &HeaderOps) -> Result<()> {
-    apply_header_ops!(resp, ops);
     Ok(())
 }
 
@@ -730,7 +779,11 @@ fn redirect_location(req: &RequestHeader, r: &Redirect) -> String {
             .uri
             .authority()
             .map(|a| a.as_str())
-            .or_else(|| req.headers.get("host").and_then(|h| h.to_str().ok()))
+            .or_else(|| {
+                req.headers
+                    .get(http::header::HOST)
+                    .and_then(|h| h.to_str().ok())
+            })
             .unwrap_or("");
         // A new scheme means a new default port: drop the one the request named.
         match (&r.scheme, host.rsplit_once(':')) {
@@ -791,7 +844,11 @@ fn host_of(req: &RequestHeader) -> Cow<'_, str> {
     let raw = req
         .uri
         .host()
-        .or_else(|| req.headers.get("host").and_then(|h| h.to_str().ok()))
+        .or_else(|| {
+            req.headers
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+        })
         .unwrap_or("");
     let host = match raw.strip_prefix('[') {
         Some(v6) => v6.split(']').next().unwrap_or(v6),
@@ -812,17 +869,42 @@ fn client_ip(session: &Session) -> Option<IpAddr> {
 }
 
 /// A random UUID v4, as Envoy generates for `x-request-id`.
-fn new_request_id() -> String {
+fn new_request_id() -> HeaderValue {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let n = fastrand::u128(..) & !(0xf << 76) & !(0x3 << 62) | (0x4 << 76) | (0x2 << 62);
-    let mut id = String::with_capacity(36);
+    let mut id = [0u8; 36];
+    let mut at = 0;
     for i in 0..32 {
         if matches!(i, 8 | 12 | 16 | 20) {
-            id.push('-');
+            id[at] = b'-';
+            at += 1;
         }
-        id.push(HEX[(n >> (124 - 4 * i)) as usize & 0xf] as char);
+        id[at] = HEX[(n >> (124 - 4 * i)) as usize & 0xf];
+        at += 1;
     }
-    id
+    HeaderValue::from_maybe_shared(Bytes::copy_from_slice(&id)).expect("hex digits and dashes")
+}
+
+/// An IP address as text. IPv4, the common case, without the formatting machinery, which
+/// costs more than the rest of the X-Forwarded-For header.
+fn ip_text(ip: IpAddr) -> Cow<'static, str> {
+    let IpAddr::V4(v4) = ip else {
+        return Cow::Owned(ip.to_string());
+    };
+    let mut out = String::with_capacity(15);
+    for (i, octet) in v4.octets().into_iter().enumerate() {
+        if i > 0 {
+            out.push('.');
+        }
+        if octet >= 100 {
+            out.push((b'0' + octet / 100) as char);
+        }
+        if octet >= 10 {
+            out.push((b'0' + octet / 10 % 10) as char);
+        }
+        out.push((b'0' + octet % 10) as char);
+    }
+    Cow::Owned(out)
 }
 
 struct HeaderView<'a>(&'a http::HeaderMap);
@@ -840,10 +922,26 @@ mod tests {
     #[test]
     fn request_ids_are_uuid_v4() {
         let id = new_request_id();
+        let id = id.to_str().unwrap();
         assert_eq!(id.len(), 36);
         assert_eq!(&id[14..15], "4");
         assert!(matches!(&id[19..20], "8" | "9" | "a" | "b"), "{id}");
         assert_ne!(id, new_request_id());
+    }
+
+    #[test]
+    fn ip_text_matches_display() {
+        for ip in [
+            "0.0.0.0",
+            "1.2.3.4",
+            "10.99.100.255",
+            "127.0.0.1",
+            "::1",
+            "fe80::1",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert_eq!(ip_text(ip), ip.to_string());
+        }
     }
 
     #[test]

@@ -34,6 +34,23 @@ pub struct ServiceState {
     pub tasks_started: AtomicBool,
 }
 
+impl ServiceState {
+    /// Fresh state: every endpoint in, nothing in flight, an empty budget.
+    pub fn new(s: &Service) -> ServiceState {
+        ServiceState {
+            config: s.clone(),
+            balancer: Balancer::new(s),
+            requests: Limiter::new(s.connection_pool.max_requests),
+            connections: ConnectionGate::new(
+                s.connection_pool.max_connections,
+                s.connection_pool.max_pending_requests,
+            ),
+            budget: RetryBudget::default(),
+            tasks_started: AtomicBool::new(false),
+        }
+    }
+}
+
 impl Snapshot {
     /// Compiles `loaded`, keeping the state of services whose definition did not change.
     pub fn compile(
@@ -51,19 +68,7 @@ impl Snapshot {
                     .and_then(|p| p.services.get(&s.name))
                     .filter(|old| old.config == *s)
                     .cloned();
-                let state = kept.unwrap_or_else(|| {
-                    Arc::new(ServiceState {
-                        config: s.clone(),
-                        balancer: Balancer::new(s),
-                        requests: Limiter::new(s.connection_pool.max_requests),
-                        connections: ConnectionGate::new(
-                            s.connection_pool.max_connections,
-                            s.connection_pool.max_pending_requests,
-                        ),
-                        budget: RetryBudget::default(),
-                        tasks_started: AtomicBool::new(false),
-                    })
-                });
+                let state = kept.unwrap_or_else(|| Arc::new(ServiceState::new(s)));
                 (s.name.clone(), state)
             })
             .collect();

@@ -32,7 +32,7 @@ impl RouteTable {
         let mut out: Vec<Candidate<'_>> = Vec::new();
         let mut won = false;
         for entries in self.tiers(req.host) {
-            for e in entries {
+            for e in &entries.all {
                 let route = &self.routes[e.route];
                 let why = e
                     .block

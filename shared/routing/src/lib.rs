@@ -91,10 +91,75 @@ impl Sampler {
 #[derive(Debug, Default)]
 pub struct RouteTable {
     routes: Vec<Arc<CompiledRoute>>,
-    exact: HashMap<String, Vec<Entry>>,
+    exact: HashMap<String, Entries>,
     /// Longest suffix first.
-    suffix: Vec<(String, Vec<Entry>)>,
-    any: Vec<Entry>,
+    suffix: Vec<(String, Entries)>,
+    any: Entries,
+}
+
+/// One host's match blocks in precedence order, and the same narrowed by the first segment
+/// of the path. Most routes name theirs (`/api/...`), so a request skips the routes of
+/// other segments without looking at them.
+#[derive(Debug, Default)]
+struct Entries {
+    all: Vec<Entry>,
+    /// Sorted by segment. Each list holds the entries of that segment and every unkeyed one
+    /// (regex, no path, or a prefix like `/` or `/ap` that ends inside the segment), in
+    /// precedence order.
+    by_segment: Vec<(Box<str>, Vec<Entry>)>,
+    /// The unkeyed entries alone, for a path whose segment no entry names.
+    unkeyed: Vec<Entry>,
+}
+
+impl Entries {
+    fn new(mut all: Vec<Entry>, routes: &[Arc<CompiledRoute>]) -> Entries {
+        all.sort_by_key(|e| e.rank);
+        let key = |e: &Entry| {
+            let m = e.block.map(|b| &routes[e.route].config.matches[b]);
+            m.and_then(|m| m.path.as_ref()).and_then(segment_of)
+        };
+        let mut segments: Vec<&str> = all.iter().filter_map(key).collect();
+        segments.sort_unstable();
+        segments.dedup();
+        let by_segment = segments
+            .into_iter()
+            .map(|seg| {
+                let list = all.iter().filter(|e| key(e).is_none_or(|k| k == seg));
+                (seg.into(), list.cloned().collect())
+            })
+            .collect();
+        let unkeyed = all.iter().filter(|e| key(e).is_none()).cloned().collect();
+        Entries {
+            all,
+            by_segment,
+            unkeyed,
+        }
+    }
+
+    /// The entries that can match `path`, in precedence order.
+    fn for_path(&self, path: &str) -> &[Entry] {
+        let Some(rest) = path.strip_prefix('/') else {
+            return &self.unkeyed;
+        };
+        let seg = rest.split('/').next().unwrap_or("");
+        match self.by_segment.binary_search_by(|(s, _)| (**s).cmp(seg)) {
+            Ok(i) => &self.by_segment[i].1,
+            Err(_) => &self.unkeyed,
+        }
+    }
+}
+
+/// The first path segment every request a path match accepts must have, if there is one:
+/// `/api/users` and prefix `/api/` need `api`; prefix `/api` also takes `/apis`, so it has
+/// none.
+fn segment_of(path: &PathMatch) -> Option<&str> {
+    match path {
+        PathMatch::Exact(p) => p
+            .strip_prefix('/')
+            .map(|r| r.split('/').next().unwrap_or("")),
+        PathMatch::Prefix(p) => p.strip_prefix('/')?.split_once('/').map(|(seg, _)| seg),
+        PathMatch::Regex(_) => None,
+    }
 }
 
 /// One match block of one route, with its precedence key.
@@ -144,38 +209,42 @@ impl RouteTable {
             routes,
             ..Default::default()
         };
+        let mut exact: HashMap<String, Vec<Entry>> = HashMap::new();
         let mut suffix: HashMap<String, Vec<Entry>> = HashMap::new();
+        let mut any = Vec::new();
         for (index, route) in table.routes.iter().enumerate() {
             let entries = entries(index, route);
             if route.config.hosts.is_empty() {
-                table.any.extend(entries.iter().cloned());
+                any.extend(entries.iter().cloned());
             }
             for host in &route.config.hosts {
                 let list = match host {
-                    HostPattern::Exact(h) => table.exact.entry(h.clone()).or_default(),
+                    HostPattern::Exact(h) => exact.entry(h.clone()).or_default(),
                     HostPattern::Suffix(s) => suffix.entry(s.clone()).or_default(),
                 };
                 list.extend(entries.iter().cloned());
             }
         }
-        table.suffix = suffix.into_iter().collect();
+        let routes = &table.routes;
+        table.exact = exact
+            .into_iter()
+            .map(|(host, list)| (host, Entries::new(list, routes)))
+            .collect();
+        table.suffix = suffix
+            .into_iter()
+            .map(|(host, list)| (host, Entries::new(list, routes)))
+            .collect();
         table
             .suffix
             .sort_by(|a, b| b.0.len().cmp(&a.0.len()).then_with(|| a.0.cmp(&b.0)));
-        let lists = table
-            .exact
-            .values_mut()
-            .chain(table.suffix.iter_mut().map(|(_, l)| l));
-        for list in lists.chain(std::iter::once(&mut table.any)) {
-            list.sort_by_key(|e| e.rank);
-        }
+        table.any = Entries::new(any, routes);
         table
     }
 
     /// The winning route for `req`, or `None` (404 `NR`).
     pub fn find(&self, req: &Request<'_>) -> Option<Found<'_>> {
         self.tiers(req.host).find_map(|entries| {
-            entries.iter().find_map(|e| {
+            entries.for_path(req.path).iter().find_map(|e| {
                 let route = &self.routes[e.route];
                 let hit = match e.block {
                     None => true,
@@ -195,7 +264,7 @@ impl RouteTable {
     }
 
     /// The entry lists that apply to `host`, most specific first.
-    fn tiers<'a>(&'a self, host: &'a str) -> impl Iterator<Item = &'a Vec<Entry>> + 'a {
+    fn tiers<'a>(&'a self, host: &'a str) -> impl Iterator<Item = &'a Entries> + 'a {
         let exact = self.exact.get(host);
         let suffix = self
             .suffix

@@ -259,6 +259,32 @@ proptest! {
     }
 }
 
+proptest! {
+    /// The first-segment index only skips entries that cannot match: `find` picks the
+    /// route `explain`, which tries every entry, names the winner.
+    #[test]
+    fn find_agrees_with_explain(
+        specs in prop::collection::vec((0usize..3, 0usize..8, any::<bool>(), 0usize..3), 1..16),
+        requests in prop::collection::vec((0usize..3, 0usize..10, any::<bool>(), 0usize..3), 1..20),
+    ) {
+        let routes: Vec<_> = specs.iter().enumerate().map(|(i, s)| spec_route(i, *s)).collect();
+        let table = RouteTable::from_routes(routes);
+        for (host, path, post, hdrs) in requests {
+            let host = ["a.test", "x.a.test", "b.test"][host];
+            let path = ["/", "/a", "/a/b", "/a/b/c", "/z", "/a/bc", "/z/", "/zz", "/a/", "*"][path];
+            let values = [("x-h0", "1"), ("x-h1", "1")];
+            let req = Request { method: if post { "POST" } else { "GET" }, host, path, query: None, headers: &HeaderList(&values[..hdrs.min(2)]) };
+            let found = table.find(&req).map(|f| (f.route.config.name.clone(), f.block));
+            let winner = table
+                .explain(&req)
+                .into_iter()
+                .find(|c| c.verdict == Verdict::Wins)
+                .map(|c| (c.route.config.name.clone(), c.block));
+            prop_assert_eq!(found, winner);
+        }
+    }
+}
+
 /// A route from (host kind, path kind, methods?, header count).
 fn spec_route(
     i: usize,
@@ -275,6 +301,9 @@ fn spec_route(
         1 => Some(PathMatch::Prefix("/a".into())),
         2 => Some(PathMatch::Prefix("/a/b".into())),
         3 => Some(PathMatch::Exact("/a/b".into())),
+        5 => Some(PathMatch::Prefix("/z/".into())),
+        6 => Some(PathMatch::Exact("/".into())),
+        7 => Some(PathMatch::Prefix("/".into())),
         _ => Some(PathMatch::Regex(weir_config::Pattern {
             source: "/a.*".into(),
             regex: regex_for("/a.*"),
