@@ -113,12 +113,14 @@ pub fn start(
         max_body: usize::try_from(mirror.max_body_bytes).unwrap_or(usize::MAX),
         _permit: permit,
     };
+    // Boxed: the copy's future (Pingora's connector inside) is many kilobytes, and tokio
+    // would otherwise move all of it into and out of the task at every stage change.
     if body_empty {
-        tokio::spawn(copy.run(None));
+        tokio::spawn(Box::pin(copy.run(None)));
         return None;
     }
     let (tx, rx) = mpsc::channel(CHANNEL_CHUNKS);
-    tokio::spawn(copy.run(Some(rx)));
+    tokio::spawn(Box::pin(copy.run(Some(rx))));
     Some(MirrorBody {
         tx,
         forwarded: 0,
