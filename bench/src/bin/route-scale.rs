@@ -2,6 +2,8 @@
 //! routes over 10,000 services, the process RSS after, and the time of one `find`.
 //!
 //! Usage: route-scale [ROUTES...]   (default 10 1000 10000); prints one JSON object per size.
+//!        route-scale --config ROUTES  prints the services and routes of that size (the
+//!                                     benchmark runs the gateway on it for its RSS).
 #![allow(clippy::print_stdout)]
 
 use std::time::Instant;
@@ -15,6 +17,16 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const SERVICES: usize = 10_000;
 
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let [_, flag, routes] = &args[..] {
+        if flag == "--config" {
+            print!(
+                "{}",
+                weir_bench::scale_config(routes.parse().unwrap_or(0), SERVICES)
+            );
+            return;
+        }
+    }
     let sizes: Vec<usize> = std::env::args()
         .skip(1)
         .filter_map(|a| a.parse().ok())

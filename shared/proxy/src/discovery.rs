@@ -107,7 +107,9 @@ where
         let mut checks = JoinSet::new();
         for (i, e) in set.endpoints.iter().enumerate() {
             let check = tokio::time::timeout(hc.timeout, probe(e.addr));
-            checks.spawn(Box::pin(async move { (i, matches!(check.await, Ok(true))) }));
+            checks.spawn(Box::pin(
+                async move { (i, matches!(check.await, Ok(true))) },
+            ));
         }
         while let Some(Ok((i, passed))) = checks.join_next().await {
             state.balancer.record_check(&set.endpoints[i], passed, &hc);
