@@ -630,7 +630,7 @@ fn prepare_upstream(upstream: &mut RequestHeader, client: Option<IpAddr>, ctx: &
                     v.extend_from_slice(ip.as_bytes());
                     v
                 }
-                _ => ip.into_owned().into_bytes(),
+                _ => ip.into_bytes(),
             };
             let xff = HeaderValue::from_maybe_shared(Bytes::from(xff))
                 .or_err(ErrorType::InvalidHTTPHeader, "bad x-forwarded-for")?;
@@ -887,9 +887,9 @@ fn new_request_id() -> HeaderValue {
 
 /// An IP address as text. IPv4, the common case, without the formatting machinery, which
 /// costs more than the rest of the X-Forwarded-For header.
-fn ip_text(ip: IpAddr) -> Cow<'static, str> {
+fn ip_text(ip: IpAddr) -> String {
     let IpAddr::V4(v4) = ip else {
-        return Cow::Owned(ip.to_string());
+        return ip.to_string();
     };
     let mut out = String::with_capacity(15);
     for (i, octet) in v4.octets().into_iter().enumerate() {
@@ -904,7 +904,7 @@ fn ip_text(ip: IpAddr) -> Cow<'static, str> {
         }
         out.push((b'0' + octet % 10) as char);
     }
-    Cow::Owned(out)
+    out
 }
 
 struct HeaderView<'a>(&'a http::HeaderMap);
