@@ -45,9 +45,8 @@ pub enum Outcome {
 impl Reloader {
     /// Loads the config for the first time.
     pub fn new(path: &Path, role: Role) -> Result<Reloader, ConfigErrors> {
-        let loaded = weir_config::load(path, role);
-        return_free_memory();
-        let snapshot = Snapshot::compile(loaded?, role, 1, None);
+        let loaded = weir_config::load(path, role)?;
+        let snapshot = Snapshot::compile(loaded, role, 1, None);
         return_free_memory();
         weir_telemetry::metrics().config_applied(
             &path.display().to_string(),
