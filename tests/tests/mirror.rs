@@ -2,6 +2,11 @@
 //! slow, refuse connections or fail.
 #![allow(clippy::unwrap_used)]
 
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread;
 use std::time::{Duration, Instant};
 
 use weir_tests::{client, free_port, send_body, wait_until, Gateway, Upstream};
@@ -239,4 +244,126 @@ fn a_retried_request_is_mirrored_exactly_once() {
         gw.metric("weir_upstream_requests_active{service=\"shadow\"}") == 0.0
     });
     assert_eq!(shadow.hits(), 10);
+}
+
+/// A mirror on a raw socket that counts connections and requests and notes each connection
+/// the gateway closes. With `hang_up`, it closes every connection after its first answer
+/// without saying so (no `Connection: close`), as a server whose keep-alive ran out does.
+struct RawShadow {
+    addr: std::net::SocketAddr,
+    connections: Arc<AtomicUsize>,
+    requests: Arc<AtomicUsize>,
+    closed_by_gateway: Arc<AtomicUsize>,
+}
+
+impl RawShadow {
+    fn start(hang_up: bool) -> RawShadow {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let shadow = RawShadow {
+            addr: listener.local_addr().unwrap(),
+            connections: Arc::default(),
+            requests: Arc::default(),
+            closed_by_gateway: Arc::default(),
+        };
+        let (connections, requests) = (shadow.connections.clone(), shadow.requests.clone());
+        let closed = shadow.closed_by_gateway.clone();
+        thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { return };
+                connections.fetch_add(1, Ordering::SeqCst);
+                let (requests, closed) = (requests.clone(), closed.clone());
+                thread::spawn(move || {
+                    let mut seen = Vec::new();
+                    let mut buf = [0; 4096];
+                    loop {
+                        match conn.read(&mut buf) {
+                            Ok(0) | Err(_) => {
+                                closed.fetch_add(1, Ordering::SeqCst);
+                                return;
+                            }
+                            Ok(n) => seen.extend_from_slice(&buf[..n]),
+                        }
+                        // Requests without bodies: each ends with an empty line.
+                        while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                            seen.drain(..end + 4);
+                            requests.fetch_add(1, Ordering::SeqCst);
+                            let _ =
+                                conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
+                            if hang_up {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        shadow
+    }
+
+    fn service(&self, pool: &str) -> String {
+        format!(
+            "[[service]]\nname = \"shadow\"\nendpoints = [\"{}\"]\n{pool}",
+            self.addr
+        )
+    }
+}
+
+#[test]
+fn copies_after_the_mirror_hung_up_still_arrive() {
+    let app = Upstream::start("app");
+    let shadow = RawShadow::start(true);
+    let gw = Gateway::start(&format!(
+        "{}{}",
+        mirrored(&app, "shadow", ""),
+        shadow.service("")
+    ));
+    for i in 1..=5 {
+        assert_eq!(gw.get("/", &[]).status, 200);
+        wait_until("the copy", WAIT, || {
+            shadow.requests.load(Ordering::SeqCst) == i
+        });
+        // The gateway kept the connection for the next copy; the mirror has hung up on it.
+        wait_until("the mirror's hang-up", WAIT, || {
+            mirror_count(&gw, "shadow", "success") == i as f64
+        });
+    }
+    // Each copy after the first found its connection closed and took a new one.
+    assert_eq!(shadow.connections.load(Ordering::SeqCst), 5);
+    assert_eq!(mirror_count(&gw, "shadow", "failure"), 0.0);
+}
+
+#[test]
+fn copies_share_connections_that_close_when_idle_or_unconfigured() {
+    let app = Upstream::start("app");
+    let shadow = RawShadow::start(false);
+    let config = mirrored(&app, "shadow", "");
+    let gw = Gateway::start(&format!("{config}{}", shadow.service("")));
+    for i in 1..=20 {
+        assert_eq!(gw.get("/", &[]).status, 200);
+        wait_until("the copy", WAIT, || {
+            mirror_count(&gw, "shadow", "success") == i as f64
+        });
+    }
+    assert_eq!(shadow.requests.load(Ordering::SeqCst), 20);
+    assert_eq!(shadow.connections.load(Ordering::SeqCst), 1);
+    assert_eq!(shadow.closed_by_gateway.load(Ordering::SeqCst), 0);
+
+    // Without copies for the pool's idle_timeout, the connection is closed.
+    let generation = gw.generation();
+    gw.write_config(&format!(
+        "{config}{}",
+        shadow.service("connection_pool = { idle_timeout = \"1s\" }\n")
+    ));
+    wait_until("the reload", WAIT, || gw.generation() > generation);
+    // The service changed: its copies start afresh, and the old connection goes with it.
+    wait_until("the old service's connection closed", WAIT, || {
+        shadow.closed_by_gateway.load(Ordering::SeqCst) == 1
+    });
+    assert_eq!(gw.get("/", &[]).status, 200);
+    wait_until("a copy on a new connection", WAIT, || {
+        shadow.connections.load(Ordering::SeqCst) == 2
+    });
+    wait_until("closed after 1 s idle", WAIT, || {
+        shadow.closed_by_gateway.load(Ordering::SeqCst) == 2
+    });
 }

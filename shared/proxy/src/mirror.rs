@@ -1,17 +1,26 @@
 //! Traffic mirroring: a fire-and-forget copy of a request to another service.
 //!
-//! Pingora has no mirroring (its issue #266), so a copy is a task of its own on Pingora's HTTP
-//! connector. The request's body reaches it from `request_body_filter` through a bounded
-//! channel; the task buffers at most `max_body_bytes`, then sends the copy and reads and drops
-//! the answer. Nothing here can hold up, fail or change the client's request: every send is a
+//! Pingora has no mirroring (its issue #266), so copies travel on tasks of their own on
+//! Pingora's HTTP/1 connector: the service's *lanes*. A lane is a long-lived task that keeps
+//! one connection and carries copies one after another, so a copy costs no task, pool lookup
+//! or idle-connection watch of its own. A copy that finds no idle lane starts one, so copies
+//! run as concurrently as they arrive, up to the service's `max_requests`; a lane ends after
+//! the pool's `idle_timeout` without copies, or once its service has left the config.
+//!
+//! The request's body reaches the lane from `request_body_filter` through a bounded channel;
+//! the lane buffers at most `max_body_bytes`, then sends the copy and reads and drops the
+//! answer. Nothing here can hold up, fail or change the client's request: every send is a
 //! `try_send`, and a copy that cannot keep up is dropped and counted.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use pingora_core::connectors::http::Connector;
+use pingora_core::connectors::http::v1::Connector;
+use pingora_core::protocols::http::v1::client::HttpSession;
 use pingora_core::upstreams::peer::HttpPeer;
+use pingora_error::RetryType;
 use pingora_http::RequestHeader;
 use tokio::sync::mpsc;
 use weir_config::Mirror;
@@ -105,23 +114,22 @@ pub fn start(
         let _ = header.insert_header("host", host);
     }
     header.remove_header("transfer-encoding");
+    let (body, tx) = if body_empty {
+        (None, None)
+    } else {
+        let (tx, rx) = mpsc::channel(CHANNEL_CHUNKS);
+        (Some(rx), Some(tx))
+    };
     let copy = Copy {
-        connector: connector.clone(),
         service: service.clone(),
         header,
         key,
+        body,
         max_body: usize::try_from(mirror.max_body_bytes).unwrap_or(usize::MAX),
         _permit: permit,
     };
-    // Boxed: the copy's future (Pingora's connector inside) is many kilobytes, and tokio
-    // would otherwise move all of it into and out of the task at every stage change.
-    if body_empty {
-        tokio::spawn(Box::pin(copy.run(None)));
-        return None;
-    }
-    let (tx, rx) = mpsc::channel(CHANNEL_CHUNKS);
-    tokio::spawn(Box::pin(copy.run(Some(rx))));
-    Some(MirrorBody {
+    service.mirror_lanes.carry(copy, connector);
+    tx.map(|tx| MirrorBody {
         tx,
         forwarded: 0,
         position: 0,
@@ -156,64 +164,201 @@ impl MirrorBody {
     }
 }
 
-/// A copy on its way: owns everything it needs, so the client's request can finish first.
+/// A copy waiting for a lane: owns everything it needs, so the client's request can finish
+/// first.
 struct Copy {
-    connector: Arc<Connector>,
     service: Arc<ServiceState>,
     header: RequestHeader,
     key: Option<Vec<u8>>,
+    /// The body still to come; `None` when there is none.
+    body: Option<mpsc::Receiver<Chunk>>,
     max_body: usize,
-    /// Holds a place under the service's `max_requests` until the copy is done.
+    /// Holds a place under the service's `max_requests` until the copy is done, which also
+    /// bounds the copies waiting for a lane.
     _permit: Permit,
 }
 
-impl Copy {
-    async fn run(self, body: Option<mpsc::Receiver<Chunk>>) {
-        let Copy {
-            connector,
-            service,
-            header,
-            key,
-            max_body,
-            _permit,
-        } = self;
-        let send = send(&connector, &service, header, key, max_body, body);
-        let outcome = tokio::time::timeout(MIRROR_TIMEOUT, send)
-            .await
-            .unwrap_or(Outcome::Failure);
-        count(&service.config.name, outcome);
+/// The lanes of one service, for the copies mirrored to it.
+pub struct Lanes {
+    tx: async_channel::Sender<Copy>,
+    /// Kept for the lanes to come; the channel closes when the service (and so `tx`) goes.
+    rx: async_channel::Receiver<Copy>,
+    /// Lanes waiting for a copy, counting those spawned and not yet running.
+    idle: Arc<AtomicUsize>,
+    /// How long a lane waits for a copy before it ends (the pool's `idle_timeout`).
+    idle_timeout: Duration,
+}
+
+impl Lanes {
+    pub fn new(idle_timeout: Duration) -> Lanes {
+        let (tx, rx) = async_channel::unbounded();
+        Lanes {
+            tx,
+            rx,
+            idle: Arc::new(AtomicUsize::new(0)),
+            idle_timeout,
+        }
+    }
+
+    /// Queues `copy` and starts a lane if more copies wait than lanes do.
+    fn carry(&self, copy: Copy, connector: &Arc<Connector>) {
+        // Unbounded, but never long: every queued copy holds a `max_requests` permit. The
+        // send cannot fail: `self.rx` keeps the channel open.
+        let _ = self.tx.try_send(copy);
+        // After the send, so that a lane giving up at this moment either sees the copy or
+        // is no longer counted idle (see `lane`).
+        if self.tx.len() > self.idle.load(Ordering::SeqCst) {
+            self.idle.fetch_add(1, Ordering::SeqCst);
+            let lane = lane(
+                self.rx.clone(),
+                self.idle.clone(),
+                connector.clone(),
+                self.idle_timeout,
+            );
+            // Boxed: the lane's future (Pingora's connector inside) is many kilobytes, and
+            // tokio would otherwise move all of it into the task.
+            tokio::spawn(Box::pin(lane));
+        }
     }
 }
 
-async fn send(
-    connector: &Connector,
-    service: &ServiceState,
-    mut header: RequestHeader,
-    key: Option<Vec<u8>>,
-    max_body: usize,
-    body: Option<mpsc::Receiver<Chunk>>,
-) -> Outcome {
-    let body = match body {
-        None => Bytes::new(),
-        Some(rx) => match collect(rx, max_body).await {
-            Ok(body) => {
-                let _ = header.insert_header("content-length", body.len().to_string());
-                body
+/// A lane's connection, kept for the next copy, and the endpoint it leads to.
+struct Held {
+    peer: HttpPeer,
+    session: HttpSession,
+}
+
+/// Carries copies until none comes for `idle_timeout` or the service is gone. Starts counted
+/// idle.
+async fn lane(
+    rx: async_channel::Receiver<Copy>,
+    idle: Arc<AtomicUsize>,
+    connector: Arc<Connector>,
+    idle_timeout: Duration,
+) {
+    let mut held = None;
+    loop {
+        let next = tokio::time::timeout(idle_timeout, rx.recv()).await;
+        idle.fetch_sub(1, Ordering::SeqCst);
+        match next {
+            Ok(Ok(copy)) => {
+                let service = copy.service.clone();
+                let outcome =
+                    tokio::time::timeout(MIRROR_TIMEOUT, copy.send(&connector, &mut held))
+                        .await
+                        .unwrap_or_else(|_| {
+                            held = None;
+                            Outcome::Failure
+                        });
+                count(&service.config.name, outcome);
             }
-            Err(outcome) => return outcome,
-        },
-    };
-    let pool = &service.config.connection_pool;
-    let Some(endpoint) = service.balancer.pick(key.as_deref(), None) else {
-        return Outcome::Failure;
-    };
-    let _active = endpoint.begin();
-    let mut peer = HttpPeer::new(endpoint.addr, false, String::new());
-    peer.options.connection_timeout = Some(pool.connect_timeout);
-    match crate::client::exchange(connector, &peer, header, body, pool.idle_timeout).await {
-        Ok(status) if status < 500 => Outcome::Success,
-        _ => Outcome::Failure,
+            Ok(Err(_closed)) => return,
+            // Idle: end, unless a copy came just now (`Lanes::carry` counted this lane idle).
+            Err(_timeout) if rx.is_empty() => return,
+            Err(_timeout) => {}
+        }
+        idle.fetch_add(1, Ordering::SeqCst);
     }
+}
+
+impl Copy {
+    async fn send(self, connector: &Connector, held: &mut Option<Held>) -> Outcome {
+        let Copy {
+            service,
+            mut header,
+            key,
+            body,
+            max_body,
+            _permit,
+        } = self;
+        let body = match body {
+            None => Bytes::new(),
+            Some(rx) => match collect(rx, max_body).await {
+                Ok(body) => {
+                    let _ = header.insert_header("content-length", body.len().to_string());
+                    body
+                }
+                Err(outcome) => return outcome,
+            },
+        };
+        let pool = &service.config.connection_pool;
+        let Some(endpoint) = service.balancer.pick(key.as_deref(), None) else {
+            return Outcome::Failure;
+        };
+        let _active = endpoint.begin();
+        // The lane's connection if it leads to this endpoint; else back to the pool with it.
+        let (peer, kept) = match held.take() {
+            Some(h) if h.peer._address.as_inet() == Some(&endpoint.addr) => {
+                (h.peer, Some(h.session))
+            }
+            other => {
+                if let Some(h) = other {
+                    let idle = Some(pool.idle_timeout);
+                    connector
+                        .release_http_session(h.session, &h.peer, idle)
+                        .await;
+                }
+                let mut peer = HttpPeer::new(endpoint.addr, false, String::new());
+                peer.options.connection_timeout = Some(pool.connect_timeout);
+                (peer, None)
+            }
+        };
+        let result = match kept {
+            Some(session) => {
+                // The shadow may have closed the kept connection meanwhile: then the copy
+                // fails before the shadow saw it, and goes once more on a new connection.
+                let again = header.clone();
+                match exchange(session, header, &body, &peer).await {
+                    Err(e)
+                        if matches!(e.retry, RetryType::ReusedOnly | RetryType::Decided(true)) =>
+                    {
+                        new_exchange(connector, again, &body, &peer).await
+                    }
+                    done => done,
+                }
+            }
+            None => new_exchange(connector, header, &body, &peer).await,
+        };
+        match result {
+            Ok((status, next)) => {
+                *held = next.map(|session| Held { peer, session });
+                if status < 500 {
+                    Outcome::Success
+                } else {
+                    Outcome::Failure
+                }
+            }
+            Err(_) => Outcome::Failure,
+        }
+    }
+}
+
+/// One exchange on `session`: the answer's status and the connection, if it can carry another.
+async fn exchange(
+    mut session: HttpSession,
+    header: RequestHeader,
+    body: &Bytes,
+    peer: &HttpPeer,
+) -> pingora_error::Result<(u16, Option<HttpSession>)> {
+    let status = crate::client::exchange_on(&mut session, header, body.clone()).await?;
+    session.respect_keepalive();
+    let next = session.reuse().await;
+    Ok((
+        status,
+        next.map(|stream| HttpSession::new_with_options(stream, peer)),
+    ))
+}
+
+/// An exchange on a connection from the pool (which holds connections lanes gave back), or
+/// a new one.
+async fn new_exchange(
+    connector: &Connector,
+    header: RequestHeader,
+    body: &Bytes,
+    peer: &HttpPeer,
+) -> pingora_error::Result<(u16, Option<HttpSession>)> {
+    let (session, _reused) = connector.get_http_session(peer).await?;
+    exchange(session, header, body, peer).await
 }
 
 /// The whole body, or why the copy is off: it grew past `max`, or the primary request ended

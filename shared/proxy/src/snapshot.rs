@@ -8,6 +8,8 @@ use weir_config::{Config, Loaded, Role, Service};
 use weir_resilience::{Balancer, ConnectionGate, Limiter, RetryBudget};
 use weir_routing::RouteTable;
 
+use crate::mirror::Lanes;
+
 /// Everything a request needs, compiled once per reload and never mutated.
 pub struct Snapshot {
     pub generation: u64,
@@ -29,6 +31,8 @@ pub struct ServiceState {
     /// Connections in use against `max_connections`, with the pending line.
     pub connections: ConnectionGate,
     pub budget: RetryBudget,
+    /// The tasks that carry copies of requests mirrored to this service.
+    pub mirror_lanes: Lanes,
     /// Whether this service's health checks and DNS lookups run (they start once, and stop
     /// when the service is dropped).
     pub tasks_started: AtomicBool,
@@ -46,6 +50,7 @@ impl ServiceState {
                 s.connection_pool.max_pending_requests,
             ),
             budget: RetryBudget::default(),
+            mirror_lanes: Lanes::new(s.connection_pool.idle_timeout),
             tasks_started: AtomicBool::new(false),
         }
     }
