@@ -246,13 +246,15 @@ fn a_retried_request_is_mirrored_exactly_once() {
     assert_eq!(shadow.hits(), 10);
 }
 
-/// A mirror on a raw socket that counts connections and requests and notes each connection
-/// the gateway closes. With `hang_up`, it closes every connection after its first answer
-/// without saying so (no `Connection: close`), as a server whose keep-alive ran out does.
+/// A mirror on a raw socket that counts connections and requests, the most requests that
+/// came in one read (pipelined), and each connection the gateway closes. With `hang_up`, it
+/// closes every connection after its first answer without saying so (no `Connection:
+/// close`), as a server whose keep-alive ran out does.
 struct RawShadow {
     addr: std::net::SocketAddr,
     connections: Arc<AtomicUsize>,
     requests: Arc<AtomicUsize>,
+    most_in_one_read: Arc<AtomicUsize>,
     closed_by_gateway: Arc<AtomicUsize>,
 }
 
@@ -263,15 +265,19 @@ impl RawShadow {
             addr: listener.local_addr().unwrap(),
             connections: Arc::default(),
             requests: Arc::default(),
+            most_in_one_read: Arc::default(),
             closed_by_gateway: Arc::default(),
         };
         let (connections, requests) = (shadow.connections.clone(), shadow.requests.clone());
-        let closed = shadow.closed_by_gateway.clone();
+        let (most, closed) = (
+            shadow.most_in_one_read.clone(),
+            shadow.closed_by_gateway.clone(),
+        );
         thread::spawn(move || {
             for conn in listener.incoming() {
                 let Ok(mut conn) = conn else { return };
                 connections.fetch_add(1, Ordering::SeqCst);
-                let (requests, closed) = (requests.clone(), closed.clone());
+                let (requests, most, closed) = (requests.clone(), most.clone(), closed.clone());
                 thread::spawn(move || {
                     let mut seen = Vec::new();
                     let mut buf = [0; 4096];
@@ -284,8 +290,11 @@ impl RawShadow {
                             Ok(n) => seen.extend_from_slice(&buf[..n]),
                         }
                         // Requests without bodies: each ends with an empty line.
+                        let mut in_this_read = 0;
                         while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
                             seen.drain(..end + 4);
+                            in_this_read += 1;
+                            most.fetch_max(in_this_read, Ordering::SeqCst);
                             requests.fetch_add(1, Ordering::SeqCst);
                             let _ =
                                 conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
@@ -300,6 +309,7 @@ impl RawShadow {
         shadow
     }
 
+    /// The `[[service]]` "shadow" on this server, with `pool` lines.
     fn service(&self, pool: &str) -> String {
         format!(
             "[[service]]\nname = \"shadow\"\nendpoints = [\"{}\"]\n{pool}",
@@ -366,4 +376,39 @@ fn copies_share_connections_that_close_when_idle_or_unconfigured() {
     wait_until("closed after 1 s idle", WAIT, || {
         shadow.closed_by_gateway.load(Ordering::SeqCst) == 2
     });
+}
+
+#[test]
+fn copies_to_a_fast_mirror_are_pipelined() {
+    // The primary is a raw server too: tiny_http leaves some of 16 busy keep-alive
+    // connections unread.
+    let (app, shadow) = (RawShadow::start(false), RawShadow::start(false));
+    let gw = Gateway::start(&format!(
+        "[[service]]\nname = \"app\"\nendpoints = [\"{}\"]\n\
+         [[route]]\nname = \"r\"\n  [[route.backend]]\n  service = \"app\"\n  \
+         [route.mirror]\n  service = \"shadow\"\n{}",
+        app.addr,
+        shadow.service("")
+    ));
+    // 16 clients at once, 25 requests each.
+    thread::scope(|s| {
+        for _ in 0..16 {
+            s.spawn(|| {
+                let agent = client();
+                for _ in 0..25 {
+                    let r = weir_tests::send(&agent, "GET", &gw.url("/"), &[]).unwrap();
+                    assert_eq!((r.status, r.body.as_str()), (200, "ok"));
+                }
+            });
+        }
+    });
+    wait_until("every copy answered", WAIT, || {
+        mirror_count(&gw, "shadow", "success") == 400.0
+    });
+    assert_eq!(shadow.requests.load(Ordering::SeqCst), 400);
+    assert_eq!(mirror_count(&gw, "shadow", "failure"), 0.0);
+    assert!(
+        shadow.most_in_one_read.load(Ordering::SeqCst) >= 2,
+        "no read carried more than one copy"
+    );
 }

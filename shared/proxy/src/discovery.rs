@@ -9,7 +9,6 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use bytes::Bytes;
 use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::TokioResolver;
@@ -125,7 +124,7 @@ async fn check(connector: Arc<Connector>, addr: SocketAddr, path: String, idle: 
     let _ = req.insert_header("host", addr.to_string());
     let _ = req.insert_header("user-agent", "weir-health-check");
     let peer = HttpPeer::new(addr, false, String::new());
-    let exchange = crate::client::exchange(&connector, &peer, req, Bytes::new(), idle);
+    let exchange = crate::client::exchange(&connector, &peer, req, idle);
     matches!(exchange.await, Ok(200..=299))
 }
 

@@ -4,8 +4,9 @@
 //! - [`reload`]: load -> validate -> compile -> swap, keeping the last good config;
 //! - [`proxy`]: the Pingora `ProxyHttp`, where errors become statuses and flags;
 //! - [`mirror`]: fire-and-forget copies of requests to a shadow service;
+//! - [`pipeline`]: reading pipelined HTTP/1.1 answers, for the mirror's copies;
 //! - [`discovery`]: per-service background work: active health checks, DNS re-resolution;
-//! - [`client`]: one upstream request outside the proxy path (mirror copies, health checks);
+//! - [`client`]: one upstream request outside the proxy path (health checks);
 //! - [`admin`]: `/live`, `/ready`, `/config`;
 //! - [`server`]: wiring of the Pingora server, reload triggers and the SIGTERM drain;
 //! - [`cli`]: the command line of both binaries.
@@ -15,6 +16,7 @@ pub mod cli;
 pub mod client;
 pub mod discovery;
 pub mod mirror;
+pub mod pipeline;
 pub mod proxy;
 pub mod reload;
 pub mod server;

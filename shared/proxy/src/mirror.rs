@@ -1,38 +1,53 @@
 //! Traffic mirroring: a fire-and-forget copy of a request to another service.
 //!
-//! Pingora has no mirroring (its issue #266), so copies travel on tasks of their own on
-//! Pingora's HTTP/1 connector: the service's *lanes*. A lane is a long-lived task that keeps
-//! one connection and carries copies one after another, so a copy costs no task, pool lookup
-//! or idle-connection watch of its own. A copy that finds no idle lane starts one, so copies
-//! run as concurrently as they arrive, up to the service's `max_requests`; a lane ends after
-//! the pool's `idle_timeout` without copies, or once its service has left the config.
+//! Pingora has no mirroring (its issue #266), so copies travel on tasks of their own, on
+//! connections from Pingora's transport connector: the service's *lanes*. A lane is a
+//! long-lived task that keeps one connection and carries copies on it, so a copy costs no
+//! task, pool lookup or idle-connection watch of its own. A copy that finds no lane with room
+//! starts one, so copies run as concurrently as they arrive, up to the service's
+//! `max_requests`; a lane ends after the pool's `idle_timeout` without copies, or once its
+//! service has left the config.
+//!
+//! While the shadow answers fast, a lane writes the copies that wait (up to `MAX_BATCH`) in
+//! one go and then reads their answers in order (HTTP/1.1 pipelining): one send and one read
+//! for many copies, where the send, on loopback, also pays the shadow's TCP receive. A slow
+//! shadow gets one copy at a time per lane, so one slow answer holds up no other copy.
 //!
 //! The request's body reaches the lane from `request_body_filter` through a bounded channel;
 //! the lane buffers at most `max_body_bytes`, then sends the copy and reads and drops the
 //! answer. Nothing here can hold up, fail or change the client's request: every send is a
 //! `try_send`, and a copy that cannot keep up is dropped and counted.
 
+use std::collections::VecDeque;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use pingora_core::connectors::http::v1::Connector;
-use pingora_core::protocols::http::v1::client::HttpSession;
+use pingora_core::connectors::TransportConnector;
+use pingora_core::protocols::http::v1::client::http_req_header_to_wire;
+use pingora_core::protocols::Stream;
 use pingora_core::upstreams::peer::HttpPeer;
-use pingora_error::RetryType;
 use pingora_http::RequestHeader;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
-use weir_config::Mirror;
-use weir_resilience::Permit;
+use weir_config::{ConnectionPool, Mirror};
+use weir_resilience::{Active, Permit};
 
+use crate::pipeline::Answer;
 use crate::snapshot::ServiceState;
 
 /// How long a copy may take, connect to last byte of the answer; then it is abandoned.
 /// Envoy's default route timeout.
 const MIRROR_TIMEOUT: Duration = Duration::from_secs(15);
-/// Body chunks waiting for the task; a copy whose task falls this far behind is dropped.
+/// Body chunks waiting for the lane; a copy whose lane falls this far behind is dropped.
 const CHANNEL_CHUNKS: usize = 16;
+/// Most copies a lane writes at once, before the first answer (HTTP/1.1 pipelining).
+const MAX_BATCH: usize = 16;
+/// A shadow that answers a batch slower than this per copy gets one copy at a time. Generous:
+/// the time also holds the gateway's own queueing under load, a few milliseconds.
+const FAST: Duration = Duration::from_millis(100);
 
 /// What `request_body_filter` holds of a copy whose body is still coming.
 pub struct MirrorBody {
@@ -80,7 +95,7 @@ fn count(service: &str, outcome: Outcome) {
 /// length (`None` when chunked) and `body_empty` says there is no body at all. Returns the
 /// body's channel when the body is still to come.
 pub fn start(
-    connector: &Arc<Connector>,
+    connector: &Arc<TransportConnector>,
     mirror: &Mirror,
     service: &Arc<ServiceState>,
     mut header: RequestHeader,
@@ -114,6 +129,12 @@ pub fn start(
         let _ = header.insert_header("host", host);
     }
     header.remove_header("transfer-encoding");
+    // A copy goes out as HTTP/1.1 whatever the client spoke, so its connection is kept.
+    header.set_version(http::Version::HTTP_11);
+    let Some(endpoint) = service.balancer.pick(key.as_deref(), None) else {
+        count(name, Outcome::Failure);
+        return None;
+    };
     let (body, tx) = if body_empty {
         (None, None)
     } else {
@@ -123,7 +144,8 @@ pub fn start(
     let copy = Copy {
         service: service.clone(),
         header,
-        key,
+        addr: endpoint.addr,
+        _active: endpoint.begin(),
         body,
         max_body: usize::try_from(mirror.max_body_bytes).unwrap_or(usize::MAX),
         _permit: permit,
@@ -169,7 +191,10 @@ impl MirrorBody {
 struct Copy {
     service: Arc<ServiceState>,
     header: RequestHeader,
-    key: Option<Vec<u8>>,
+    /// Where it goes.
+    addr: SocketAddr,
+    /// Counts the copy active on its endpoint, from now on.
+    _active: Active,
     /// The body still to come; `None` when there is none.
     body: Option<mpsc::Receiver<Chunk>>,
     max_body: usize,
@@ -178,187 +203,274 @@ struct Copy {
     _permit: Permit,
 }
 
+impl Copy {
+    fn done(self, outcome: Outcome) {
+        count(&self.service.config.name, outcome);
+    }
+}
+
 /// The lanes of one service, for the copies mirrored to it.
 pub struct Lanes {
     tx: async_channel::Sender<Copy>,
-    /// Kept for the lanes to come; the channel closes when the service (and so `tx`) goes.
+    shared: Arc<Shared>,
+}
+
+/// What a service's lanes share.
+struct Shared {
+    /// The channel closes when the service, and so `Lanes::tx`, goes.
     rx: async_channel::Receiver<Copy>,
     /// Lanes waiting for a copy, counting those spawned and not yet running.
-    idle: Arc<AtomicUsize>,
+    idle: AtomicUsize,
+    /// Copies a lane sends at once: `MAX_BATCH` while the shadow answers fast, else 1.
+    batch: AtomicUsize,
     /// How long a lane waits for a copy before it ends (the pool's `idle_timeout`).
     idle_timeout: Duration,
+    connect_timeout: Duration,
 }
 
 impl Lanes {
-    pub fn new(idle_timeout: Duration) -> Lanes {
+    pub fn new(pool: &ConnectionPool) -> Lanes {
         let (tx, rx) = async_channel::unbounded();
+        let shared = Shared {
+            rx,
+            idle: AtomicUsize::new(0),
+            batch: AtomicUsize::new(1),
+            idle_timeout: pool.idle_timeout,
+            connect_timeout: pool.connect_timeout,
+        };
         Lanes {
             tx,
-            rx,
-            idle: Arc::new(AtomicUsize::new(0)),
-            idle_timeout,
+            shared: Arc::new(shared),
         }
     }
 
-    /// Queues `copy` and starts a lane if more copies wait than lanes do.
-    fn carry(&self, copy: Copy, connector: &Arc<Connector>) {
+    /// Queues `copy`, and starts a lane if the idle ones cannot take all that waits.
+    fn carry(&self, copy: Copy, connector: &Arc<TransportConnector>) {
         // Unbounded, but never long: every queued copy holds a `max_requests` permit. The
-        // send cannot fail: `self.rx` keeps the channel open.
+        // send cannot fail: `Shared::rx` keeps the channel open.
         let _ = self.tx.try_send(copy);
         // After the send, so that a lane giving up at this moment either sees the copy or
         // is no longer counted idle (see `lane`).
-        if self.tx.len() > self.idle.load(Ordering::SeqCst) {
-            self.idle.fetch_add(1, Ordering::SeqCst);
-            let lane = lane(
-                self.rx.clone(),
-                self.idle.clone(),
-                connector.clone(),
-                self.idle_timeout,
-            );
-            // Boxed: the lane's future (Pingora's connector inside) is many kilobytes, and
-            // tokio would otherwise move all of it into the task.
-            tokio::spawn(Box::pin(lane));
+        let shared = &self.shared;
+        let room = shared.idle.load(Ordering::SeqCst) * shared.batch.load(Ordering::Relaxed);
+        if self.tx.len() > room {
+            shared.idle.fetch_add(1, Ordering::SeqCst);
+            // Boxed: tokio would otherwise move the whole future into the task.
+            tokio::spawn(Box::pin(lane(shared.clone(), connector.clone())));
         }
     }
 }
 
-/// A lane's connection, kept for the next copy, and the endpoint it leads to.
-struct Held {
-    peer: HttpPeer,
-    session: HttpSession,
+/// A lane's connection.
+struct Conn {
+    addr: SocketAddr,
+    stream: Stream,
+    /// Bytes read past the last answer.
+    buf: BytesMut,
 }
 
 /// Carries copies until none comes for `idle_timeout` or the service is gone. Starts counted
 /// idle.
-async fn lane(
-    rx: async_channel::Receiver<Copy>,
-    idle: Arc<AtomicUsize>,
-    connector: Arc<Connector>,
-    idle_timeout: Duration,
-) {
-    let mut held = None;
+async fn lane(shared: Arc<Shared>, connector: Arc<TransportConnector>) {
+    let mut conn = None;
+    // Copies taken from the queue and not sent yet.
+    let mut taken = VecDeque::new();
     loop {
-        let next = tokio::time::timeout(idle_timeout, rx.recv()).await;
-        idle.fetch_sub(1, Ordering::SeqCst);
-        match next {
-            Ok(Ok(copy)) => {
-                let service = copy.service.clone();
-                let outcome =
-                    tokio::time::timeout(MIRROR_TIMEOUT, copy.send(&connector, &mut held))
-                        .await
-                        .unwrap_or_else(|_| {
-                            held = None;
-                            Outcome::Failure
-                        });
-                count(&service.config.name, outcome);
+        if taken.is_empty() {
+            let next = tokio::time::timeout(shared.idle_timeout, shared.rx.recv()).await;
+            shared.idle.fetch_sub(1, Ordering::SeqCst);
+            match next {
+                Ok(Ok(copy)) => taken.push_back(copy),
+                Ok(Err(_closed)) => return,
+                // Idle: end, unless a copy came just now (`Lanes::carry` counted this lane).
+                Err(_idle) if shared.rx.is_empty() => return,
+                Err(_idle) => {}
             }
-            Ok(Err(_closed)) => return,
-            // Idle: end, unless a copy came just now (`Lanes::carry` counted this lane idle).
-            Err(_timeout) if rx.is_empty() => return,
-            Err(_timeout) => {}
         }
-        idle.fetch_add(1, Ordering::SeqCst);
+        let max = shared.batch.load(Ordering::Relaxed);
+        while taken.len() < max {
+            match shared.rx.try_recv() {
+                Ok(copy) => taken.push_back(copy),
+                Err(_) => break,
+            }
+        }
+        // A batch: the first copy, and those after it to the same endpoint.
+        if let Some(first) = taken.front() {
+            let addr = first.addr;
+            let (batch, others): (Vec<_>, Vec<_>) = taken.drain(..).partition(|c| c.addr == addr);
+            taken = others.into();
+            let started = Instant::now();
+            let sent = send_batch(&shared, &connector, &mut conn, addr, batch).await;
+            // Pipelined answers come in order, so one slow answer holds up the rest of its
+            // batch: batches only while the shadow is fast.
+            let fast = started.elapsed() < FAST * sent.max(1) as u32;
+            let batch = if fast { MAX_BATCH } else { 1 };
+            shared.batch.store(batch, Ordering::Relaxed);
+        }
+        if taken.is_empty() {
+            shared.idle.fetch_add(1, Ordering::SeqCst);
+        }
     }
 }
 
-impl Copy {
-    async fn send(self, connector: &Connector, held: &mut Option<Held>) -> Outcome {
-        let Copy {
-            service,
-            mut header,
-            key,
-            body,
-            max_body,
-            _permit,
-        } = self;
-        let body = match body {
-            None => Bytes::new(),
-            Some(rx) => match collect(rx, max_body).await {
+/// Sends `batch`, all to `addr`, as one write on the lane's connection, and reads the
+/// answers; counts every copy. Returns how many were sent.
+async fn send_batch(
+    shared: &Shared,
+    connector: &TransportConnector,
+    conn: &mut Option<Conn>,
+    addr: SocketAddr,
+    batch: Vec<Copy>,
+) -> usize {
+    let mut wire = BytesMut::new();
+    let mut sent = Vec::with_capacity(batch.len());
+    for mut copy in batch {
+        if let Some(rx) = copy.body.take() {
+            match collect(rx, copy.max_body).await {
                 Ok(body) => {
-                    let _ = header.insert_header("content-length", body.len().to_string());
-                    body
-                }
-                Err(outcome) => return outcome,
-            },
-        };
-        let pool = &service.config.connection_pool;
-        let Some(endpoint) = service.balancer.pick(key.as_deref(), None) else {
-            return Outcome::Failure;
-        };
-        let _active = endpoint.begin();
-        // The lane's connection if it leads to this endpoint; else back to the pool with it.
-        let (peer, kept) = match held.take() {
-            Some(h) if h.peer._address.as_inet() == Some(&endpoint.addr) => {
-                (h.peer, Some(h.session))
-            }
-            other => {
-                if let Some(h) = other {
-                    let idle = Some(pool.idle_timeout);
-                    connector
-                        .release_http_session(h.session, &h.peer, idle)
-                        .await;
-                }
-                let mut peer = HttpPeer::new(endpoint.addr, false, String::new());
-                peer.options.connection_timeout = Some(pool.connect_timeout);
-                (peer, None)
-            }
-        };
-        let result = match kept {
-            Some(session) => {
-                // The shadow may have closed the kept connection meanwhile: then the copy
-                // fails before the shadow saw it, and goes once more on a new connection.
-                let again = header.clone();
-                match exchange(session, header, &body, &peer).await {
-                    Err(e)
-                        if matches!(e.retry, RetryType::ReusedOnly | RetryType::Decided(true)) =>
-                    {
-                        new_exchange(connector, again, &body, &peer).await
+                    let _ = copy
+                        .header
+                        .insert_header("content-length", body.len().to_string());
+                    if !put_request(&mut wire, &copy.header, &body) {
+                        copy.done(Outcome::Failure);
+                        continue;
                     }
-                    done => done,
+                }
+                Err(outcome) => {
+                    copy.done(outcome);
+                    continue;
                 }
             }
-            None => new_exchange(connector, header, &body, &peer).await,
-        };
-        match result {
-            Ok((status, next)) => {
-                *held = next.map(|session| Held { peer, session });
-                if status < 500 {
-                    Outcome::Success
-                } else {
-                    Outcome::Failure
-                }
-            }
-            Err(_) => Outcome::Failure,
+        } else if !put_request(&mut wire, &copy.header, &[]) {
+            copy.done(Outcome::Failure);
+            continue;
         }
+        sent.push(copy);
+    }
+    let n = sent.len();
+    let mut answered = 0;
+    let exchange = exchange(shared, connector, conn, addr, &wire, &sent, &mut answered);
+    if tokio::time::timeout(MIRROR_TIMEOUT, exchange)
+        .await
+        .is_err()
+    {
+        *conn = None;
+    }
+    // Whatever did not get an answer failed.
+    for copy in sent.drain(answered..) {
+        copy.done(Outcome::Failure);
+    }
+    n
+}
+
+/// Writes `wire` and reads an answer per copy in `sent`, counting each as it comes
+/// (`answered` of them). A kept connection the shadow closed meanwhile fails before the shadow
+/// saw anything: then the batch goes once more on a new connection.
+async fn exchange(
+    shared: &Shared,
+    connector: &TransportConnector,
+    conn: &mut Option<Conn>,
+    addr: SocketAddr,
+    wire: &[u8],
+    sent: &[Copy],
+    answered: &mut usize,
+) {
+    if sent.is_empty() {
+        return;
+    }
+    let kept = conn.take().filter(|c| c.addr == addr);
+    let fresh_try = kept.is_none();
+    let mut c = match kept {
+        Some(c) => c,
+        None => match connect(shared, connector, addr).await {
+            Some(c) => c,
+            None => return,
+        },
+    };
+    let mut first = write_and_read_first(&mut c, wire, sent).await;
+    if first == Err(Failed::Unseen) && !fresh_try {
+        c = match connect(shared, connector, addr).await {
+            Some(c) => c,
+            None => return,
+        };
+        first = write_and_read_first(&mut c, wire, sent).await;
+    }
+    let Ok(mut answer) = first else { return };
+    loop {
+        let close = answer.close;
+        let copy = &sent[*answered];
+        let outcome = if answer.status < 500 {
+            Outcome::Success
+        } else {
+            Outcome::Failure
+        };
+        count(&copy.service.config.name, outcome);
+        *answered += 1;
+        if close {
+            return;
+        }
+        if *answered == sent.len() {
+            // Kept for the next batch, unless the shadow sent more than it was asked for.
+            if c.buf.is_empty() {
+                *conn = Some(c);
+            }
+            return;
+        }
+        let head = sent[*answered].header.method == http::Method::HEAD;
+        answer = match crate::pipeline::read_answer(&mut c.stream, &mut c.buf, head).await {
+            Ok(a) => a,
+            Err(_) => return,
+        };
     }
 }
 
-/// One exchange on `session`: the answer's status and the connection, if it can carry another.
-async fn exchange(
-    mut session: HttpSession,
-    header: RequestHeader,
-    body: &Bytes,
-    peer: &HttpPeer,
-) -> pingora_error::Result<(u16, Option<HttpSession>)> {
-    let status = crate::client::exchange_on(&mut session, header, body.clone()).await?;
-    session.respect_keepalive();
-    let next = session.reuse().await;
-    Ok((
-        status,
-        next.map(|stream| HttpSession::new_with_options(stream, peer)),
-    ))
+/// The first answer failed; `Unseen`: before the shadow sent a byte back, so it saw nothing
+/// (a kept connection it had closed).
+#[derive(PartialEq)]
+enum Failed {
+    Unseen,
+    Seen,
 }
 
-/// An exchange on a connection from the pool (which holds connections lanes gave back), or
-/// a new one.
-async fn new_exchange(
-    connector: &Connector,
-    header: RequestHeader,
-    body: &Bytes,
-    peer: &HttpPeer,
-) -> pingora_error::Result<(u16, Option<HttpSession>)> {
-    let (session, _reused) = connector.get_http_session(peer).await?;
-    exchange(session, header, body, peer).await
+async fn write_and_read_first(c: &mut Conn, wire: &[u8], sent: &[Copy]) -> Result<Answer, Failed> {
+    c.stream.write_all(wire).await.map_err(|_| Failed::Unseen)?;
+    c.stream.flush().await.map_err(|_| Failed::Unseen)?;
+    c.buf.reserve(4096);
+    match c.stream.read_buf(&mut c.buf).await {
+        Ok(0) | Err(_) => return Err(Failed::Unseen),
+        Ok(_) => {}
+    }
+    let head = sent[0].header.method == http::Method::HEAD;
+    crate::pipeline::read_answer(&mut c.stream, &mut c.buf, head)
+        .await
+        .map_err(|_| Failed::Seen)
+}
+
+async fn connect(
+    shared: &Shared,
+    connector: &TransportConnector,
+    addr: SocketAddr,
+) -> Option<Conn> {
+    let mut peer = HttpPeer::new(addr, false, String::new());
+    peer.options.connection_timeout = Some(shared.connect_timeout);
+    let stream = connector.new_stream(&peer).await.ok()?;
+    Some(Conn {
+        addr,
+        stream,
+        buf: BytesMut::new(),
+    })
+}
+
+/// Appends a copy to the batch's bytes; `false` when its target cannot go on the wire.
+fn put_request(wire: &mut BytesMut, header: &RequestHeader, body: &[u8]) -> bool {
+    match http_req_header_to_wire(header) {
+        Some(head) => {
+            wire.extend_from_slice(&head);
+            wire.extend_from_slice(body);
+            true
+        }
+        None => false,
+    }
 }
 
 /// The whole body, or why the copy is off: it grew past `max`, or the primary request ended

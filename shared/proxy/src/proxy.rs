@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue};
-use pingora_core::connectors::http::v1::Connector;
+use pingora_core::connectors::TransportConnector;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorSource, ErrorType, OrErr, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
@@ -39,7 +39,7 @@ pub struct WeirProxy {
     access_log: Arc<AccessLog>,
     in_flight: Arc<AtomicUsize>,
     /// Mirror copies' own connection pool.
-    mirror_connector: Arc<Connector>,
+    mirror_connector: Arc<TransportConnector>,
 }
 
 impl WeirProxy {
@@ -54,7 +54,7 @@ impl WeirProxy {
             listeners,
             access_log,
             in_flight,
-            mirror_connector: Arc::new(Connector::new(None)),
+            mirror_connector: Arc::new(TransportConnector::new(None)),
         }
     }
 

@@ -50,7 +50,7 @@ impl ServiceState {
                 s.connection_pool.max_pending_requests,
             ),
             budget: RetryBudget::default(),
-            mirror_lanes: Lanes::new(s.connection_pool.idle_timeout),
+            mirror_lanes: Lanes::new(&s.connection_pool),
             tasks_started: AtomicBool::new(false),
         }
     }
