@@ -246,10 +246,21 @@ fn a_retried_request_is_mirrored_exactly_once() {
     assert_eq!(shadow.hits(), 10);
 }
 
+/// How a `RawShadow` ends its connections.
+#[derive(Clone, Copy)]
+enum Closes {
+    /// Never: the gateway closes them.
+    Never,
+    /// After the first answer, without saying so (no `Connection: close`), as a server whose
+    /// keep-alive ran out does.
+    Silently,
+    /// After this many answers, the last with `Connection: close`, leaving the requests after
+    /// it unprocessed (RFC 9112 §9.6), as nginx does at its `keepalive_requests`.
+    After(usize),
+}
+
 /// A mirror on a raw socket that counts connections and requests, the most requests that
-/// came in one read (pipelined), and each connection the gateway closes. With `hang_up`, it
-/// closes every connection after its first answer without saying so (no `Connection:
-/// close`), as a server whose keep-alive ran out does.
+/// came in one read (pipelined), and each connection the gateway closes.
 struct RawShadow {
     addr: std::net::SocketAddr,
     connections: Arc<AtomicUsize>,
@@ -259,7 +270,7 @@ struct RawShadow {
 }
 
 impl RawShadow {
-    fn start(hang_up: bool) -> RawShadow {
+    fn start(closes: Closes) -> RawShadow {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let shadow = RawShadow {
             addr: listener.local_addr().unwrap(),
@@ -281,6 +292,7 @@ impl RawShadow {
                 thread::spawn(move || {
                     let mut seen = Vec::new();
                     let mut buf = [0; 4096];
+                    let mut answered = 0;
                     loop {
                         match conn.read(&mut buf) {
                             Ok(0) | Err(_) => {
@@ -294,11 +306,21 @@ impl RawShadow {
                         while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
                             seen.drain(..end + 4);
                             in_this_read += 1;
+                            answered += 1;
                             most.fetch_max(in_this_read, Ordering::SeqCst);
                             requests.fetch_add(1, Ordering::SeqCst);
-                            let _ =
-                                conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
-                            if hang_up {
+                            let last = match closes {
+                                Closes::Never => false,
+                                Closes::Silently => true,
+                                Closes::After(n) => answered == n,
+                            };
+                            let answer: &[u8] = if last && !matches!(closes, Closes::Silently) {
+                                b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok"
+                            } else {
+                                b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+                            };
+                            let _ = conn.write_all(answer);
+                            if last {
                                 return;
                             }
                         }
@@ -321,7 +343,7 @@ impl RawShadow {
 #[test]
 fn copies_after_the_mirror_hung_up_still_arrive() {
     let app = Upstream::start("app");
-    let shadow = RawShadow::start(true);
+    let shadow = RawShadow::start(Closes::Silently);
     let gw = Gateway::start(&format!(
         "{}{}",
         mirrored(&app, "shadow", ""),
@@ -345,7 +367,7 @@ fn copies_after_the_mirror_hung_up_still_arrive() {
 #[test]
 fn copies_share_connections_that_close_when_idle_or_unconfigured() {
     let app = Upstream::start("app");
-    let shadow = RawShadow::start(false);
+    let shadow = RawShadow::start(Closes::Never);
     let config = mirrored(&app, "shadow", "");
     let gw = Gateway::start(&format!("{config}{}", shadow.service("")));
     for i in 1..=20 {
@@ -378,11 +400,12 @@ fn copies_share_connections_that_close_when_idle_or_unconfigured() {
     });
 }
 
-#[test]
-fn copies_to_a_fast_mirror_are_pipelined() {
+/// 400 requests from 16 clients at once through a route mirrored to `shadow`; waits until
+/// every copy is counted a success.
+fn mirror_400_concurrent(shadow: &RawShadow) -> Gateway {
     // The primary is a raw server too: tiny_http leaves some of 16 busy keep-alive
     // connections unread.
-    let (app, shadow) = (RawShadow::start(false), RawShadow::start(false));
+    let app = RawShadow::start(Closes::Never);
     let gw = Gateway::start(&format!(
         "[[service]]\nname = \"app\"\nendpoints = [\"{}\"]\n\
          [[route]]\nname = \"r\"\n  [[route.backend]]\n  service = \"app\"\n  \
@@ -390,7 +413,6 @@ fn copies_to_a_fast_mirror_are_pipelined() {
         app.addr,
         shadow.service("")
     ));
-    // 16 clients at once, 25 requests each.
     thread::scope(|s| {
         for _ in 0..16 {
             s.spawn(|| {
@@ -402,13 +424,31 @@ fn copies_to_a_fast_mirror_are_pipelined() {
             });
         }
     });
-    wait_until("every copy answered", WAIT, || {
-        mirror_count(&gw, "shadow", "success") == 400.0
+    wait_until("no copy in flight", WAIT, || {
+        gw.metric("weir_upstream_requests_active{service=\"shadow\"}") == 0.0
     });
-    assert_eq!(shadow.requests.load(Ordering::SeqCst), 400);
     assert_eq!(mirror_count(&gw, "shadow", "failure"), 0.0);
+    assert_eq!(mirror_count(&gw, "shadow", "success"), 400.0);
+    gw
+}
+
+#[test]
+fn copies_to_a_fast_mirror_are_pipelined() {
+    let shadow = RawShadow::start(Closes::Never);
+    mirror_400_concurrent(&shadow);
+    assert_eq!(shadow.requests.load(Ordering::SeqCst), 400);
     assert!(
         shadow.most_in_one_read.load(Ordering::SeqCst) >= 2,
         "no read carried more than one copy"
     );
+}
+
+#[test]
+fn copies_after_a_connection_close_go_again_once() {
+    // Closes every connection after its fifth answer, leaving the pipelined rest unanswered.
+    let shadow = RawShadow::start(Closes::After(5));
+    mirror_400_concurrent(&shadow);
+    // Exactly once each: none lost with the closed connections, none sent twice.
+    assert_eq!(shadow.requests.load(Ordering::SeqCst), 400);
+    assert!(shadow.connections.load(Ordering::SeqCst) >= 80);
 }

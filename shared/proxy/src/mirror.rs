@@ -302,9 +302,9 @@ async fn lane(shared: Arc<Shared>, connector: Arc<TransportConnector>) {
             let started = Instant::now();
             let sent = send_batch(&shared, &connector, &mut conn, addr, batch).await;
             // Pipelined answers come in order, so one slow answer holds up the rest of its
-            // batch: batches only while the shadow is fast.
+            // batch: batches only while the shadow is fast, and keeps its connections.
             let fast = started.elapsed() < FAST * sent.max(1) as u32;
-            let batch = if fast { MAX_BATCH } else { 1 };
+            let batch = if fast && conn.is_some() { MAX_BATCH } else { 1 };
             shared.batch.store(batch, Ordering::Relaxed);
         }
         if taken.is_empty() {
@@ -324,37 +324,59 @@ async fn send_batch(
 ) -> usize {
     let mut wire = BytesMut::new();
     let mut sent = Vec::with_capacity(batch.len());
+    // Where each sent copy starts in `wire`.
+    let mut starts = Vec::with_capacity(batch.len());
     for mut copy in batch {
-        if let Some(rx) = copy.body.take() {
-            match collect(rx, copy.max_body).await {
+        let start = wire.len();
+        let body = match copy.body.take() {
+            None => Bytes::new(),
+            Some(rx) => match collect(rx, copy.max_body).await {
                 Ok(body) => {
                     let _ = copy
                         .header
                         .insert_header("content-length", body.len().to_string());
-                    if !put_request(&mut wire, &copy.header, &body) {
-                        copy.done(Outcome::Failure);
-                        continue;
-                    }
+                    body
                 }
                 Err(outcome) => {
                     copy.done(outcome);
                     continue;
                 }
-            }
-        } else if !put_request(&mut wire, &copy.header, &[]) {
+            },
+        };
+        if !put_request(&mut wire, &copy.header, &body) {
             copy.done(Outcome::Failure);
             continue;
         }
+        starts.push(start);
         sent.push(copy);
     }
     let n = sent.len();
     let mut answered = 0;
-    let exchange = exchange(shared, connector, conn, addr, &wire, &sent, &mut answered);
-    if tokio::time::timeout(MIRROR_TIMEOUT, exchange)
-        .await
-        .is_err()
-    {
-        *conn = None;
+    let deadline = tokio::time::Instant::now() + MIRROR_TIMEOUT;
+    while answered < n {
+        let rest = &sent[answered..];
+        let mut done = 0;
+        let exchange = exchange(
+            shared,
+            connector,
+            conn,
+            addr,
+            &wire[starts[answered]..],
+            rest,
+            &mut done,
+        );
+        let resend = tokio::time::timeout_at(deadline, exchange).await;
+        answered += done;
+        match resend {
+            // The shadow closed the connection after an answer: it processed none of the
+            // copies after it (RFC 9112 §9.6), so they go again on a new connection.
+            Ok(Resend::Rest) => {}
+            Ok(Resend::No) => break,
+            Err(_timeout) => {
+                *conn = None;
+                break;
+            }
+        }
     }
     // Whatever did not get an answer failed.
     for copy in sent.drain(answered..) {
@@ -363,9 +385,15 @@ async fn send_batch(
     n
 }
 
+/// Whether the copies `exchange` left unanswered are to be sent again.
+enum Resend {
+    Rest,
+    No,
+}
+
 /// Writes `wire` and reads an answer per copy in `sent`, counting each as it comes
 /// (`answered` of them). A kept connection the shadow closed meanwhile fails before the shadow
-/// saw anything: then the batch goes once more on a new connection.
+/// saw anything: then the copies go once more on a new connection.
 async fn exchange(
     shared: &Shared,
     connector: &TransportConnector,
@@ -374,52 +402,49 @@ async fn exchange(
     wire: &[u8],
     sent: &[Copy],
     answered: &mut usize,
-) {
-    if sent.is_empty() {
-        return;
-    }
+) -> Resend {
     let kept = conn.take().filter(|c| c.addr == addr);
     let fresh_try = kept.is_none();
     let mut c = match kept {
         Some(c) => c,
         None => match connect(shared, connector, addr).await {
             Some(c) => c,
-            None => return,
+            None => return Resend::No,
         },
     };
     let mut first = write_and_read_first(&mut c, wire, sent).await;
     if first == Err(Failed::Unseen) && !fresh_try {
         c = match connect(shared, connector, addr).await {
             Some(c) => c,
-            None => return,
+            None => return Resend::No,
         };
         first = write_and_read_first(&mut c, wire, sent).await;
     }
-    let Ok(mut answer) = first else { return };
+    let Ok(mut answer) = first else {
+        return Resend::No;
+    };
     loop {
-        let close = answer.close;
-        let copy = &sent[*answered];
         let outcome = if answer.status < 500 {
             Outcome::Success
         } else {
             Outcome::Failure
         };
-        count(&copy.service.config.name, outcome);
+        count(&sent[*answered].service.config.name, outcome);
         *answered += 1;
-        if close {
-            return;
-        }
         if *answered == sent.len() {
-            // Kept for the next batch, unless the shadow sent more than it was asked for.
-            if c.buf.is_empty() {
+            // Kept for the next batch, unless the shadow closes it or sent more than asked.
+            if !answer.close && c.buf.is_empty() {
                 *conn = Some(c);
             }
-            return;
+            return Resend::No;
+        }
+        if answer.close {
+            return Resend::Rest;
         }
         let head = sent[*answered].header.method == http::Method::HEAD;
         answer = match crate::pipeline::read_answer(&mut c.stream, &mut c.buf, head).await {
             Ok(a) => a,
-            Err(_) => return,
+            Err(_) => return Resend::No,
         };
     }
 }
