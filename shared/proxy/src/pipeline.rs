@@ -80,8 +80,16 @@ pub async fn read_answer<S: AsyncRead + Unpin>(
     })
 }
 
+/// Most bytes held while a head, chunk-size line or trailer is incomplete: bodies are skipped
+/// as they come, so only those ever accumulate, and a shadow sending an endless head costs
+/// no more than this.
+const MAX_PENDING: usize = 64 * 1024;
+
 /// More bytes into `buf`; an end of stream is `Broken`: the answer is not complete.
 async fn read_more<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut BytesMut) -> Result<(), Broken> {
+    if buf.len() >= MAX_PENDING {
+        return Err(Broken);
+    }
     buf.reserve(4096);
     match stream.read_buf(buf).await {
         Ok(0) | Err(_) => Err(Broken),
@@ -295,5 +303,24 @@ mod tests {
             vec![Err(Broken)]
         );
         assert_eq!(answers(b"", &[false], 64), vec![Err(Broken)]);
+    }
+
+    #[test]
+    fn an_endless_head_is_given_up_at_64_kib() {
+        let wire = [b"HTTP/1.1 200 OK\r\nx-long: ".as_slice(), &[b'a'; 1 << 20]].concat();
+        let mut stream = Pieces(
+            wire.chunks(4096)
+                .map(bytes::Bytes::copy_from_slice)
+                .collect(),
+        );
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let mut buf = BytesMut::new();
+        let answer = rt.block_on(read_answer(&mut stream, &mut buf, false));
+        assert_eq!(answer, Err(Broken));
+        // Given up long before the end of the stream.
+        assert!(buf.len() <= MAX_PENDING + 4096, "{} bytes held", buf.len());
+        assert!(stream.0.len() > 200, "read on to the end");
     }
 }
