@@ -124,8 +124,27 @@ async fn check(connector: Arc<Connector>, addr: SocketAddr, path: String, idle: 
     let _ = req.insert_header("host", addr.to_string());
     let _ = req.insert_header("user-agent", "weir-health-check");
     let peer = HttpPeer::new(addr, false, String::new());
-    let exchange = crate::client::exchange(&connector, &peer, req, idle);
-    matches!(exchange.await, Ok(200..=299))
+    matches!(exchange(&connector, &peer, req, idle).await, Ok(200..=299))
+}
+
+/// Sends `header` on a connection from the pool, reads the answer to the end and gives the
+/// connection back; returns the answer's status.
+async fn exchange(
+    connector: &Connector,
+    peer: &HttpPeer,
+    header: RequestHeader,
+    idle_timeout: Duration,
+) -> pingora_error::Result<u16> {
+    let (mut session, _reused) = connector.get_http_session(peer).await?;
+    session.write_request_header(Box::new(header)).await?;
+    session.finish_body().await?;
+    session.read_response().await?;
+    let status = session.get_status().map_or(0, |s| s.as_u16());
+    while session.read_body_ref().await?.is_some() {}
+    connector
+        .release_http_session(session, peer, Some(idle_timeout))
+        .await;
+    Ok(status)
 }
 
 /// Resolves `dns` again whenever its answer expires; a failed lookup keeps the last good set.

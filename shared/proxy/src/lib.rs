@@ -6,14 +6,12 @@
 //! - [`mirror`]: fire-and-forget copies of requests to a shadow service;
 //! - [`pipeline`]: reading pipelined HTTP/1.1 answers, for the mirror's copies;
 //! - [`discovery`]: per-service background work: active health checks, DNS re-resolution;
-//! - [`client`]: one upstream request outside the proxy path (health checks);
 //! - [`admin`]: `/live`, `/ready`, `/config`;
 //! - [`server`]: wiring of the Pingora server, reload triggers and the SIGTERM drain;
 //! - [`cli`]: the command line of both binaries.
 
 pub mod admin;
 pub mod cli;
-pub mod client;
 pub mod discovery;
 pub mod mirror;
 pub mod pipeline;
