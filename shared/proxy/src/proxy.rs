@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use http::header::Entry as HeaderEntry;
 use http::{HeaderName, HeaderValue};
 use pingora_core::connectors::TransportConnector;
 use pingora_core::upstreams::peer::HttpPeer;
@@ -115,11 +116,8 @@ impl WeirProxy {
         session: &mut Session,
         ctx: &mut Ctx,
         mirror: &weir_config::Mirror,
-        snapshot: &Snapshot,
+        service: &Arc<ServiceState>,
     ) -> Result<()> {
-        let Some(service) = snapshot.services.get(&mirror.service) else {
-            return Ok(());
-        };
         let mut header = session.req_header().clone();
         prepare_upstream(&mut header, client_ip(session), ctx)?;
         let key = weir_resilience::hash_on(&service.config).and_then(|on| hash_key(session, on));
@@ -248,8 +246,11 @@ impl ProxyHttp for WeirProxy {
             }
             _ => new_request_id(),
         };
-        let found = {
-            let host = host_of(req);
+        let found = snapshot.table(listener).and_then(|table| {
+            let host = match table.has_hosts() {
+                true => host_of(req),
+                false => Cow::Borrowed(""),
+            };
             let view = HeaderView(&req.headers);
             let request = Request {
                 method: req.method.as_str(),
@@ -258,12 +259,8 @@ impl ProxyHttp for WeirProxy {
                 query: req.uri.query(),
                 headers: &view,
             };
-            snapshot
-                .tables
-                .get(listener)
-                .and_then(|t| t.find(&request))
-                .map(|f| (f.route.clone(), f.block))
-        };
+            table.find(&request).map(|f| (f.route.clone(), f.block))
+        });
         ctx.snapshot = Some(snapshot.clone());
         let Some((route, block)) = found else {
             ctx.flags = "NR";
@@ -311,21 +308,21 @@ impl ProxyHttp for WeirProxy {
                 respond(session, ctx, r.status, Bytes::new(), Some(location)).await?;
                 Ok(true)
             }
-            (Action::Backends(backends), Some(split)) => {
-                let services = &snapshot.services;
+            (Action::Backends(_), Some(split)) => {
+                let services = snapshot.services_of(&route);
                 // Sticky canaries: when the split's first service hashes on part of the
                 // request, that key, not chance, picks the backend, so a user stays on one
                 // version (and, shifting weight toward the last backend, keeps moving users
                 // one way only).
                 let sticky = services
-                    .get(&backends[0].service)
+                    .backends
+                    .first()
                     .and_then(|s| weir_resilience::hash_on(&s.config))
                     .and_then(|on| hash_key(session, on));
                 let roll = sticky
                     .as_deref()
                     .map_or_else(|| fastrand::u64(..), weir_resilience::roll);
-                let backend = &backends[split.pick(roll)];
-                let Some(service) = services.get(&backend.service).cloned() else {
+                let Some(service) = services.backends.get(split.pick(roll)).cloned() else {
                     return Err(Error::explain(ErrorType::InternalError, "unknown service"));
                 };
                 // Circuit breaking: over `max_requests` the answer is an immediate 503.
@@ -343,9 +340,9 @@ impl ProxyHttp for WeirProxy {
                 }
                 ctx.deadline = route.config.timeout.map(|t| Clock::now() + t);
                 ctx.service = Some(service);
-                if let Some(m) = &route.config.mirror {
+                if let (Some(m), Some(shadow)) = (&route.config.mirror, &services.mirror) {
                     if route.mirror_sampler.pick(m.percent) {
-                        self.start_mirror(session, ctx, m, &snapshot)?;
+                        self.start_mirror(session, ctx, m, shadow)?;
                     }
                 }
                 Ok(false)
@@ -622,19 +619,24 @@ fn prepare_upstream(upstream: &mut RequestHeader, client: Option<IpAddr>, ctx: &
         // Edge proxy: append the peer to X-Forwarded-For, say how the client reached us.
         if let Some(ip) = client {
             let ip = ip_text(ip);
-            let xff = match headers.get(X_FORWARDED_FOR) {
-                Some(prior) if !prior.is_empty() => {
-                    let mut v = Vec::with_capacity(prior.len() + 2 + ip.len());
-                    v.extend_from_slice(prior.as_bytes());
-                    v.extend_from_slice(b", ");
-                    v.extend_from_slice(ip.as_bytes());
-                    v
+            // One lookup for both reading the prior value and replacing it.
+            let entry = headers.entry(X_FORWARDED_FOR);
+            let xff = match &entry {
+                HeaderEntry::Occupied(prior) if !prior.get().is_empty() => {
+                    [prior.get().as_bytes(), b", ", ip.as_bytes()].concat()
                 }
                 _ => ip.into_bytes(),
             };
             let xff = HeaderValue::from_maybe_shared(Bytes::from(xff))
                 .or_err(ErrorType::InvalidHTTPHeader, "bad x-forwarded-for")?;
-            headers.insert(X_FORWARDED_FOR, xff);
+            match entry {
+                HeaderEntry::Occupied(mut prior) => {
+                    prior.insert(xff);
+                }
+                HeaderEntry::Vacant(place) => {
+                    place.insert(xff);
+                }
+            }
         }
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
         headers.insert(X_REQUEST_ID, ctx.request_id.clone());
@@ -839,21 +841,26 @@ fn set_path(req: &mut RequestHeader, path: &str) -> Result<()> {
 }
 
 /// The request's host, lower case, without port: from the URI (HTTP/2, absolute form) or Host.
-/// Borrowed unless it has upper-case letters.
+/// Borrowed unless it has upper-case letters; empty when it is not visible ASCII.
 fn host_of(req: &RequestHeader) -> Cow<'_, str> {
-    let raw = req
-        .uri
-        .host()
-        .or_else(|| {
-            req.headers
-                .get(http::header::HOST)
-                .and_then(|h| h.to_str().ok())
-        })
-        .unwrap_or("");
-    let host = match raw.strip_prefix('[') {
-        Some(v6) => v6.split(']').next().unwrap_or(v6),
-        None => raw.rsplit_once(':').map_or(raw, |(h, _)| h),
+    let raw = match req.uri.host() {
+        Some(host) => host.as_bytes(),
+        None => req
+            .headers
+            .get(http::header::HOST)
+            .map_or(&b""[..], |h| h.as_bytes()),
     };
+    let host = match raw.strip_prefix(b"[") {
+        Some(v6) => v6.split(|&b| b == b']').next().unwrap_or(v6),
+        None => raw
+            .iter()
+            .rposition(|&b| b == b':')
+            .map_or(raw, |colon| &raw[..colon]),
+    };
+    if !host.iter().all(u8::is_ascii_graphic) {
+        return Cow::Borrowed("");
+    }
+    let host = std::str::from_utf8(host).unwrap_or_default();
     if host.bytes().any(|b| b.is_ascii_uppercase()) {
         Cow::Owned(host.to_ascii_lowercase())
     } else {
@@ -868,21 +875,25 @@ fn client_ip(session: &Session) -> Option<IpAddr> {
         .map(|a| a.ip())
 }
 
-/// A random UUID v4, as Envoy generates for `x-request-id`.
+/// A random UUID v4, as Envoy generates for `x-request-id`. Its bytes are shared, so the
+/// copies sent upstream and back to the client are refcounts.
 fn new_request_id() -> HeaderValue {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let n = fastrand::u128(..) & !(0xf << 76) & !(0x3 << 62) | (0x4 << 76) | (0x2 << 62);
+    let mut bytes = fastrand::u128(..).to_be_bytes();
+    bytes[6] = bytes[6] & 0x0f | 0x40; // version 4
+    bytes[8] = bytes[8] & 0x3f | 0x80; // variant 10
     let mut id = [0u8; 36];
     let mut at = 0;
-    for i in 0..32 {
-        if matches!(i, 8 | 12 | 16 | 20) {
+    for (i, b) in bytes.into_iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
             id[at] = b'-';
             at += 1;
         }
-        id[at] = HEX[(n >> (124 - 4 * i)) as usize & 0xf];
-        at += 1;
+        id[at] = HEX[usize::from(b >> 4)];
+        id[at + 1] = HEX[usize::from(b & 0xf)];
+        at += 2;
     }
-    HeaderValue::from_maybe_shared(Bytes::copy_from_slice(&id)).expect("hex digits and dashes")
+    HeaderValue::from_maybe_shared(Bytes::from_owner(id)).expect("hex digits and dashes")
 }
 
 /// An IP address as text. IPv4, the common case, without the formatting machinery, which
@@ -951,5 +962,9 @@ mod tests {
         assert_eq!(host_of(&req), "www.example.com");
         req.insert_header("host", "[::1]:8080").unwrap();
         assert_eq!(host_of(&req), "::1");
+        req.insert_header("host", "example.com").unwrap();
+        assert_eq!(host_of(&req), "example.com");
+        req.insert_header("host", "ex ample.com").unwrap();
+        assert_eq!(host_of(&req), "");
     }
 }

@@ -4,9 +4,9 @@ use std::collections::HashMap;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use weir_config::{Config, Loaded, Role, Service};
+use weir_config::{Action, Config, Loaded, Role, Service};
 use weir_resilience::{Balancer, ConnectionGate, Limiter, RetryBudget};
-use weir_routing::RouteTable;
+use weir_routing::{CompiledRoute, RouteTable};
 
 use crate::mirror::Lanes;
 
@@ -17,9 +17,18 @@ pub struct Snapshot {
     /// RFC 3339 time of the load.
     pub loaded_at: String,
     pub config: Arc<Config>,
-    /// Route table per listener name.
-    pub tables: HashMap<String, RouteTable>,
+    /// Route table per listener name, in listener order (a handful: a scan beats hashing).
+    pub tables: Vec<(String, RouteTable)>,
     pub services: HashMap<String, Arc<ServiceState>>,
+    /// Per route, by [`CompiledRoute::order`]: the services it sends to, resolved here so a
+    /// request looks up no names.
+    pub routes: Vec<RouteServices>,
+}
+
+/// The services of one route's backends (in backend order) and of its mirror.
+pub struct RouteServices {
+    pub backends: Vec<Arc<ServiceState>>,
+    pub mirror: Option<Arc<ServiceState>>,
 }
 
 /// A service with the runtime state that outlives reloads while its definition is unchanged.
@@ -65,7 +74,7 @@ impl Snapshot {
         previous: Option<&Snapshot>,
     ) -> Snapshot {
         let config = loaded.config;
-        let services = config
+        let services: HashMap<String, Arc<ServiceState>> = config
             .services
             .iter()
             .map(|s| {
@@ -75,6 +84,24 @@ impl Snapshot {
                     .cloned();
                 let state = kept.unwrap_or_else(|| Arc::new(ServiceState::new(s)));
                 (s.name.clone(), state)
+            })
+            .collect();
+        // Validation guarantees every name resolves.
+        let routes = config
+            .routes
+            .iter()
+            .map(|r| RouteServices {
+                backends: match &r.action {
+                    Action::Backends(b) => b
+                        .iter()
+                        .filter_map(|b| services.get(&b.service).cloned())
+                        .collect(),
+                    _ => Vec::new(),
+                },
+                mirror: r
+                    .mirror
+                    .as_ref()
+                    .and_then(|m| services.get(&m.service).cloned()),
             })
             .collect();
         let tables = listener_names(&config, role)
@@ -91,7 +118,24 @@ impl Snapshot {
             config: Arc::new(config),
             tables,
             services,
+            routes,
         }
+    }
+
+    pub fn table(&self, listener: &str) -> Option<&RouteTable> {
+        self.tables
+            .iter()
+            .find(|(name, _)| name == listener)
+            .map(|(_, t)| t)
+    }
+
+    /// The services `route` sends to.
+    pub fn services_of(&self, route: &CompiledRoute) -> &RouteServices {
+        static NONE: RouteServices = RouteServices {
+            backends: Vec::new(),
+            mirror: None,
+        };
+        self.routes.get(route.order).unwrap_or(&NONE)
     }
 }
 

@@ -258,6 +258,11 @@ impl RouteTable {
         })
     }
 
+    /// Whether any route names hosts; when none does, `find` ignores the request's host.
+    pub fn has_hosts(&self) -> bool {
+        !self.exact.is_empty() || !self.suffix.is_empty()
+    }
+
     /// Every route of the table, in declaration order.
     pub fn routes(&self) -> &[Arc<CompiledRoute>] {
         &self.routes
