@@ -922,7 +922,17 @@ struct HeaderView<'a>(&'a http::HeaderMap);
 
 impl weir_routing::Headers for HeaderView<'_> {
     fn get(&self, name: &str) -> Option<&str> {
-        self.0.get(name).and_then(|v| v.to_str().ok())
+        // A lookup by `&str` parses and hashes the name; a request's few headers are
+        // cheaper to scan (in order, so the first value wins as with `get`).
+        let value = if self.0.len() <= 8 {
+            self.0
+                .iter()
+                .find(|(k, _)| k.as_str() == name)
+                .map(|(_, v)| v)
+        } else {
+            self.0.get(name)
+        };
+        value.and_then(|v| v.to_str().ok())
     }
 }
 
