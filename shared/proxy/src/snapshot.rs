@@ -86,7 +86,9 @@ impl Snapshot {
                 (s.name.clone(), state)
             })
             .collect();
-        // Validation guarantees every name resolves.
+        // Validation guarantees every name resolves. Were one missing, the route gets no
+        // backends at all (its requests fail as `unknown service`) rather than a list whose
+        // positions no longer match the split's weights.
         let routes = config
             .routes
             .iter()
@@ -94,8 +96,9 @@ impl Snapshot {
                 backends: match &r.action {
                     Action::Backends(b) => b
                         .iter()
-                        .filter_map(|b| services.get(&b.service).cloned())
-                        .collect(),
+                        .map(|b| services.get(&b.service).cloned())
+                        .collect::<Option<Vec<_>>>()
+                        .unwrap_or_default(),
                     _ => Vec::new(),
                 },
                 mirror: r
