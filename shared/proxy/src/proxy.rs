@@ -203,6 +203,7 @@ impl ProxyHttp for WeirProxy {
 
     fn new_ctx(&self) -> Ctx {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
+        keep_timer_wheel_warm();
         Ctx {
             snapshot: None,
             listener: 0,
@@ -611,6 +612,29 @@ impl ProxyHttp for WeirProxy {
 
 /// The request as it goes upstream (to the chosen service or a mirror): forwarding headers,
 /// the route's rewrite and request header changes.
+/// Keeps one short timer pending on this thread's runtime, started by its first request.
+///
+/// The pool's idle timers (`idle_timeout`, 60 s) run on tokio's wheel (see `server.rs`). Tokio
+/// wakes its driver, with a `write` syscall, whenever a timer is armed earlier than the
+/// driver's next planned wake-up, and with no timer pending that is every one: a keep-alive
+/// connection's idle timer is armed at each release and dropped at each reuse. A pending
+/// 1 s tick makes those arms free.
+fn keep_timer_wheel_warm() {
+    thread_local!(static WARM: std::cell::Cell<bool> = const { std::cell::Cell::new(false) });
+    if WARM.get() {
+        return;
+    }
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        WARM.set(true);
+        runtime.spawn(async {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+            }
+        });
+    }
+}
+
 fn prepare_upstream(upstream: &mut RequestHeader, client: Option<IpAddr>, ctx: &Ctx) -> Result<()> {
     let route = ctx.route.as_ref().map(|r| &r.config);
     edit_request(upstream, |parts| {
