@@ -610,8 +610,6 @@ impl ProxyHttp for WeirProxy {
     }
 }
 
-/// The request as it goes upstream (to the chosen service or a mirror): forwarding headers,
-/// the route's rewrite and request header changes.
 /// Keeps one short timer pending on this thread's runtime, started by its first request.
 ///
 /// The pool's idle timers (`idle_timeout`, 60 s) run on tokio's wheel (see `server.rs`). Tokio
@@ -635,6 +633,8 @@ fn keep_timer_wheel_warm() {
     }
 }
 
+/// The request as it goes upstream (to the chosen service or a mirror): forwarding headers,
+/// the route's rewrite and request header changes.
 fn prepare_upstream(upstream: &mut RequestHeader, client: Option<IpAddr>, ctx: &Ctx) -> Result<()> {
     let route = ctx.route.as_ref().map(|r| &r.config);
     edit_request(upstream, |parts| {
