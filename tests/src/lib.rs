@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
 
 use std::fs;
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -493,4 +494,99 @@ pub fn repo_root() -> PathBuf {
         .parent()
         .unwrap()
         .to_path_buf()
+}
+
+/// How a `RawUpstream` ends its connections.
+#[derive(Clone, Copy)]
+pub enum Closes {
+    /// Never: the gateway closes them.
+    Never,
+    /// After the first answer, without saying so (no `Connection: close`), as a server whose
+    /// keep-alive ran out does.
+    Silently,
+    /// After this many answers, the last with `Connection: close`, leaving the requests after
+    /// it unprocessed (RFC 9112 §9.6), as nginx does at its `keepalive_requests`.
+    After(usize),
+}
+
+/// An HTTP/1.1 server on a raw socket that answers `200 ok` to requests without bodies and
+/// counts connections, requests, the most requests that came in one read (pipelined), and
+/// each connection the gateway closes.
+pub struct RawUpstream {
+    pub addr: SocketAddr,
+    pub connections: Arc<AtomicUsize>,
+    pub requests: Arc<AtomicUsize>,
+    pub most_in_one_read: Arc<AtomicUsize>,
+    pub closed_by_gateway: Arc<AtomicUsize>,
+}
+
+impl RawUpstream {
+    pub fn start(closes: Closes) -> RawUpstream {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let shadow = RawUpstream {
+            addr: listener.local_addr().unwrap(),
+            connections: Arc::default(),
+            requests: Arc::default(),
+            most_in_one_read: Arc::default(),
+            closed_by_gateway: Arc::default(),
+        };
+        let (connections, requests) = (shadow.connections.clone(), shadow.requests.clone());
+        let (most, closed) = (
+            shadow.most_in_one_read.clone(),
+            shadow.closed_by_gateway.clone(),
+        );
+        thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { return };
+                connections.fetch_add(1, Ordering::SeqCst);
+                let (requests, most, closed) = (requests.clone(), most.clone(), closed.clone());
+                thread::spawn(move || {
+                    let mut seen = Vec::new();
+                    let mut buf = [0; 4096];
+                    let mut answered = 0;
+                    loop {
+                        match conn.read(&mut buf) {
+                            Ok(0) | Err(_) => {
+                                closed.fetch_add(1, Ordering::SeqCst);
+                                return;
+                            }
+                            Ok(n) => seen.extend_from_slice(&buf[..n]),
+                        }
+                        // Requests without bodies: each ends with an empty line.
+                        let mut in_this_read = 0;
+                        while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                            seen.drain(..end + 4);
+                            in_this_read += 1;
+                            answered += 1;
+                            most.fetch_max(in_this_read, Ordering::SeqCst);
+                            requests.fetch_add(1, Ordering::SeqCst);
+                            let last = match closes {
+                                Closes::Never => false,
+                                Closes::Silently => true,
+                                Closes::After(n) => answered == n,
+                            };
+                            let answer: &[u8] = if last && !matches!(closes, Closes::Silently) {
+                                b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok"
+                            } else {
+                                b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+                            };
+                            let _ = conn.write_all(answer);
+                            if last {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        shadow
+    }
+
+    /// A `[[service]]` on this server, with `extra` lines.
+    pub fn service(&self, name: &str, extra: &str) -> String {
+        format!(
+            "[[service]]\nname = \"{name}\"\nendpoints = [\"{}\"]\n{extra}",
+            self.addr
+        )
+    }
 }

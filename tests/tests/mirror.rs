@@ -2,14 +2,13 @@
 //! slow, refuse connections or fail.
 #![allow(clippy::unwrap_used)]
 
-use std::io::{Read, Write};
-use std::net::TcpListener;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use weir_tests::{client, free_port, send_body, wait_until, Gateway, Upstream};
+use weir_tests::{
+    client, free_port, send_body, wait_until, Closes, Gateway, RawUpstream, Upstream,
+};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -246,108 +245,14 @@ fn a_retried_request_is_mirrored_exactly_once() {
     assert_eq!(shadow.hits(), 10);
 }
 
-/// How a `RawShadow` ends its connections.
-#[derive(Clone, Copy)]
-enum Closes {
-    /// Never: the gateway closes them.
-    Never,
-    /// After the first answer, without saying so (no `Connection: close`), as a server whose
-    /// keep-alive ran out does.
-    Silently,
-    /// After this many answers, the last with `Connection: close`, leaving the requests after
-    /// it unprocessed (RFC 9112 §9.6), as nginx does at its `keepalive_requests`.
-    After(usize),
-}
-
-/// A mirror on a raw socket that counts connections and requests, the most requests that
-/// came in one read (pipelined), and each connection the gateway closes.
-struct RawShadow {
-    addr: std::net::SocketAddr,
-    connections: Arc<AtomicUsize>,
-    requests: Arc<AtomicUsize>,
-    most_in_one_read: Arc<AtomicUsize>,
-    closed_by_gateway: Arc<AtomicUsize>,
-}
-
-impl RawShadow {
-    fn start(closes: Closes) -> RawShadow {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let shadow = RawShadow {
-            addr: listener.local_addr().unwrap(),
-            connections: Arc::default(),
-            requests: Arc::default(),
-            most_in_one_read: Arc::default(),
-            closed_by_gateway: Arc::default(),
-        };
-        let (connections, requests) = (shadow.connections.clone(), shadow.requests.clone());
-        let (most, closed) = (
-            shadow.most_in_one_read.clone(),
-            shadow.closed_by_gateway.clone(),
-        );
-        thread::spawn(move || {
-            for conn in listener.incoming() {
-                let Ok(mut conn) = conn else { return };
-                connections.fetch_add(1, Ordering::SeqCst);
-                let (requests, most, closed) = (requests.clone(), most.clone(), closed.clone());
-                thread::spawn(move || {
-                    let mut seen = Vec::new();
-                    let mut buf = [0; 4096];
-                    let mut answered = 0;
-                    loop {
-                        match conn.read(&mut buf) {
-                            Ok(0) | Err(_) => {
-                                closed.fetch_add(1, Ordering::SeqCst);
-                                return;
-                            }
-                            Ok(n) => seen.extend_from_slice(&buf[..n]),
-                        }
-                        // Requests without bodies: each ends with an empty line.
-                        let mut in_this_read = 0;
-                        while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
-                            seen.drain(..end + 4);
-                            in_this_read += 1;
-                            answered += 1;
-                            most.fetch_max(in_this_read, Ordering::SeqCst);
-                            requests.fetch_add(1, Ordering::SeqCst);
-                            let last = match closes {
-                                Closes::Never => false,
-                                Closes::Silently => true,
-                                Closes::After(n) => answered == n,
-                            };
-                            let answer: &[u8] = if last && !matches!(closes, Closes::Silently) {
-                                b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok"
-                            } else {
-                                b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
-                            };
-                            let _ = conn.write_all(answer);
-                            if last {
-                                return;
-                            }
-                        }
-                    }
-                });
-            }
-        });
-        shadow
-    }
-
-    /// The `[[service]]` "shadow" on this server, with `pool` lines.
-    fn service(&self, pool: &str) -> String {
-        format!(
-            "[[service]]\nname = \"shadow\"\nendpoints = [\"{}\"]\n{pool}",
-            self.addr
-        )
-    }
-}
-
 #[test]
 fn copies_after_the_mirror_hung_up_still_arrive() {
     let app = Upstream::start("app");
-    let shadow = RawShadow::start(Closes::Silently);
+    let shadow = RawUpstream::start(Closes::Silently);
     let gw = Gateway::start(&format!(
         "{}{}",
         mirrored(&app, "shadow", ""),
-        shadow.service("")
+        shadow.service("shadow", "")
     ));
     for i in 1..=5 {
         assert_eq!(gw.get("/", &[]).status, 200);
@@ -367,9 +272,9 @@ fn copies_after_the_mirror_hung_up_still_arrive() {
 #[test]
 fn copies_share_connections_that_close_when_idle_or_unconfigured() {
     let app = Upstream::start("app");
-    let shadow = RawShadow::start(Closes::Never);
+    let shadow = RawUpstream::start(Closes::Never);
     let config = mirrored(&app, "shadow", "");
-    let gw = Gateway::start(&format!("{config}{}", shadow.service("")));
+    let gw = Gateway::start(&format!("{config}{}", shadow.service("shadow", "")));
     for i in 1..=20 {
         assert_eq!(gw.get("/", &[]).status, 200);
         wait_until("the copy", WAIT, || {
@@ -384,7 +289,7 @@ fn copies_share_connections_that_close_when_idle_or_unconfigured() {
     let generation = gw.generation();
     gw.write_config(&format!(
         "{config}{}",
-        shadow.service("connection_pool = { idle_timeout = \"1s\" }\n")
+        shadow.service("shadow", "connection_pool = { idle_timeout = \"1s\" }\n")
     ));
     wait_until("the reload", WAIT, || gw.generation() > generation);
     // The service changed: its copies start afresh, and the old connection goes with it.
@@ -402,16 +307,16 @@ fn copies_share_connections_that_close_when_idle_or_unconfigured() {
 
 /// 400 requests from 16 clients at once through a route mirrored to `shadow`; waits until
 /// every copy is counted a success.
-fn mirror_400_concurrent(shadow: &RawShadow) -> Gateway {
+fn mirror_400_concurrent(shadow: &RawUpstream) -> Gateway {
     // The primary is a raw server too: tiny_http leaves some of 16 busy keep-alive
     // connections unread.
-    let app = RawShadow::start(Closes::Never);
+    let app = RawUpstream::start(Closes::Never);
     let gw = Gateway::start(&format!(
         "[[service]]\nname = \"app\"\nendpoints = [\"{}\"]\n\
          [[route]]\nname = \"r\"\n  [[route.backend]]\n  service = \"app\"\n  \
          [route.mirror]\n  service = \"shadow\"\n{}",
         app.addr,
-        shadow.service("")
+        shadow.service("shadow", "")
     ));
     thread::scope(|s| {
         for _ in 0..16 {
@@ -434,7 +339,7 @@ fn mirror_400_concurrent(shadow: &RawShadow) -> Gateway {
 
 #[test]
 fn copies_to_a_fast_mirror_are_pipelined() {
-    let shadow = RawShadow::start(Closes::Never);
+    let shadow = RawUpstream::start(Closes::Never);
     mirror_400_concurrent(&shadow);
     assert_eq!(shadow.requests.load(Ordering::SeqCst), 400);
     assert!(
@@ -446,7 +351,7 @@ fn copies_to_a_fast_mirror_are_pipelined() {
 #[test]
 fn copies_after_a_connection_close_go_again_once() {
     // Closes every connection after its fifth answer, leaving the pipelined rest unanswered.
-    let shadow = RawShadow::start(Closes::After(5));
+    let shadow = RawUpstream::start(Closes::After(5));
     mirror_400_concurrent(&shadow);
     // Exactly once each: none lost with the closed connections, none sent twice.
     assert_eq!(shadow.requests.load(Ordering::SeqCst), 400);

@@ -4,7 +4,9 @@
 use std::thread;
 use std::time::{Duration, Instant};
 
-use weir_tests::{client, send, wait_until, Gateway, Upstream};
+use std::sync::atomic::Ordering;
+
+use weir_tests::{client, send, wait_until, Closes, Gateway, RawUpstream, Upstream};
 
 #[test]
 fn over_max_requests_the_answer_is_an_immediate_503_uo() {
@@ -292,6 +294,39 @@ fn max_connections_queue_up_to_max_pending_then_overflow() {
         );
     }
     assert_eq!(up.hits(), 2);
+}
+
+#[test]
+fn an_upstream_connection_is_reused_then_closed_after_idle_timeout() {
+    let up = RawUpstream::start(Closes::Never);
+    let idle = Duration::from_secs(1);
+    let gw = Gateway::start(&format!(
+        "{}{}",
+        up.service("app", "connection_pool = { idle_timeout = \"1s\" }\n"),
+        route("")
+    ));
+    for _ in 0..3 {
+        assert_eq!(gw.get("/", &[]).status, 200);
+    }
+    let last = Instant::now();
+    assert_eq!(
+        up.connections.load(Ordering::SeqCst),
+        1,
+        "kept alive and reused"
+    );
+    wait_until(
+        "the idle connection closed",
+        Duration::from_secs(10),
+        || up.closed_by_gateway.load(Ordering::SeqCst) == 1,
+    );
+    let closed_after = last.elapsed();
+    assert!(
+        closed_after >= idle,
+        "closed after {closed_after:?}, before idle_timeout"
+    );
+    // The next request opens a fresh connection.
+    assert_eq!(gw.get("/", &[]).status, 200);
+    assert_eq!(up.connections.load(Ordering::SeqCst), 2);
 }
 
 fn endpoint_states(gw: &Gateway) -> Vec<String> {
