@@ -523,17 +523,17 @@ pub struct RawUpstream {
 impl RawUpstream {
     pub fn start(closes: Closes) -> RawUpstream {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let shadow = RawUpstream {
+        let server = RawUpstream {
             addr: listener.local_addr().unwrap(),
             connections: Arc::default(),
             requests: Arc::default(),
             most_in_one_read: Arc::default(),
             closed_by_gateway: Arc::default(),
         };
-        let (connections, requests) = (shadow.connections.clone(), shadow.requests.clone());
+        let (connections, requests) = (server.connections.clone(), server.requests.clone());
         let (most, closed) = (
-            shadow.most_in_one_read.clone(),
-            shadow.closed_by_gateway.clone(),
+            server.most_in_one_read.clone(),
+            server.closed_by_gateway.clone(),
         );
         thread::spawn(move || {
             for conn in listener.incoming() {
@@ -579,7 +579,7 @@ impl RawUpstream {
                 });
             }
         });
-        shadow
+        server
     }
 
     /// A `[[service]]` on this server, with `extra` lines.
