@@ -3,7 +3,10 @@
 //! [`WeirProxy::fail_to_proxy`].
 
 use std::borrow::Cow;
+use std::future::Future;
+use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -279,7 +282,8 @@ impl ProxyHttp for WeirProxy {
             {
                 ctx.flags = "FI";
                 count_fault(&route, "delay");
-                tokio::time::sleep(delay.fixed).await;
+                // Boxed, as `respond` is.
+                Box::pin(tokio::time::sleep(delay.fixed)).await;
             }
             if let Some(abort) = fault
                 .abort
@@ -365,7 +369,8 @@ impl ProxyHttp for WeirProxy {
             if ctx.deadline.is_some_and(|d| Clock::now() + wait >= d) {
                 return Err(fail_with(ctx, 504, "DT"));
             }
-            tokio::time::sleep(wait).await;
+            // Boxed, as `respond` is: retries are rare.
+            Box::pin(tokio::time::sleep(wait)).await;
         }
         // A retry goes elsewhere when it can; the last try's places are given back first.
         let avoid = ctx.endpoint.take().map(|a| a.endpoint().addr);
@@ -374,16 +379,13 @@ impl ProxyHttp for WeirProxy {
         let Some(endpoint) = service.balancer.pick(key.as_deref(), avoid) else {
             return Err(fail_with(ctx, 503, "UH"));
         };
-        let place = service.connections.acquire();
-        let place = match ctx.deadline {
-            Some(d) => match tokio::time::timeout_at(d, place).await {
+        let place = match service.connections.try_acquire() {
+            Some(place) => place,
+            // Boxed, as `respond` is: waiting for a connection is rare.
+            None => match Box::pin(wait_for_place(&service, ctx.deadline)).await {
                 Ok(place) => place,
-                Err(_) => return Err(fail_with(ctx, 504, "DT")),
+                Err((status, flags)) => return Err(fail_with(ctx, status, flags)),
             },
-            None => place.await,
-        };
-        let Ok(place) = place else {
-            return Err(fail_with(ctx, 503, "UO"));
         };
         ctx.connection = Some(place);
         ctx.upstream = Some(endpoint.addr);
@@ -642,16 +644,18 @@ fn prepare_upstream(upstream: &mut RequestHeader, client: Option<IpAddr>, ctx: &
         headers.reserve(3);
         // Edge proxy: append the peer to X-Forwarded-For, say how the client reached us.
         if let Some(ip) = client {
-            let ip = ip_text(ip);
-            // One lookup for both reading the prior value and replacing it.
+            let mut text = [0; IP_TEXT_MAX];
+            let ip = ip_text(ip, &mut text);
+            // One lookup for both reading the prior value and replacing it; one allocation
+            // for the value (a `Vec` of exact size becomes `Bytes` without another).
             let entry = headers.entry(X_FORWARDED_FOR);
             let xff = match &entry {
                 HeaderEntry::Occupied(prior) if !prior.get().is_empty() => {
-                    [prior.get().as_bytes(), b", ", ip.as_bytes()].concat()
+                    Bytes::from([prior.get().as_bytes(), b", ", ip].concat())
                 }
-                _ => ip.into_bytes(),
+                _ => Bytes::copy_from_slice(ip),
             };
-            let xff = HeaderValue::from_maybe_shared(Bytes::from(xff))
+            let xff = HeaderValue::from_maybe_shared(xff)
                 .or_err(ErrorType::InvalidHTTPHeader, "bad x-forwarded-for")?;
             match entry {
                 HeaderEntry::Occupied(mut prior) => {
@@ -742,6 +746,22 @@ fn header_value(value: &str) -> Result<HeaderValue> {
     HeaderValue::from_str(value).or_err(ErrorType::InvalidHTTPHeader, "header value")
 }
 
+/// Waits in the service's bounded line for a place under `max_connections`, until the
+/// request's deadline; a failure is the status and flags to answer with.
+async fn wait_for_place(
+    service: &ServiceState,
+    deadline: Option<Clock>,
+) -> std::result::Result<OwnedSemaphorePermit, (u16, &'static str)> {
+    let place = service.connections.acquire();
+    let place = match deadline {
+        Some(d) => tokio::time::timeout_at(d, place)
+            .await
+            .map_err(|_| (504, "DT"))?,
+        None => place.await,
+    };
+    place.map_err(|_| (503, "UO"))
+}
+
 /// A failure the proxy answers itself, with `flags`; `fail_to_proxy` writes the answer.
 fn fail_with(ctx: &mut Ctx, status: u16, flags: &'static str) -> Box<Error> {
     ctx.flags = flags;
@@ -767,7 +787,21 @@ fn count_fault(route: &CompiledRoute, kind: &str) {
 
 /// Writes a complete response from the proxy itself (no route, direct response, redirect,
 /// fault, errors), with the route's response header changes when there is a route.
-async fn respond(
+///
+/// Boxed, because it is the rare branch of `request_filter`, whose future Pingora allocates
+/// for every request: inline, this state (Pingora's write futures) would make that
+/// allocation, and the copy into it, a kilobyte bigger on every request.
+fn respond<'a>(
+    session: &'a mut Session,
+    ctx: &'a Ctx,
+    status: u16,
+    body: Bytes,
+    location: Option<String>,
+) -> Pin<Box<dyn Future<Output = Result<()>> + Send + 'a>> {
+    Box::pin(respond_now(session, ctx, status, body, location))
+}
+
+async fn respond_now(
     session: &mut Session,
     ctx: &Ctx,
     status: u16,
@@ -920,26 +954,37 @@ fn new_request_id() -> HeaderValue {
     HeaderValue::from_maybe_shared(Bytes::from_owner(id)).expect("hex digits and dashes")
 }
 
-/// An IP address as text. IPv4, the common case, without the formatting machinery, which
-/// costs more than the rest of the X-Forwarded-For header.
-fn ip_text(ip: IpAddr) -> String {
+/// The longest text of an IP address (IPv6 with an embedded IPv4 address).
+const IP_TEXT_MAX: usize = 45;
+
+/// An IP address as text, written into `buf`: no allocation. IPv4, the common case, without
+/// the formatting machinery, which costs more than the rest of the X-Forwarded-For header.
+fn ip_text(ip: IpAddr, buf: &mut [u8; IP_TEXT_MAX]) -> &[u8] {
     let IpAddr::V4(v4) = ip else {
-        return ip.to_string();
+        let mut rest = &mut buf[..];
+        // Cannot fail: the text fits.
+        let _ = write!(rest, "{ip}");
+        let len = IP_TEXT_MAX - rest.len();
+        return &buf[..len];
     };
-    let mut out = String::with_capacity(15);
+    let mut len = 0;
+    let mut push = |b: u8| {
+        buf[len] = b;
+        len += 1;
+    };
     for (i, octet) in v4.octets().into_iter().enumerate() {
         if i > 0 {
-            out.push('.');
+            push(b'.');
         }
         if octet >= 100 {
-            out.push((b'0' + octet / 100) as char);
+            push(b'0' + octet / 100);
         }
         if octet >= 10 {
-            out.push((b'0' + octet / 10 % 10) as char);
+            push(b'0' + octet / 10 % 10);
         }
-        out.push((b'0' + octet % 10) as char);
+        push(b'0' + octet % 10);
     }
-    out
+    &buf[..len]
 }
 
 struct HeaderView<'a>(&'a http::HeaderMap);
@@ -983,9 +1028,13 @@ mod tests {
             "127.0.0.1",
             "::1",
             "fe80::1",
+            "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255",
         ] {
             let ip: IpAddr = ip.parse().unwrap();
-            assert_eq!(ip_text(ip), ip.to_string());
+            assert_eq!(
+                ip_text(ip, &mut [0; IP_TEXT_MAX]),
+                ip.to_string().as_bytes()
+            );
         }
     }
 

@@ -71,11 +71,16 @@ impl ConnectionGate {
         }
     }
 
+    /// A free connection place now, without waiting (the common case, and no future).
+    pub fn try_acquire(&self) -> Option<OwnedSemaphorePermit> {
+        self.connections.clone().try_acquire_owned().ok()
+    }
+
     /// A connection place: at once when one is free (no lock), else after waiting in line.
     /// The caller bounds the wait (the request's deadline); dropping the future leaves the
     /// line.
     pub async fn acquire(&self) -> Result<OwnedSemaphorePermit, Overflow> {
-        if let Ok(permit) = self.connections.clone().try_acquire_owned() {
+        if let Some(permit) = self.try_acquire() {
             return Ok(permit);
         }
         if self.pending.fetch_add(1, Ordering::AcqRel) >= self.max_pending {
