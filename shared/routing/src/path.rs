@@ -4,6 +4,10 @@
 /// The path with `.` and `..` segments removed (also when written `%2e`), or `None` when it is
 /// already normal. The upstream must be sent the normalized path too.
 pub fn normalize_path(path: &str) -> Option<String> {
+    // A dot segment needs a '.' (or its escape, "%2e"); most paths have neither.
+    if !path.contains(['.', '%']) {
+        return None;
+    }
     let has_dots = path.split('/').any(|s| is_dot(s) || is_dotdot(s));
     if !has_dots {
         return None;
@@ -39,10 +43,9 @@ fn is_dot(seg: &str) -> bool {
 }
 
 fn is_dotdot(seg: &str) -> bool {
-    matches!(seg.len(), 2 | 4 | 6) && {
-        let lower = seg.to_ascii_lowercase();
-        matches!(lower.as_str(), ".." | "%2e." | ".%2e" | "%2e%2e")
-    }
+    ["..", "%2e.", ".%2e", "%2e%2e"]
+        .iter()
+        .any(|dots| seg.eq_ignore_ascii_case(dots))
 }
 
 #[cfg(test)]
