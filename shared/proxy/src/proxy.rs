@@ -16,6 +16,7 @@ use bytes::Bytes;
 use http::header::Entry as HeaderEntry;
 use http::{HeaderName, HeaderValue};
 use pingora_core::connectors::TransportConnector;
+use pingora_core::modules::http::HttpModules;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorSource, ErrorType, OrErr, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
@@ -203,6 +204,10 @@ impl Drop for InFlight {
 #[async_trait]
 impl ProxyHttp for WeirProxy {
     type CTX = Ctx;
+
+    /// None: Pingora's default is a response compression module, disabled, that every
+    /// request still builds and calls. Weir does not compress (Envoy's default either).
+    fn init_downstream_modules(&self, _modules: &mut HttpModules) {}
 
     fn new_ctx(&self) -> Ctx {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
