@@ -216,6 +216,28 @@ fn forwarded_headers_and_request_id_are_set() {
 }
 
 #[test]
+fn encodings_pass_through_untouched() {
+    let up = Upstream::start("plain");
+    let gw = Gateway::start(&format!(
+        "{}[[route]]\nname = \"r\"\n{}",
+        up.service(),
+        backend("plain")
+    ));
+    let reply = weir_tests::raw_request(
+        gw.port,
+        b"GET / HTTP/1.1\r\nHost: h\r\nAccept-Encoding: gzip\r\nConnection: close\r\n\r\n",
+    );
+    // Weir compresses nothing (no Pingora compression module): the client's Accept-Encoding
+    // is the upstream's to honour, and the body comes back as the upstream sent it.
+    assert_eq!(up.last_header("accept-encoding").as_deref(), Some("gzip"));
+    assert!(reply.ends_with("\r\n\r\nplain"), "{reply}");
+    assert!(
+        !reply.to_ascii_lowercase().contains("content-encoding"),
+        "{reply}"
+    );
+}
+
+#[test]
 fn dot_segments_cannot_escape_a_prefix() {
     let (public, admin) = (Upstream::start("public"), Upstream::start("admin"));
     let gw = Gateway::start(&format!(
