@@ -473,9 +473,11 @@ pub fn raw_request(port: u16, request: &[u8]) -> String {
     use std::io::{Read, Write};
     let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     conn.write_all(request).unwrap();
-    let mut reply = String::new();
-    conn.read_to_string(&mut reply).unwrap();
-    reply
+    let mut reply = Vec::new();
+    conn.read_to_end(&mut reply).unwrap();
+    // Lossy: a binary body (say, one compressed by mistake) fails the caller's assert, which
+    // shows it, rather than panicking here.
+    String::from_utf8_lossy(&reply).into_owned()
 }
 
 /// Runs a workspace binary to completion: (exit code, stdout, stderr).
