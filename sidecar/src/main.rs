@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: weir_proxy::alloc::MiMalloc = weir_proxy::alloc::MiMalloc;
 
 fn main() -> ExitCode {
     weir_proxy::cli::main(weir_config::Role::Sidecar)

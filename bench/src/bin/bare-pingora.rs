@@ -22,7 +22,7 @@ use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{ProxyHttp, Session};
 
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: weir_proxy::alloc::MiMalloc = weir_proxy::alloc::MiMalloc;
 
 struct Bare {
     upstream: SocketAddr,

@@ -12,7 +12,7 @@ use weir_config::Role;
 use weir_routing::{HeaderList, Request, RouteTable};
 
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: weir_proxy::alloc::MiMalloc = weir_proxy::alloc::MiMalloc;
 
 const SERVICES: usize = 10_000;
 

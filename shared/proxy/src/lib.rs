@@ -1,5 +1,6 @@
 //! weir-proxy: the proxy both Weir binaries run.
 //!
+//! - [`alloc`]: the global allocator (mimalloc) of every Weir binary;
 //! - [`snapshot`]: the compiled config a request reads, one `Arc` per generation;
 //! - [`reload`]: load -> validate -> compile -> swap, keeping the last good config;
 //! - [`proxy`]: the Pingora `ProxyHttp`, where errors become statuses and flags;
@@ -11,6 +12,7 @@
 //! - [`cli`]: the command line of both binaries.
 
 pub mod admin;
+pub mod alloc;
 pub mod cli;
 pub mod discovery;
 pub mod mirror;
