@@ -18,6 +18,7 @@ pub fn validate(
     let mut v = Checker {
         sources,
         errors: Vec::new(),
+        listening: Vec::new(),
     };
     let config = v.config(raws, role);
     if v.errors.is_empty() {
@@ -30,6 +31,8 @@ pub fn validate(
 struct Checker<'a> {
     sources: &'a Sources,
     errors: Vec<ConfigError>,
+    /// Addresses listened on so far: where each was set (`None` for a default) and whose.
+    listening: Vec<(Option<At>, String, SocketAddr)>,
 }
 
 /// Where a value sits: file number, key path, readable path.
@@ -145,7 +148,13 @@ impl Checker<'_> {
         };
 
         let runtime = runtime.map(|(at, r)| self.runtime(&at, r));
-        let admin = admin.map(|(at, a)| self.admin(&at, a));
+        let admin = Admin {
+            listen: self.listen_or(
+                admin.and_then(|(at, a)| Some(at.key("listen")).zip(a.listen)),
+                "[admin]",
+                default_admin(),
+            ),
+        };
         let telemetry = telemetry.map(|(_, t)| self.telemetry(t));
         Config {
             runtime: runtime.unwrap_or(Runtime {
@@ -153,9 +162,7 @@ impl Checker<'_> {
                 grace_period: Duration::from_secs(10),
                 nameservers: Vec::new(),
             }),
-            admin: admin.unwrap_or(Admin {
-                listen: default_admin(),
-            }),
+            admin,
             telemetry: telemetry.unwrap_or(Telemetry {
                 access_log: AccessLog::Stdout,
             }),
@@ -237,13 +244,6 @@ impl Checker<'_> {
         }
     }
 
-    fn admin(&mut self, at: &At, a: RawAdmin) -> Admin {
-        let listen = a.listen.and_then(|s| self.addr(&at.key("listen"), &s));
-        Admin {
-            listen: listen.unwrap_or_else(default_admin),
-        }
-    }
-
     fn telemetry(&mut self, t: RawTelemetry) -> Telemetry {
         let access_log = match t.access_log.as_deref() {
             None | Some("stdout") => AccessLog::Stdout,
@@ -255,7 +255,7 @@ impl Checker<'_> {
 
     fn listener(&mut self, at: &At, l: RawListener) -> Option<Listener> {
         let listen = match l.listen {
-            Some(s) => self.addr(&at.key("listen"), &s),
+            Some(s) => self.listen(&at.key("listen"), &s),
             None => {
                 self.fail(at, "missing required key \"listen\"");
                 None
@@ -1066,9 +1066,11 @@ impl Checker<'_> {
                 RawInbound::default(),
             )
         });
-        let listen = raw_in
-            .listen
-            .and_then(|s| self.addr(&in_at.key("listen"), &s));
+        let listen = self.listen_or(
+            Some(in_at.key("listen")).zip(raw_in.listen),
+            "[inbound]",
+            SocketAddr::from(([0, 0, 0, 0], 15006)),
+        );
         let app = match raw_in.app {
             Some(s) => self.addr(&in_at.key("app"), &s),
             None => {
@@ -1091,18 +1093,19 @@ impl Checker<'_> {
                 Mtls::Strict
             }
         };
-        let out_listen =
-            outbound.and_then(|(at, o)| o.listen.and_then(|s| self.addr(&at.key("listen"), &s)));
+        let out_listen = self.listen_or(
+            outbound.and_then(|(at, o)| Some(at.key("listen")).zip(o.listen)),
+            "[outbound]",
+            SocketAddr::from(([127, 0, 0, 1], 15001)),
+        );
         Sidecar {
             workload,
             inbound: Inbound {
-                listen: listen.unwrap_or(SocketAddr::from(([0, 0, 0, 0], 15006))),
+                listen,
                 app: app.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8080))),
                 mtls,
             },
-            outbound: Outbound {
-                listen: out_listen.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 15001))),
-            },
+            outbound: Outbound { listen: out_listen },
         }
     }
 
@@ -1122,6 +1125,64 @@ impl Checker<'_> {
             .ok()
     }
 
+    /// An address to listen on, at `at`, that no other listener of this config takes.
+    fn listen(&mut self, at: &At, text: &str) -> Option<SocketAddr> {
+        let addr = self.addr(at, text)?;
+        self.listens(Some(at), &at.label, addr).then_some(addr)
+    }
+
+    /// The address set at `at`, or else `default`; either must be no other listener's.
+    fn listen_or(
+        &mut self,
+        set: Option<(At, String)>,
+        owner: &str,
+        default: SocketAddr,
+    ) -> SocketAddr {
+        match set {
+            Some((at, text)) => self.listen(&at, &text).unwrap_or(default),
+            None => {
+                self.listens(None, owner, default);
+                default
+            }
+        }
+    }
+
+    /// Records that `owner` listens on `addr`, set at `at` (`None`: by default); false, with
+    /// an error, when an earlier listener takes the same port. Pingora would not refuse the
+    /// second: it hands both the same socket, and each answers a share of the other's
+    /// connections (the admin API on a public port, or another listener's routes).
+    fn listens(&mut self, at: Option<&At>, owner: &str, addr: SocketAddr) -> bool {
+        let earlier = self.listening.iter().find(|(_, _, a)| clash(*a, addr));
+        let Some((first_at, first_owner, first)) = earlier.cloned() else {
+            self.listening.push((at.cloned(), owner.to_string(), addr));
+            return true;
+        };
+        // The error goes where the user set an address; a default is named as such.
+        let (place, mine, theirs) = match (at, first_at) {
+            (Some(at), Some(f)) => {
+                let there = self.sources.place(f.file, &f.key);
+                (
+                    at.clone(),
+                    addr,
+                    format!("{first} of {first_owner} ({there})"),
+                )
+            }
+            (Some(at), None) => (
+                at.clone(),
+                addr,
+                format!("{first}, {first_owner}'s default"),
+            ),
+            (None, Some(f)) => (f, first, format!("{addr}, {owner}'s default")),
+            // Weir's own defaults never clash.
+            (None, None) => return true,
+        };
+        self.fail(
+            &place,
+            format!("listen {mine} takes the port of {theirs}; each listener needs its own"),
+        );
+        false
+    }
+
     fn addr(&mut self, at: &At, text: &str) -> Option<SocketAddr> {
         match text.parse() {
             Ok(addr) => Some(addr),
@@ -1134,6 +1195,12 @@ impl Checker<'_> {
             }
         }
     }
+}
+
+/// Whether two listening addresses take the same port: the same address, or the same port with
+/// either one on every interface (`0.0.0.0`, `[::]`).
+fn clash(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port() && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
 fn default_admin() -> SocketAddr {

@@ -165,6 +165,51 @@ fn sidecar_sections_belong_to_the_sidecar() {
 }
 
 #[test]
+fn two_listeners_never_share_a_port() {
+    // Pingora would hand both the same socket: the admin API would answer a share of the
+    // public listener's connections.
+    let text = format!(
+        "{SERVICE}\
+[admin]
+listen = \"127.0.0.1:8080\"
+[[listener]]
+name = \"web\"
+listen = \"127.0.0.1:8080\"
+[[listener]]
+name = \"all\"
+listen = \"0.0.0.0:8443\"
+[[listener]]
+name = \"local\"
+listen = \"127.0.0.1:8443\"
+[[listener]]
+name = \"v6\"
+listen = \"[::1]:8080\"
+"
+    );
+    assert_eq!(
+        errors(&text),
+        [
+            "gw.toml:5: [admin]: listen 127.0.0.1:8080 takes the port of 127.0.0.1:8080 of listener \"web\" (gw.toml:8); each listener needs its own",
+            "gw.toml:14: listener \"local\": listen 127.0.0.1:8443 takes the port of 0.0.0.0:8443 of listener \"all\" (gw.toml:11); each listener needs its own",
+        ]
+    );
+    // A default address clashes too; the error points at the address the user set.
+    let text = format!("{SERVICE}[[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:9901\"\n");
+    assert_eq!(
+        errors(&text),
+        ["gw.toml:6: listener \"web\": listen 127.0.0.1:9901 takes the port of 127.0.0.1:9901, [admin]'s default; each listener needs its own"]
+    );
+    let sidecar = "[inbound]\napp = \"127.0.0.1:8080\"\n[outbound]\nlisten = \"127.0.0.1:15006\"\n";
+    match parse("sc.toml", sidecar, Role::Sidecar) {
+        Ok(_) => panic!("outbound on the inbound listener's default port was accepted"),
+        Err(e) => assert_eq!(
+            e.0[0].to_string(),
+            "sc.toml:4: [outbound]: listen 127.0.0.1:15006 takes the port of 0.0.0.0:15006, [inbound]'s default; each listener needs its own"
+        ),
+    }
+}
+
+#[test]
 fn defaults_apply_and_revision_follows_content() {
     let a = parse("gw.toml", SERVICE, Role::Gateway).unwrap();
     assert_eq!(a.config.runtime.grace_period.as_secs(), 10);
