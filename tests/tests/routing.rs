@@ -260,3 +260,53 @@ fn dot_segments_cannot_escape_a_prefix() {
     assert_eq!(admin.last_header(":path").as_deref(), Some("/admin/x?q=1"));
     assert_eq!(public.hits(), 0);
 }
+
+#[test]
+fn pipelined_requests_are_answered_in_order() {
+    let (first, third) = (Upstream::start("first-up"), Upstream::start("third-up"));
+    let gw = Gateway::start(&format!(
+        "{}{}[[route]]\nname = \"first\"\n  [[route.match]]\n  path = {{ exact = \"/1\" }}\n{}\
+         [[route]]\nname = \"second\"\ndirect_response = {{ status = 200, body = \"second-direct\" }}\n  \
+         [[route.match]]\n  path = {{ exact = \"/2\" }}\n\
+         [[route]]\nname = \"third\"\n  [[route.match]]\n  path = {{ exact = \"/3\" }}\n{}",
+        first.service(),
+        third.service(),
+        backend("first-up"),
+        backend("third-up"),
+    ));
+    // All three in one write, before any answer: Pingora alone would answer the first, close
+    // the connection and drop the others.
+    let reply = weir_tests::raw_request(
+        gw.port,
+        b"GET /1 HTTP/1.1\r\nHost: h\r\n\r\nGET /2 HTTP/1.1\r\nHost: h\r\n\r\n\
+          GET /3 HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+    );
+    let at = |body: &str| {
+        reply
+            .find(body)
+            .unwrap_or_else(|| panic!("{body} in {reply}"))
+    };
+    assert!(at("first-up") < at("second-direct"), "{reply}");
+    assert!(at("second-direct") < at("third-up"), "{reply}");
+    assert_eq!(reply.matches("HTTP/1.1 200").count(), 3, "{reply}");
+}
+
+#[test]
+fn host_is_required_of_http11_and_supplied_for_http10() {
+    let up = Upstream::start("up");
+    let gw = Gateway::start(&format!(
+        "{}[[route]]\nname = \"all\"\n  [[route.match]]\n  path = {{ prefix = \"/\" }}\n{}",
+        up.service(),
+        backend("up"),
+    ));
+    // RFC 9112 §3.2: 400, and the upstream never sees it.
+    let reply = weir_tests::raw_request(gw.port, b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n");
+    assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
+    assert!(reply.ends_with("missing host header\n"), "{reply}");
+    assert_eq!(up.hits(), 0);
+    // HTTP/1.0 may leave Host out; the request upstream is HTTP/1.1 and carries the endpoint.
+    let reply = weir_tests::raw_request(gw.port, b"GET /old HTTP/1.0\r\n\r\n");
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    assert_eq!(up.last_header("host"), Some(up.addr.to_string()));
+    assert_eq!(up.last_header(":path").as_deref(), Some("/old"));
+}

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use bytes::Bytes;
 use http::header::Entry as HeaderEntry;
-use http::{HeaderName, HeaderValue};
+use http::{HeaderName, HeaderValue, Version};
 use pingora_core::connectors::TransportConnector;
 use pingora_core::modules::http::HttpModules;
 use pingora_core::upstreams::peer::HttpPeer;
@@ -123,7 +123,7 @@ impl WeirProxy {
         service: &Arc<ServiceState>,
     ) -> Result<()> {
         let mut header = session.req_header().clone();
-        prepare_upstream(&mut header, client_ip(session), ctx)?;
+        prepare_upstream(&mut header, client_ip(session), None, ctx)?;
         let key = weir_resilience::hash_on(&service.config).and_then(|on| hash_key(session, on));
         let body_len = session
             .req_header()
@@ -235,6 +235,9 @@ impl ProxyHttp for WeirProxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        // Pipelined requests are answered in order, as nginx, HAProxy and Envoy answer them;
+        // Pingora's default closes the connection after the first and drops the others.
+        session.set_pipelining_enabled(true);
         let snapshot = self.reloader.snapshot();
         ctx.listener = self.listener(session);
         let listener = self
@@ -255,6 +258,17 @@ impl ProxyHttp for WeirProxy {
             }
             _ => new_request_id(),
         };
+        // RFC 9112 §3.2: an HTTP/1.1 request without Host gets 400 (nginx, HAProxy and Envoy
+        // answer so); forwarded, it would reach the upstream without one.
+        let no_host = req.version == Version::HTTP_11
+            && req.uri.authority().is_none()
+            && !req.headers.contains_key(http::header::HOST);
+        if no_host {
+            ctx.snapshot = Some(snapshot);
+            let body = Bytes::from_static(b"missing host header\n");
+            respond(session, ctx, 400, body, None).await?;
+            return Ok(true);
+        }
         let found = snapshot.table(listener).and_then(|table| {
             let host = match table.has_hosts() {
                 true => host_of(req),
@@ -441,7 +455,13 @@ impl ProxyHttp for WeirProxy {
         upstream: &mut RequestHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        prepare_upstream(upstream, client_ip(session), ctx)
+        // HTTP/1.0 may leave out Host, which the HTTP/1.1 request upstream needs: the
+        // endpoint's address stands in, as nginx sends its upstream's.
+        let default_host = match session.req_header().version {
+            Version::HTTP_10 => ctx.upstream,
+            _ => None,
+        };
+        prepare_upstream(upstream, client_ip(session), default_host, ctx)
     }
 
     /// Outlier detection sees every response; a retriable one becomes a retry.
@@ -642,11 +662,19 @@ fn keep_timer_wheel_warm() {
 
 /// The request as it goes upstream (to the chosen service or a mirror): forwarding headers,
 /// the route's rewrite and request header changes.
-fn prepare_upstream(upstream: &mut RequestHeader, client: Option<IpAddr>, ctx: &Ctx) -> Result<()> {
+fn prepare_upstream(
+    upstream: &mut RequestHeader,
+    client: Option<IpAddr>,
+    default_host: Option<SocketAddr>,
+    ctx: &Ctx,
+) -> Result<()> {
     let route = ctx.route.as_ref().map(|r| &r.config);
     edit_request(upstream, |parts| {
         let headers = &mut parts.headers;
         headers.reserve(3);
+        if let Some(addr) = default_host.filter(|_| !headers.contains_key(http::header::HOST)) {
+            headers.insert(http::header::HOST, header_value(&addr.to_string())?);
+        }
         // Edge proxy: append the peer to X-Forwarded-For, say how the client reached us.
         if let Some(ip) = client {
             let mut text = [0; IP_TEXT_MAX];
