@@ -26,3 +26,11 @@ require_build_tools() {
         fi
     done
 }
+
+# The packages of a release build, always built together, by scripts/build-release and
+# scripts/pgo-train alike. Cargo unifies dependency features over the packages of one build,
+# features enter each crate's hash, and the PGO profile names code by those hashes: a build of
+# the whole workspace turns on features only the tests want (rustix's, url's, bitflags' "std"),
+# and the profile silently stops applying to most of Pingora and its dependencies (22% more
+# instructions a request, docs/bench/rounds.md, fifteenth round).
+release_packages=(-p weir-gateway -p weir-sidecar -p weir-bench)
