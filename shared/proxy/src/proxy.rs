@@ -258,8 +258,8 @@ impl ProxyHttp for WeirProxy {
             }
             _ => new_request_id(),
         };
-        // RFC 9112 §3.2: an HTTP/1.1 request without Host gets 400 (nginx, HAProxy and Envoy
-        // answer so); forwarded, it would reach the upstream without one.
+        // RFC 9112 §3.2: an HTTP/1.1 request without Host gets 400 (nginx and HAProxy answer
+        // so); forwarded, it would reach the upstream without one.
         let no_host = req.version == Version::HTTP_11
             && req.uri.authority().is_none()
             && !req.headers.contains_key(http::header::HOST);
@@ -660,8 +660,8 @@ fn keep_timer_wheel_warm() {
     }
 }
 
-/// The request as it goes upstream (to the chosen service or a mirror): forwarding headers,
-/// the route's rewrite and request header changes.
+/// The request as it goes upstream (to the chosen service or a mirror): `default_host` when
+/// it has no Host, forwarding headers, the route's rewrite and request header changes.
 fn prepare_upstream(
     upstream: &mut RequestHeader,
     client: Option<IpAddr>,
