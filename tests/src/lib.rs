@@ -332,15 +332,33 @@ impl Gateway {
 
     /// Starts a gateway on `base()` followed by `config` (routes and services).
     pub fn start(config: &str) -> Gateway {
-        let dir = tempfile::tempdir().unwrap();
-        let (port, admin) = (free_port(), free_port());
-        let path = dir.path().join("gateway.toml");
-        fs::write(&path, format!("{}{config}", Gateway::base(port, admin))).unwrap();
-        Gateway::start_on(dir, path, port, admin)
+        // A free port can be taken (by another test's `bind(0)`) before the gateway binds it;
+        // the gateway then exits with "cannot bind", and new ports are tried.
+        for _ in 0..3 {
+            let dir = tempfile::tempdir().unwrap();
+            let (port, admin) = (free_port(), free_port());
+            let path = dir.path().join("gateway.toml");
+            fs::write(&path, format!("{}{config}", Gateway::base(port, admin))).unwrap();
+            match Gateway::try_start_on(dir, path, port, admin) {
+                Err(e) if e.contains("cannot bind") => continue,
+                started => return started.unwrap_or_else(|e| panic!("{e}")),
+            }
+        }
+        panic!("weir-gateway found no free ports in three tries");
     }
 
     /// Starts a gateway on an existing config (file or directory) that uses these ports.
     pub fn start_on(dir: tempfile::TempDir, config: PathBuf, port: u16, admin: u16) -> Gateway {
+        Gateway::try_start_on(dir, config, port, admin).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`Gateway::start_on`], with the reason as an error when it exits before it is ready.
+    fn try_start_on(
+        dir: tempfile::TempDir,
+        config: PathBuf,
+        port: u16,
+        admin: u16,
+    ) -> Result<Gateway, String> {
         let stdout = fs::File::create(dir.path().join("stdout.log")).unwrap();
         let stderr = fs::File::create(dir.path().join("stderr.log")).unwrap();
         let child = Command::new(binary("weir-gateway"))
@@ -362,22 +380,23 @@ impl Gateway {
         let start = Instant::now();
         loop {
             if let Some(status) = gw.child.try_wait().unwrap() {
-                panic!(
+                let why = format!(
                     "weir-gateway exited with {status} before ready:\n{}",
                     gw.stderr()
                 );
+                return Err(why);
             }
-            if matches!(gw.admin_get("/ready"), Ok(r) if r.status == 200) {
-                break;
+            let ready = gw.admin_get("/ready");
+            if matches!(&ready, Ok(r) if r.status == 200) {
+                return Ok(gw);
             }
             assert!(
                 start.elapsed() < Duration::from_secs(20),
-                "not ready in 20s:\n{}",
+                "not ready in 20s (last /ready: {ready:?}):\n{}",
                 gw.stderr()
             );
             thread::sleep(Duration::from_millis(20));
         }
-        gw
     }
 
     pub fn url(&self, path: &str) -> String {
