@@ -14,8 +14,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 /// A port nobody listens on right now, and one this process has not handed out before: the
-/// kernel may give a port it just freed to the next `bind(0)`, and a gateway whose listener
-/// and admin got the same one never became ready (its config is now refused instead).
+/// kernel may give a port it just freed to the next `bind(0)`, and two listeners on one port
+/// (one gateway's, or two gateways') would share a socket or fail to bind.
 pub fn free_port() -> u16 {
     static GIVEN: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
     loop {
