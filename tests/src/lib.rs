@@ -491,6 +491,18 @@ impl Drop for Gateway {
         let _ = self.child.wait();
         if thread::panicking() {
             println!("--- weir-gateway stderr ---\n{}", self.stderr());
+            // The line count tells a client's retry (one line more) from the gateway's own.
+            let log = self.access_log();
+            let odd: Vec<String> = (log.iter())
+                .filter(|l| l["status"] != 200 || l["flags"] != "")
+                .take(20)
+                .map(|l| l.to_string())
+                .collect();
+            println!(
+                "--- weir-gateway access log: {} lines; not a plain 200: ---\n{}",
+                log.len(),
+                odd.join("\n")
+            );
         }
     }
 }
