@@ -611,11 +611,20 @@ impl ProxyHttp for WeirProxy {
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let took = ctx.started.elapsed();
+        match &ctx.snapshot {
+            Some(snapshot) => {
+                let route = ctx.route.as_deref();
+                snapshot.record_request(route, ctx.service.as_ref(), status, ctx.flags, took);
+            }
+            // Ended before routing began (an error in an earlier phase).
+            None => (self.reloader.snapshot()).record_request(None, None, status, ctx.flags, took),
+        }
         if !self.access_log.enabled() {
             return;
         }
         let req = session.req_header();
-        let status = session.response_written().map_or(0, |r| r.status.as_u16());
         self.access_log.write(&Entry {
             request_id: ctx.request_id.to_str().unwrap_or(""),
             listener: self
@@ -631,7 +640,7 @@ impl ProxyHttp for WeirProxy {
             route: ctx.route.as_ref().map(|r| r.config.name.as_str()),
             service: ctx.service.as_ref().map(|s| s.config.name.as_str()),
             upstream: ctx.upstream,
-            duration: ctx.started.elapsed(),
+            duration: took,
             generation: ctx.snapshot.as_ref().map_or(0, |s| s.generation),
         });
     }

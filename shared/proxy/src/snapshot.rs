@@ -2,11 +2,13 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use weir_config::{Action, Config, Loaded, Role, Service};
 use weir_resilience::{Balancer, ConnectionGate, Limiter, RetryBudget};
 use weir_routing::{CompiledRoute, RouteTable};
+use weir_telemetry::metrics::RequestSeries;
 
 use crate::mirror::Lanes;
 
@@ -23,12 +25,20 @@ pub struct Snapshot {
     /// Per route, by [`CompiledRoute::order`]: the services it sends to, resolved here so a
     /// request looks up no names.
     pub routes: Vec<RouteServices>,
+    /// The `proxy` label of the request metrics: "gateway", or the sidecar's "outbound".
+    proxy: &'static str,
+    /// The request series of requests no route took (400, 404 `NR`).
+    unrouted: OnceLock<RequestSeries>,
 }
 
 /// The services of one route's backends (in backend order) and of its mirror.
 pub struct RouteServices {
     pub backends: Vec<Arc<ServiceState>>,
     pub mirror: Option<Arc<ServiceState>>,
+    /// The route's request series per backend, then one for requests that reached no service
+    /// (a direct response, a fault's abort); each made at its first request, so a big config
+    /// costs a pointer per slot until traffic comes.
+    series: Vec<OnceLock<Box<RequestSeries>>>,
 }
 
 /// A service with the runtime state that outlives reloads while its definition is unchanged.
@@ -92,19 +102,23 @@ impl Snapshot {
         let routes = config
             .routes
             .iter()
-            .map(|r| RouteServices {
-                backends: match &r.action {
+            .map(|r| {
+                let backends = match &r.action {
                     Action::Backends(b) => b
                         .iter()
                         .map(|b| services.get(&b.service).cloned())
                         .collect::<Option<Vec<_>>>()
                         .unwrap_or_default(),
                     _ => Vec::new(),
-                },
-                mirror: r
-                    .mirror
-                    .as_ref()
-                    .and_then(|m| services.get(&m.service).cloned()),
+                };
+                RouteServices {
+                    series: (0..=backends.len()).map(|_| OnceLock::new()).collect(),
+                    backends,
+                    mirror: r
+                        .mirror
+                        .as_ref()
+                        .and_then(|m| services.get(&m.service).cloned()),
+                }
             })
             .collect();
         let tables = listener_names(&config, role)
@@ -122,6 +136,41 @@ impl Snapshot {
             tables,
             services,
             routes,
+            proxy: match role {
+                Role::Gateway => "gateway",
+                Role::Sidecar => "outbound",
+            },
+            unrouted: OnceLock::new(),
+        }
+    }
+
+    /// Counts a finished request in `weir_requests_total` and `weir_request_duration_seconds`
+    /// under its route and the service it went to; `code` is 0 when none was sent.
+    pub fn record_request(
+        &self,
+        route: Option<&CompiledRoute>,
+        service: Option<&Arc<ServiceState>>,
+        code: u16,
+        flags: &'static str,
+        took: Duration,
+    ) {
+        let Some(route) = route else {
+            let series = self
+                .unrouted
+                .get_or_init(|| RequestSeries::new(self.proxy, "", ""));
+            return series.record(code, flags, took);
+        };
+        let services = self.services_of(route);
+        let slot = match service {
+            Some(s) => services.backends.iter().position(|b| Arc::ptr_eq(b, s)),
+            None => Some(services.backends.len()),
+        };
+        let name = service.map_or("", |s| s.config.name.as_str());
+        let new = || Box::new(RequestSeries::new(self.proxy, &route.config.name, name));
+        match slot.and_then(|i| services.series.get(i)) {
+            Some(series) => series.get_or_init(new).record(code, flags, took),
+            // Not one of the route's backends in this snapshot: counted all the same.
+            None => new().record(code, flags, took),
         }
     }
 
@@ -137,6 +186,7 @@ impl Snapshot {
         static NONE: RouteServices = RouteServices {
             backends: Vec::new(),
             mirror: None,
+            series: Vec::new(),
         };
         self.routes.get(route.order).unwrap_or(&NONE)
     }

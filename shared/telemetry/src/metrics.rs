@@ -4,12 +4,29 @@
 //! One registry per process, reached through [`metrics()`]: the proxy, the reloader and the
 //! mirror tasks all count into it, and admin `/metrics` renders it.
 
-use std::sync::LazyLock;
+use std::sync::{LazyLock, PoisonError, RwLock};
+use std::time::Duration;
 
-use prometheus::{IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// Upper bounds of `weir_request_duration_seconds`: from half a millisecond, where a proxied
+/// request on one host lands, to a minute.
+const DURATION_BUCKETS: [f64; 16] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0,
+];
 
 pub struct Metrics {
     registry: Registry,
+    /// `proxy` (gateway, inbound, outbound), `route`, `service`, `code`, `flags`; route and
+    /// service are "" when the request had none (404 `NR`, a direct response). Counted through
+    /// [`RequestSeries`].
+    pub requests: IntCounterVec,
+    /// `proxy`, `route`, `service`: from the request's first byte read to its last logged.
+    pub request_duration: HistogramVec,
     /// `service`, `result`: success, failure, dropped (in-flight limit or slow reader),
     /// too_large (body over max_body_bytes).
     pub mirror_requests: IntCounterVec,
@@ -54,6 +71,23 @@ impl Metrics {
                 .expect("unique metric");
             g
         };
+        let requests = counter(
+            "weir_requests_total",
+            "Requests by proxy, route, service, status code and response flags.",
+            &["proxy", "route", "service", "code", "flags"],
+        );
+        let request_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "weir_request_duration_seconds",
+                "Request duration by proxy, route and service.",
+            )
+            .buckets(DURATION_BUCKETS.to_vec()),
+            &["proxy", "route", "service"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(request_duration.clone()))
+            .expect("unique metric");
         let mirror_requests = counter(
             "weir_mirror_requests_total",
             "Mirror copies by outcome.",
@@ -104,6 +138,8 @@ impl Metrics {
         );
         Metrics {
             registry,
+            requests,
+            request_duration,
             mirror_requests,
             faults_injected,
             upstream_retries,
@@ -134,6 +170,52 @@ impl Metrics {
     }
 }
 
+/// The request series of one proxy, route and service, resolved once: a request then pays
+/// an atomic add or two, not a hash of five labels and a map lookup per family.
+pub struct RequestSeries {
+    labels: [String; 3],
+    duration: Histogram,
+    /// `weir_requests_total` by code and flags, added as they first occur (a route sees few).
+    outcomes: RwLock<Vec<(u16, &'static str, IntCounter)>>,
+}
+
+impl RequestSeries {
+    pub fn new(proxy: &str, route: &str, service: &str) -> RequestSeries {
+        RequestSeries {
+            duration: metrics()
+                .request_duration
+                .with_label_values(&[proxy, route, service]),
+            labels: [proxy.into(), route.into(), service.into()],
+            outcomes: RwLock::default(),
+        }
+    }
+
+    /// Counts one request; `code` is 0 when no response was sent (the client went away).
+    pub fn record(&self, code: u16, flags: &'static str, took: Duration) {
+        self.duration.observe(took.as_secs_f64());
+        let known = self.outcomes.read().unwrap_or_else(PoisonError::into_inner);
+        if let Some((.., counter)) = known.iter().find(|(c, f, _)| *c == code && *f == flags) {
+            counter.inc();
+            return;
+        }
+        drop(known);
+        let [proxy, route, service] = &self.labels;
+        let counter = metrics().requests.with_label_values(&[
+            proxy.as_str(),
+            route,
+            service,
+            &code.to_string(),
+            flags,
+        ]);
+        counter.inc();
+        (self
+            .outcomes
+            .write()
+            .unwrap_or_else(PoisonError::into_inner))
+        .push((code, flags, counter));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -151,6 +233,20 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("weir_config_generation 3"), "{text}");
+        let series = RequestSeries::new("gateway", "web", "api");
+        for code in [200, 200, 503] {
+            series.record(
+                code,
+                if code == 503 { "UF" } else { "" },
+                Duration::from_millis(2),
+            );
+        }
+        let text = m.render();
+        let ok = r#"weir_requests_total{code="200",flags="",proxy="gateway",route="web",service="api"} 2"#;
+        let uf = r#"weir_requests_total{code="503",flags="UF",proxy="gateway",route="web",service="api"} 1"#;
+        assert!(text.contains(ok) && text.contains(uf), "{text}");
+        let le = r#"weir_request_duration_seconds_bucket{proxy="gateway",route="web",service="api",le="0.0025"} 3"#;
+        assert!(text.contains(le), "{text}");
         assert!(
             text.contains(r#"weir_config_info{revision="abc",source="config/gateway.toml"} 1"#),
             "{text}"

@@ -1,0 +1,145 @@
+//! Request metrics (DESIGN.md §5) through the real gateway, read from admin `/metrics` and
+//! scraped by a real Prometheus server.
+#![allow(clippy::unwrap_used)]
+
+use std::fs;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use weir_tests::{client, free_port, wait_until, Gateway, Upstream};
+
+/// Routes "api" (`/api/` to service "api") and "teapot" (`/tea`, a direct 418); the rest 404.
+fn gateway(up: &Upstream) -> Gateway {
+    Gateway::start(&format!(
+        "{}[[route]]\nname = \"api\"\n  [[route.match]]\n  path = {{ prefix = \"/api/\" }}\n  \
+         [[route.backend]]\n  service = \"api\"\n\
+         [[route]]\nname = \"teapot\"\n\
+         direct_response = {{ status = 418, body = \"short and stout\\n\" }}\n  \
+         [[route.match]]\n  path = {{ exact = \"/tea\" }}\n",
+        up.service()
+    ))
+}
+
+#[test]
+fn requests_are_counted_by_route_service_code_and_flags() {
+    let up = Upstream::start("api");
+    let gw = gateway(&up);
+    for path in ["/api/a", "/api/b", "/api/c", "/nowhere", "/nowhere", "/tea"] {
+        gw.get(path, &[]);
+    }
+    // Counted when the request is logged, just after its response went out.
+    let ok =
+        r#"weir_requests_total{code="200",flags="",proxy="gateway",route="api",service="api"}"#;
+    wait_until("3 requests of route api", Duration::from_secs(5), || {
+        gw.metric(ok) == 3.0
+    });
+    let nr = r#"weir_requests_total{code="404",flags="NR",proxy="gateway",route="",service=""}"#;
+    let tea =
+        r#"weir_requests_total{code="418",flags="",proxy="gateway",route="teapot",service=""}"#;
+    wait_until("the 404s and the 418", Duration::from_secs(5), || {
+        gw.metric(nr) == 2.0 && gw.metric(tea) == 1.0
+    });
+    let api = r#"{proxy="gateway",route="api",service="api""#;
+    assert_eq!(
+        gw.metric(&format!("weir_request_duration_seconds_count{api}}}")),
+        3.0
+    );
+    assert_eq!(
+        gw.metric(&format!(
+            "weir_request_duration_seconds_bucket{api},le=\"+Inf\"}}"
+        )),
+        3.0
+    );
+    let took = gw.metric(&format!("weir_request_duration_seconds_sum{api}}}"));
+    assert!(took > 0.0 && took < 30.0, "sum of durations {took} s");
+}
+
+/// A Prometheus server scraping one target every second; killed when dropped.
+struct Prometheus {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    fn start(target: u16) -> Prometheus {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("prometheus.yml");
+        fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: weir\n    \
+                 static_configs:\n      - targets: [\"127.0.0.1:{target}\"]\n"
+            ),
+        )
+        .unwrap();
+        let port = free_port();
+        let log = fs::File::create(dir.path().join("prometheus.log")).unwrap();
+        let child = Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("prometheus is missing: scripts/test installs it (Debian package prometheus)");
+        Prometheus {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+
+    /// The value of an instant query that returns one series, if it returns one.
+    fn query(&self, query: &str) -> Option<String> {
+        let url = format!("http://127.0.0.1:{}/api/v1/query", self.port);
+        let body = client()
+            .get(&url)
+            .query("query", query)
+            .call()
+            .ok()?
+            .into_string()
+            .ok()?;
+        let reply: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let result = reply["data"]["result"].as_array()?;
+        match result.as_slice() {
+            [one] => one["value"][1].as_str().map(str::to_string),
+            _ => None,
+        }
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn prometheus_scrapes_the_request_metrics() {
+    let up = Upstream::start("api");
+    let gw = gateway(&up);
+    for _ in 0..5 {
+        assert_eq!(gw.get("/api/x", &[]).status, 200);
+    }
+    let prometheus = Prometheus::start(gw.admin);
+    wait_until(
+        "Prometheus to scrape 5 requests of route api",
+        Duration::from_secs(30),
+        || {
+            let found = prometheus.query(r#"weir_requests_total{route="api",code="200"}"#);
+            found.as_deref() == Some("5")
+        },
+    );
+    // The histogram is usable as Prometheus users use it.
+    let p99 = prometheus
+        .query(r#"histogram_quantile(0.99, weir_request_duration_seconds_bucket{route="api"})"#)
+        .unwrap();
+    let p99: f64 = p99.parse().unwrap();
+    assert!(p99 > 0.0 && p99 <= 60.0, "p99 {p99} s");
+}
