@@ -9,21 +9,21 @@ use std::time::Duration;
 use weir_tests::{client, free_port, wait_until, Gateway, Upstream};
 
 /// Routes "api" (`/api/` to service "api") and "teapot" (`/tea`, a direct 418); the rest 404.
-fn gateway(up: &Upstream) -> Gateway {
-    Gateway::start(&format!(
+fn routes(up: &Upstream) -> String {
+    format!(
         "{}[[route]]\nname = \"api\"\n  [[route.match]]\n  path = {{ prefix = \"/api/\" }}\n  \
          [[route.backend]]\n  service = \"api\"\n\
          [[route]]\nname = \"teapot\"\n\
          direct_response = {{ status = 418, body = \"short and stout\\n\" }}\n  \
          [[route.match]]\n  path = {{ exact = \"/tea\" }}\n",
         up.service()
-    ))
+    )
 }
 
 #[test]
 fn requests_are_counted_by_route_service_code_and_flags() {
     let up = Upstream::start("api");
-    let gw = gateway(&up);
+    let gw = Gateway::start(&routes(&up));
     for path in ["/api/a", "/api/b", "/api/c", "/nowhere", "/nowhere", "/tea"] {
         gw.get(path, &[]);
     }
@@ -52,9 +52,19 @@ fn requests_are_counted_by_route_service_code_and_flags() {
     );
     let took = gw.metric(&format!("weir_request_duration_seconds_sum{api}}}"));
     assert!(took > 0.0 && took < 30.0, "sum of durations {took} s");
+
+    // A reload compiles new routes; their requests count on in the same series.
+    gw.write_config(&format!("{}[[route]]\nname = \"new\"\ndirect_response = {{ status = 204 }}\n  [[route.match]]\n  path = {{ exact = \"/new\" }}\n", routes(&up)));
+    wait_until("reload", Duration::from_secs(5), || gw.generation() == 2);
+    assert_eq!(gw.get("/api/d", &[]).status, 200);
+    wait_until(
+        "the 4th request of route api",
+        Duration::from_secs(5),
+        || gw.metric(ok) == 4.0,
+    );
 }
 
-/// A Prometheus server scraping one target every second; killed when dropped.
+/// A Prometheus server scraping one gateway; killed when dropped.
 struct Prometheus {
     child: Child,
     port: u16,
@@ -62,15 +72,19 @@ struct Prometheus {
 }
 
 impl Prometheus {
-    fn start(target: u16) -> Prometheus {
+    /// Runs on examples/prometheus/prometheus.yml, with the gateway's admin on `admin`.
+    fn start(admin: u16) -> Prometheus {
         let dir = tempfile::tempdir().unwrap();
+        let example = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../examples/prometheus/prometheus.yml"
+        );
+        let example = fs::read_to_string(example).unwrap();
+        assert!(example.contains("127.0.0.1:9901"), "{example}");
         let config = dir.path().join("prometheus.yml");
         fs::write(
             &config,
-            format!(
-                "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: weir\n    \
-                 static_configs:\n      - targets: [\"127.0.0.1:{target}\"]\n"
-            ),
+            example.replace("127.0.0.1:9901", &format!("127.0.0.1:{admin}")),
         )
         .unwrap();
         let port = free_port();
@@ -123,7 +137,7 @@ impl Drop for Prometheus {
 #[test]
 fn prometheus_scrapes_the_request_metrics() {
     let up = Upstream::start("api");
-    let gw = gateway(&up);
+    let gw = Gateway::start(&routes(&up));
     for _ in 0..5 {
         assert_eq!(gw.get("/api/x", &[]).status, 200);
     }
