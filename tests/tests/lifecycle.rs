@@ -1,4 +1,4 @@
-//! Start, readiness and SIGTERM draining of the real binary.
+//! Start, readiness, and draining on SIGTERM or admin `POST /shutdown`, of the real binary.
 #![allow(clippy::unwrap_used)]
 
 use std::net::TcpStream;
@@ -52,6 +52,70 @@ fn sigterm_finishes_requests_in_flight_then_exits() {
         TcpStream::connect(("127.0.0.1", gw.port)).is_err(),
         "listener closed"
     );
+}
+
+#[test]
+fn post_shutdown_finishes_requests_in_flight_then_exits() {
+    let up = Upstream::start("slow");
+    let mut gw = Gateway::start(&format!(
+        "{}[[route]]\nname = \"r\"\n  [[route.backend]]\n  service = \"slow\"\n",
+        up.service()
+    ));
+    let url = gw.url("/slow/1000");
+    let in_flight =
+        thread::spawn(move || weir_tests::send(&weir_tests::client(), "GET", &url, &[]));
+    wait_until(
+        "the request to reach the upstream",
+        Duration::from_secs(5),
+        || up.hits() == 1,
+    );
+    let admin = format!("http://127.0.0.1:{}/shutdown", gw.admin);
+    let asked = weir_tests::send(&weir_tests::client(), "POST", &admin, &[]).unwrap();
+    assert_eq!((asked.status, asked.body.as_str()), (202, "draining\n"));
+    let reply = in_flight.join().unwrap().unwrap();
+    assert_eq!((reply.status, reply.body.as_str()), (200, "slow"));
+    let status = gw
+        .wait_exit(Duration::from_secs(4))
+        .expect("exits well within the 5s grace period");
+    assert!(status.success(), "{status}");
+}
+
+#[test]
+fn post_shutdown_is_for_callers_on_loopback_only() {
+    // This host's address on its way out (a UDP connect sends nothing).
+    let probe = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+    probe
+        .connect("1.1.1.1:9")
+        .expect("this test needs a non-loopback address with a route");
+    let outside = probe.local_addr().unwrap().ip();
+    assert!(!outside.is_loopback(), "{outside}");
+    // Admin on every address, as when it is opened for Prometheus.
+    let (port, admin) = (weir_tests::free_port(), weir_tests::free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gateway.toml");
+    let base = Gateway::base(port, admin)
+        .replace(&format!("127.0.0.1:{admin}"), &format!("0.0.0.0:{admin}"));
+    std::fs::write(
+        &config,
+        format!("{base}[[route]]\nname = \"r\"\ndirect_response = {{ status = 200 }}\n"),
+    )
+    .unwrap();
+    let mut gw = Gateway::start_on(dir, config, port, admin);
+    let from_outside = format!("http://{outside}:{admin}/shutdown");
+    let refused = weir_tests::send(&weir_tests::client(), "POST", &from_outside, &[]).unwrap();
+    assert_eq!(refused.status, 403, "{}", refused.body);
+    // Still serving, and GETs from that address still answered.
+    assert_eq!(gw.get("/", &[]).status, 200);
+    let metrics = format!("http://{outside}:{admin}/metrics");
+    assert_eq!(
+        (weir_tests::send(&weir_tests::client(), "GET", &metrics, &[]).unwrap()).status,
+        200
+    );
+    let local = format!("http://127.0.0.1:{admin}/shutdown");
+    let asked = weir_tests::send(&weir_tests::client(), "POST", &local, &[]).unwrap();
+    assert_eq!(asked.status, 202);
+    let status = gw.wait_exit(Duration::from_secs(4)).expect("exits");
+    assert!(status.success(), "{status}");
 }
 
 #[test]

@@ -1,14 +1,18 @@
-//! The admin listener (DESIGN.md §4): `/live`, `/ready`, `/config`, `/metrics`, and
-//! `/endpoints` (every endpoint's state: healthy, ejected or unhealthy).
+//! The admin listener (DESIGN.md §4): `/live`, `/ready`, `/config`, `/metrics`,
+//! `/endpoints` (every endpoint's state: healthy, ejected or unhealthy) and
+//! `POST /shutdown`.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use http::{Response, StatusCode};
-use pingora_core::apps::http_app::ServeHttp;
+use http::{Method, Response, StatusCode};
+use pingora_core::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream};
 use pingora_core::protocols::http::ServerSession;
+use pingora_core::server::ShutdownWatch;
+use tokio::sync::Notify;
+use tracing::{info, warn};
 
 use crate::reload::Reloader;
 
@@ -16,13 +20,20 @@ pub struct Admin {
     reloader: Arc<Reloader>,
     /// The proxy's listeners; ready means every one of them accepts connections.
     listeners: Vec<(String, SocketAddr)>,
+    /// Told by `POST /shutdown`, once its answer is sent: the server then drains as on SIGTERM.
+    shutdown: Arc<Notify>,
 }
 
 impl Admin {
-    pub fn new(reloader: Arc<Reloader>, listeners: Vec<(String, SocketAddr)>) -> Admin {
+    pub fn new(
+        reloader: Arc<Reloader>,
+        listeners: Vec<(String, SocketAddr)>,
+        shutdown: Arc<Notify>,
+    ) -> Admin {
         Admin {
             reloader,
             listeners,
+            shutdown,
         }
     }
 
@@ -69,27 +80,32 @@ impl Admin {
     }
 }
 
-#[async_trait]
-impl ServeHttp for Admin {
-    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+/// What a request to the admin listener asks for.
+enum Ask {
+    Answer(Response<Vec<u8>>),
+    /// `POST /shutdown` from this host: answered, then the drain begins.
+    Shutdown,
+}
+
+impl Admin {
+    async fn ask(&self, session: &ServerSession) -> Ask {
         let req = session.req_header();
-        let (method, path) = (req.method.as_str().to_string(), req.uri.path().to_string());
-        match (method.as_str(), path.as_str()) {
-            ("GET", "/live") => text(StatusCode::OK, "live\n".into()),
-            ("GET", "/ready") => match self.not_ready().await {
+        let answer = match (&req.method, req.uri.path()) {
+            (&Method::GET, "/live") => text(StatusCode::OK, "live\n".into()),
+            (&Method::GET, "/ready") => match self.not_ready().await {
                 None => text(StatusCode::OK, "ready\n".into()),
                 Some(why) => text(
                     StatusCode::SERVICE_UNAVAILABLE,
                     format!("not ready: {why}\n"),
                 ),
             },
-            ("GET", "/config") => {
+            (&Method::GET, "/config") => {
                 let mut body =
                     serde_json::to_vec_pretty(&self.reloader.status()).unwrap_or_default();
                 body.push(b'\n');
                 reply(StatusCode::OK, "application/json", body)
             }
-            ("GET", "/endpoints") => {
+            (&Method::GET, "/endpoints") => {
                 let snapshot = self.reloader.snapshot();
                 let endpoints: std::collections::BTreeMap<_, _> = snapshot
                     .services
@@ -100,16 +116,68 @@ impl ServeHttp for Admin {
                 body.push(b'\n');
                 reply(StatusCode::OK, "application/json", body)
             }
-            ("GET", "/metrics") => reply(
+            (&Method::GET, "/metrics") => reply(
                 StatusCode::OK,
                 "text/plain; version=0.0.4; charset=utf-8",
                 self.metrics().into_bytes(),
             ),
+            (&Method::POST, "/shutdown") => {
+                let client = session.client_addr().and_then(|a| a.as_inet()).copied();
+                // Canonical: on a dual-stack [::] listener, 127.0.0.1 comes as ::ffff:127.0.0.1.
+                if client.is_some_and(|c| c.ip().to_canonical().is_loopback()) {
+                    return Ask::Shutdown;
+                }
+                // Admin may listen beyond loopback for /metrics; stopping stays local.
+                warn!(?client, "POST /shutdown refused: not from this host");
+                text(
+                    StatusCode::FORBIDDEN,
+                    "shutdown is for callers on this host only\n".into(),
+                )
+            }
             _ => text(
                 StatusCode::NOT_FOUND,
-                "not found; try /live, /ready, /config, /endpoints or /metrics\n".into(),
+                "not found; try GET /live, /ready, /config, /endpoints, /metrics or POST /shutdown\n"
+                    .into(),
             ),
+        };
+        Ask::Answer(answer)
+    }
+}
+
+/// Pingora's `ServeHttp`, plus one step after the answer is sent: a shutdown starts only then,
+/// so its caller always gets its answer before the process ends.
+#[async_trait]
+impl HttpServerApp for Admin {
+    async fn process_new_http(
+        self: &Arc<Self>,
+        mut http: ServerSession,
+        shutdown: &ShutdownWatch,
+    ) -> Option<ReusedHttpStream> {
+        if !matches!(http.read_request().await, Ok(true)) {
+            return None;
         }
+        let (answer, stop) = match self.ask(&http).await {
+            Ask::Answer(answer) => (answer, false),
+            Ask::Shutdown => (text(StatusCode::ACCEPTED, "draining\n".into()), true),
+        };
+        let closing = stop || *shutdown.borrow();
+        http.set_keepalive(if closing { None } else { Some(60) });
+        let (parts, body) = answer.into_parts();
+        let written = match http.write_response_header(Box::new(parts.into())).await {
+            Ok(()) => http.write_response_body(body.into(), true).await.map(drop),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = written {
+            warn!("admin: cannot answer {}: {e}", http.request_summary());
+        }
+        let settings = HttpPersistentSettings::for_session(&http);
+        let reused = http.finish().await.ok().flatten();
+        if stop {
+            info!("POST /shutdown: draining");
+            self.shutdown.notify_one();
+            return None;
+        }
+        reused.map(|s| ReusedHttpStream::from_reusable_stream(s, settings))
     }
 }
 

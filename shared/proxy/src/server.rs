@@ -1,5 +1,6 @@
 //! Wiring a Pingora server from a loaded config: the proxy, the admin listener, reload on
-//! file change or SIGHUP, and a SIGTERM drain bounded by `runtime.grace_period`.
+//! file change or SIGHUP, and a drain on SIGTERM or admin `POST /shutdown`, bounded by
+//! `runtime.grace_period`.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -10,11 +11,14 @@ use anyhow::{bail, Context};
 use async_trait::async_trait;
 use pingora_core::listeners::{L4BufferSettings, ListenerConfig};
 use pingora_core::server::configuration::{Opt, ServerConf};
-use pingora_core::server::{Server, ShutdownWatch};
+use pingora_core::server::{
+    RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch, UnixShutdownSignalWatch,
+};
 use pingora_core::services::background::{background_service, BackgroundService};
 use pingora_core::services::listening::Service;
 use pingora_core::services::ServiceReadyNotifier;
 use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::Notify;
 use tracing::{error, info, warn};
 
 use crate::admin::Admin;
@@ -26,7 +30,7 @@ use weir_telemetry::access_log::AccessLog;
 /// How long the config's files must be quiet before a reload.
 const RELOAD_QUIET: Duration = Duration::from_millis(200);
 
-/// Runs the gateway until SIGTERM (drain) or SIGINT (exit at once).
+/// Runs the gateway until SIGTERM or `POST /shutdown` (drain) or SIGINT (exit at once).
 pub fn run(reloader: Reloader) -> anyhow::Result<()> {
     let reloader = Arc::new(reloader);
     let snapshot = reloader.snapshot();
@@ -88,9 +92,10 @@ pub fn run(reloader: Reloader) -> anyhow::Result<()> {
         let plain = L4BufferSettings::default().read(0);
         proxy.add_listener(ListenerConfig::tcp(addr.to_string()).l4_buffer(plain));
     }
+    let shutdown = Arc::new(Notify::new());
     let mut admin = Service::new(
         "weir-admin".to_string(),
-        Admin::new(reloader.clone(), listeners.clone()),
+        Admin::new(reloader.clone(), listeners.clone(), shutdown.clone()),
     );
     admin.add_tcp(&config.admin.listen.to_string());
     admin.threads = Some(1);
@@ -112,7 +117,26 @@ pub fn run(reloader: Reloader) -> anyhow::Result<()> {
     admin.add_dependency(&proxy);
     info!(generation = snapshot.generation, revision = %snapshot.revision, threads, "starting");
     drop(snapshot);
-    server.run_forever()
+    server.run(RunArgs {
+        shutdown_signal: Box::new(ShutdownRequests { admin: shutdown }),
+    });
+    std::process::exit(0)
+}
+
+/// Pingora's signals (SIGTERM drains, SIGINT exits at once, SIGQUIT hands the listeners to
+/// an upgrade), and admin `POST /shutdown`, which drains as SIGTERM does.
+struct ShutdownRequests {
+    admin: Arc<Notify>,
+}
+
+#[async_trait]
+impl ShutdownSignalWatch for ShutdownRequests {
+    async fn recv(&self) -> ShutdownSignal {
+        tokio::select! {
+            signal = UnixShutdownSignalWatch.recv() => signal,
+            () = self.admin.notified() => ShutdownSignal::GracefulTerminate,
+        }
+    }
 }
 
 /// The control task: reloads on file changes (debounced) and on SIGHUP, runs the services'
