@@ -359,16 +359,7 @@ impl Gateway {
         port: u16,
         admin: u16,
     ) -> Result<Gateway, String> {
-        let stdout = fs::File::create(dir.path().join("stdout.log")).unwrap();
-        let stderr = fs::File::create(dir.path().join("stderr.log")).unwrap();
-        let child = Command::new(binary("weir-gateway"))
-            .arg("--config")
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(stdout)
-            .stderr(stderr)
-            .spawn()
-            .unwrap();
+        let child = spawn_gateway(&dir, &config, &[]);
         let mut gw = Gateway {
             child,
             port,
@@ -396,6 +387,31 @@ impl Gateway {
                 gw.stderr()
             );
             thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts a gateway on this one's config with `--upgrade` and, once it waits for them, hands
+    /// it this one's listening sockets (SIGQUIT): Pingora's graceful upgrade. This one then
+    /// drains and exits.
+    pub fn upgrade(&self) -> Gateway {
+        let socket = std::env::temp_dir().join(format!("weir-upgrade-{}.sock", self.admin));
+        // A file left by an earlier run would pass for the new gateway's socket.
+        let _ = fs::remove_file(&socket);
+        let dir = tempfile::tempdir().unwrap();
+        let child = spawn_gateway(&dir, &self.config, &["--upgrade"]);
+        wait_until(
+            "the new gateway to wait for the sockets",
+            Duration::from_secs(10),
+            || socket.exists(),
+        );
+        self.signal("QUIT");
+        Gateway {
+            child,
+            port: self.port,
+            admin: self.admin,
+            dir,
+            config: self.config.clone(),
+            agent: client(),
         }
     }
 
@@ -505,6 +521,21 @@ impl Drop for Gateway {
             );
         }
     }
+}
+
+/// `weir-gateway --config CONFIG ARGS`, its stdout and stderr in `dir`.
+fn spawn_gateway(dir: &tempfile::TempDir, config: &Path, args: &[&str]) -> Child {
+    let stdout = fs::File::create(dir.path().join("stdout.log")).unwrap();
+    let stderr = fs::File::create(dir.path().join("stderr.log")).unwrap();
+    Command::new(binary("weir-gateway"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(stderr)
+        .spawn()
+        .unwrap()
 }
 
 /// Sends raw bytes on a new connection and reads until the server closes it: for requests

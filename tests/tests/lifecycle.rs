@@ -1,7 +1,10 @@
-//! Start, readiness, and draining on SIGTERM or admin `POST /shutdown`, of the real binary.
+//! Start, readiness, draining on SIGTERM or admin `POST /shutdown`, and graceful upgrade, of the
+//! real binary.
 #![allow(clippy::unwrap_used)]
 
 use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -116,6 +119,56 @@ fn post_shutdown_is_for_callers_on_loopback_only() {
     assert_eq!(asked.status, 202);
     let status = gw.wait_exit(Duration::from_secs(4)).expect("exits");
     assert!(status.success(), "{status}");
+}
+
+#[test]
+fn an_upgrade_under_load_loses_no_request() {
+    let up = Upstream::start("app");
+    let mut old = Gateway::start(&format!(
+        "{}[[route]]\nname = \"r\"\n  [[route.backend]]\n  service = \"app\"\n",
+        up.service()
+    ));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let (stop, ok, failed, url) = (stop.clone(), ok.clone(), failed.clone(), old.url("/"));
+            thread::spawn(move || {
+                let agent = weir_tests::client();
+                while !stop.load(Ordering::Relaxed) {
+                    match weir_tests::send(&agent, "GET", &url, &[]) {
+                        Ok(r) if r.status == 200 => ok.fetch_add(1, Ordering::Relaxed),
+                        other => {
+                            eprintln!("failed: {other:?}");
+                            failed.fetch_add(1, Ordering::Relaxed)
+                        }
+                    };
+                }
+            })
+        })
+        .collect();
+    let served = || ok.load(Ordering::Relaxed);
+    wait_until("load on the old gateway", Duration::from_secs(5), || {
+        served() >= 50
+    });
+    let new = old.upgrade();
+    let status = old
+        .wait_exit(Duration::from_secs(20))
+        .expect("the old gateway exits once it has handed its sockets over");
+    assert!(status.success(), "{status}");
+    let handed_over = served();
+    wait_until("load on the new gateway", Duration::from_secs(5), || {
+        served() >= handed_over + 100
+    });
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.join().unwrap();
+    }
+    let failed = failed.load(Ordering::Relaxed);
+    println!("{} requests across the upgrade, {failed} failed", served());
+    assert_eq!(failed, 0);
+    assert!(new.access_log().len() >= 100, "the new gateway served them");
+    assert_eq!(new.admin_get("/ready").unwrap().status, 200);
 }
 
 #[test]

@@ -17,6 +17,10 @@ struct Cli {
     /// Config file, or directory of *.toml files (default: config/gateway.toml or config/sidecar.toml).
     #[arg(long, global = true, value_name = "PATH")]
     config: Option<PathBuf>,
+    /// Take the listening sockets over from the gateway running on the same admin address
+    /// (Pingora's graceful upgrade): start this one, then send the old one SIGQUIT.
+    #[arg(long)]
+    upgrade: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -56,11 +60,11 @@ pub fn main(role: Role) -> ExitCode {
             headers,
             listener,
         }) => explain(&path, role, &method, &url, &headers, listener.as_deref()),
-        None => serve(&path, role),
+        None => serve(&path, role, cli.upgrade),
     }
 }
 
-fn serve(path: &Path, role: Role) -> ExitCode {
+fn serve(path: &Path, role: Role, upgrade: bool) -> ExitCode {
     crate::init_tracing();
     if role == Role::Sidecar {
         eprintln!("weir-sidecar: proxying is not implemented yet; use `validate` or `explain`");
@@ -78,7 +82,7 @@ fn serve(path: &Path, role: Role) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match crate::server::run(reloader) {
+    match crate::server::run(reloader, upgrade) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

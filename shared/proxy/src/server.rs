@@ -3,6 +3,7 @@
 //! `runtime.grace_period`.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,7 +32,9 @@ use weir_telemetry::access_log::AccessLog;
 const RELOAD_QUIET: Duration = Duration::from_millis(200);
 
 /// Runs the gateway until SIGTERM or `POST /shutdown` (drain) or SIGINT (exit at once).
-pub fn run(reloader: Reloader) -> anyhow::Result<()> {
+/// With `upgrade`, it first takes the listening sockets over from the gateway running on the
+/// same admin address, once that one gets SIGQUIT.
+pub fn run(reloader: Reloader, upgrade: bool) -> anyhow::Result<()> {
     let reloader = Arc::new(reloader);
     let snapshot = reloader.snapshot();
     let config = &snapshot.config;
@@ -43,10 +46,12 @@ pub fn run(reloader: Reloader) -> anyhow::Result<()> {
     if listeners.is_empty() {
         bail!("the config has no [[listener]]; nothing to serve");
     }
-    // Pingora panics in a service thread when it cannot bind; check first and say which.
+    // Pingora panics in a service thread when it cannot bind; check first and say which. (An
+    // upgrade is handed the sockets, which its predecessor holds.)
     for (name, addr) in listeners
         .iter()
         .chain([&("admin".to_string(), config.admin.listen)])
+        .filter(|_| !upgrade)
     {
         std::net::TcpListener::bind(addr)
             .with_context(|| format!("listener {name:?}: cannot bind {addr}"))?;
@@ -69,9 +74,16 @@ pub fn run(reloader: Reloader) -> anyhow::Result<()> {
         // dropped at the next reuse; tokio removes a dropped timer, while Pingora's keeps
         // its entry until the deadline. Measured in docs/benchmarks.md.
         fast_timeout_to_tokio_threshold_seconds: Some(0),
+        upgrade_sock: upgrade_socket(config.admin.listen)
+            .to_string_lossy()
+            .into_owned(),
         ..ServerConf::default()
     };
-    let mut server = Server::new_with_opt_and_conf(Opt::default(), conf);
+    let opt = Opt {
+        upgrade,
+        ..Opt::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
 
     let in_flight = Arc::new(AtomicUsize::new(0));
@@ -121,6 +133,13 @@ pub fn run(reloader: Reloader) -> anyhow::Result<()> {
         shutdown_signal: Box::new(ShutdownRequests { admin: shutdown }),
     });
     std::process::exit(0)
+}
+
+/// Where an upgrading gateway waits for its predecessor's listening sockets (SIGQUIT sends them
+/// there): one path per admin port, which no two gateways on a host share, so an upgrade finds
+/// its predecessor and no other.
+pub fn upgrade_socket(admin: SocketAddr) -> PathBuf {
+    std::env::temp_dir().join(format!("weir-upgrade-{}.sock", admin.port()))
 }
 
 /// Pingora's signals (SIGTERM drains, SIGINT exits at once, SIGQUIT hands the listeners to
