@@ -359,8 +359,35 @@ impl Gateway {
         port: u16,
         admin: u16,
     ) -> Result<Gateway, String> {
-        let child = spawn_gateway(&dir, &config, &[]);
-        let mut gw = Gateway {
+        let child = gateway_command(&dir)
+            .arg("--config")
+            .arg(&config)
+            .spawn()
+            .unwrap();
+        Gateway {
+            child,
+            port,
+            admin,
+            dir,
+            config,
+            agent: client(),
+        }
+        .ready()
+    }
+
+    /// Starts a gateway on `--config-git URL ARGS`, whose config in the repository uses these
+    /// ports. Its checkout goes in its own directory (TMPDIR), deleted with it.
+    pub fn start_git(url: &str, args: &[&str], port: u16, admin: u16) -> Gateway {
+        let dir = tempfile::tempdir().unwrap();
+        let child = gateway_command(&dir)
+            .arg("--config-git")
+            .arg(url)
+            .args(args)
+            .env("TMPDIR", dir.path())
+            .spawn()
+            .unwrap();
+        let config = dir.path().to_path_buf();
+        let gw = Gateway {
             child,
             port,
             admin,
@@ -368,6 +395,12 @@ impl Gateway {
             config,
             agent: client(),
         };
+        gw.ready().unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Waits until `/ready` answers 200; the reason as an error when the gateway exits first.
+    fn ready(mut self) -> Result<Gateway, String> {
+        let gw = &mut self;
         let start = Instant::now();
         loop {
             if let Some(status) = gw.child.try_wait().unwrap() {
@@ -379,7 +412,7 @@ impl Gateway {
             }
             let ready = gw.admin_get("/ready");
             if matches!(&ready, Ok(r) if r.status == 200) {
-                return Ok(gw);
+                return Ok(self);
             }
             assert!(
                 start.elapsed() < Duration::from_secs(20),
@@ -398,7 +431,12 @@ impl Gateway {
         // A file left by an earlier run would pass for the new gateway's socket.
         let _ = fs::remove_file(&socket);
         let dir = tempfile::tempdir().unwrap();
-        let child = spawn_gateway(&dir, &self.config, &["--upgrade"]);
+        let child = gateway_command(&dir)
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--upgrade")
+            .spawn()
+            .unwrap();
         wait_until(
             "the new gateway to wait for the sockets",
             Duration::from_secs(10),
@@ -523,19 +561,13 @@ impl Drop for Gateway {
     }
 }
 
-/// `weir-gateway --config CONFIG ARGS`, its stdout and stderr in `dir`.
-fn spawn_gateway(dir: &tempfile::TempDir, config: &Path, args: &[&str]) -> Child {
+/// `weir-gateway`, its stdout and stderr in `dir`; the caller adds the arguments.
+fn gateway_command(dir: &tempfile::TempDir) -> Command {
     let stdout = fs::File::create(dir.path().join("stdout.log")).unwrap();
     let stderr = fs::File::create(dir.path().join("stderr.log")).unwrap();
-    Command::new(binary("weir-gateway"))
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(stdout)
-        .stderr(stderr)
-        .spawn()
-        .unwrap()
+    let mut command = Command::new(binary("weir-gateway"));
+    command.stdin(Stdio::null()).stdout(stdout).stderr(stderr);
+    command
 }
 
 /// Sends raw bytes on a new connection and reads until the server closes it: for requests

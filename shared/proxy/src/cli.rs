@@ -3,11 +3,14 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use weir_config::{Action, Role};
 use weir_routing::{HeaderList, Request, RouteTable, Verdict};
 
+use crate::git::GitSource;
 use crate::reload::Reloader;
 use crate::snapshot::listener_names;
 
@@ -17,6 +20,29 @@ struct Cli {
     /// Config file, or directory of *.toml files (default: config/gateway.toml or config/sidecar.toml).
     #[arg(long, global = true, value_name = "PATH")]
     config: Option<PathBuf>,
+    /// Read the config from this Git repository instead (any URL `git fetch` takes), polled
+    /// for new commits.
+    #[arg(long, value_name = "URL", conflicts_with = "config")]
+    config_git: Option<String>,
+    /// The branch, tag or commit of --config-git to serve.
+    #[arg(
+        long,
+        value_name = "REF",
+        default_value = "main",
+        requires = "config_git"
+    )]
+    git_ref: String,
+    /// The config file or directory inside the repository.
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = ".",
+        requires = "config_git"
+    )]
+    git_path: PathBuf,
+    /// How often to fetch the ref, e.g. 15s or 1m.
+    #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = weir_config::duration::parse, requires = "config_git")]
+    git_poll: Duration,
     /// Take the listening sockets over from the gateway running on the same admin address
     /// (Pingora's graceful upgrade): start this one, then send the old one SIGQUIT.
     #[arg(long)]
@@ -51,8 +77,12 @@ pub fn main(role: Role) -> ExitCode {
         Role::Gateway => "config/gateway.toml",
         Role::Sidecar => "config/sidecar.toml",
     };
-    let path = cli.config.unwrap_or_else(|| PathBuf::from(default));
+    let path = cli.config.clone().unwrap_or_else(|| PathBuf::from(default));
     match cli.command {
+        Some(_) if cli.config_git.is_some() => {
+            eprintln!("validate and explain read files: use --config PATH on a checkout");
+            ExitCode::from(2)
+        }
         Some(Command::Validate) => validate(&path, role),
         Some(Command::Explain {
             method,
@@ -60,29 +90,48 @@ pub fn main(role: Role) -> ExitCode {
             headers,
             listener,
         }) => explain(&path, role, &method, &url, &headers, listener.as_deref()),
-        None => serve(&path, role, cli.upgrade),
+        None => serve(&cli, &path, role),
     }
 }
 
-fn serve(path: &Path, role: Role, upgrade: bool) -> ExitCode {
+fn serve(cli: &Cli, path: &Path, role: Role) -> ExitCode {
     crate::init_tracing();
     if role == Role::Sidecar {
         eprintln!("weir-sidecar: proxying is not implemented yet; use `validate` or `explain`");
         return ExitCode::from(2);
     }
-    let reloader = match Reloader::new(path, role) {
+    let git = match &cli.config_git {
+        None => None,
+        // One checkout per process: an upgrade's new process must not pull the old one's away.
+        Some(url) => {
+            let root = std::env::temp_dir().join(format!("weir-git-{}", std::process::id()));
+            match GitSource::fetch_first(url, &cli.git_ref, &cli.git_path, &root) {
+                Ok(source) => Some(Arc::new(source)),
+                Err(e) => {
+                    eprintln!("error: {e:#}; not starting");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+    };
+    let loaded = match &git {
+        None => Reloader::new(path, role),
+        Some(git) => {
+            let path = git.config_path();
+            Reloader::from_source(&path, role, git.describe(), Some(git.commit()))
+        }
+    };
+    let reloader = match loaded {
         Ok(r) => r,
         Err(errors) => {
             eprintln!("{errors}");
-            eprintln!(
-                "{}: {} error(s); not starting",
-                path.display(),
-                errors.0.len()
-            );
+            let source = git.map_or_else(|| path.display().to_string(), |g| g.describe());
+            eprintln!("{source}: {} error(s); not starting", errors.0.len());
             return ExitCode::FAILURE;
         }
     };
-    match crate::server::run(reloader, upgrade) {
+    let git = git.map(|g| (g, cli.git_poll));
+    match crate::server::run(reloader, git, cli.upgrade) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

@@ -3,18 +3,21 @@
 //! - [`alloc`]: the global allocator (mimalloc) of every Weir binary;
 //! - [`snapshot`]: the compiled config a request reads, one `Arc` per generation;
 //! - [`reload`]: load -> validate -> compile -> swap, keeping the last good config;
+//! - [`git`]: config from a Git repository, a checkout per commit;
 //! - [`proxy`]: the Pingora `ProxyHttp`, where errors become statuses and flags;
 //! - [`mirror`]: fire-and-forget copies of requests to a shadow service;
 //! - [`pipeline`]: reading pipelined HTTP/1.1 answers, for the mirror's copies;
 //! - [`discovery`]: per-service background work: active health checks, DNS re-resolution;
-//! - [`admin`]: `/live`, `/ready`, `/config`;
-//! - [`server`]: wiring of the Pingora server, reload triggers and the SIGTERM drain;
+//! - [`admin`]: `/live`, `/ready`, `/config`, `/metrics`, `/endpoints`, `POST /shutdown`;
+//! - [`server`]: wiring of the Pingora server, reload triggers (files, SIGHUP, Git polls) and
+//!   the drain;
 //! - [`cli`]: the command line of both binaries.
 
 pub mod admin;
 pub mod alloc;
 pub mod cli;
 pub mod discovery;
+pub mod git;
 pub mod mirror;
 pub mod pipeline;
 pub mod proxy;

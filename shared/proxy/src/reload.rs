@@ -23,6 +23,12 @@ fn return_free_memory() {
 pub struct Reloader {
     path: PathBuf,
     role: Role,
+    /// What admin `/config` and `weir_config_info` name as the source: the path, or the Git
+    /// repository the files at `path` come from.
+    source: String,
+    /// The Git commit checked out at `path`, which is then the revision; `None` for plain
+    /// files, whose revision is a hash of their contents.
+    commit: Mutex<Option<String>>,
     current: ArcSwap<Snapshot>,
     /// Every error of the last failed reload, cleared by a good one. Admin only, never on
     /// the request path.
@@ -45,17 +51,29 @@ pub enum Outcome {
 impl Reloader {
     /// Loads the config for the first time.
     pub fn new(path: &Path, role: Role) -> Result<Reloader, ConfigErrors> {
-        let loaded = weir_config::load(path, role)?;
+        Reloader::from_source(path, role, path.display().to_string(), None)
+    }
+
+    /// Loads the config for the first time from files at `path` that come from `source`, at
+    /// Git `commit` if they are a checkout.
+    pub fn from_source(
+        path: &Path,
+        role: Role,
+        source: String,
+        commit: Option<String>,
+    ) -> Result<Reloader, ConfigErrors> {
+        let mut loaded = weir_config::load(path, role)?;
+        if let Some(commit) = &commit {
+            loaded.revision.clone_from(commit);
+        }
         let snapshot = Snapshot::compile(loaded, role, 1, None);
         return_free_memory();
-        weir_telemetry::metrics().config_applied(
-            &path.display().to_string(),
-            &snapshot.revision,
-            1,
-        );
+        weir_telemetry::metrics().config_applied(&source, &snapshot.revision, 1);
         Ok(Reloader {
             path: path.to_path_buf(),
             role,
+            source,
+            commit: Mutex::new(commit),
             current: ArcSwap::from_pointee(snapshot),
             last_error: Mutex::new(None),
             reloading: Mutex::new(()),
@@ -71,6 +89,11 @@ impl Reloader {
         &self.path
     }
 
+    /// The Git commit now checked out at `path`, for the next reload.
+    pub fn set_commit(&self, commit: String) {
+        *self.commit.lock().unwrap_or_else(|e| e.into_inner()) = Some(commit);
+    }
+
     /// Reloads from the source; on any error the old snapshot keeps serving.
     pub fn reload(&self) -> Outcome {
         let outcome = self.load_and_swap();
@@ -81,7 +104,7 @@ impl Reloader {
     fn load_and_swap(&self) -> Outcome {
         let _one_at_a_time = self.reloading.lock().unwrap_or_else(|e| e.into_inner());
         let old = self.snapshot();
-        let loaded = match weir_config::load(&self.path, self.role) {
+        let mut loaded = match weir_config::load(&self.path, self.role) {
             Ok(loaded) => loaded,
             Err(errors) => {
                 for e in &errors.0 {
@@ -91,6 +114,9 @@ impl Reloader {
                 return Outcome::Failed;
             }
         };
+        if let Some(commit) = &*self.commit.lock().unwrap_or_else(|e| e.into_inner()) {
+            loaded.revision.clone_from(commit);
+        }
         if loaded.revision == old.revision {
             self.set_error(None);
             return Outcome::Unchanged;
@@ -108,11 +134,7 @@ impl Reloader {
         let snapshot = Snapshot::compile(loaded, self.role, generation, Some(&old));
         info!(generation, revision = %snapshot.revision, "config reloaded");
         let metrics = weir_telemetry::metrics();
-        metrics.config_applied(
-            &self.path.display().to_string(),
-            &snapshot.revision,
-            generation,
-        );
+        metrics.config_applied(&self.source, &snapshot.revision, generation);
         metrics.config_reloads.with_label_values(&["success"]).inc();
         self.current.store(Arc::new(snapshot));
         self.set_error(None);
@@ -146,7 +168,7 @@ impl Reloader {
         serde_json::json!({
             "generation": s.generation,
             "revision": s.revision,
-            "source": self.path.display().to_string(),
+            "source": self.source,
             "loaded_at": s.loaded_at,
             "last_error": last_error,
             "config": *s.config,

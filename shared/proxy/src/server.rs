@@ -24,6 +24,7 @@ use tracing::{error, info, warn};
 
 use crate::admin::Admin;
 use crate::discovery::Discovery;
+use crate::git::GitSource;
 use crate::proxy::WeirProxy;
 use crate::reload::{Outcome, Reloader};
 use weir_telemetry::access_log::AccessLog;
@@ -34,7 +35,11 @@ const RELOAD_QUIET: Duration = Duration::from_millis(200);
 /// Runs the gateway until SIGTERM or `POST /shutdown` (drain) or SIGINT (exit at once).
 /// With `upgrade`, it first takes the listening sockets over from the gateway running on the
 /// same admin address, once that one gets SIGQUIT.
-pub fn run(reloader: Reloader, upgrade: bool) -> anyhow::Result<()> {
+pub fn run(
+    reloader: Reloader,
+    git: Option<(Arc<GitSource>, Duration)>,
+    upgrade: bool,
+) -> anyhow::Result<()> {
     let reloader = Arc::new(reloader);
     let snapshot = reloader.snapshot();
     let config = &snapshot.config;
@@ -120,6 +125,7 @@ pub fn run(reloader: Reloader, upgrade: bool) -> anyhow::Result<()> {
             access_log,
             grace,
             nameservers: config.runtime.nameservers.clone(),
+            git,
         },
     ));
     let proxy = server.add_service(proxy);
@@ -169,6 +175,8 @@ struct Control {
     grace: Duration,
     /// For the DNS resolver of `service.dns`.
     nameservers: Vec<SocketAddr>,
+    /// With `--config-git`: the checkout, fetched at every poll.
+    git: Option<(Arc<GitSource>, Duration)>,
 }
 
 #[async_trait]
@@ -186,10 +194,13 @@ impl BackgroundService for Control {
             }
         };
         let (tx, mut changed) = tokio::sync::mpsc::channel::<()>(1);
-        let watcher = weir_config::watch(self.reloader.path(), move || {
-            let _ = tx.try_send(());
+        // A Git checkout changes only when the poll swaps it, and reloads then.
+        let watcher = (self.git.is_none()).then(|| {
+            weir_config::watch(self.reloader.path(), move || {
+                let _ = tx.try_send(());
+            })
         });
-        if let Err(e) = &watcher {
+        if let Some(Err(e)) = &watcher {
             warn!(
                 "cannot watch {}: {e}; reload with SIGHUP",
                 self.reloader.path().display()
@@ -199,6 +210,10 @@ impl BackgroundService for Control {
         let discovery = Discovery::new(&self.nameservers);
         discovery.start(&self.reloader.snapshot());
         ready.notify_ready();
+        // Without Git the poll branch is off; its period only has to be a valid one.
+        let period = self.git.as_ref().map_or(RELOAD_QUIET, |(_, every)| *every);
+        let mut poll = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let why = tokio::select! {
                 Some(()) = changed.recv() => {
@@ -206,7 +221,16 @@ impl BackgroundService for Control {
                     while let Ok(Some(())) = tokio::time::timeout(RELOAD_QUIET, changed.recv()).await {}
                     "file change"
                 }
-                Some(()) = hangup.recv() => "SIGHUP",
+                Some(()) = hangup.recv() => {
+                    self.fetch().await;
+                    "SIGHUP"
+                }
+                _ = poll.tick(), if self.git.is_some() => {
+                    if !self.fetch().await {
+                        continue;
+                    }
+                    "git commit"
+                }
                 _ = shutdown.changed() => return self.drain().await,
             };
             // Reading and compiling the config blocks; keep it off this runtime's thread.
@@ -225,12 +249,40 @@ impl BackgroundService for Control {
 }
 
 impl Control {
+    /// With `--config-git`, fetches the ref: true when a new commit is checked out for the
+    /// reload. A failed fetch keeps the checkout and the config serving.
+    async fn fetch(&self) -> bool {
+        let Some((git, _)) = &self.git else {
+            return false;
+        };
+        let git = git.clone();
+        match tokio::task::spawn_blocking(move || git.sync()).await {
+            Ok(Ok(Some(commit))) => {
+                info!(commit, "git: new commit checked out");
+                self.reloader.set_commit(commit);
+                true
+            }
+            Ok(Ok(None)) => false,
+            Ok(Err(e)) => {
+                warn!("git: {e:#}; still serving the last good config");
+                false
+            }
+            Err(e) => {
+                error!("git fetch task failed: {e}");
+                false
+            }
+        }
+    }
+
     async fn drain(&self) {
         info!(in_flight = self.in_flight.load(Ordering::Acquire), grace = ?self.grace, "draining");
         while self.in_flight.load(Ordering::Acquire) > 0 {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         self.access_log.wait_written(Duration::from_secs(1));
+        if let Some((git, _)) = &self.git {
+            git.remove_checkout();
+        }
         info!("drained; exiting");
         std::process::exit(0);
     }

@@ -1,0 +1,164 @@
+//! Config from a Git repository (`--config-git`), served by a real `git daemon` that the test
+//! pushes commits to.
+#![allow(clippy::unwrap_used)]
+
+use std::fs;
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use weir_tests::{free_port, run, wait_until, Gateway};
+
+/// `git daemon` serving one repository, `config.git`, which accepts pushes; killed when dropped.
+struct GitServer {
+    daemon: Child,
+    url: String,
+    /// The working copy commits are made in.
+    work: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+impl GitServer {
+    fn start() -> GitServer {
+        let dir = tempfile::tempdir().unwrap();
+        let served = dir.path().join("served");
+        fs::create_dir(&served).unwrap();
+        git(&served, &["init", "--quiet", "--bare", "config.git"]);
+        let port = free_port();
+        let daemon = Command::new("git")
+            .arg("daemon")
+            .arg("--reuseaddr")
+            .arg("--export-all")
+            .arg("--enable=receive-pack")
+            .arg("--listen=127.0.0.1")
+            .arg(format!("--port={port}"))
+            .arg(format!("--base-path={}", served.display()))
+            .arg(&served)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_until("git daemon to listen", Duration::from_secs(10), || {
+            TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        let work = dir.path().join("work");
+        fs::create_dir(&work).unwrap();
+        git(&work, &["init", "--quiet", "--initial-branch=prod"]);
+        git(&work, &["config", "user.email", "ops@example.com"]);
+        git(&work, &["config", "user.name", "ops"]);
+        GitServer {
+            daemon,
+            url: format!("git://127.0.0.1:{port}/config.git"),
+            work,
+            _dir: dir,
+        }
+    }
+
+    /// Commits `text` as `gw/gateway.toml` on branch prod and pushes it; the commit's id.
+    fn push(&self, text: &str) -> String {
+        fs::create_dir_all(self.work.join("gw")).unwrap();
+        fs::write(self.work.join("gw/gateway.toml"), text).unwrap();
+        git(&self.work, &["add", "."]);
+        git(&self.work, &["commit", "--quiet", "--message", "config"]);
+        git(&self.work, &["push", "--quiet", &self.url, "prod"]);
+        git(&self.work, &["rev-parse", "HEAD"])
+    }
+}
+
+impl Drop for GitServer {
+    fn drop(&mut self) {
+        let _ = self.daemon.kill();
+        let _ = self.daemon.wait();
+    }
+}
+
+fn hello(port: u16, admin: u16, body: &str) -> String {
+    format!(
+        "{}[[route]]\nname = \"hello\"\ndirect_response = {{ status = 200, body = \"{body}\" }}\n",
+        Gateway::base(port, admin)
+    )
+}
+
+#[test]
+fn pushed_commits_are_served_and_bad_ones_kept_out() {
+    let server = GitServer::start();
+    let (port, admin) = (free_port(), free_port());
+    let first = server.push(&hello(port, admin, "one"));
+    let args = [
+        "--git-ref",
+        "prod",
+        "--git-path",
+        "gw",
+        "--git-poll",
+        "200ms",
+    ];
+    let gw = Gateway::start_git(&server.url, &args, port, admin);
+    assert_eq!(gw.get("/", &[]).body, "one");
+    let status = gw.status();
+    assert_eq!(status["revision"], first.as_str());
+    assert!(
+        status["source"].as_str().unwrap().contains(&server.url),
+        "{status}"
+    );
+
+    let second = server.push(&hello(port, admin, "two"));
+    wait_until("the second commit", Duration::from_secs(10), || {
+        gw.get("/", &[]).body == "two"
+    });
+    let status = gw.status();
+    assert_eq!(
+        (status["generation"].as_u64(), status["revision"].as_str()),
+        (Some(2), Some(second.as_str()))
+    );
+    assert_eq!(
+        gw.metric(&format!(
+            "weir_config_info{{revision=\"{second}\",source=\"{}\"}}",
+            status["source"].as_str().unwrap()
+        )),
+        1.0
+    );
+
+    // A commit that does not validate is reported and kept out.
+    server.push(&format!(
+        "{}colour = \"blue\"\n",
+        hello(port, admin, "three")
+    ));
+    wait_until("the bad commit reported", Duration::from_secs(10), || {
+        gw.status()["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("unknown key \"colour\""))
+    });
+    assert_eq!(gw.get("/", &[]).body, "two");
+    assert_eq!(gw.status()["revision"], second.as_str());
+
+    // The server gone: the gateway says so and serves on.
+    drop(server);
+    wait_until("a failed fetch logged", Duration::from_secs(10), || {
+        gw.stderr().contains("git: fetching")
+    });
+    assert_eq!(gw.get("/", &[]).body, "two");
+}
+
+#[test]
+fn an_unreachable_repository_is_a_clear_error_at_start() {
+    let url = format!("git://127.0.0.1:{}/config.git", free_port());
+    let (code, _, stderr) = run("weir-gateway", &["--config-git", &url]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains(&format!("fetching {url} main")), "{stderr}");
+}
