@@ -24,7 +24,7 @@ struct Cli {
     /// for new commits.
     #[arg(long, value_name = "URL", conflicts_with = "config")]
     config_git: Option<String>,
-    /// The branch, tag or commit of --config-git to serve.
+    /// The branch or tag of --config-git to serve.
     #[arg(
         long,
         value_name = "REF",
