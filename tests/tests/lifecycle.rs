@@ -172,6 +172,30 @@ fn an_upgrade_under_load_loses_no_request() {
 }
 
 #[test]
+fn an_upgrade_applies_a_listener_change() {
+    let route = "[[route]]\nname = \"r\"\ndirect_response = { status = 200, body = \"up\" }\n";
+    let mut old = Gateway::start(route);
+    // A second listener: refused by a reload, applied by an upgrade.
+    let second = weir_tests::free_port();
+    old.write_config(&format!(
+        "[[listener]]\nname = \"second\"\nlisten = \"127.0.0.1:{second}\"\n{route}"
+    ));
+    wait_until("the reload refused", Duration::from_secs(5), || {
+        old.status()["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("[[listener]] changed"))
+    });
+    let new = old.upgrade();
+    old.wait_exit(Duration::from_secs(20))
+        .expect("the old gateway exits");
+    let url = format!("http://127.0.0.1:{second}/");
+    let reply = weir_tests::send(&weir_tests::client(), "GET", &url, &[]).unwrap();
+    assert_eq!((reply.status, reply.body.as_str()), (200, "up"));
+    assert_eq!(new.get("/", &[]).body, "up");
+    assert!(new.status()["last_error"].is_null());
+}
+
+#[test]
 fn an_idle_gateway_exits_at_once_on_sigterm() {
     let mut gw = Gateway::start("[[route]]\nname = \"r\"\ndirect_response = { status = 200 }\n");
     let sent = Instant::now();
