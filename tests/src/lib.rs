@@ -8,7 +8,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -27,6 +27,68 @@ pub fn free_port() -> u16 {
         if GIVEN.lock().unwrap().insert(port) {
             return port;
         }
+    }
+}
+
+/// Clients sending GETs to one URL without pause, each on its own keep-alive connection,
+/// until stopped: an answer 200 with the expected body counts as served, anything else (with
+/// a transport error) as failed and is printed.
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    served: Arc<AtomicUsize>,
+    failed: Arc<AtomicUsize>,
+    clients: Vec<thread::JoinHandle<()>>,
+}
+
+impl Load {
+    pub fn start(url: &str, clients: usize, body: &str) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (served, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let clients = (0..clients)
+            .map(|_| {
+                let (stop, served, failed) = (stop.clone(), served.clone(), failed.clone());
+                let (url, body) = (url.to_string(), body.to_string());
+                thread::spawn(move || {
+                    let agent = client();
+                    while !stop.load(Ordering::Relaxed) {
+                        match send(&agent, "GET", &url, &[]) {
+                            Ok(r) if r.status == 200 && r.body == body => {
+                                served.fetch_add(1, Ordering::Relaxed)
+                            }
+                            other => {
+                                eprintln!("failed: {other:?}");
+                                failed.fetch_add(1, Ordering::Relaxed)
+                            }
+                        };
+                    }
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            served,
+            failed,
+            clients,
+        }
+    }
+
+    pub fn served(&self) -> usize {
+        self.served.load(Ordering::Relaxed)
+    }
+
+    /// Stops and joins the clients: (served, failed).
+    pub fn stop(mut self) -> (usize, usize) {
+        self.stop.store(true, Ordering::Relaxed);
+        for c in self.clients.drain(..) {
+            c.join().unwrap();
+        }
+        (self.served(), self.failed.load(Ordering::Relaxed))
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
     }
 }
 
@@ -364,6 +426,16 @@ impl Gateway {
             .arg(&config)
             .spawn()
             .unwrap();
+        Gateway::spawned(child, dir, config, port, admin).ready()
+    }
+
+    fn spawned(
+        child: Child,
+        dir: tempfile::TempDir,
+        config: PathBuf,
+        port: u16,
+        admin: u16,
+    ) -> Gateway {
         Gateway {
             child,
             port,
@@ -372,7 +444,6 @@ impl Gateway {
             config,
             agent: client(),
         }
-        .ready()
     }
 
     /// Starts a gateway on `--config-git URL ARGS`, whose config in the repository uses these
@@ -387,14 +458,7 @@ impl Gateway {
             .spawn()
             .unwrap();
         let config = dir.path().to_path_buf();
-        let gw = Gateway {
-            child,
-            port,
-            admin,
-            dir,
-            config,
-            agent: client(),
-        };
+        let gw = Gateway::spawned(child, dir, config, port, admin);
         gw.ready().unwrap_or_else(|e| panic!("{e}"))
     }
 
@@ -443,14 +507,7 @@ impl Gateway {
             || socket.exists(),
         );
         self.signal("QUIT");
-        Gateway {
-            child,
-            port: self.port,
-            admin: self.admin,
-            dir,
-            config: self.config.clone(),
-            agent: client(),
-        }
+        Gateway::spawned(child, dir, self.config.clone(), self.port, self.admin)
     }
 
     pub fn url(&self, path: &str) -> String {

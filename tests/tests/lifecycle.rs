@@ -3,12 +3,10 @@
 #![allow(clippy::unwrap_used)]
 
 use std::net::TcpStream;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use weir_tests::{wait_until, Gateway, Upstream};
+use weir_tests::{wait_until, Gateway, Load, Upstream};
 
 #[test]
 fn admin_answers_live_ready_and_config() {
@@ -27,8 +25,9 @@ fn admin_answers_live_ready_and_config() {
     assert_eq!(gw.admin_get("/nope").unwrap().status, 404);
 }
 
-#[test]
-fn sigterm_finishes_requests_in_flight_then_exits() {
+/// A request in flight when `stop` asks the gateway to stop finishes, then the gateway exits
+/// with status 0, well within its grace period, and its listener is closed.
+fn finishes_requests_in_flight_then_exits(stop: impl FnOnce(&Gateway)) {
     let up = Upstream::start("slow");
     let mut gw = Gateway::start(&format!(
         "{}[[route]]\nname = \"r\"\n  [[route.backend]]\n  service = \"slow\"\n",
@@ -43,14 +42,14 @@ fn sigterm_finishes_requests_in_flight_then_exits() {
         || up.hits() == 1,
     );
     let sent = Instant::now();
-    gw.signal("TERM");
+    stop(&gw);
     let reply = in_flight.join().unwrap().unwrap();
     assert_eq!((reply.status, reply.body.as_str()), (200, "slow"));
     let status = gw
         .wait_exit(Duration::from_secs(4))
         .expect("exits well within the 5s grace period");
     assert!(status.success(), "{status}");
-    println!("exited {:?} after SIGTERM", sent.elapsed());
+    eprintln!("exited {:?} after being asked", sent.elapsed());
     assert!(
         TcpStream::connect(("127.0.0.1", gw.port)).is_err(),
         "listener closed"
@@ -58,29 +57,17 @@ fn sigterm_finishes_requests_in_flight_then_exits() {
 }
 
 #[test]
+fn sigterm_finishes_requests_in_flight_then_exits() {
+    finishes_requests_in_flight_then_exits(|gw| gw.signal("TERM"));
+}
+
+#[test]
 fn post_shutdown_finishes_requests_in_flight_then_exits() {
-    let up = Upstream::start("slow");
-    let mut gw = Gateway::start(&format!(
-        "{}[[route]]\nname = \"r\"\n  [[route.backend]]\n  service = \"slow\"\n",
-        up.service()
-    ));
-    let url = gw.url("/slow/1000");
-    let in_flight =
-        thread::spawn(move || weir_tests::send(&weir_tests::client(), "GET", &url, &[]));
-    wait_until(
-        "the request to reach the upstream",
-        Duration::from_secs(5),
-        || up.hits() == 1,
-    );
-    let admin = format!("http://127.0.0.1:{}/shutdown", gw.admin);
-    let asked = weir_tests::send(&weir_tests::client(), "POST", &admin, &[]).unwrap();
-    assert_eq!((asked.status, asked.body.as_str()), (202, "draining\n"));
-    let reply = in_flight.join().unwrap().unwrap();
-    assert_eq!((reply.status, reply.body.as_str()), (200, "slow"));
-    let status = gw
-        .wait_exit(Duration::from_secs(4))
-        .expect("exits well within the 5s grace period");
-    assert!(status.success(), "{status}");
+    finishes_requests_in_flight_then_exits(|gw| {
+        let admin = format!("http://127.0.0.1:{}/shutdown", gw.admin);
+        let asked = weir_tests::send(&weir_tests::client(), "POST", &admin, &[]).unwrap();
+        assert_eq!((asked.status, asked.body.as_str()), (202, "draining\n"));
+    });
 }
 
 #[test]
@@ -128,44 +115,21 @@ fn an_upgrade_under_load_loses_no_request() {
         "{}[[route]]\nname = \"r\"\n  [[route.backend]]\n  service = \"app\"\n",
         up.service()
     ));
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let clients: Vec<_> = (0..4)
-        .map(|_| {
-            let (stop, ok, failed, url) = (stop.clone(), ok.clone(), failed.clone(), old.url("/"));
-            thread::spawn(move || {
-                let agent = weir_tests::client();
-                while !stop.load(Ordering::Relaxed) {
-                    match weir_tests::send(&agent, "GET", &url, &[]) {
-                        Ok(r) if r.status == 200 => ok.fetch_add(1, Ordering::Relaxed),
-                        other => {
-                            eprintln!("failed: {other:?}");
-                            failed.fetch_add(1, Ordering::Relaxed)
-                        }
-                    };
-                }
-            })
-        })
-        .collect();
-    let served = || ok.load(Ordering::Relaxed);
+    let load = Load::start(&old.url("/"), 4, "app");
     wait_until("load on the old gateway", Duration::from_secs(5), || {
-        served() >= 50
+        load.served() >= 50
     });
     let new = old.upgrade();
     let status = old
         .wait_exit(Duration::from_secs(20))
         .expect("the old gateway exits once it has handed its sockets over");
     assert!(status.success(), "{status}");
-    let handed_over = served();
+    let handed_over = load.served();
     wait_until("load on the new gateway", Duration::from_secs(5), || {
-        served() >= handed_over + 100
+        load.served() >= handed_over + 100
     });
-    stop.store(true, Ordering::Relaxed);
-    for c in clients {
-        c.join().unwrap();
-    }
-    let failed = failed.load(Ordering::Relaxed);
-    println!("{} requests across the upgrade, {failed} failed", served());
+    let (served, failed) = load.stop();
+    println!("{served} requests across the upgrade, {failed} failed");
     assert_eq!(failed, 0);
     assert!(new.access_log().len() >= 100, "the new gateway served them");
     assert_eq!(new.admin_get("/ready").unwrap().status, 200);

@@ -3,12 +3,9 @@
 
 use std::fs;
 use std::os::unix::fs::symlink;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::thread;
 use std::time::{Duration, Instant};
 
-use weir_tests::{free_port, wait_until, Gateway, Upstream};
+use weir_tests::{free_port, wait_until, Gateway, Load, Upstream};
 
 fn hello(body: &str) -> String {
     format!(
@@ -76,38 +73,14 @@ fn fifty_reloads_under_load_lose_no_request() {
         )
     };
     let gw = Gateway::start(&config(0));
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let clients: Vec<_> = (0..4)
-        .map(|_| {
-            let (stop, ok, failed, url) = (stop.clone(), ok.clone(), failed.clone(), gw.url("/"));
-            thread::spawn(move || {
-                let agent = weir_tests::client();
-                while !stop.load(Ordering::Relaxed) {
-                    match weir_tests::send(&agent, "GET", &url, &[]) {
-                        Ok(r) if r.status == 200 && r.body == "app" => {
-                            ok.fetch_add(1, Ordering::Relaxed)
-                        }
-                        other => {
-                            eprintln!("failed: {other:?}");
-                            failed.fetch_add(1, Ordering::Relaxed)
-                        }
-                    };
-                }
-            })
-        })
-        .collect();
+    let load = Load::start(&gw.url("/"), 4, "app");
     for n in 1..=50 {
         gw.write_config(&config(n));
         wait_until("reload", Duration::from_secs(5), || {
             gw.generation() == n as u64 + 1
         });
     }
-    stop.store(true, Ordering::Relaxed);
-    for c in clients {
-        c.join().unwrap();
-    }
-    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    let (ok, failed) = load.stop();
     println!("{ok} requests served across 50 reloads, {failed} failed");
     assert!(ok > 200, "too few requests to mean anything: {ok}");
     assert_eq!(failed, 0);
