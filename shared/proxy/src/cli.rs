@@ -105,7 +105,7 @@ fn serve(cli: &Cli, path: &Path, role: Role) -> ExitCode {
         // One checkout per process: an upgrade's new process must not pull the old one's away.
         Some(url) => {
             let root = std::env::temp_dir().join(format!("weir-git-{}", std::process::id()));
-            match GitSource::fetch_first(url, &cli.git_ref, &cli.git_path, &root) {
+            match GitSource::fetch_first(url, &cli.git_ref, &cli.git_path, cli.git_poll, &root) {
                 Ok(source) => Some(Arc::new(source)),
                 Err(e) => {
                     eprintln!("error: {e:#}; not starting");
@@ -130,7 +130,6 @@ fn serve(cli: &Cli, path: &Path, role: Role) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let git = git.map(|g| (g, cli.git_poll));
     match crate::server::run(reloader, git, cli.upgrade) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

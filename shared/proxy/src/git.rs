@@ -7,6 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 
@@ -14,6 +15,8 @@ pub struct GitSource {
     url: String,
     git_ref: String,
     path: PathBuf,
+    /// How often the control task calls [`GitSource::sync`].
+    pub poll: Duration,
     /// Holds `repo/` (a bare repository, one commit deep), `<commit>/` checkouts and `current`.
     root: PathBuf,
     commit: Mutex<String>,
@@ -25,6 +28,7 @@ impl GitSource {
         url: &str,
         git_ref: &str,
         path: &Path,
+        poll: Duration,
         root: &Path,
     ) -> anyhow::Result<GitSource> {
         if root.exists() {
@@ -36,6 +40,7 @@ impl GitSource {
             url: url.to_string(),
             git_ref: git_ref.to_string(),
             path: path.to_path_buf(),
+            poll,
             root: root.to_path_buf(),
             commit: Mutex::new(String::new()),
         };

@@ -35,11 +35,7 @@ const RELOAD_QUIET: Duration = Duration::from_millis(200);
 /// Runs the gateway until SIGTERM or `POST /shutdown` (drain) or SIGINT (exit at once).
 /// With `upgrade`, it first takes the listening sockets over from the gateway running on the
 /// same admin address, once that one gets SIGQUIT.
-pub fn run(
-    reloader: Reloader,
-    git: Option<(Arc<GitSource>, Duration)>,
-    upgrade: bool,
-) -> anyhow::Result<()> {
+pub fn run(reloader: Reloader, git: Option<Arc<GitSource>>, upgrade: bool) -> anyhow::Result<()> {
     let reloader = Arc::new(reloader);
     let snapshot = reloader.snapshot();
     let config = &snapshot.config;
@@ -144,7 +140,7 @@ pub fn run(
 /// Where an upgrading gateway waits for its predecessor's listening sockets (SIGQUIT sends them
 /// there): one path per admin port, which no two gateways on a host share, so an upgrade finds
 /// its predecessor and no other.
-pub fn upgrade_socket(admin: SocketAddr) -> PathBuf {
+fn upgrade_socket(admin: SocketAddr) -> PathBuf {
     std::env::temp_dir().join(format!("weir-upgrade-{}.sock", admin.port()))
 }
 
@@ -176,7 +172,7 @@ struct Control {
     /// For the DNS resolver of `service.dns`.
     nameservers: Vec<SocketAddr>,
     /// With `--config-git`: the checkout, fetched at every poll.
-    git: Option<(Arc<GitSource>, Duration)>,
+    git: Option<Arc<GitSource>>,
 }
 
 #[async_trait]
@@ -211,7 +207,7 @@ impl BackgroundService for Control {
         discovery.start(&self.reloader.snapshot());
         ready.notify_ready();
         // Without Git the poll branch is off; its period only has to be a valid one.
-        let period = self.git.as_ref().map_or(RELOAD_QUIET, |(_, every)| *every);
+        let period = self.git.as_ref().map_or(RELOAD_QUIET, |git| git.poll);
         let mut poll = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -252,7 +248,7 @@ impl Control {
     /// With `--config-git`, fetches the ref: true when a new commit is checked out for the
     /// reload. A failed fetch keeps the checkout and the config serving.
     async fn fetch(&self) -> bool {
-        let Some((git, _)) = &self.git else {
+        let Some(git) = &self.git else {
             return false;
         };
         let git = git.clone();
@@ -280,7 +276,7 @@ impl Control {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         self.access_log.wait_written(Duration::from_secs(1));
-        if let Some((git, _)) = &self.git {
+        if let Some(git) = &self.git {
             git.remove_checkout();
         }
         info!("drained; exiting");
