@@ -13,6 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+pub mod tls;
+
 /// A port nobody listens on right now, and one this process has not handed out before: the
 /// kernel may give a port it just freed to the next `bind(0)`, and two listeners on one port
 /// (one gateway's, or two gateways') would share a socket or fail to bind.

@@ -147,7 +147,7 @@ fn an_upgrade_applies_a_listener_change() {
     wait_until("the reload refused", Duration::from_secs(5), || {
         old.status()["last_error"]
             .as_str()
-            .is_some_and(|e| e.contains("[[listener]] changed"))
+            .is_some_and(|e| e.contains("[[listener]] (name, listen or protocol) changed"))
     });
     let new = old.upgrade();
     old.wait_exit(Duration::from_secs(20))

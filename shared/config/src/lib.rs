@@ -26,6 +26,8 @@ pub struct Loaded {
     pub revision: String,
     /// The files read, in merge order.
     pub files: Vec<PathBuf>,
+    /// The certificate, key and CA files the config names (watched like the config).
+    pub material: Vec<PathBuf>,
 }
 
 /// Loads, merges and validates the config at `path` (a file or a directory).
@@ -55,11 +57,11 @@ fn finish(
     let mut errors = sources.errors.clone();
     // With a file unreadable, references into it would be reported as dangling: report only
     // what is wrong with the files themselves.
-    let config = if sources.unparsed > 0 {
+    let validated = if sources.unparsed > 0 {
         None
     } else {
         match validate::validate(&sources, raws, role) {
-            Ok(config) if errors.is_empty() => Some(config),
+            Ok(validated) if errors.is_empty() => Some(validated),
             Ok(_) => None,
             Err(more) => {
                 errors.extend(more);
@@ -67,17 +69,22 @@ fn finish(
             }
         }
     };
-    match config {
-        Some(config) => {
+    match validated {
+        Some((config, material)) => {
             let mut hasher = std::collections::hash_map::DefaultHasher::new();
             for f in &sources.files {
                 f.path.hash(&mut hasher);
                 f.text.hash(&mut hasher);
             }
+            for (path, bytes) in &material {
+                path.hash(&mut hasher);
+                bytes.hash(&mut hasher);
+            }
             Ok(Loaded {
                 config,
                 revision: format!("{:016x}", hasher.finish()),
                 files: sources.files.iter().map(|f| f.path.clone()).collect(),
+                material: material.into_iter().map(|(path, _)| path).collect(),
             })
         }
         None => {

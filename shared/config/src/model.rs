@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Serialize, Serializer};
@@ -60,6 +61,7 @@ pub struct Telemetry {
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     Http,
+    Https,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -67,6 +69,38 @@ pub struct Listener {
     pub name: String,
     pub listen: SocketAddr,
     pub protocol: Protocol,
+    /// `https` only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ListenerTls>,
+}
+
+/// What an https listener serves and asks of clients. Swapped by a reload, like routes.
+#[derive(Debug, Clone, Serialize)]
+pub struct ListenerTls {
+    /// At least one; chosen by SNI (weir_tls::CertificateTable::select).
+    pub certificates: Vec<ServerCertificate>,
+    pub client_auth: Option<ClientAuth>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ServerCertificate {
+    /// Lower case, exact or "*.suffix"; empty = any name.
+    pub hosts: Vec<String>,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// When the leaf expires, RFC 3339 (also `weir_tls_cert_expiry_timestamp_seconds`).
+    pub not_after: String,
+    /// The parsed chain and key; never shown.
+    #[serde(skip)]
+    pub pair: weir_tls::KeyPair,
+}
+
+/// mTLS termination: a client certificate is required and must chain to `ca`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClientAuth {
+    pub ca: PathBuf,
+    #[serde(skip)]
+    pub verifier: Arc<dyn weir_tls::rustls::server::danger::ClientCertVerifier>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -295,6 +329,60 @@ pub struct Service {
     pub connection_pool: ConnectionPool,
     pub outlier_detection: Option<OutlierDetection>,
     pub health_check: Option<HealthCheck>,
+    /// TLS origination; `None` = plaintext.
+    pub tls: Option<UpstreamTls>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    /// Verify the server's certificate.
+    Simple,
+    /// Also present a client certificate.
+    Mutual,
+}
+
+/// `[service.tls]`: how to reach the endpoints over TLS.
+#[derive(Debug, Clone, Serialize)]
+pub struct UpstreamTls {
+    pub mode: TlsMode,
+    /// `None` = the system's trust store.
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// Sent as SNI and verified in the server's certificate; never empty.
+    pub sni: String,
+    /// The CA certificates in DER.
+    #[serde(skip)]
+    pub roots: Vec<Vec<u8>>,
+    /// mutual only.
+    #[serde(skip)]
+    pub client: Option<weir_tls::KeyPair>,
+    /// A hash of the files' contents: a rotated file makes a different service (new pool).
+    #[serde(skip)]
+    pub fingerprint: u64,
+}
+
+impl Eq for UpstreamTls {}
+
+impl PartialEq for UpstreamTls {
+    fn eq(&self, other: &UpstreamTls) -> bool {
+        (
+            self.mode,
+            &self.ca,
+            &self.cert,
+            &self.key,
+            &self.sni,
+            self.fingerprint,
+        ) == (
+            other.mode,
+            &other.ca,
+            &other.cert,
+            &other.key,
+            &other.sni,
+            other.fingerprint,
+        )
+    }
 }
 
 /// `dns = "name:port"`.

@@ -67,6 +67,28 @@ pub struct RawListener {
     pub listen: Option<String>,
     /// "http" (default) or "https".
     pub protocol: Option<String>,
+    /// https only: the certificates, chosen by SNI.
+    pub certificate: Vec<RawCertificate>,
+    /// https only: require client certificates signed by this CA (mTLS).
+    pub client_auth: Option<RawClientAuth>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawCertificate {
+    /// Names this certificate serves: exact or "*.suffix"; absent = any name.
+    pub hosts: Option<Vec<String>>,
+    /// PEM certificate chain, leaf first; relative to the file that names it.
+    pub cert: Option<String>,
+    /// PEM private key.
+    pub key: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawClientAuth {
+    /// PEM bundle of the CAs client certificates must chain to.
+    pub ca: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -267,6 +289,24 @@ pub struct RawService {
     pub outlier_detection: Option<RawOutlierDetection>,
     /// Active HTTP health checks.
     pub health_check: Option<RawHealthCheck>,
+    /// TLS to the endpoints; absent = plaintext.
+    pub tls: Option<RawUpstreamTls>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawUpstreamTls {
+    /// "simple" (verify the server) or "mutual" (also present a certificate).
+    pub mode: Option<String>,
+    /// PEM bundle of the CAs the server's certificate must chain to; default: the system's.
+    pub ca: Option<String>,
+    /// mutual only: the client certificate chain and key, PEM.
+    pub cert: Option<String>,
+    pub key: Option<String>,
+    /// The name sent as SNI and verified in the server's certificate.
+    pub sni: Option<String>,
+    /// mesh only: the SPIFFE ids accepted from the server.
+    pub identities: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -1,6 +1,7 @@
 //! Raw -> validated: every check runs and every error is kept, each with its place.
 
 use std::collections::{HashMap, HashSet};
+use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -9,20 +10,24 @@ use crate::model::*;
 use crate::raw::*;
 use crate::source::{keys, ConfigError, Seg, Sources};
 
+/// A certificate, key or CA file the config names, and its contents.
+pub type Material = (PathBuf, Vec<u8>);
+
 /// Checks and merges the raw files (in `sources` order) into one [`Config`].
 pub fn validate(
     sources: &Sources,
     raws: Vec<(usize, RawFile)>,
     role: Role,
-) -> Result<Config, Vec<ConfigError>> {
+) -> Result<(Config, Vec<Material>), Vec<ConfigError>> {
     let mut v = Checker {
         sources,
         errors: Vec::new(),
         listening: Vec::new(),
+        material: Vec::new(),
     };
     let config = v.config(raws, role);
     if v.errors.is_empty() {
-        Ok(config)
+        Ok((config, v.material))
     } else {
         Err(v.errors)
     }
@@ -33,6 +38,8 @@ struct Checker<'a> {
     errors: Vec<ConfigError>,
     /// Addresses listened on so far: where each was set (`None` for a default) and whose.
     listening: Vec<(Option<At>, String, SocketAddr)>,
+    /// The PEM files read, with their contents, for the revision.
+    material: Vec<Material>,
 }
 
 /// Where a value sits: file number, key path, readable path.
@@ -263,11 +270,30 @@ impl Checker<'_> {
         };
         let protocol = match l.protocol.as_deref() {
             None | Some("http") => Some(Protocol::Http),
+            Some("https") => Some(Protocol::Https),
             Some(other) => {
                 self.fail(
                     &at.key("protocol"),
-                    format!("protocol {other:?} is not supported yet (supported: \"http\")"),
+                    format!("protocol {other:?}: expected \"http\" or \"https\""),
                 );
+                None
+            }
+        };
+        let tls = match protocol {
+            Some(Protocol::Https) => Some(self.listener_tls(at, l.certificate, l.client_auth)?),
+            _ => {
+                if !l.certificate.is_empty() {
+                    self.fail(
+                        &at.key("certificate"),
+                        "certificates need protocol = \"https\"",
+                    );
+                }
+                if l.client_auth.is_some() {
+                    self.fail(
+                        &at.key("client_auth"),
+                        "client_auth needs protocol = \"https\"",
+                    );
+                }
                 None
             }
         };
@@ -275,6 +301,221 @@ impl Checker<'_> {
             name: l.name?,
             listen: listen?,
             protocol: protocol?,
+            tls,
+        })
+    }
+
+    fn listener_tls(
+        &mut self,
+        at: &At,
+        certificates: Vec<RawCertificate>,
+        client_auth: Option<RawClientAuth>,
+    ) -> Option<ListenerTls> {
+        if certificates.is_empty() {
+            self.fail(
+                at,
+                "protocol \"https\" needs at least one [[listener.certificate]] with cert and key",
+            );
+            return None;
+        }
+        let before = self.errors.len();
+        let certificates: Vec<_> = certificates
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, c)| self.certificate(&at.item("certificate", i), c))
+            .collect();
+        let client_auth = client_auth.and_then(|c| {
+            let at = at.key("client_auth");
+            let (ca, pem) = self.required_pem(&at, "ca", c.ca)?;
+            let verifier = weir_tls::roots(&pem).and_then(weir_tls::client_verifier);
+            match verifier {
+                Ok(verifier) => Some(ClientAuth { ca, verifier }),
+                Err(e) => {
+                    self.fail(&at.key("ca"), format!("{}: {e}", ca.display()));
+                    None
+                }
+            }
+        });
+        (self.errors.len() == before).then_some(ListenerTls {
+            certificates,
+            client_auth,
+        })
+    }
+
+    fn certificate(&mut self, at: &At, c: RawCertificate) -> Option<ServerCertificate> {
+        let hosts: Vec<String> = c
+            .hosts
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+            .filter_map(|(i, h)| {
+                self.host(&at.item("hosts", i), h)?;
+                Some(h.to_ascii_lowercase())
+            })
+            .collect();
+        let cert = self.required_pem(at, "cert", c.cert);
+        let key = self.required_pem(at, "key", c.key);
+        let ((cert, cert_pem), (key, key_pem)) = (cert?, key?);
+        match weir_tls::key_pair(&cert_pem, &key_pem) {
+            Ok(pair) => Some(ServerCertificate {
+                hosts,
+                not_after: timestamp(pair.not_after),
+                cert,
+                key,
+                pair,
+            }),
+            Err(e) => {
+                self.fail(
+                    &at.key("cert"),
+                    format!("{} with {}: {e}", cert.display(), key.display()),
+                );
+                None
+            }
+        }
+    }
+
+    /// A required key naming a PEM file: its path and contents.
+    fn required_pem(
+        &mut self,
+        at: &At,
+        key: &str,
+        path: Option<String>,
+    ) -> Option<(PathBuf, Vec<u8>)> {
+        match path {
+            Some(path) => self.pem(&at.key(key), &path),
+            None => {
+                self.fail(at, format!("missing required key {key:?}"));
+                None
+            }
+        }
+    }
+
+    /// Reads the PEM file at `path`, relative to the directory of the file that names it, and
+    /// keeps its contents for the revision: a rotated certificate is a changed config.
+    fn pem(&mut self, at: &At, path: &str) -> Option<(PathBuf, Vec<u8>)> {
+        let declared_in = self.sources.files.get(at.file).map(|f| f.path.as_path());
+        let dir = declared_in
+            .and_then(|f| f.parent())
+            .unwrap_or(std::path::Path::new(""));
+        let full = dir.join(path);
+        match std::fs::read(&full) {
+            Ok(bytes) => {
+                self.material.push((full.clone(), bytes.clone()));
+                Some((full, bytes))
+            }
+            Err(e) => {
+                self.fail(at, format!("cannot read {}: {e}", full.display()));
+                None
+            }
+        }
+    }
+
+    fn upstream_tls(
+        &mut self,
+        at: &At,
+        t: RawUpstreamTls,
+        dns: Option<&Dns>,
+    ) -> Option<UpstreamTls> {
+        let mode = match t.mode.as_deref() {
+            None | Some("simple") => TlsMode::Simple,
+            Some("mutual") => TlsMode::Mutual,
+            Some("mesh") => {
+                self.fail(
+                    &at.key("mode"),
+                    "mode \"mesh\" is not supported yet (supported: \"simple\", \"mutual\")",
+                );
+                return None;
+            }
+            Some(other) => {
+                self.fail(
+                    &at.key("mode"),
+                    format!("mode {other:?}: expected \"simple\" or \"mutual\""),
+                );
+                return None;
+            }
+        };
+        if t.identities.is_some() {
+            self.fail(
+                &at.key("identities"),
+                "identities are for mode \"mesh\" only",
+            );
+        }
+        let before = self.errors.len();
+        let sni = match (t.sni, dns) {
+            (Some(sni), _) => {
+                self.host(&at.key("sni"), &sni);
+                if sni.starts_with("*.") {
+                    self.fail(&at.key("sni"), "sni must be a name, not a wildcard");
+                }
+                sni.to_ascii_lowercase()
+            }
+            (None, Some(dns)) => dns.name.clone(),
+            (None, None) => {
+                self.fail(
+                    at,
+                    "missing required key \"sni\": the endpoints are addresses, so there is no \
+                     name to send and to verify the server's certificate against",
+                );
+                String::new()
+            }
+        };
+        let mut fingerprint = std::collections::hash_map::DefaultHasher::new();
+        let ca = t.ca.and_then(|path| {
+            let (ca, pem) = self.pem(&at.key("ca"), &path)?;
+            pem.hash(&mut fingerprint);
+            match weir_tls::certificates(&pem) {
+                Ok(certs) => Some((ca, certs.iter().map(|c| c.to_vec()).collect())),
+                Err(e) => {
+                    self.fail(&at.key("ca"), format!("{}: {e}", ca.display()));
+                    None
+                }
+            }
+        });
+        let client = match mode {
+            TlsMode::Simple => {
+                for key in ["cert", "key"] {
+                    let given = if key == "cert" { &t.cert } else { &t.key };
+                    if given.is_some() {
+                        self.fail(&at.key(key), format!("{key} is for mode \"mutual\" only"));
+                    }
+                }
+                None
+            }
+            TlsMode::Mutual => {
+                let cert = self.required_pem(at, "cert", t.cert);
+                let key = self.required_pem(at, "key", t.key);
+                let ((cert, cert_pem), (key, key_pem)) = (cert?, key?);
+                cert_pem.hash(&mut fingerprint);
+                key_pem.hash(&mut fingerprint);
+                match weir_tls::key_pair(&cert_pem, &key_pem) {
+                    Ok(pair) => Some((cert, key, pair)),
+                    Err(e) => {
+                        self.fail(
+                            &at.key("cert"),
+                            format!("{} with {}: {e}", cert.display(), key.display()),
+                        );
+                        None
+                    }
+                }
+            }
+        };
+        if self.errors.len() > before {
+            return None;
+        }
+        let (ca, roots) = ca.map_or((None, Vec::new()), |(ca, roots)| (Some(ca), roots));
+        let (cert, key, client) = match client {
+            Some((cert, key, pair)) => (Some(cert), Some(key), Some(pair)),
+            None => (None, None, None),
+        };
+        Some(UpstreamTls {
+            mode,
+            ca,
+            cert,
+            key,
+            sni,
+            roots,
+            client,
+            fingerprint: fingerprint.finish(),
         })
     }
 
@@ -314,6 +555,10 @@ impl Checker<'_> {
         let health_check = s
             .health_check
             .and_then(|h| self.health_check(&at.key("health_check"), h));
+        let tls = match s.tls {
+            Some(t) => Some(self.upstream_tls(&at.key("tls"), t, dns.as_ref())?),
+            None => None,
+        };
         let load_balancer = load_balancer?;
         (endpoints.len() == raw.len() && (!raw.is_empty() || dns.is_some())).then(|| Service {
             name: s.name.unwrap_or_default(),
@@ -323,6 +568,7 @@ impl Checker<'_> {
             connection_pool,
             outlier_detection,
             health_check,
+            tls,
         })
     }
 
@@ -1222,3 +1468,11 @@ macro_rules! has_name {
     ($($t:ty),*) => { $(impl HasName for $t { fn name(&self) -> Option<&str> { self.name.as_deref() } })* };
 }
 has_name!(RawListener, RawRoute, RawService);
+
+/// Seconds since the Unix epoch as RFC 3339.
+fn timestamp(secs: i64) -> String {
+    chrono::DateTime::from_timestamp(secs, 0).map_or_else(
+        || secs.to_string(),
+        |t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+    )
+}

@@ -5,7 +5,8 @@
 //! symlink, and neither is seen by a watch on the old file's inode. Events arrive in bursts;
 //! the caller debounces them (weir-proxy does, on its control task, with no thread of its own).
 
-use std::path::Path;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
 
 use notify::{RecommendedWatcher, RecursiveMode, Watcher as _};
 
@@ -14,40 +15,61 @@ pub struct Watcher {
     _inner: RecommendedWatcher,
 }
 
-/// Calls `on_change`, on notify's thread, for every event that may change the config at `path`.
-pub fn watch(path: &Path, on_change: impl Fn() + Send + 'static) -> notify::Result<Watcher> {
-    let dir = if path.is_dir() {
-        path.to_path_buf()
-    } else {
-        match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => std::path::PathBuf::from("."),
+/// Calls `on_change`, on notify's thread, for every event that may change the config at `path`
+/// or one of the `material` files it names (certificates, keys, CAs).
+pub fn watch(
+    path: &Path,
+    material: &[PathBuf],
+    on_change: impl Fn() + Send + 'static,
+) -> notify::Result<Watcher> {
+    // Per directory, the names that count there; `None`: every `*.toml` (a config directory).
+    let mut dirs: Vec<(PathBuf, Option<Vec<OsString>>)> = Vec::new();
+    let mut add = |file: &Path, is_dir: bool| {
+        let (dir, name) = if is_dir {
+            (file.to_path_buf(), None)
+        } else {
+            let dir = match file.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+                _ => PathBuf::from("."),
+            };
+            (dir, file.file_name().map(|n| n.to_os_string()))
+        };
+        match dirs.iter_mut().find(|(d, _)| *d == dir) {
+            Some((_, Some(names))) => names.extend(name),
+            Some((_, None)) => {}
+            None => dirs.push((dir, name.map(|n| vec![n]))),
         }
     };
-    // Only the config itself counts, not logs or editor swap files in the same directory.
-    let file_name = (!path.is_dir())
-        .then(|| path.file_name().map(|n| n.to_os_string()))
-        .flatten();
+    add(path, path.is_dir());
+    for file in material {
+        add(file, false);
+    }
+    let filters = dirs.clone();
     let mut inner = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         let Ok(event) = event else { return };
         if matches!(event.kind, notify::EventKind::Access(_)) {
             return;
         }
-        if event
-            .paths
-            .iter()
-            .any(|p| concerns_config(p, file_name.as_deref()))
-        {
+        // By name only: an event that names a watched file in another watched directory
+        // costs a reload that finds the config unchanged.
+        let concerns = |p: &PathBuf| {
+            filters
+                .iter()
+                .any(|(_, names)| concerns_config(p, names.as_deref()))
+        };
+        if event.paths.iter().any(concerns) {
             on_change();
         }
     })?;
-    inner.watch(&dir, RecursiveMode::NonRecursive)?;
+    for (dir, _) in &dirs {
+        inner.watch(dir, RecursiveMode::NonRecursive)?;
+    }
     Ok(Watcher { _inner: inner })
 }
 
-/// A change to `path` may change the config: it is the config file (or, for a directory, a
-/// `*.toml` file), or a ConfigMap's `..data` link.
-fn concerns_config(path: &Path, file_name: Option<&std::ffi::OsStr>) -> bool {
+/// A change to `path` may change the config: it is one of the watched `files` (or, for a
+/// config directory, a `*.toml` file), or a ConfigMap's or Secret's `..data` link.
+fn concerns_config(path: &Path, files: Option<&[OsString]>) -> bool {
     let Some(name) = path.file_name() else {
         return false;
     };
@@ -55,8 +77,8 @@ fn concerns_config(path: &Path, file_name: Option<&std::ffi::OsStr>) -> bool {
     if text.starts_with("..data") {
         return true;
     }
-    match file_name {
-        Some(file) => name == file,
+    match files {
+        Some(files) => files.iter().any(|f| f == name),
         None => text.ends_with(".toml") && !text.starts_with('.'),
     }
 }
@@ -67,7 +89,8 @@ mod tests {
 
     #[test]
     fn only_config_files_count() {
-        let file = Some(std::ffi::OsStr::new("gateway.toml"));
+        let names = [OsString::from("gateway.toml")];
+        let file = Some(&names[..]);
         assert!(concerns_config(Path::new("/c/gateway.toml"), file));
         assert!(concerns_config(Path::new("/c/..data"), file));
         assert!(concerns_config(Path::new("/c/..data_tmp"), file));

@@ -387,3 +387,56 @@ fn resilience_keys_are_checked() {
     assert!(r.retry.on.connect_failure && !r.retry.non_idempotent);
     assert_eq!(r.timeout, None);
 }
+
+#[test]
+fn tls_settings_are_checked_and_their_files_read_relative_to_the_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["a.example".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    write(dir.path(), "a.pem", &cert.pem());
+    write(dir.path(), "a-key.pem", &key.serialize_pem());
+    let listener =
+        |extra: &str| format!("[[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:8443\"\n{extra}");
+    let good = listener(
+        "protocol = \"https\"\n  [[listener.certificate]]\n  cert = \"a.pem\"\n  key = \"a-key.pem\"\n",
+    );
+    write(dir.path(), "gw.toml", &good);
+    let loaded = load(&dir.path().join("gw.toml"), Role::Gateway).unwrap();
+    let tls = loaded.config.listeners[0].tls.as_ref().unwrap();
+    assert_eq!(tls.certificates[0].cert, dir.path().join("a.pem"));
+    assert_eq!(loaded.material.len(), 2);
+    // The revision follows the certificate's contents, not only the config's.
+    write(dir.path(), "a.pem", &cert.pem().replace("\n", "\r\n"));
+    let rotated = load(&dir.path().join("gw.toml"), Role::Gateway).unwrap();
+    assert_ne!(loaded.revision, rotated.revision);
+
+    let bad = format!(
+        "{}{SERVICE}  [service.tls]\n  mode = \"mesh\"\n\
+         [[service]]\nname = \"api\"\nendpoints = [\"10.0.0.1:443\"]\n  [service.tls]\n  cert = \"a.pem\"\n\
+         [[listener]]\nname = \"plain\"\nlisten = \"127.0.0.1:8080\"\n  [[listener.certificate]]\n  cert = \"a.pem\"\n  key = \"a-key.pem\"\n",
+        listener("protocol = \"https\"\n  [[listener.certificate]]\n  cert = \"missing.pem\"\n  key = \"a-key.pem\"\n  [listener.client_auth]\n"),
+    );
+    write(dir.path(), "gw.toml", &bad);
+    let errs: Vec<String> = load(&dir.path().join("gw.toml"), Role::Gateway)
+        .unwrap_err()
+        .0
+        .iter()
+        .map(|e| e.to_string())
+        .collect();
+    let file = dir.path().join("gw.toml").display().to_string();
+    let missing = dir.path().join("missing.pem").display().to_string();
+    assert_eq!(
+        errs,
+        [
+            format!("{file}:6: listener \"web\" certificate[0]: cannot read {missing}: No such file or directory (os error 2)"),
+            format!("{file}:8: listener \"web\": missing required key \"ca\""),
+            format!("{file}:13: service \"reviews\": mode \"mesh\" is not supported yet (supported: \"simple\", \"mutual\")"),
+            format!("{file}:17: service \"api\": missing required key \"sni\": the endpoints are addresses, so there is no name to send and to verify the server's certificate against"),
+            format!("{file}:18: service \"api\": cert is for mode \"mutual\" only"),
+            format!("{file}:22: listener \"plain\": certificates need protocol = \"https\""),
+        ]
+    );
+}

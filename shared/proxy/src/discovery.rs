@@ -20,6 +20,7 @@ use tracing::{error, info, warn};
 use weir_config::{Dns, HealthCheck};
 
 use crate::snapshot::{ServiceState, Snapshot};
+use crate::tls::upstream_peer;
 
 /// Re-resolution bounds: a TTL of 0 does not spin, a long one still notices changes.
 const MIN_TTL: Duration = Duration::from_secs(1);
@@ -57,7 +58,11 @@ impl Discovery {
             if let Some(hc) = &service.config.health_check {
                 let (connector, path) = (self.connector.clone(), hc.path.clone());
                 let idle = service.config.connection_pool.idle_timeout;
-                let probe = move |addr| check(connector.clone(), addr, path.clone(), idle);
+                let tls = service.tls.clone();
+                let probe = move |addr| {
+                    let peer = upstream_peer(tls.as_deref(), addr);
+                    check(connector.clone(), peer, addr, path.clone(), idle)
+                };
                 tokio::spawn(health_checks(Arc::downgrade(service), hc.clone(), probe));
             }
             if let Some(dns) = &service.config.dns {
@@ -117,13 +122,23 @@ where
 }
 
 /// One check: `GET path` answered with a 2xx (the caller bounds the time).
-async fn check(connector: Arc<Connector>, addr: SocketAddr, path: String, idle: Duration) -> bool {
+async fn check(
+    connector: Arc<Connector>,
+    peer: HttpPeer,
+    addr: SocketAddr,
+    path: String,
+    idle: Duration,
+) -> bool {
     let Ok(mut req) = RequestHeader::build("GET", path.as_bytes(), None) else {
         return false;
     };
-    let _ = req.insert_header("host", addr.to_string());
+    // Over TLS the service's name, which its certificate and virtual hosts go by.
+    let host = match peer.sni.as_str() {
+        "" => addr.to_string(),
+        sni => sni.to_string(),
+    };
+    let _ = req.insert_header("host", host);
     let _ = req.insert_header("user-agent", "weir-health-check");
-    let peer = HttpPeer::new(addr, false, String::new());
     matches!(exchange(&connector, &peer, req, idle).await, Ok(200..=299))
 }
 

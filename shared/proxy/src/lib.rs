@@ -5,6 +5,8 @@
 //! - [`reload`]: load -> validate -> compile -> swap, keeping the last good config;
 //! - [`git`]: config from a Git repository, a checkout per commit;
 //! - [`proxy`]: the Pingora `ProxyHttp`, where errors become statuses and flags;
+//! - [`tls`]: https listeners (certificates by SNI, client certificates, the peer's identity)
+//!   and TLS to services;
 //! - [`mirror`]: fire-and-forget copies of requests to a shadow service;
 //! - [`pipeline`]: reading pipelined HTTP/1.1 answers, for the mirror's copies;
 //! - [`discovery`]: per-service background work: active health checks, DNS re-resolution;
@@ -24,6 +26,7 @@ pub mod proxy;
 pub mod reload;
 pub mod server;
 pub mod snapshot;
+pub mod tls;
 
 /// Logs to stderr; `RUST_LOG` filters (default `info`).
 pub fn init_tracing() {

@@ -28,7 +28,6 @@ use bytes::{Bytes, BytesMut};
 use pingora_core::connectors::TransportConnector;
 use pingora_core::protocols::http::v1::client::http_req_header_to_wire;
 use pingora_core::protocols::Stream;
-use pingora_core::upstreams::peer::HttpPeer;
 use pingora_http::RequestHeader;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
@@ -37,6 +36,7 @@ use weir_resilience::{Active, Permit};
 
 use crate::pipeline::Answer;
 use crate::snapshot::ServiceState;
+use crate::tls::{upstream_peer, UpstreamPeerTls};
 
 /// How long a copy may take, connect to last byte of the answer; then it is abandoned.
 /// Envoy's default route timeout.
@@ -226,10 +226,12 @@ struct Shared {
     /// How long a lane waits for a copy before it ends (the pool's `idle_timeout`).
     idle_timeout: Duration,
     connect_timeout: Duration,
+    /// The shadow service's TLS, if it has any.
+    tls: Option<Arc<UpstreamPeerTls>>,
 }
 
 impl Lanes {
-    pub fn new(pool: &ConnectionPool) -> Lanes {
+    pub fn new(pool: &ConnectionPool, tls: Option<Arc<UpstreamPeerTls>>) -> Lanes {
         let (tx, rx) = async_channel::unbounded();
         let shared = Shared {
             rx,
@@ -237,6 +239,7 @@ impl Lanes {
             batch: AtomicUsize::new(1),
             idle_timeout: pool.idle_timeout,
             connect_timeout: pool.connect_timeout,
+            tls,
         };
         Lanes {
             tx,
@@ -476,7 +479,7 @@ async fn connect(
     connector: &TransportConnector,
     addr: SocketAddr,
 ) -> Option<Conn> {
-    let mut peer = HttpPeer::new(addr, false, String::new());
+    let mut peer = upstream_peer(shared.tls.as_deref(), addr);
     peer.options.connection_timeout = Some(shared.connect_timeout);
     let stream = connector.new_stream(&peer).await.ok()?;
     Some(Conn {

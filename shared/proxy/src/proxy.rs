@@ -17,6 +17,7 @@ use http::header::Entry as HeaderEntry;
 use http::{HeaderName, HeaderValue, Version};
 use pingora_core::connectors::TransportConnector;
 use pingora_core::modules::http::HttpModules;
+use pingora_core::protocols::tls::SslDigest;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorSource, ErrorType, OrErr, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
@@ -36,6 +37,8 @@ use weir_telemetry::access_log::{AccessLog, Entry};
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// Envoy's header for the client certificate of an mTLS connection.
+const X_FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 
 pub struct WeirProxy {
     reloader: Arc<Reloader>,
@@ -163,6 +166,8 @@ impl WeirProxy {
 pub struct Ctx {
     snapshot: Option<Arc<Snapshot>>,
     listener: usize,
+    /// The connection's TLS: version, cipher and the client certificate's identity.
+    tls: Option<Arc<SslDigest>>,
     route: Option<Arc<CompiledRoute>>,
     /// The match block of `route` that matched, for the path rewrite.
     block: Option<usize>,
@@ -215,6 +220,7 @@ impl ProxyHttp for WeirProxy {
         Ctx {
             snapshot: None,
             listener: 0,
+            tls: None,
             route: None,
             block: None,
             service: None,
@@ -240,6 +246,7 @@ impl ProxyHttp for WeirProxy {
         session.set_pipelining_enabled(true);
         let snapshot = self.reloader.snapshot();
         ctx.listener = self.listener(session);
+        ctx.tls = session.digest().and_then(|d| d.ssl_digest.clone());
         let listener = self
             .listeners
             .get(ctx.listener)
@@ -328,7 +335,8 @@ impl ProxyHttp for WeirProxy {
                 Ok(true)
             }
             (Action::Redirect(r), _) => {
-                let location = redirect_location(session.req_header(), r);
+                let scheme = if ctx.tls.is_some() { "https" } else { "http" };
+                let location = redirect_location(session.req_header(), r, scheme);
                 respond(session, ctx, r.status, Bytes::new(), Some(location)).await?;
                 Ok(true)
             }
@@ -412,8 +420,7 @@ impl ProxyHttp for WeirProxy {
         if let Some(mirror) = &mut ctx.mirror {
             mirror.new_try();
         }
-        // From a SocketAddr, so Pingora does no (blocking) name resolution.
-        let mut peer = HttpPeer::new(endpoint.addr, false, String::new());
+        let mut peer = service.peer(endpoint.addr);
         let pool = &service.config.connection_pool;
         let left = ctx
             .deadline
@@ -642,6 +649,11 @@ impl ProxyHttp for WeirProxy {
             upstream: ctx.upstream,
             duration: took,
             generation: ctx.snapshot.as_ref().map_or(0, |s| s.generation),
+            peer: ctx
+                .tls
+                .as_deref()
+                .and_then(crate::tls::peer_identity)
+                .map(|p| p.principal()),
         });
     }
 }
@@ -708,8 +720,18 @@ fn prepare_upstream(
                 }
             }
         }
-        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+        let proto = if ctx.tls.is_some() { "https" } else { "http" };
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
         headers.insert(X_REQUEST_ID, ctx.request_id.clone());
+        // Only Weir says who the client certificate named: a client's own claim is dropped
+        // (Envoy's SANITIZE_SET).
+        headers.remove(X_FORWARDED_CLIENT_CERT);
+        if let Some(peer) = ctx.tls.as_deref().and_then(crate::tls::peer_identity) {
+            headers.insert(
+                X_FORWARDED_CLIENT_CERT,
+                header_value(&peer.forwarded_client_cert())?,
+            );
+        }
         let Some(r) = route else {
             return Ok(());
         };
@@ -874,8 +896,8 @@ async fn respond_now(
 
 /// The Location of a redirect: each part from the config, else from the request; the query
 /// is kept.
-fn redirect_location(req: &RequestHeader, r: &Redirect) -> String {
-    let scheme = r.scheme.as_deref().unwrap_or("http");
+fn redirect_location(req: &RequestHeader, r: &Redirect, request_scheme: &str) -> String {
+    let scheme = r.scheme.as_deref().unwrap_or(request_scheme);
     let host = r.host.clone().unwrap_or_else(|| {
         let host = req
             .uri

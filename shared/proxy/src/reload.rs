@@ -68,7 +68,7 @@ impl Reloader {
         }
         let snapshot = Snapshot::compile(loaded, role, 1, None);
         return_free_memory();
-        weir_telemetry::metrics().config_applied(&source, &snapshot.revision, 1);
+        applied(&source, &snapshot);
         Ok(Reloader {
             path: path.to_path_buf(),
             role,
@@ -133,8 +133,8 @@ impl Reloader {
         let generation = old.generation + 1;
         let snapshot = Snapshot::compile(loaded, self.role, generation, Some(&old));
         info!(generation, revision = %snapshot.revision, "config reloaded");
+        applied(&self.source, &snapshot);
         let metrics = weir_telemetry::metrics();
-        metrics.config_applied(&self.source, &snapshot.revision, generation);
         metrics.config_reloads.with_label_values(&["success"]).inc();
         self.current.store(Arc::new(snapshot));
         self.set_error(None);
@@ -176,13 +176,29 @@ impl Reloader {
     }
 }
 
+/// Sets the metrics that describe the serving config.
+fn applied(source: &str, snapshot: &Snapshot) {
+    let metrics = weir_telemetry::metrics();
+    metrics.config_applied(source, &snapshot.revision, snapshot.generation);
+    let expiries = crate::tls::expiries(&snapshot.config);
+    metrics.certificates_applied(expiries.iter().map(|(cert, at)| (cert.as_str(), *at)));
+}
+
 /// The first section that a reload cannot apply because the process reads it at start only.
 fn start_only_change(old: &Config, new: &Config) -> Option<&'static str> {
     fn json<T: serde::Serialize>(value: &T) -> Option<serde_json::Value> {
         serde_json::to_value(value).ok()
     }
-    if json(&old.listeners) != json(&new.listeners) {
-        Some("[[listener]]")
+    // A listener's certificates and client CA are read at each handshake, so they reload;
+    // its socket and protocol do not.
+    let sockets = |c: &Config| {
+        let listeners = c.listeners.iter();
+        listeners
+            .map(|l| (l.name.clone(), l.listen, l.protocol))
+            .collect::<Vec<_>>()
+    };
+    if sockets(old) != sockets(new) {
+        Some("[[listener]] (name, listen or protocol)")
     } else if json(&old.runtime) != json(&new.runtime) {
         Some("[runtime]")
     } else if json(&old.admin) != json(&new.admin) {

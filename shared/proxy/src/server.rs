@@ -27,6 +27,8 @@ use crate::discovery::Discovery;
 use crate::git::GitSource;
 use crate::proxy::WeirProxy;
 use crate::reload::{Outcome, Reloader};
+use crate::tls;
+use weir_config::Protocol;
 use weir_telemetry::access_log::AccessLog;
 
 /// How long the config's files must be quiet before a reload.
@@ -98,12 +100,15 @@ pub fn run(reloader: Reloader, git: Option<Arc<GitSource>>, upgrade: bool) -> an
     );
     let mut proxy =
         pingora_proxy::http_proxy_service_with_name(&server.configuration, proxy, "weir-proxy");
-    for (_, addr) in &listeners {
-        // No L4 read buffer on plaintext listeners: Pingora's HTTP/1 session reads into its
-        // own buffers, so the default 64 KiB BufReader only adds a copy per read and 64 KiB
-        // per idle keep-alive connection. (TLS listeners will want it back: 16 KiB records.)
-        let plain = L4BufferSettings::default().read(0);
-        proxy.add_listener(ListenerConfig::tcp(addr.to_string()).l4_buffer(plain));
+    for (index, listener) in config.listeners.iter().enumerate() {
+        let endpoint = ListenerConfig::tcp(listener.listen.to_string());
+        proxy.add_listener(match listener.protocol {
+            // No L4 read buffer on plaintext listeners: Pingora's HTTP/1 session reads into
+            // its own buffers, so the default 64 KiB BufReader only adds a copy per read and
+            // 64 KiB per idle keep-alive connection. TLS keeps it: rustls reads whole records.
+            Protocol::Http => endpoint.l4_buffer(L4BufferSettings::default().read(0)),
+            Protocol::Https => endpoint.tls(tls::listener_settings(&reloader, index)?),
+        });
     }
     let shutdown = Arc::new(Notify::new());
     let mut admin = Service::new(
@@ -190,18 +195,7 @@ impl BackgroundService for Control {
             }
         };
         let (tx, mut changed) = tokio::sync::mpsc::channel::<()>(1);
-        // A Git checkout changes only when the poll swaps it, and reloads then.
-        let watcher = (self.git.is_none()).then(|| {
-            weir_config::watch(self.reloader.path(), move || {
-                let _ = tx.try_send(());
-            })
-        });
-        if let Some(Err(e)) = &watcher {
-            warn!(
-                "cannot watch {}: {e}; reload with SIGHUP",
-                self.reloader.path().display()
-            );
-        }
+        let mut watcher = self.watch(&tx, None);
         // Health checks and DNS lookups run on this runtime, beside the reloads.
         let discovery = Discovery::new(&self.nameservers);
         discovery.start(&self.reloader.snapshot());
@@ -234,7 +228,9 @@ impl BackgroundService for Control {
             match tokio::task::spawn_blocking(move || reloader.reload()).await {
                 Ok(Outcome::Applied { generation }) => {
                     info!(trigger = why, generation, "reload applied");
-                    discovery.start(&self.reloader.snapshot());
+                    let snapshot = self.reloader.snapshot();
+                    discovery.start(&snapshot);
+                    watcher = self.watch(&tx, watcher);
                 }
                 Ok(Outcome::Unchanged) => info!(trigger = why, "reload: config unchanged"),
                 Ok(Outcome::Failed) => {}
@@ -245,6 +241,34 @@ impl BackgroundService for Control {
 }
 
 impl Control {
+    /// Watches the config's files and the certificates and keys it names (a Git checkout
+    /// changes only when the poll swaps it, and reloads then). `current` is kept when the
+    /// files to watch are the same.
+    fn watch(
+        &self,
+        tx: &tokio::sync::mpsc::Sender<()>,
+        current: Option<(Vec<PathBuf>, weir_config::Watcher)>,
+    ) -> Option<(Vec<PathBuf>, weir_config::Watcher)> {
+        if self.git.is_some() {
+            return None;
+        }
+        let material = self.reloader.snapshot().material.clone();
+        if let Some(current) = current.filter(|(files, _)| *files == material) {
+            return Some(current);
+        }
+        let tx = tx.clone();
+        match weir_config::watch(self.reloader.path(), &material, move || {
+            let _ = tx.try_send(());
+        }) {
+            Ok(watcher) => Some((material, watcher)),
+            Err(e) => {
+                let path = self.reloader.path().display();
+                warn!("cannot watch {path} or the files it names: {e}; reload with SIGHUP");
+                None
+            }
+        }
+    }
+
     /// With `--config-git`, fetches the ref: true when a new commit is checked out for the
     /// reload. A failed fetch keeps the checkout and the config serving.
     async fn fetch(&self) -> bool {

@@ -5,12 +5,15 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use pingora_core::upstreams::peer::HttpPeer;
 use weir_config::{Action, Config, Loaded, Role, Service};
 use weir_resilience::{Balancer, ConnectionGate, Limiter, RetryBudget};
 use weir_routing::{CompiledRoute, RouteTable};
 use weir_telemetry::metrics::RequestSeries;
+use weir_tls::CertificateTable;
 
 use crate::mirror::Lanes;
+use crate::tls::{upstream_peer, UpstreamPeerTls};
 
 /// Everything a request needs, compiled once per reload and never mutated.
 pub struct Snapshot {
@@ -19,12 +22,17 @@ pub struct Snapshot {
     /// RFC 3339 time of the load.
     pub loaded_at: String,
     pub config: Arc<Config>,
+    /// The certificate, key and CA files the config names, watched like its own files.
+    pub material: Vec<std::path::PathBuf>,
     /// Route table per listener name, in listener order (a handful: a scan beats hashing).
     pub tables: Vec<(String, RouteTable)>,
     pub services: HashMap<String, Arc<ServiceState>>,
     /// Per route, by [`CompiledRoute::order`]: the services it sends to, resolved here so a
     /// request looks up no names.
     pub routes: Vec<RouteServices>,
+    /// The certificates of each https listener, by listener index (`None` for plain http);
+    /// the listeners' TLS resolves each handshake's certificate here.
+    pub certificates: Vec<Option<CertificateTable>>,
     /// The `proxy` label of the request metrics: "gateway", or the sidecar's "outbound".
     proxy: &'static str,
     /// The request series of requests no route took (400, 404 `NR`).
@@ -55,11 +63,14 @@ pub struct ServiceState {
     /// Whether this service's health checks and DNS lookups run (they start once, and stop
     /// when the service is dropped).
     pub tasks_started: AtomicBool,
+    /// `[service.tls]` in Pingora's types; `None` = plaintext.
+    pub tls: Option<Arc<UpstreamPeerTls>>,
 }
 
 impl ServiceState {
     /// Fresh state: every endpoint in, nothing in flight, an empty budget.
     pub fn new(s: &Service) -> ServiceState {
+        let tls = s.tls.as_ref().map(|t| Arc::new(UpstreamPeerTls::new(t)));
         ServiceState {
             config: s.clone(),
             balancer: Balancer::new(s),
@@ -69,9 +80,15 @@ impl ServiceState {
                 s.connection_pool.max_pending_requests,
             ),
             budget: RetryBudget::default(),
-            mirror_lanes: Lanes::new(&s.connection_pool),
+            mirror_lanes: Lanes::new(&s.connection_pool, tls.clone()),
             tasks_started: AtomicBool::new(false),
+            tls,
         }
+    }
+
+    /// The peer for a try to `addr`, with this service's TLS if it has any.
+    pub fn peer(&self, addr: std::net::SocketAddr) -> HttpPeer {
+        upstream_peer(self.tls.as_deref(), addr)
     }
 }
 
@@ -129,10 +146,12 @@ impl Snapshot {
             })
             .collect();
         Snapshot {
+            certificates: crate::tls::certificate_tables(&config),
             generation,
             revision: loaded.revision,
             loaded_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
             config: Arc::new(config),
+            material: loaded.material,
             tables,
             services,
             routes,

@@ -68,6 +68,7 @@ mod tests {
             connection_pool: Default::default(),
             outlier_detection: None,
             health_check: None,
+            tls: None,
         }
     }
 

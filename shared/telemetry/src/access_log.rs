@@ -45,6 +45,10 @@ pub struct Entry<'a> {
     pub duration: Duration,
     /// The config generation that served the request.
     pub generation: u64,
+    /// The client certificate's identity on an mTLS listener: its SPIFFE id (first URI
+    /// SAN), else its subject.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer: Option<&'a str>,
 }
 
 impl AccessLog {

@@ -45,6 +45,8 @@ pub struct Metrics {
     pub config_generation: IntGauge,
     /// `source`, `revision`; one series, replaced on every reload.
     pub config_info: IntGaugeVec,
+    /// `cert`: the certificate file as the config names it; when its leaf expires.
+    pub tls_cert_expiry: IntGaugeVec,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
@@ -136,6 +138,11 @@ impl Metrics {
             "The serving config's source and revision.",
             &["source", "revision"],
         );
+        let tls_cert_expiry = gauges(
+            "weir_tls_cert_expiry_timestamp_seconds",
+            "When each certificate the config names expires, in seconds since the Unix epoch.",
+            &["cert"],
+        );
         Metrics {
             registry,
             requests,
@@ -149,6 +156,7 @@ impl Metrics {
             config_reloads,
             config_generation,
             config_info,
+            tls_cert_expiry,
         }
     }
 
@@ -160,6 +168,16 @@ impl Metrics {
         self.config_info
             .with_label_values(&[source, revision])
             .set(1);
+    }
+
+    /// Replaces the expiry series with the certificates of the serving config.
+    pub fn certificates_applied<'a>(&self, certs: impl IntoIterator<Item = (&'a str, i64)>) {
+        self.tls_cert_expiry.reset();
+        for (cert, not_after) in certs {
+            self.tls_cert_expiry
+                .with_label_values(&[cert])
+                .set(not_after);
+        }
     }
 
     /// The Prometheus text exposition format.

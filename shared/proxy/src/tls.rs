@@ -1,0 +1,235 @@
+//! TLS in Pingora's terms: https listeners whose certificates and client CA follow the serving
+//! snapshot (so a reload rotates them without touching the socket), the peer's identity kept
+//! with the connection, and TLS origination to a service's endpoints.
+
+use std::any::Any;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use pingora_core::listeners::tls::TlsSettings;
+use pingora_core::listeners::TlsAccept;
+use pingora_core::protocols::tls::{CaType, TlsRef};
+use pingora_core::upstreams::peer::HttpPeer;
+use pingora_core::utils::tls::{parse_x509, CertKey, WrappedX509};
+use weir_config::{Config, UpstreamTls};
+use weir_tls::rustls::client::danger::HandshakeSignatureValid;
+use weir_tls::rustls::pki_types::{CertificateDer, UnixTime};
+use weir_tls::rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use weir_tls::rustls::server::{ClientHello, ResolvesServerCert};
+use weir_tls::rustls::sign::CertifiedKey;
+use weir_tls::rustls::{DigitallySignedStruct, DistinguishedName, Error, SignatureScheme};
+use weir_tls::{CertificateTable, PeerIdentity};
+
+use crate::reload::Reloader;
+
+/// Pingora's TLS settings for the https listener at `index` of the config's listeners.
+pub fn listener_settings(reloader: &Arc<Reloader>, index: usize) -> anyhow::Result<TlsSettings> {
+    let mut settings = TlsSettings::with_callbacks(Box::new(KeepPeerIdentity))?;
+    let listener = ServingListener {
+        reloader: reloader.clone(),
+        index,
+    };
+    settings.set_cert_resolver(Arc::new(listener.clone()));
+    settings.set_client_cert_verifier(Arc::new(listener));
+    Ok(settings)
+}
+
+/// The certificates of each https listener, by listener index (`None` for plain http).
+pub fn certificate_tables(config: &Config) -> Vec<Option<CertificateTable>> {
+    config
+        .listeners
+        .iter()
+        .map(|l| {
+            let tls = l.tls.as_ref()?;
+            let mut table = CertificateTable::default();
+            for c in &tls.certificates {
+                table.push(&c.hosts, &c.pair);
+            }
+            Some(table)
+        })
+        .collect()
+}
+
+/// Every certificate the config names, with when it expires, for
+/// `weir_tls_cert_expiry_timestamp_seconds`.
+pub fn expiries(config: &Config) -> Vec<(String, i64)> {
+    let listeners = config
+        .listeners
+        .iter()
+        .filter_map(|l| l.tls.as_ref())
+        .flat_map(|tls| &tls.certificates)
+        .map(|c| (c.cert.display().to_string(), c.pair.not_after));
+    let services = config.services.iter().filter_map(|s| {
+        let tls = s.tls.as_ref()?;
+        Some((
+            tls.cert.as_ref()?.display().to_string(),
+            tls.client.as_ref()?.not_after,
+        ))
+    });
+    listeners.chain(services).collect()
+}
+
+/// One https listener as the serving snapshot defines it, looked up at each handshake.
+#[derive(Clone)]
+struct ServingListener {
+    reloader: Arc<Reloader>,
+    index: usize,
+}
+
+impl ServingListener {
+    fn client_auth(&self) -> Option<Arc<dyn ClientCertVerifier>> {
+        let snapshot = self.reloader.snapshot();
+        let listener = snapshot.config.listeners.get(self.index)?;
+        let auth = listener.tls.as_ref()?.client_auth.as_ref()?;
+        Some(auth.verifier.clone())
+    }
+}
+
+impl std::fmt::Debug for ServingListener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "listener {} of {}",
+            self.index,
+            self.reloader.path().display()
+        )
+    }
+}
+
+impl ResolvesServerCert for ServingListener {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let snapshot = self.reloader.snapshot();
+        let table = snapshot.certificates.get(self.index)?.as_ref()?;
+        table.select(hello.server_name())
+    }
+}
+
+/// Client certificates are asked for, and required, only while the listener's
+/// `client_auth` says so; each handshake checks against the CA of the serving snapshot.
+impl ClientCertVerifier for ServingListener {
+    fn offer_client_auth(&self) -> bool {
+        self.client_auth().is_some()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.offer_client_auth()
+    }
+
+    /// No hints: the CA may change with a reload, and a client with a certificate sends it.
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, Error> {
+        match self.client_auth() {
+            Some(verifier) => verifier.verify_client_cert(end_entity, intermediates, now),
+            None => Err(Error::General("client certificates are not enabled".into())),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        let provider = weir_tls::provider();
+        let algorithms = &provider.signature_verification_algorithms;
+        weir_tls::rustls::crypto::verify_tls12_signature(message, cert, dss, algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        let provider = weir_tls::provider();
+        let algorithms = &provider.signature_verification_algorithms;
+        weir_tls::rustls::crypto::verify_tls13_signature(message, cert, dss, algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        weir_tls::provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// Reads the client certificate's identity once per connection, after the handshake; the
+/// requests on it find it in the session's TLS digest ([`peer_identity`]).
+struct KeepPeerIdentity;
+
+#[async_trait]
+impl TlsAccept for KeepPeerIdentity {
+    async fn handshake_complete_callback(
+        &self,
+        tls: &TlsRef,
+    ) -> Option<Arc<dyn Any + Send + Sync>> {
+        let der = tls.peer_certificate_der()?;
+        Some(Arc::new(PeerIdentity::of(der)))
+    }
+}
+
+/// The verified client certificate's identity on this TLS connection, if it sent one.
+pub fn peer_identity(tls: &pingora_core::protocols::tls::SslDigest) -> Option<&PeerIdentity> {
+    tls.extension.get::<PeerIdentity>()
+}
+
+/// The peer for one try (or health check, or mirror copy) to `addr`: plaintext, or with the
+/// service's TLS. From a `SocketAddr`, so Pingora does no (blocking) name resolution.
+pub fn upstream_peer(tls: Option<&UpstreamPeerTls>, addr: std::net::SocketAddr) -> HttpPeer {
+    match tls {
+        Some(tls) => tls.peer(addr),
+        None => HttpPeer::new(addr, false, String::new()),
+    }
+}
+
+/// A service's TLS origination in Pingora's types, made once per service.
+pub struct UpstreamPeerTls {
+    /// Pingora's pool keys a connection by address, SNI, client certificate and verify flags,
+    /// not by the CA that verified it: this keeps services that trust different CAs (or whose
+    /// files were rotated) from sharing connections.
+    group: u64,
+    sni: String,
+    ca: Option<Arc<CaType>>,
+    client: Option<Arc<CertKey>>,
+}
+
+impl UpstreamPeerTls {
+    pub fn new(tls: &UpstreamTls) -> UpstreamPeerTls {
+        let ca = (!tls.roots.is_empty()).then(|| {
+            let certs: Vec<WrappedX509> = tls
+                .roots
+                .iter()
+                .map(|der| WrappedX509::new(der.clone(), parse_x509))
+                .collect();
+            Arc::<CaType>::from(certs.into_boxed_slice())
+        });
+        let client = tls
+            .client
+            .as_ref()
+            .map(|pair| Arc::new(CertKey::new(pair.chain.clone(), pair.key.clone())));
+        UpstreamPeerTls {
+            group: tls.fingerprint,
+            sni: tls.sni.clone(),
+            ca,
+            client,
+        }
+    }
+
+    /// A peer that connects with TLS, sends the SNI and verifies the server's certificate
+    /// chain and name.
+    fn peer(&self, addr: std::net::SocketAddr) -> HttpPeer {
+        let mut peer = HttpPeer::new(addr, true, self.sni.clone());
+        peer.group_key = self.group;
+        peer.options.ca.clone_from(&self.ca);
+        peer.client_cert_key.clone_from(&self.client);
+        peer
+    }
+}

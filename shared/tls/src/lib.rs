@@ -1,0 +1,312 @@
+//! weir-tls: the TLS material of Weir's listeners and upstreams, on rustls with ring (the
+//! crypto Pingora's rustls build uses).
+//!
+//! Everything here is pure: PEM bytes in, rustls types or a clear error out. Reading the files
+//! (and naming their place in the config) is weir-config's job; handing the material to
+//! Pingora's listeners and connectors is weir-proxy's.
+
+use std::fmt;
+use std::sync::Arc;
+
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::danger::ClientCertVerifier;
+use rustls::server::WebPkiClientVerifier;
+use rustls::sign::CertifiedKey;
+use rustls::RootCertStore;
+use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+
+pub use rustls;
+
+/// The crypto of every TLS config Weir builds.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A certificate chain and its private key, checked to belong together.
+#[derive(Clone)]
+pub struct KeyPair {
+    /// For serving: what a rustls server config presents.
+    pub certified: Arc<CertifiedKey>,
+    /// The chain in DER, leaf first, and the key in DER (PKCS#8, PKCS#1 or SEC1), for
+    /// Pingora's client connector, which takes raw DER.
+    pub chain: Vec<Vec<u8>>,
+    pub key: Vec<u8>,
+    /// When the leaf certificate expires, in seconds since the Unix epoch.
+    pub not_after: i64,
+}
+
+impl fmt::Debug for KeyPair {
+    // Never the key.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyPair")
+            .field("certificates", &self.chain.len())
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Parses a PEM certificate chain (leaf first) and a PEM private key, and checks that the key
+/// is the leaf's.
+pub fn key_pair(cert_pem: &[u8], key_pem: &[u8]) -> Result<KeyPair, String> {
+    let chain = certificates(cert_pem)?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem)
+        .map_err(|e| format!("no private key found in PEM ({e})"))?;
+    let key_der = key.secret_der().to_vec();
+    let not_after = parse(&chain[0])?.validity().not_after.timestamp();
+    let certified =
+        CertifiedKey::from_der(chain.clone(), key, &provider()).map_err(|e| match e {
+            rustls::Error::InconsistentKeys(_) => "the private key is not the certificate's".into(),
+            e => format!("unusable private key: {e}"),
+        })?;
+    Ok(KeyPair {
+        certified: Arc::new(certified),
+        chain: chain.iter().map(|c| c.to_vec()).collect(),
+        key: key_der,
+        not_after,
+    })
+}
+
+/// Every certificate of a PEM bundle, in order; an error when there is none or one does not
+/// parse.
+pub fn certificates(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("bad PEM: {e}"))?;
+    if certs.is_empty() {
+        return Err("no certificate found in PEM".into());
+    }
+    for cert in &certs {
+        parse(cert)?;
+    }
+    Ok(certs)
+}
+
+/// The trust anchors of a PEM bundle of CA certificates.
+pub fn roots(pem: &[u8]) -> Result<Arc<RootCertStore>, String> {
+    let mut roots = RootCertStore::empty();
+    for cert in certificates(pem)? {
+        roots
+            .add(cert)
+            .map_err(|e| format!("not a usable CA certificate: {e}"))?;
+    }
+    Ok(Arc::new(roots))
+}
+
+/// A verifier that requires a client certificate chaining to one of `roots`.
+pub fn client_verifier(roots: Arc<RootCertStore>) -> Result<Arc<dyn ClientCertVerifier>, String> {
+    WebPkiClientVerifier::builder_with_provider(roots, provider())
+        .build()
+        .map_err(|e| format!("cannot verify client certificates with this CA: {e}"))
+}
+
+fn parse<'a>(der: &'a CertificateDer<'_>) -> Result<X509Certificate<'a>, String> {
+    X509Certificate::from_der(der)
+        .map(|(_, cert)| cert)
+        .map_err(|e| format!("not an X.509 certificate: {e}"))
+}
+
+/// A listener's certificates, chosen by the name the client asks for (SNI).
+#[derive(Debug, Clone, Default)]
+pub struct CertificateTable {
+    /// Host patterns (exact names or "*.suffix"; empty = any name) and the pair they serve,
+    /// in declaration order.
+    entries: Vec<(Vec<String>, Arc<CertifiedKey>)>,
+}
+
+impl CertificateTable {
+    pub fn push(&mut self, hosts: &[String], pair: &KeyPair) {
+        let hosts = hosts.iter().map(|h| h.to_ascii_lowercase()).collect();
+        self.entries.push((hosts, pair.certified.clone()));
+    }
+
+    /// The certificate for `sni`: an exact name first, then the longest matching wildcard,
+    /// then one declared without hosts; with no SNI or no match, the first certificate (as
+    /// nginx serves its default server's), so the client sees a name mismatch, not a reset.
+    pub fn select(&self, sni: Option<&str>) -> Option<Arc<CertifiedKey>> {
+        let first = self.entries.first().map(|(_, key)| key.clone());
+        let Some(sni) = sni.map(|s| s.trim_end_matches('.').to_ascii_lowercase()) else {
+            return first;
+        };
+        let exact = self.entries.iter().find(|(hosts, _)| hosts.contains(&sni));
+        let wildcard = || {
+            self.entries
+                .iter()
+                .filter_map(|(hosts, key)| {
+                    let longest = hosts
+                        .iter()
+                        .filter_map(|h| h.strip_prefix('*'))
+                        .filter(|suffix| sni.len() > suffix.len() && sni.ends_with(suffix))
+                        .map(str::len)
+                        .max()?;
+                    Some((longest, key))
+                })
+                .max_by_key(|(len, _)| *len)
+        };
+        let any = || self.entries.iter().find(|(hosts, _)| hosts.is_empty());
+        exact
+            .map(|(_, key)| key.clone())
+            .or_else(|| wildcard().map(|(_, key)| key.clone()))
+            .or_else(|| any().map(|(_, key)| key.clone()))
+            .or(first)
+    }
+}
+
+/// Who the peer of a TLS connection proved to be with its certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PeerIdentity {
+    /// URI subject alternative names, such as a SPIFFE id `spiffe://mesh.local/ns/a/sa/b`.
+    pub uris: Vec<String>,
+    /// DNS subject alternative names.
+    pub dns: Vec<String>,
+    /// The subject, as `CN=client,O=example`.
+    pub subject: String,
+    /// SHA-256 of the certificate's DER, in lower-case hex.
+    pub hash: String,
+}
+
+impl PeerIdentity {
+    /// Reads the identity of a verified leaf certificate.
+    pub fn of(der: &[u8]) -> PeerIdentity {
+        let hash = hex(ring::digest::digest(&ring::digest::SHA256, der).as_ref());
+        let Ok((_, cert)) = X509Certificate::from_der(der) else {
+            return PeerIdentity {
+                hash,
+                ..PeerIdentity::default()
+            };
+        };
+        let mut identity = PeerIdentity {
+            subject: cert.subject().to_string().replace(", ", ","),
+            hash,
+            ..PeerIdentity::default()
+        };
+        if let Ok(Some(san)) = cert.subject_alternative_name() {
+            for name in &san.value.general_names {
+                match name {
+                    GeneralName::URI(uri) => identity.uris.push((*uri).to_string()),
+                    GeneralName::DNSName(dns) => identity.dns.push((*dns).to_string()),
+                    _ => {}
+                }
+            }
+        }
+        identity
+    }
+
+    /// The name to log and match: the first URI SAN (the SPIFFE id), else the subject.
+    pub fn principal(&self) -> &str {
+        self.uris.first().unwrap_or(&self.subject)
+    }
+
+    /// The value of `x-forwarded-client-cert`, in Envoy's format:
+    /// `Hash=<sha256>;Subject="<subject>";URI=<uri>;DNS=<name>`.
+    pub fn forwarded_client_cert(&self) -> String {
+        let mut value = format!(
+            "Hash={};Subject=\"{}\"",
+            self.hash,
+            self.subject.replace('"', "\\\"")
+        );
+        for uri in &self.uris {
+            value.push_str(";URI=");
+            value.push_str(uri);
+        }
+        for dns in &self.dns {
+            value.push_str(";DNS=");
+            value.push_str(dns);
+        }
+        value
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{CertificateParams, DnType, KeyPair as RcKey, SanType};
+
+    fn issue(names: &[&str]) -> (String, String) {
+        let key = RcKey::generate().expect("key");
+        let cert = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+            .expect("params")
+            .self_signed(&key)
+            .expect("cert");
+        (cert.pem(), key.serialize_pem())
+    }
+
+    fn leaf(key: &CertifiedKey) -> Vec<String> {
+        PeerIdentity::of(key.cert[0].as_ref()).dns
+    }
+
+    #[test]
+    fn a_key_must_go_with_its_certificate() {
+        let (cert, key) = issue(&["a.example"]);
+        let (_, other_key) = issue(&["b.example"]);
+        assert!(key_pair(cert.as_bytes(), key.as_bytes()).is_ok());
+        let err = key_pair(cert.as_bytes(), other_key.as_bytes()).unwrap_err();
+        assert!(err.contains("is not the certificate's"), "{err}");
+        let err = key_pair(b"nothing", key.as_bytes()).unwrap_err();
+        assert!(err.contains("no certificate"), "{err}");
+        let err = key_pair(cert.as_bytes(), cert.as_bytes()).unwrap_err();
+        assert!(err.contains("no private key"), "{err}");
+    }
+
+    #[test]
+    fn sni_picks_exact_then_longest_wildcard_then_catch_all_then_first() {
+        let pair = |names: &[&str]| {
+            let (c, k) = issue(names);
+            key_pair(c.as_bytes(), k.as_bytes()).expect("pair")
+        };
+        let mut table = CertificateTable::default();
+        table.push(&["first.example".into()], &pair(&["first.example"]));
+        table.push(&["*.example.com".into()], &pair(&["wide.example.com"]));
+        table.push(
+            &["*.api.example.com".into()],
+            &pair(&["narrow.api.example.com"]),
+        );
+        table.push(
+            &["Exact.API.example.com".into()],
+            &pair(&["exact.api.example.com"]),
+        );
+        let pick = |table: &CertificateTable, sni: Option<&str>| {
+            leaf(&table.select(sni).expect("a certificate"))
+        };
+        let t = &table;
+        assert_eq!(
+            pick(t, Some("exact.api.example.com")),
+            ["exact.api.example.com"]
+        );
+        assert_eq!(
+            pick(t, Some("x.api.example.com")),
+            ["narrow.api.example.com"]
+        );
+        assert_eq!(pick(t, Some("x.example.com.")), ["wide.example.com"]);
+        assert_eq!(pick(t, Some("example.com")), ["first.example"]);
+        assert_eq!(pick(t, None), ["first.example"]);
+        table.push(&[], &pair(&["any.example"]));
+        assert_eq!(pick(&table, Some("elsewhere.org")), ["any.example"]);
+        assert!(CertificateTable::default().select(Some("x")).is_none());
+    }
+
+    #[test]
+    fn a_peer_is_named_by_its_spiffe_id() {
+        let key = RcKey::generate().expect("key");
+        let mut params = CertificateParams::new(vec!["svc.local".to_string()]).expect("params");
+        params.subject_alt_names.push(SanType::URI(
+            "spiffe://mesh.local/ns/a/sa/b".try_into().expect("uri"),
+        ));
+        params.distinguished_name.push(DnType::CommonName, "client");
+        let cert = params.self_signed(&key).expect("cert");
+        let id = PeerIdentity::of(cert.der());
+        assert_eq!(id.uris, ["spiffe://mesh.local/ns/a/sa/b"]);
+        assert_eq!(id.dns, ["svc.local"]);
+        assert_eq!(id.principal(), "spiffe://mesh.local/ns/a/sa/b");
+        assert_eq!(id.subject, "CN=client");
+        assert_eq!(id.hash.len(), 64);
+        let xfcc = id.forwarded_client_cert();
+        assert!(xfcc.starts_with(&format!("Hash={};Subject=\"CN=client\"", id.hash)));
+        assert!(xfcc.ends_with(";URI=spiffe://mesh.local/ns/a/sa/b;DNS=svc.local"));
+    }
+}

@@ -1,0 +1,271 @@
+//! TLS against the real binary, with real handshakes and certificates made at test time:
+//! https listeners (a certificate per name, rotation, client certificates) and TLS to services.
+#![allow(clippy::unwrap_used)]
+
+use std::fs;
+use std::path::Path;
+use std::time::Duration;
+
+use weir_tests::tls::{https_get, Issued, TestCa, TlsUpstream};
+use weir_tests::{free_port, raw_request, wait_until, Gateway, Upstream};
+
+/// Writes `issued` as `<name>.pem` and `<name>-key.pem` in `dir`.
+fn write_pair(dir: &Path, name: &str, issued: &Issued) {
+    fs::write(dir.join(format!("{name}.pem")), &issued.cert).unwrap();
+    fs::write(dir.join(format!("{name}-key.pem")), &issued.key).unwrap();
+}
+
+/// A gateway whose listener "web" is https with the certificate pairs `names` (each written
+/// by the caller as `<name>.pem` and `<name>-key.pem` in `dir`, served for `hosts`), then
+/// `extra` (client_auth, routes, services).
+fn https_gateway(dir: tempfile::TempDir, certificates: &[(&str, &str)], extra: &str) -> Gateway {
+    let (port, admin) = (free_port(), free_port());
+    let mut config = format!(
+        "[runtime]\nthreads = 2\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\
+         [[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:{port}\"\nprotocol = \"https\"\n"
+    );
+    for (name, hosts) in certificates {
+        config.push_str(&format!(
+            "  [[listener.certificate]]\n  hosts = [{hosts}]\n  cert = \"{name}.pem\"\n  key = \"{name}-key.pem\"\n"
+        ));
+    }
+    config.push_str(extra);
+    let path = dir.path().join("gateway.toml");
+    fs::write(&path, config).unwrap();
+    Gateway::start_on(dir, path, port, admin)
+}
+
+#[test]
+fn an_https_listener_serves_each_name_its_certificate() {
+    let ca = TestCa::new("weir test CA");
+    let up = Upstream::start("app");
+    let dir = tempfile::tempdir().unwrap();
+    write_pair(dir.path(), "a", &ca.server(&["a.example"]));
+    write_pair(dir.path(), "b", &ca.server(&["*.b.example"]));
+    let routes = format!(
+        "{}[[route]]\nname = \"app\"\n  [[route.backend]]\n  service = \"app\"\n",
+        up.service()
+    );
+    let certs = [("a", "\"a.example\""), ("b", "\"*.b.example\"")];
+    let gw = https_gateway(dir, &certs, &routes);
+    let ca_pem = ca.pem();
+
+    // Without client certificates, a client's own x-forwarded-client-cert is dropped.
+    let forged = [(
+        "x-forwarded-client-cert",
+        "URI=spiffe://mesh.local/ns/x/sa/admin",
+    )];
+    let a = https_get(gw.port, "a.example", &ca_pem, None, "/x", &forged).unwrap();
+    assert_eq!((a.status, a.body.as_str()), (200, "app"));
+    assert_eq!(a.served, ["a.example"]);
+    assert_eq!(
+        up.last_header("x-forwarded-proto").as_deref(),
+        Some("https")
+    );
+    assert_eq!(up.last_header("x-forwarded-client-cert"), None);
+    let b = https_get(gw.port, "api.b.example", &ca_pem, None, "/", &[]).unwrap();
+    assert_eq!((b.status, b.served), (200, vec!["*.b.example".to_string()]));
+    // A name no certificate has gets the first one, which the client refuses by name.
+    let err = https_get(gw.port, "c.example", &ca_pem, None, "/", &[]).err();
+    assert!(
+        err.as_deref()
+            .is_some_and(|e| e.contains("not valid for name")),
+        "{err:?}"
+    );
+    // Plain HTTP on the https port gets no answer.
+    let plain = raw_request(gw.port, b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\n");
+    assert!(!plain.contains("HTTP/1.1"), "{plain:?}");
+
+    // Each certificate's expiry is a metric; /config shows it, and never the key.
+    let cert = gw.config.parent().unwrap().join("a.pem");
+    let series = format!(
+        "weir_tls_cert_expiry_timestamp_seconds{{cert=\"{}\"}}",
+        cert.display()
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    assert!(gw.metric(&series) > now.as_secs_f64(), "{series}");
+    let status = gw.status().to_string();
+    assert!(status.contains("not_after"), "{status}");
+    assert!(
+        !status.contains("PRIVATE KEY") && !status.contains("BEGIN"),
+        "{status}"
+    );
+}
+
+#[test]
+fn a_rotated_certificate_is_served_without_a_restart() {
+    let ca = TestCa::new("weir test CA");
+    let dir = tempfile::tempdir().unwrap();
+    write_pair(dir.path(), "a", &ca.server(&["a.example"]));
+    let hello = "[[route]]\nname = \"hello\"\ndirect_response = { status = 200, body = \"hi\" }\n";
+    let gw = https_gateway(dir, &[("a", "\"a.example\"")], hello);
+    let ca_pem = ca.pem();
+    let served = || https_get(gw.port, "a.example", &ca_pem, None, "/", &[]).map(|r| r.served);
+    assert_eq!(served().unwrap(), ["a.example"]);
+
+    // cert-manager, or an operator, writes a new pair over the old one.
+    let dir = gw.config.parent().unwrap().to_path_buf();
+    write_pair(&dir, "a", &ca.server(&["a.example", "rotated.example"]));
+    wait_until("the new certificate", Duration::from_secs(5), || {
+        served().is_ok_and(|names| names.contains(&"rotated.example".to_string()))
+    });
+    assert_eq!(gw.generation(), 2);
+
+    // A key that is not the certificate's is refused with its place, and the last good pair
+    // keeps serving.
+    fs::write(dir.join("a-key.pem"), ca.server(&["other"]).key).unwrap();
+    wait_until("last_error", Duration::from_secs(5), || {
+        !gw.status()["last_error"].is_null()
+    });
+    let status = gw.status();
+    let error = status["last_error"].as_str().unwrap();
+    // Line 11 is the pair's `cert = "a.pem"`.
+    assert!(
+        error.contains("gateway.toml:11: listener \"web\" certificate[0]"),
+        "{error}"
+    );
+    assert!(
+        error.contains("the private key is not the certificate's"),
+        "{error}"
+    );
+    assert_eq!(status["generation"], 2);
+    assert!(served().unwrap().contains(&"rotated.example".to_string()));
+}
+
+#[test]
+fn client_certificates_are_required_verified_and_forwarded() {
+    let ca = TestCa::new("weir test CA");
+    let clients = TestCa::new("clients CA");
+    let stranger = TestCa::new("someone else's CA");
+    let up = Upstream::start("app");
+    let dir = tempfile::tempdir().unwrap();
+    write_pair(dir.path(), "a", &ca.server(&["a.example"]));
+    fs::write(dir.path().join("clients.pem"), clients.pem()).unwrap();
+    let config = format!(
+        "  [listener.client_auth]\n  ca = \"clients.pem\"\n{}\
+         [[route]]\nname = \"app\"\n  [[route.backend]]\n  service = \"app\"\n",
+        up.service()
+    );
+    let gw = https_gateway(dir, &[("a", "\"a.example\"")], &config);
+    let ca_pem = ca.pem();
+    let id = "spiffe://mesh.local/ns/web/sa/frontend";
+    let get = |client: Option<&Issued>, headers: &[(&str, &str)]| {
+        https_get(gw.port, "a.example", &ca_pem, client, "/", headers)
+    };
+
+    let none = get(None, &[]);
+    assert!(
+        none.is_err(),
+        "no client certificate: {:?}",
+        none.map(|r| r.status)
+    );
+    let foreign = get(Some(&stranger.client("intruder", &[id])), &[]);
+    assert!(
+        foreign.is_err(),
+        "a foreign CA's client: {:?}",
+        foreign.map(|r| r.status)
+    );
+    assert_eq!(up.hits(), 0);
+
+    let client = clients.client("frontend", &[id]);
+    let forged = [(
+        "x-forwarded-client-cert",
+        "URI=spiffe://mesh.local/ns/x/sa/admin",
+    )];
+    let reply = get(Some(&client), &forged).unwrap();
+    assert_eq!((reply.status, reply.body.as_str()), (200, "app"));
+    let xfcc = up.last_header("x-forwarded-client-cert").unwrap();
+    assert!(xfcc.starts_with("Hash="), "{xfcc}");
+    assert!(xfcc.contains("Subject=\"CN=frontend\""), "{xfcc}");
+    assert!(xfcc.ends_with(&format!(";URI={id}")), "{xfcc}");
+    assert!(
+        !xfcc.contains("sa/admin"),
+        "the client's own header went through: {xfcc}"
+    );
+    wait_until("the access log line", Duration::from_secs(5), || {
+        gw.access_log().iter().any(|l| l["peer"] == id)
+    });
+}
+
+#[test]
+fn services_are_reached_over_tls_with_a_client_certificate_and_health_checks() {
+    let upstream_ca = TestCa::new("upstreams CA");
+    let gateway_ca = TestCa::new("gateway clients CA");
+    let id = "spiffe://mesh.local/ns/edge/sa/gateway";
+    let secure = TlsUpstream::start(
+        "secure",
+        &upstream_ca.server(&["app.internal"]),
+        Some(&gateway_ca.pem()),
+    );
+    let files = tempfile::tempdir().unwrap();
+    let file = |name: &str, text: &str| {
+        let path = files.path().join(name);
+        fs::write(&path, text).unwrap();
+        path.display().to_string()
+    };
+    let ca = file("upstreams.pem", &upstream_ca.pem());
+    let other_ca = file("other.pem", &TestCa::new("not the upstreams' CA").pem());
+    let client = gateway_ca.client("gateway", &[id]);
+    let (cert, key) = (
+        file("gw.pem", &client.cert),
+        file("gw-key.pem", &client.key),
+    );
+    let service = |name: &str, tls: &str| {
+        format!(
+            "[[service]]\nname = \"{name}\"\nendpoints = [\"{}\"]\n  [service.tls]\n{tls}",
+            secure.addr
+        )
+    };
+    let route = |name: &str| {
+        format!(
+            "[[route]]\nname = \"{name}\"\n  [[route.match]]\n  path = {{ prefix = \"/{name}\" }}\n  [[route.backend]]\n  service = \"{name}\"\n"
+        )
+    };
+    let mutual = format!(
+        "  mode = \"mutual\"\n  ca = \"{ca}\"\n  cert = \"{cert}\"\n  key = \"{key}\"\n  sni = \"app.internal\"\n"
+    );
+    let config = [
+        service("mutual", &mutual),
+        "  [service.health_check]\n  path = \"/healthz\"\n  interval = \"100ms\"\n".into(),
+        service("wrong-ca", &format!("  ca = \"{other_ca}\"\n  cert = \"{cert}\"\n  key = \"{key}\"\n  mode = \"mutual\"\n  sni = \"app.internal\"\n")),
+        service("wrong-name", &mutual.replace("app.internal", "db.internal")),
+        route("mutual"),
+        route("wrong-ca"),
+        route("wrong-name"),
+    ]
+    .concat();
+    let gw = Gateway::start(&config);
+
+    // Health checks speak TLS with the client certificate too: the upstream counts requests
+    // only after a full handshake, and none has been sent yet.
+    wait_until("TLS health checks", Duration::from_secs(5), || {
+        secure.hits() >= 3
+    });
+    assert_eq!(secure.last_header("host").as_deref(), Some("app.internal"));
+
+    let reply = gw.get("/mutual", &[]);
+    assert_eq!((reply.status, reply.body.as_str()), (200, "secure"));
+    let peer = secure
+        .last_peer()
+        .expect("the gateway's client certificate");
+    assert_eq!(peer.uris, [id]);
+    assert_eq!(
+        secure.last_header("x-forwarded-proto").as_deref(),
+        Some("http")
+    );
+
+    // A server the CA does not vouch for, or with another name, is never sent the request.
+    for path in ["/wrong-ca", "/wrong-name"] {
+        let reply = gw.get(path, &[]);
+        assert_eq!(reply.status, 503, "{path}: {}", reply.body);
+    }
+    let log = gw.access_log();
+    let flags: Vec<_> = log
+        .iter()
+        .filter(|l| l["route"] != "mutual")
+        .map(|l| l["flags"].as_str().unwrap().to_string())
+        .collect();
+    assert!(flags.iter().all(|f| f.contains("UF")), "{flags:?}");
+}
