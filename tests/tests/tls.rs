@@ -256,6 +256,21 @@ fn services_are_reached_over_tls_with_a_client_certificate_and_health_checks() {
         Some("http")
     );
 
+    // A new client certificate, written where the config points (outside its directory), is
+    // presented on new connections without a restart.
+    let renewed = "spiffe://mesh.local/ns/edge/sa/gateway-renewed";
+    let client = gateway_ca.client("gateway", &[renewed]);
+    fs::write(&key, &client.key).unwrap();
+    fs::write(&cert, &client.cert).unwrap();
+    wait_until(
+        "the renewed client certificate",
+        Duration::from_secs(5),
+        || {
+            gw.get("/mutual", &[]).status == 200
+                && secure.last_peer().is_some_and(|p| p.uris == [renewed])
+        },
+    );
+
     // A server the CA does not vouch for, or with another name, is never sent the request.
     for path in ["/wrong-ca", "/wrong-name"] {
         let reply = gw.get(path, &[]);
