@@ -276,11 +276,49 @@ fn services_are_reached_over_tls_with_a_client_certificate_and_health_checks() {
         let reply = gw.get(path, &[]);
         assert_eq!(reply.status, 503, "{path}: {}", reply.body);
     }
-    let log = gw.access_log();
-    let flags: Vec<_> = log
-        .iter()
-        .filter(|l| l["route"] != "mutual")
-        .map(|l| l["flags"].as_str().unwrap().to_string())
-        .collect();
+    let refused = || {
+        let log = gw.access_log();
+        let lines = log.iter().filter(|l| l["route"] != "mutual");
+        lines
+            .map(|l| l["flags"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    wait_until(
+        "the refused requests' log lines",
+        Duration::from_secs(5),
+        || refused().len() == 2,
+    );
+    let flags = refused();
     assert!(flags.iter().all(|f| f.contains("UF")), "{flags:?}");
+
+    // Mirror copies to a TLS service go over TLS, with the client certificate.
+    let shadow = TlsUpstream::start(
+        "shadow",
+        &upstream_ca.server(&["app.internal"]),
+        Some(&gateway_ca.pem()),
+    );
+    let app = Upstream::start("app");
+    let shadow_service = format!(
+        "[[service]]\nname = \"shadow\"\nendpoints = [\"{}\"]\n  [service.tls]\n{mutual}",
+        shadow.addr
+    );
+    let mirrored = format!(
+        "{config}{}{shadow_service}[[route]]\nname = \"mirrored\"\n  [[route.match]]\n  path = {{ prefix = \"/mirrored\" }}\n  [[route.backend]]\n  service = \"app\"\n  [route.mirror]\n  service = \"shadow\"\n",
+        app.service()
+    );
+    gw.write_config(&mirrored);
+    wait_until("the mirrored route", Duration::from_secs(5), || {
+        gw.get("/mirrored", &[]).body == "app"
+    });
+    wait_until("the copy over TLS", Duration::from_secs(5), || {
+        shadow.hits() >= 1
+    });
+    assert_eq!(
+        shadow.last_header("host").as_deref(),
+        Some(format!("127.0.0.1-shadow:{}", gw.port).as_str())
+    );
+    assert_eq!(
+        shadow.last_peer().map(|p| p.uris),
+        Some(vec![renewed.to_string()])
+    );
 }
