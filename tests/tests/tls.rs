@@ -322,3 +322,56 @@ fn services_are_reached_over_tls_with_a_client_certificate_and_health_checks() {
         Some(vec![renewed.to_string()])
     );
 }
+
+/// examples/tls as its README runs it (on free ports), with its committed certificates.
+#[test]
+fn the_tls_example_works_as_its_readme_says() {
+    let example = weir_tests::repo_root().join("examples/tls");
+    let dir = tempfile::tempdir().unwrap();
+    fs::create_dir(dir.path().join("certs")).unwrap();
+    for entry in fs::read_dir(example.join("certs")).unwrap() {
+        let path = entry.unwrap().path();
+        fs::copy(
+            &path,
+            dir.path().join("certs").join(path.file_name().unwrap()),
+        )
+        .unwrap();
+    }
+    let (plain, public, internal, admin) = (free_port(), free_port(), free_port(), free_port());
+    let config = fs::read_to_string(example.join("gateway.toml"))
+        .unwrap()
+        .replace(":8080", &format!(":{plain}"))
+        .replace("localhost:8443\"", &format!("localhost:{public}\""))
+        .replace(":8443", &format!(":{public}"))
+        .replace(":8444", &format!(":{internal}"))
+        .replace(":9901", &format!(":{admin}"));
+    let path = dir.path().join("gateway.toml");
+    fs::write(&path, config).unwrap();
+    let read = |name: &str| fs::read_to_string(example.join("certs").join(name)).unwrap();
+    let ca = read("ca.pem");
+    let client = Issued {
+        cert: read("client.pem"),
+        key: read("client-key.pem"),
+    };
+    let gw = Gateway::start_on(dir, path, plain, admin);
+
+    let redirect = raw_request(
+        plain,
+        b"GET /x HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    );
+    assert!(
+        redirect.starts_with("HTTP/1.1 301")
+            && redirect.contains(&format!("https://localhost:{public}/x")),
+        "{redirect}"
+    );
+    let hello = https_get(public, "localhost", &ca, None, "/", &[]).unwrap();
+    assert_eq!(hello.body, "hello over TLS\n");
+    assert!(https_get(internal, "localhost", &ca, None, "/", &[]).is_err());
+    let verified = https_get(internal, "localhost", &ca, Some(&client), "/", &[]).unwrap();
+    assert_eq!(verified.body, "hello, verified client\n");
+    wait_until("the access log's peer", Duration::from_secs(5), || {
+        gw.access_log()
+            .iter()
+            .any(|l| l["peer"] == "spiffe://example.local/ns/demo/sa/curl")
+    });
+}
