@@ -126,7 +126,7 @@ impl WeirProxy {
         service: &Arc<ServiceState>,
     ) -> Result<()> {
         let mut header = session.req_header().clone();
-        prepare_upstream(&mut header, client_ip(session), None, ctx)?;
+        prepare_upstream(&mut header, Downstream::of(session), None, ctx)?;
         let key = weir_resilience::hash_on(&service.config).and_then(|on| hash_key(session, on));
         let body_len = session
             .req_header()
@@ -166,8 +166,6 @@ impl WeirProxy {
 pub struct Ctx {
     snapshot: Option<Arc<Snapshot>>,
     listener: usize,
-    /// The connection's TLS: version, cipher and the client certificate's identity.
-    tls: Option<Arc<SslDigest>>,
     route: Option<Arc<CompiledRoute>>,
     /// The match block of `route` that matched, for the path rewrite.
     block: Option<usize>,
@@ -220,7 +218,6 @@ impl ProxyHttp for WeirProxy {
         Ctx {
             snapshot: None,
             listener: 0,
-            tls: None,
             route: None,
             block: None,
             service: None,
@@ -246,7 +243,6 @@ impl ProxyHttp for WeirProxy {
         session.set_pipelining_enabled(true);
         let snapshot = self.reloader.snapshot();
         ctx.listener = self.listener(session);
-        ctx.tls = session.digest().and_then(|d| d.ssl_digest.clone());
         let listener = self
             .listeners
             .get(ctx.listener)
@@ -335,7 +331,7 @@ impl ProxyHttp for WeirProxy {
                 Ok(true)
             }
             (Action::Redirect(r), _) => {
-                let scheme = if ctx.tls.is_some() { "https" } else { "http" };
+                let scheme = Downstream::of(session).scheme();
                 let location = redirect_location(session.req_header(), r, scheme);
                 respond(session, ctx, r.status, Bytes::new(), Some(location)).await?;
                 Ok(true)
@@ -468,7 +464,7 @@ impl ProxyHttp for WeirProxy {
             Version::HTTP_10 => ctx.upstream,
             _ => None,
         };
-        prepare_upstream(upstream, client_ip(session), default_host, ctx)
+        prepare_upstream(upstream, Downstream::of(session), default_host, ctx)
     }
 
     /// Outlier detection sees every response; a retriable one becomes a retry.
@@ -649,11 +645,9 @@ impl ProxyHttp for WeirProxy {
             upstream: ctx.upstream,
             duration: took,
             generation: ctx.snapshot.as_ref().map_or(0, |s| s.generation),
-            peer: ctx
-                .tls
-                .as_deref()
-                .and_then(crate::tls::peer_identity)
-                .map(|p| p.principal()),
+            peer: Downstream::of(session)
+                .peer()
+                .map(|p| p.identity.principal()),
         });
     }
 }
@@ -681,11 +675,40 @@ fn keep_timer_wheel_warm() {
     }
 }
 
+/// Who sent the request, and over what: read from the session where needed, not kept in
+/// `Ctx`, which Pingora's futures move by value at every step.
+struct Downstream<'a> {
+    client: Option<IpAddr>,
+    /// The connection's TLS: version, cipher and the client certificate's identity.
+    tls: Option<&'a SslDigest>,
+}
+
+impl Downstream<'_> {
+    fn of(session: &Session) -> Downstream<'_> {
+        Downstream {
+            client: client_ip(session),
+            tls: session.digest().and_then(|d| d.ssl_digest.as_deref()),
+        }
+    }
+
+    fn scheme(&self) -> &'static str {
+        if self.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
+    fn peer(&self) -> Option<&crate::tls::TlsPeer> {
+        self.tls.and_then(crate::tls::tls_peer)
+    }
+}
+
 /// The request as it goes upstream (to the chosen service or a mirror): `default_host` when
 /// it has no Host, forwarding headers, the route's rewrite and request header changes.
 fn prepare_upstream(
     upstream: &mut RequestHeader,
-    client: Option<IpAddr>,
+    downstream: Downstream<'_>,
     default_host: Option<SocketAddr>,
     ctx: &Ctx,
 ) -> Result<()> {
@@ -697,7 +720,7 @@ fn prepare_upstream(
             headers.insert(http::header::HOST, header_value(&addr.to_string())?);
         }
         // Edge proxy: append the peer to X-Forwarded-For, say how the client reached us.
-        if let Some(ip) = client {
+        if let Some(ip) = downstream.client {
             let mut text = [0; IP_TEXT_MAX];
             let ip = ip_text(ip, &mut text);
             // One lookup for both reading the prior value and replacing it; one allocation
@@ -720,17 +743,14 @@ fn prepare_upstream(
                 }
             }
         }
-        let proto = if ctx.tls.is_some() { "https" } else { "http" };
-        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+        let proto = HeaderValue::from_static(downstream.scheme());
+        headers.insert(X_FORWARDED_PROTO, proto);
         headers.insert(X_REQUEST_ID, ctx.request_id.clone());
         // Only Weir says who the client certificate named: a client's own claim is dropped
         // (Envoy's SANITIZE_SET).
         headers.remove(X_FORWARDED_CLIENT_CERT);
-        if let Some(peer) = ctx.tls.as_deref().and_then(crate::tls::peer_identity) {
-            headers.insert(
-                X_FORWARDED_CLIENT_CERT,
-                header_value(&peer.forwarded_client_cert())?,
-            );
+        if let Some(forwarded) = downstream.peer().and_then(|p| p.forwarded.clone()) {
+            headers.insert(X_FORWARDED_CLIENT_CERT, forwarded);
         }
         let Some(r) = route else {
             return Ok(());

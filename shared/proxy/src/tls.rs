@@ -6,6 +6,7 @@ use std::any::Any;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use http::HeaderValue;
 use pingora_core::listeners::tls::TlsSettings;
 use pingora_core::listeners::TlsAccept;
 use pingora_core::protocols::tls::{CaType, TlsRef};
@@ -161,8 +162,15 @@ impl ClientCertVerifier for ServingListener {
     }
 }
 
+/// The verified client certificate of a connection, as its requests use it.
+pub struct TlsPeer {
+    pub identity: PeerIdentity,
+    /// The `x-forwarded-client-cert` value every request on the connection sends upstream.
+    pub forwarded: Option<HeaderValue>,
+}
+
 /// Reads the client certificate's identity once per connection, after the handshake; the
-/// requests on it find it in the session's TLS digest ([`peer_identity`]).
+/// requests on it find it in the session's TLS digest ([`tls_peer`]).
 struct KeepPeerIdentity;
 
 #[async_trait]
@@ -171,14 +179,19 @@ impl TlsAccept for KeepPeerIdentity {
         &self,
         tls: &TlsRef,
     ) -> Option<Arc<dyn Any + Send + Sync>> {
-        let der = tls.peer_certificate_der()?;
-        Some(Arc::new(PeerIdentity::of(der)))
+        let identity = PeerIdentity::of(tls.peer_certificate_der()?);
+        // A subject with bytes a header cannot carry sends no header rather than failing.
+        let forwarded = HeaderValue::try_from(identity.forwarded_client_cert()).ok();
+        Some(Arc::new(TlsPeer {
+            identity,
+            forwarded,
+        }))
     }
 }
 
-/// The verified client certificate's identity on this TLS connection, if it sent one.
-pub fn peer_identity(tls: &pingora_core::protocols::tls::SslDigest) -> Option<&PeerIdentity> {
-    tls.extension.get::<PeerIdentity>()
+/// The verified client certificate on this TLS connection, if it sent one.
+pub fn tls_peer(tls: &pingora_core::protocols::tls::SslDigest) -> Option<&TlsPeer> {
+    tls.extension.get::<TlsPeer>()
 }
 
 /// The peer for one try (or health check, or mirror copy) to `addr`: plaintext, or with the

@@ -6,7 +6,7 @@
 //! Pingora's listeners and connectors is weir-proxy's.
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
@@ -21,7 +21,9 @@ pub use rustls;
 
 /// The crypto of every TLS config Weir builds.
 pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    static RING: LazyLock<Arc<CryptoProvider>> =
+        LazyLock::new(|| Arc::new(rustls::crypto::ring::default_provider()));
+    RING.clone()
 }
 
 /// A certificate chain and its private key, checked to belong together.
