@@ -295,7 +295,8 @@ fn explain(
     ExitCode::SUCCESS
 }
 
-/// "round robin over 10.0.0.1:80, 10.0.0.2:80", "least request over dns reviews:9080", ...
+/// "round robin over 10.0.0.1:80, 10.0.0.2:80", "least request over dns reviews:9080", ...,
+/// then how TLS reaches them: "; mutual TLS to payments.internal (CA certs/ca.pem)".
 fn describe_service(s: &weir_config::Service) -> String {
     use weir_config::{HashOn, LoadBalancer};
     let how = match &s.load_balancer {
@@ -317,7 +318,20 @@ fn describe_service(s: &weir_config::Service) -> String {
             .collect::<Vec<_>>()
             .join(", "),
     };
-    format!("{how} over {over}")
+    let tls = match &s.tls {
+        None => String::new(),
+        Some(t) => {
+            let mode = match t.mode {
+                weir_config::TlsMode::Simple => "TLS",
+                weir_config::TlsMode::Mutual => "mutual TLS",
+            };
+            let ca =
+                t.ca.as_ref()
+                    .map_or("the system's".to_string(), |c| c.display().to_string());
+            format!("; {mode} to {} (CA {ca})", t.sni)
+        }
+    };
+    format!("{how} over {over}{tls}")
 }
 
 /// What else the route does to a matching request: deadline, retries, faults, mirror,
