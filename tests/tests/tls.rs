@@ -323,6 +323,23 @@ fn services_are_reached_over_tls_with_a_client_certificate_and_health_checks() {
     );
 }
 
+#[test]
+fn an_upgrade_serves_the_https_listener_on() {
+    let ca = TestCa::new("weir test CA");
+    let dir = tempfile::tempdir().unwrap();
+    write_pair(dir.path(), "a", &ca.server(&["a.example"]));
+    let hello = "[[route]]\nname = \"hello\"\ndirect_response = { status = 200, body = \"hi\" }\n";
+    let mut old = https_gateway(dir, &[("a", "\"a.example\"")], hello);
+    let ca_pem = ca.pem();
+    let new = old.upgrade();
+    old.wait_exit(Duration::from_secs(20))
+        .expect("the old gateway exits");
+    // The socket the old process bound now does TLS in the new one.
+    let reply = https_get(new.port, "a.example", &ca_pem, None, "/", &[]).unwrap();
+    assert_eq!((reply.status, reply.body.as_str()), (200, "hi"));
+    assert_eq!(reply.served, ["a.example"]);
+}
+
 /// examples/tls as its README runs it (on free ports), with its committed certificates.
 #[test]
 fn the_tls_example_works_as_its_readme_says() {
