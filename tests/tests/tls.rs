@@ -35,6 +35,16 @@ fn https_gateway(dir: tempfile::TempDir, certificates: &[(&str, &str)], extra: &
     Gateway::start_on(dir, path, port, admin)
 }
 
+/// A CA, and a gateway serving its certificate for a.example that answers "hi" to everything.
+fn hello_over_https() -> (TestCa, Gateway) {
+    let ca = TestCa::new("weir test CA");
+    let dir = tempfile::tempdir().unwrap();
+    write_pair(dir.path(), "a", &ca.server(&["a.example"]));
+    let hello = "[[route]]\nname = \"hello\"\ndirect_response = { status = 200, body = \"hi\" }\n";
+    let gw = https_gateway(dir, &[("a", "\"a.example\"")], hello);
+    (ca, gw)
+}
+
 #[test]
 fn an_https_listener_serves_each_name_its_certificate() {
     let ca = TestCa::new("weir test CA");
@@ -96,11 +106,7 @@ fn an_https_listener_serves_each_name_its_certificate() {
 
 #[test]
 fn a_rotated_certificate_is_served_without_a_restart() {
-    let ca = TestCa::new("weir test CA");
-    let dir = tempfile::tempdir().unwrap();
-    write_pair(dir.path(), "a", &ca.server(&["a.example"]));
-    let hello = "[[route]]\nname = \"hello\"\ndirect_response = { status = 200, body = \"hi\" }\n";
-    let gw = https_gateway(dir, &[("a", "\"a.example\"")], hello);
+    let (ca, gw) = hello_over_https();
     let ca_pem = ca.pem();
     let served = || https_get(gw.port, "a.example", &ca_pem, None, "/", &[]).map(|r| r.served);
     assert_eq!(served().unwrap(), ["a.example"]);
@@ -325,11 +331,7 @@ fn services_are_reached_over_tls_with_a_client_certificate_and_health_checks() {
 
 #[test]
 fn an_upgrade_serves_the_https_listener_on() {
-    let ca = TestCa::new("weir test CA");
-    let dir = tempfile::tempdir().unwrap();
-    write_pair(dir.path(), "a", &ca.server(&["a.example"]));
-    let hello = "[[route]]\nname = \"hello\"\ndirect_response = { status = 200, body = \"hi\" }\n";
-    let mut old = https_gateway(dir, &[("a", "\"a.example\"")], hello);
+    let (ca, mut old) = hello_over_https();
     let ca_pem = ca.pem();
     let new = old.upgrade();
     old.wait_exit(Duration::from_secs(20))

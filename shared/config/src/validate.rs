@@ -473,8 +473,7 @@ impl Checker<'_> {
         });
         let client = match mode {
             TlsMode::Simple => {
-                for key in ["cert", "key"] {
-                    let given = if key == "cert" { &t.cert } else { &t.key };
+                for (key, given) in [("cert", &t.cert), ("key", &t.key)] {
                     if given.is_some() {
                         self.fail(&at.key(key), format!("{key} is for mode \"mutual\" only"));
                     }

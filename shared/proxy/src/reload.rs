@@ -191,11 +191,10 @@ fn start_only_change(old: &Config, new: &Config) -> Option<&'static str> {
     }
     // A listener's certificates and client CA are read at each handshake, so they reload;
     // its socket and protocol do not.
-    let sockets = |c: &Config| {
-        let listeners = c.listeners.iter();
-        listeners
+    let sockets = |c: &Config| -> Vec<_> {
+        (c.listeners.iter())
             .map(|l| (l.name.clone(), l.listen, l.protocol))
-            .collect::<Vec<_>>()
+            .collect()
     };
     if sockets(old) != sockets(new) {
         Some("[[listener]] (name, listen or protocol)")

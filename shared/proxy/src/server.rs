@@ -228,8 +228,7 @@ impl BackgroundService for Control {
             match tokio::task::spawn_blocking(move || reloader.reload()).await {
                 Ok(Outcome::Applied { generation }) => {
                     info!(trigger = why, generation, "reload applied");
-                    let snapshot = self.reloader.snapshot();
-                    discovery.start(&snapshot);
+                    discovery.start(&self.reloader.snapshot());
                     watcher = self.watch(&tx, watcher);
                 }
                 Ok(Outcome::Unchanged) => info!(trigger = why, "reload: config unchanged"),

@@ -139,8 +139,7 @@ impl ClientCertVerifier for ServingListener {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        let provider = weir_tls::provider();
-        let algorithms = &provider.signature_verification_algorithms;
+        let algorithms = &weir_tls::provider().signature_verification_algorithms;
         weir_tls::rustls::crypto::verify_tls12_signature(message, cert, dss, algorithms)
     }
 
@@ -150,8 +149,7 @@ impl ClientCertVerifier for ServingListener {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        let provider = weir_tls::provider();
-        let algorithms = &provider.signature_verification_algorithms;
+        let algorithms = &weir_tls::provider().signature_verification_algorithms;
         weir_tls::rustls::crypto::verify_tls13_signature(message, cert, dss, algorithms)
     }
 
