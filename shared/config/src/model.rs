@@ -340,6 +340,9 @@ pub enum TlsMode {
     Simple,
     /// Also present a client certificate.
     Mutual,
+    /// The sidecar's mesh mTLS: present the workload certificate, verify the server's SPIFFE
+    /// id under the trust bundle.
+    Mesh,
 }
 
 /// `[service.tls]`: how to reach the endpoints over TLS.
@@ -350,8 +353,11 @@ pub struct UpstreamTls {
     pub ca: Option<PathBuf>,
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
-    /// Sent as SNI and verified in the server's certificate; never empty.
+    /// Sent as SNI and (but in mode mesh) verified in the server's certificate; never empty.
     pub sni: String,
+    /// mesh only: the SPIFFE ids accepted from the server; empty = any the bundle vouches for.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub identities: Vec<String>,
     /// The CA certificates in DER.
     #[serde(skip)]
     pub roots: Vec<Vec<u8>>,
@@ -373,6 +379,7 @@ impl PartialEq for UpstreamTls {
             &self.cert,
             &self.key,
             &self.sni,
+            &self.identities,
             self.fingerprint,
         ) == (
             other.mode,
@@ -380,6 +387,7 @@ impl PartialEq for UpstreamTls {
             &other.cert,
             &other.key,
             &other.sni,
+            &other.identities,
             other.fingerprint,
         )
     }
@@ -483,29 +491,70 @@ pub struct Sidecar {
     pub outbound: Outbound,
 }
 
-/// Paths only: key material is never loaded into, nor shown from, the config.
+/// The workload's mesh identity. Served on the inbound listener (whose client CA is the trust
+/// bundle) and presented by services with `tls.mode = "mesh"`; never shown but by path.
 #[derive(Debug, Clone, Serialize)]
 pub struct Workload {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub trust_bundle: PathBuf,
+    /// The certificate's SPIFFE id.
+    pub identity: String,
+    /// When the certificate expires, RFC 3339.
+    pub not_after: String,
+    #[serde(skip)]
+    pub pair: weir_tls::KeyPair,
+    /// The trust bundle's certificates in DER.
+    #[serde(skip)]
+    pub roots: Vec<Vec<u8>>,
+    /// Requires a client certificate that chains to the trust bundle.
+    #[serde(skip)]
+    pub verifier: Arc<dyn weir_tls::rustls::server::danger::ClientCertVerifier>,
+    /// A hash of the three files' contents.
+    #[serde(skip)]
+    pub fingerprint: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mtls {
     Strict,
-    Permissive,
     Disable,
 }
 
+/// The inbound side: the listener (named "inbound") in front of the app, which is reached
+/// through the route and the service both named "inbound".
 #[derive(Debug, Clone, Serialize)]
 pub struct Inbound {
     pub listen: SocketAddr,
     pub app: SocketAddr,
     pub mtls: Mtls,
+    /// In declaration order; see [`Policy`].
+    pub policies: Vec<Policy>,
 }
 
+/// One `[[inbound.policy]]`. A request matches when every field given matches it. Deny
+/// policies are checked first; then, if any allow policy exists, a request must match one.
+#[derive(Debug, Clone, Serialize)]
+pub struct Policy {
+    pub name: String,
+    pub action: PolicyAction,
+    /// SPIFFE ids, or "*" for any verified peer; empty = anyone, with a certificate or not.
+    pub principals: Vec<String>,
+    /// Upper case; empty = any.
+    pub methods: Vec<String>,
+    /// Exact, "prefix*" or "*suffix"; empty = any.
+    pub paths: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicyAction {
+    Allow,
+    Deny,
+}
+
+/// The outbound listener (named "outbound"): the app's calls, routed by `[[route]]`.
 #[derive(Debug, Clone, Serialize)]
 pub struct Outbound {
     pub listen: SocketAddr,

@@ -374,6 +374,23 @@ pub struct RawInbound {
     pub listen: Option<String>,
     pub app: Option<String>,
     pub mtls: Option<String>,
+    /// Authorization of the requests to the app.
+    pub policy: Vec<RawPolicy>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawPolicy {
+    /// For `weir_authz_denied_total{policy}` and the logs; default `inbound.policy[N]`.
+    pub name: Option<String>,
+    /// "allow" or "deny".
+    pub action: Option<String>,
+    /// Peer SPIFFE ids; "*" = any verified peer; absent = anyone.
+    pub principals: Option<Vec<String>>,
+    /// Absent = any method.
+    pub methods: Option<Vec<String>>,
+    /// Exact, "prefix*" or "*suffix"; absent = any path.
+    pub paths: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -24,6 +24,8 @@ pub fn validate(
         errors: Vec::new(),
         listening: Vec::new(),
         material: Vec::new(),
+        workload: None,
+        workload_declared: false,
     };
     let config = v.config(raws, role);
     if v.errors.is_empty() {
@@ -40,6 +42,10 @@ struct Checker<'a> {
     listening: Vec<(Option<At>, String, SocketAddr)>,
     /// The PEM files read, with their contents, for the revision.
     material: Vec<Material>,
+    /// The sidecar's `[workload]`, for services with `tls.mode = "mesh"`.
+    workload: Option<Workload>,
+    /// Whether `[workload]` is there at all (a broken one is reported once, by itself).
+    workload_declared: bool,
 }
 
 /// Where a value sits: file number, key path, readable path.
@@ -125,15 +131,7 @@ impl Checker<'_> {
             );
         }
 
-        let listeners = self.named("listener", listeners, |v, at, l| v.listener(at, l));
-        let services = self.named("service", services, |v, at, s| v.service(at, s));
-        let listener_names: HashSet<&str> = listeners.iter().map(|l| l.name.as_str()).collect();
-        let service_names: HashSet<&str> = services.iter().map(|s| s.name.as_str()).collect();
-        let routes = self.named("route", routes, |v, at, r| {
-            v.route(at, r, &listener_names, &service_names)
-        });
-
-        let sidecar = match role {
+        let (listeners, sidecar) = match role {
             Role::Gateway => {
                 let places = [
                     workload.as_ref().map(|(at, _)| at),
@@ -149,10 +147,79 @@ impl Checker<'_> {
                         ),
                     );
                 }
-                None
+                let listeners = self.named("listener", listeners, |v, at, l| v.listener(at, l));
+                (listeners, None)
             }
-            Role::Sidecar => Some(self.sidecar(workload, inbound, outbound)),
+            Role::Sidecar => {
+                for (at, _) in &listeners {
+                    self.fail(
+                        at,
+                        "[[listener]] is weir-gateway's; weir-sidecar listens on [inbound] and \
+                         [outbound]",
+                    );
+                }
+                let (sidecar, at) = self.sidecar(workload, inbound, outbound);
+                // Its own names: a user's route or service of that name would shadow the app.
+                let items = routes.iter().map(|(at, r)| (at, r.name()));
+                let items = items.chain(services.iter().map(|(at, s)| (at, s.name())));
+                let taken: Vec<At> = items
+                    .filter(|(_, name)| *name == Some(INBOUND))
+                    .map(|(at, _)| at.key("name"))
+                    .collect();
+                for at in taken {
+                    self.fail(
+                        &at,
+                        "the name \"inbound\" is the sidecar's own (its route and service to \
+                         the app); choose another",
+                    );
+                }
+                routes.retain(|(_, r)| r.name() != Some(INBOUND));
+                services.retain(|(_, s)| s.name() != Some(INBOUND));
+                // The app is a service, and every request on the inbound listener takes one
+                // route to it: metrics, limits, timeouts and the access log work as outbound.
+                services.push((
+                    at.clone(),
+                    RawService {
+                        name: Some(INBOUND.into()),
+                        endpoints: Some(vec![sidecar.inbound.app.to_string()]),
+                        ..RawService::default()
+                    },
+                ));
+                routes.push((
+                    at,
+                    RawRoute {
+                        name: Some(INBOUND.into()),
+                        listeners: Some(vec![INBOUND.into()]),
+                        backend: vec![RawBackend {
+                            service: Some(INBOUND.into()),
+                            weight: None,
+                        }],
+                        // Outbound retries; the app is one hop away (Istio's inbound too).
+                        retry: Some(RawRetry {
+                            attempts: Some(0),
+                            ..RawRetry::default()
+                        }),
+                        ..RawRoute::default()
+                    },
+                ));
+                for (_, r) in &mut routes {
+                    r.listeners.get_or_insert_with(|| vec![OUTBOUND.into()]);
+                }
+                (sidecar_listeners(&sidecar), Some(sidecar))
+            }
         };
+        let services = self.named("service", services, |v, at, s| v.service(at, s));
+        let listener_names: HashSet<&str> = listeners.iter().map(|l| l.name.as_str()).collect();
+        let service_names: HashSet<&str> = services.iter().map(|s| s.name.as_str()).collect();
+        let routes = self.named("route", routes, |v, at, r| {
+            // The sidecar's own route alone takes the inbound listener.
+            let inbound = sidecar.is_some() && r.name() != Some(INBOUND);
+            let mut listeners = listener_names.clone();
+            if inbound {
+                listeners.remove(INBOUND);
+            }
+            v.route(at, r, &listeners, &service_names)
+        });
 
         let runtime = runtime.map(|(at, r)| self.runtime(&at, r));
         let admin = Admin {
@@ -414,22 +481,17 @@ impl Checker<'_> {
         &mut self,
         at: &At,
         t: RawUpstreamTls,
+        service: &str,
         dns: Option<&Dns>,
     ) -> Option<UpstreamTls> {
         let mode = match t.mode.as_deref() {
             None | Some("simple") => TlsMode::Simple,
             Some("mutual") => TlsMode::Mutual,
-            Some("mesh") => {
-                self.fail(
-                    &at.key("mode"),
-                    "mode \"mesh\" is not supported yet (supported: \"simple\", \"mutual\")",
-                );
-                return None;
-            }
+            Some("mesh") => return self.mesh_tls(at, t, service),
             Some(other) => {
                 self.fail(
                     &at.key("mode"),
-                    format!("mode {other:?}: expected \"simple\" or \"mutual\""),
+                    format!("mode {other:?}: expected \"simple\", \"mutual\" or \"mesh\""),
                 );
                 return None;
             }
@@ -480,7 +542,7 @@ impl Checker<'_> {
                 }
                 None
             }
-            TlsMode::Mutual => {
+            TlsMode::Mutual | TlsMode::Mesh => {
                 let cert = self.required_pem(at, "cert", t.cert);
                 let key = self.required_pem(at, "key", t.key);
                 let ((cert, cert_pem), (key, key_pem)) = (cert?, key?);
@@ -512,8 +574,58 @@ impl Checker<'_> {
             cert,
             key,
             sni,
+            identities: Vec::new(),
             roots,
             client,
+            fingerprint: fingerprint.finish(),
+        })
+    }
+
+    /// `mode = "mesh"`: the sidecar's workload certificate and trust bundle; the server is
+    /// accepted by its SPIFFE id, so the SNI (default: the service's name) is only sent.
+    fn mesh_tls(&mut self, at: &At, t: RawUpstreamTls, service: &str) -> Option<UpstreamTls> {
+        let before = self.errors.len();
+        for (key, given) in [("ca", &t.ca), ("cert", &t.cert), ("key", &t.key)] {
+            if given.is_some() {
+                let e = format!(
+                    "mode \"mesh\" uses [workload]'s certificate and trust bundle; leave out {key}"
+                );
+                self.fail(&at.key(key), e);
+            }
+        }
+        self.not_empty(at, "identities", t.identities.as_ref(), "any mesh identity");
+        let identities = t.identities.unwrap_or_default();
+        for (i, id) in identities.iter().enumerate() {
+            if !id.starts_with("spiffe://") {
+                let e = format!("identity {id:?}: expected a spiffe:// id");
+                self.fail(&at.item("identities", i), e);
+            }
+        }
+        let sni = t.sni.unwrap_or_else(|| service.to_ascii_lowercase());
+        if self.host(&at.key("sni"), &sni).is_none() {
+            return None;
+        }
+        let Some(workload) = self.workload.clone() else {
+            if self.workload_declared {
+                return None; // reported at [workload]
+            }
+            self.fail(
+                &at.key("mode"),
+                "mode \"mesh\" needs [workload], the mesh certificate (a weir-sidecar section)",
+            );
+            return None;
+        };
+        let mut fingerprint = std::collections::hash_map::DefaultHasher::new();
+        (workload.fingerprint, &identities).hash(&mut fingerprint);
+        (self.errors.len() == before).then(|| UpstreamTls {
+            mode: TlsMode::Mesh,
+            ca: Some(workload.trust_bundle),
+            cert: Some(workload.cert),
+            key: Some(workload.key),
+            sni,
+            identities,
+            roots: workload.roots,
+            client: Some(workload.pair),
             fingerprint: fingerprint.finish(),
         })
     }
@@ -555,7 +667,10 @@ impl Checker<'_> {
             .health_check
             .and_then(|h| self.health_check(&at.key("health_check"), h));
         let tls = match s.tls {
-            Some(t) => Some(self.upstream_tls(&at.key("tls"), t, dns.as_ref())?),
+            Some(t) => {
+                let name = s.name.as_deref().unwrap_or_default();
+                Some(self.upstream_tls(&at.key("tls"), t, name, dns.as_ref())?)
+            }
             None => None,
         };
         let load_balancer = load_balancer?;
@@ -1277,30 +1392,17 @@ impl Checker<'_> {
         }
     }
 
+    /// The sidecar's sections, and the place of `[inbound]` (where its own route and service
+    /// are said to be declared).
     fn sidecar(
         &mut self,
         workload: Option<(At, RawWorkload)>,
         inbound: Option<(At, RawInbound)>,
         outbound: Option<(At, RawOutbound)>,
-    ) -> Sidecar {
-        let workload = workload.and_then(|(at, w)| {
-            let mut need = |key: &str, v: Option<String>| {
-                if v.is_none() {
-                    self.fail(&at, format!("missing required key {key:?}"));
-                }
-                v.map(PathBuf::from)
-            };
-            let (cert, key, trust_bundle) = (
-                need("cert", w.cert),
-                need("key", w.key),
-                need("trust_bundle", w.trust_bundle),
-            );
-            Some(Workload {
-                cert: cert?,
-                key: key?,
-                trust_bundle: trust_bundle?,
-            })
-        });
+    ) -> (Sidecar, At) {
+        self.workload_declared = workload.is_some();
+        let workload = workload.and_then(|(at, w)| self.workload(&at, w));
+        self.workload.clone_from(&workload);
         let (in_at, raw_in) = inbound.unwrap_or_else(|| {
             (
                 At {
@@ -1327,31 +1429,172 @@ impl Checker<'_> {
             }
         };
         let mtls = match raw_in.mtls.as_deref() {
-            None | Some("strict") => Mtls::Strict,
-            Some("permissive") => Mtls::Permissive,
-            Some("disable") => Mtls::Disable,
+            None | Some("strict") => Some(Mtls::Strict),
+            Some("disable") => Some(Mtls::Disable),
+            Some("permissive") => {
+                self.fail(
+                    &in_at.key("mtls"),
+                    "mtls \"permissive\" is not supported yet: a Pingora listener is either TLS \
+                     or plaintext; use \"strict\" or \"disable\"",
+                );
+                None
+            }
             Some(other) => {
                 self.fail(
                     &in_at.key("mtls"),
-                    format!("mtls {other:?}: expected \"strict\", \"permissive\" or \"disable\""),
+                    format!("mtls {other:?}: expected \"strict\" or \"disable\""),
                 );
-                Mtls::Strict
+                None
             }
         };
+        if mtls == Some(Mtls::Strict) && !self.workload_declared {
+            self.fail(
+                &in_at,
+                "mtls = \"strict\" (the default) needs [workload], the mesh certificate to serve \
+                 and the trust bundle to check callers with; or set mtls = \"disable\"",
+            );
+        }
+        let policies = raw_in
+            .policy
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, p)| self.policy(&in_at.item("policy", i), i, p, mtls))
+            .collect();
         let out_listen = self.listen_or(
             outbound.and_then(|(at, o)| Some(at.key("listen")).zip(o.listen)),
             "[outbound]",
             SocketAddr::from(([127, 0, 0, 1], 15001)),
         );
-        Sidecar {
+        let sidecar = Sidecar {
             workload,
             inbound: Inbound {
                 listen,
                 app: app.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8080))),
-                mtls,
+                mtls: mtls.unwrap_or(Mtls::Strict),
+                policies,
             },
             outbound: Outbound { listen: out_listen },
+        };
+        (sidecar, in_at)
+    }
+
+    fn workload(&mut self, at: &At, w: RawWorkload) -> Option<Workload> {
+        let cert = self.required_pem(at, "cert", w.cert);
+        let key = self.required_pem(at, "key", w.key);
+        let bundle = self.required_pem(at, "trust_bundle", w.trust_bundle);
+        let ((cert, cert_pem), (key, key_pem), (trust_bundle, bundle_pem)) = (cert?, key?, bundle?);
+        let pair = weir_tls::key_pair(&cert_pem, &key_pem)
+            .map_err(|e| {
+                let e = format!("{} with {}: {e}", cert.display(), key.display());
+                self.fail(&at.key("cert"), e);
+            })
+            .ok()?;
+        let uris = weir_tls::PeerIdentity::of(&pair.chain[0]).uris;
+        let Some(identity) = uris.into_iter().find(|u| u.starts_with("spiffe://")) else {
+            self.fail(
+                &at.key("cert"),
+                format!(
+                    "{}: no spiffe:// URI SAN; a workload certificate names its workload, \
+                     such as spiffe://mesh.local/ns/default/sa/reviews",
+                    cert.display()
+                ),
+            );
+            return None;
+        };
+        let bundle = weir_tls::certificates(&bundle_pem).and_then(|certs| {
+            let verifier = weir_tls::roots(&bundle_pem).and_then(weir_tls::client_verifier)?;
+            Ok((certs.iter().map(|c| c.to_vec()).collect(), verifier))
+        });
+        let (roots, verifier) = bundle
+            .map_err(|e| {
+                let e = format!("{}: {e}", trust_bundle.display());
+                self.fail(&at.key("trust_bundle"), e);
+            })
+            .ok()?;
+        let mut fingerprint = std::collections::hash_map::DefaultHasher::new();
+        (&cert_pem, &key_pem, &bundle_pem).hash(&mut fingerprint);
+        Some(Workload {
+            cert,
+            key,
+            trust_bundle,
+            identity,
+            not_after: timestamp(pair.not_after),
+            pair,
+            roots,
+            verifier,
+            fingerprint: fingerprint.finish(),
+        })
+    }
+
+    fn policy(
+        &mut self,
+        at: &At,
+        index: usize,
+        p: RawPolicy,
+        mtls: Option<Mtls>,
+    ) -> Option<Policy> {
+        let before = self.errors.len();
+        let action = match p.action.as_deref() {
+            Some("allow") => Some(PolicyAction::Allow),
+            Some("deny") => Some(PolicyAction::Deny),
+            Some(other) => {
+                let e = format!("action {other:?}: expected \"allow\" or \"deny\"");
+                self.fail(&at.key("action"), e);
+                None
+            }
+            None => {
+                self.fail(
+                    at,
+                    "missing required key \"action\" (\"allow\" or \"deny\")",
+                );
+                None
+            }
+        };
+        self.not_empty(at, "principals", p.principals.as_ref(), "anyone");
+        self.not_empty(at, "methods", p.methods.as_ref(), "any method");
+        self.not_empty(at, "paths", p.paths.as_ref(), "any path");
+        let principals = p.principals.unwrap_or_default();
+        for (i, principal) in principals.iter().enumerate() {
+            if principal != "*" && !principal.starts_with("spiffe://") {
+                let e = format!("principal {principal:?}: expected a spiffe:// id or \"*\"");
+                self.fail(&at.item("principals", i), e);
+            }
         }
+        if !principals.is_empty() && mtls == Some(Mtls::Disable) {
+            self.fail(
+                &at.key("principals"),
+                "principals need mtls = \"strict\": over plaintext no caller has an identity",
+            );
+        }
+        let methods = p.methods.unwrap_or_default();
+        for (i, method) in methods.iter().enumerate() {
+            if !http_header_name_ok(method) {
+                self.fail(&at.item("methods", i), format!("bad method {method:?}"));
+            }
+        }
+        let paths = p.paths.unwrap_or_default();
+        for (i, path) in paths.iter().enumerate() {
+            let ok = match (path.strip_prefix('*'), path.strip_suffix('*')) {
+                _ if path == "*" => true,
+                (Some(suffix), _) => !suffix.is_empty() && !suffix.contains('*'),
+                (None, Some(prefix)) => prefix.starts_with('/') && !prefix.contains('*'),
+                (None, None) => path.starts_with('/') && !path.contains('*'),
+            };
+            if !ok {
+                let e = format!(
+                    "path {path:?}: expected an exact path \"/a\", a prefix \"/a/*\", a suffix \
+                     \"*.json\" or \"*\""
+                );
+                self.fail(&at.item("paths", i), e);
+            }
+        }
+        (self.errors.len() == before).then(|| Policy {
+            name: p.name.unwrap_or_else(|| format!("inbound.policy[{index}]")),
+            action: action.unwrap_or(PolicyAction::Deny),
+            principals,
+            methods: methods.iter().map(|m| m.to_ascii_uppercase()).collect(),
+            paths,
+        })
     }
 
     /// An explicit empty list is a mistake, not a wildcard: say how to get the wildcard.
@@ -1446,6 +1689,48 @@ impl Checker<'_> {
 /// either one on every interface (`0.0.0.0`, `[::]`).
 fn clash(a: SocketAddr, b: SocketAddr) -> bool {
     a.port() == b.port() && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
+/// The sidecar's listener, route and service in front of the app.
+const INBOUND: &str = "inbound";
+/// The sidecar's listener for the app's calls, which user routes attach to.
+const OUTBOUND: &str = "outbound";
+
+/// The sidecar's two listeners: outbound (first: `explain`'s default), and inbound (with the
+/// workload's certificate, requiring one from the mesh, under `mtls = "strict"`).
+fn sidecar_listeners(sidecar: &Sidecar) -> Vec<Listener> {
+    let tls = match (&sidecar.workload, sidecar.inbound.mtls) {
+        (Some(w), Mtls::Strict) => Some(ListenerTls {
+            certificates: vec![ServerCertificate {
+                hosts: Vec::new(),
+                cert: w.cert.clone(),
+                key: w.key.clone(),
+                not_after: w.not_after.clone(),
+                pair: w.pair.clone(),
+            }],
+            client_auth: Some(ClientAuth {
+                ca: w.trust_bundle.clone(),
+                verifier: w.verifier.clone(),
+            }),
+        }),
+        _ => None,
+    };
+    let inbound = Listener {
+        name: INBOUND.into(),
+        listen: sidecar.inbound.listen,
+        protocol: match tls {
+            Some(_) => Protocol::Https,
+            None => Protocol::Http,
+        },
+        tls,
+    };
+    let outbound = Listener {
+        name: OUTBOUND.into(),
+        listen: sidecar.outbound.listen,
+        protocol: Protocol::Http,
+        tls: None,
+    };
+    vec![outbound, inbound]
 }
 
 fn default_admin() -> SocketAddr {

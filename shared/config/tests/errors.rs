@@ -155,7 +155,7 @@ fn a_directory_is_merged_in_name_order_and_duplicates_name_both_files() {
 
 #[test]
 fn sidecar_sections_belong_to_the_sidecar() {
-    let text = "[inbound]\napp = \"127.0.0.1:8080\"\n";
+    let text = "[inbound]\napp = \"127.0.0.1:8080\"\nmtls = \"disable\"\n";
     let errs = errors(text);
     assert_eq!(errs, ["gw.toml:1: [inbound]: [inbound] is a weir-sidecar section; weir-gateway does not accept it"]);
     let sidecar = parse("sc.toml", text, Role::Sidecar).unwrap();
@@ -199,12 +199,12 @@ listen = \"[::1]:8080\"
         errors(&text),
         ["gw.toml:6: listener \"web\": listen 127.0.0.1:9901 takes the port of 127.0.0.1:9901, [admin]'s default; each listener needs its own"]
     );
-    let sidecar = "[inbound]\napp = \"127.0.0.1:8080\"\n[outbound]\nlisten = \"127.0.0.1:15006\"\n";
+    let sidecar = "[inbound]\napp = \"127.0.0.1:8080\"\nmtls = \"disable\"\n[outbound]\nlisten = \"127.0.0.1:15006\"\n";
     match parse("sc.toml", sidecar, Role::Sidecar) {
         Ok(_) => panic!("outbound on the inbound listener's default port was accepted"),
         Err(e) => assert_eq!(
             e.0[0].to_string(),
-            "sc.toml:4: [outbound]: listen 127.0.0.1:15006 takes the port of 0.0.0.0:15006, [inbound]'s default; each listener needs its own"
+            "sc.toml:5: [outbound]: listen 127.0.0.1:15006 takes the port of 0.0.0.0:15006, [inbound]'s default; each listener needs its own"
         ),
     }
 }
@@ -433,10 +433,189 @@ fn tls_settings_are_checked_and_their_files_read_relative_to_the_config() {
         [
             format!("{file}:6: listener \"web\" certificate[0]: cannot read {missing}: No such file or directory (os error 2)"),
             format!("{file}:8: listener \"web\": missing required key \"ca\""),
-            format!("{file}:13: service \"reviews\": mode \"mesh\" is not supported yet (supported: \"simple\", \"mutual\")"),
+            format!("{file}:13: service \"reviews\": mode \"mesh\" needs [workload], the mesh certificate (a weir-sidecar section)"),
             format!("{file}:17: service \"api\": missing required key \"sni\": the endpoints are addresses, so there is no name to send and to verify the server's certificate against"),
             format!("{file}:18: service \"api\": cert is for mode \"mutual\" only"),
             format!("{file}:22: listener \"plain\": certificates need protocol = \"https\""),
+        ]
+    );
+}
+
+/// A mesh CA and a workload certificate under it, as PEM files in `dir`.
+fn mesh_files(dir: &Path, spiffe: &str) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    if !spiffe.is_empty() {
+        params.subject_alt_names = vec![SanType::URI(spiffe.try_into().unwrap())];
+    }
+    let cert = params.signed_by(&key, &ca_cert, &ca_key).unwrap();
+    write(dir, "bundle.pem", &ca_cert.pem());
+    write(dir, "workload.pem", &cert.pem());
+    write(dir, "workload-key.pem", &key.serialize_pem());
+}
+
+const WORKLOAD: &str = "[workload]\ncert = \"workload.pem\"\nkey = \"workload-key.pem\"\ntrust_bundle = \"bundle.pem\"\n";
+
+fn sidecar_errors(dir: &Path, text: &str) -> Vec<String> {
+    write(dir, "sc.toml", text);
+    match load(&dir.join("sc.toml"), Role::Sidecar) {
+        Ok(_) => panic!("expected errors for:\n{text}"),
+        Err(e) => e.0.iter().map(|e| e.to_string()).collect(),
+    }
+}
+
+#[test]
+fn a_sidecar_is_two_listeners_a_route_to_the_app_and_mesh_services() {
+    let dir = tempfile::tempdir().unwrap();
+    mesh_files(dir.path(), "spiffe://mesh.local/ns/default/sa/productpage");
+    let text = format!(
+        "{WORKLOAD}\
+[inbound]
+app = \"127.0.0.1:8080\"
+  [[inbound.policy]]
+  action = \"allow\"
+  principals = [\"spiffe://mesh.local/ns/default/sa/gateway\"]
+  methods = [\"get\"]
+  paths = [\"/reviews/*\"]
+[[route]]
+name = \"reviews\"
+hosts = [\"reviews\"]
+  [[route.backend]]
+  service = \"reviews\"
+[[service]]
+name = \"reviews\"
+endpoints = [\"10.0.0.7:15006\"]
+  [service.tls]
+  mode = \"mesh\"
+  identities = [\"spiffe://mesh.local/ns/default/sa/reviews\"]
+"
+    );
+    write(dir.path(), "sc.toml", &text);
+    let loaded = load(&dir.path().join("sc.toml"), Role::Sidecar).unwrap();
+    let config = &loaded.config;
+    let workload = config.sidecar.as_ref().unwrap().workload.as_ref().unwrap();
+    assert_eq!(
+        workload.identity,
+        "spiffe://mesh.local/ns/default/sa/productpage"
+    );
+    let names: Vec<_> = config.listeners.iter().map(|l| l.name.as_str()).collect();
+    assert_eq!(names, ["outbound", "inbound"]);
+    let inbound = &config.listeners[1];
+    assert_eq!(inbound.listen.to_string(), "0.0.0.0:15006");
+    let tls = inbound.tls.as_ref().unwrap();
+    assert_eq!(tls.certificates[0].cert, dir.path().join("workload.pem"));
+    assert_eq!(
+        tls.client_auth.as_ref().unwrap().ca,
+        dir.path().join("bundle.pem")
+    );
+    let routes: Vec<_> = config
+        .routes
+        .iter()
+        .map(|r| (r.name.as_str(), r.listeners.clone()))
+        .collect();
+    assert_eq!(
+        routes,
+        [
+            ("reviews", vec!["outbound".to_string()]),
+            ("inbound", vec!["inbound".to_string()])
+        ]
+    );
+    assert_eq!(config.routes[1].retry.attempts, 0);
+    let app = config
+        .services
+        .iter()
+        .find(|s| s.name == "inbound")
+        .unwrap();
+    assert_eq!(app.endpoints[0].to_string(), "127.0.0.1:8080");
+    let mesh = config.services[0].tls.as_ref().unwrap();
+    assert_eq!(mesh.sni, "reviews");
+    assert_eq!(
+        mesh.cert.as_deref(),
+        Some(dir.path().join("workload.pem").as_path())
+    );
+    let policy = &config.sidecar.as_ref().unwrap().inbound.policies[0];
+    assert_eq!(
+        (policy.name.as_str(), policy.methods.as_slice()),
+        ("inbound.policy[0]", &["GET".to_string()][..])
+    );
+    // Three files read, once each.
+    assert_eq!(loaded.material.len(), 3);
+}
+
+#[test]
+fn sidecar_mistakes_are_named_with_their_place() {
+    let dir = tempfile::tempdir().unwrap();
+    mesh_files(dir.path(), "");
+    let file = dir.path().join("sc.toml").display().to_string();
+    let workload = dir.path().join("workload.pem").display().to_string();
+    let errs = sidecar_errors(
+        dir.path(),
+        &format!(
+            "{WORKLOAD}\
+[inbound]
+app = \"127.0.0.1:8080\"
+mtls = \"permissive\"
+[[listener]]
+name = \"web\"
+listen = \"127.0.0.1:8080\"
+[[route]]
+name = \"inbound\"
+  [[route.backend]]
+  service = \"app\"
+[[service]]
+name = \"app\"
+endpoints = [\"127.0.0.1:1\"]
+  [service.tls]
+  mode = \"mesh\"
+  ca = \"bundle.pem\"
+  identities = [\"reviews\"]
+"
+        ),
+    );
+    assert_eq!(
+        errs,
+        [
+            format!("{file}:2: [workload]: {workload}: no spiffe:// URI SAN; a workload certificate names its workload, such as spiffe://mesh.local/ns/default/sa/reviews"),
+            format!("{file}:7: [inbound]: mtls \"permissive\" is not supported yet: a Pingora listener is either TLS or plaintext; use \"strict\" or \"disable\""),
+            format!("{file}:8: [[listener]] is weir-gateway's; weir-sidecar listens on [inbound] and [outbound]"),
+            format!("{file}:12: the name \"inbound\" is the sidecar's own (its route and service to the app); choose another"),
+            format!("{file}:20: service \"app\": mode \"mesh\" uses [workload]'s certificate and trust bundle; leave out ca"),
+            format!("{file}:21: service \"app\" identities[0]: identity \"reviews\": expected a spiffe:// id"),
+        ]
+    );
+    // Strict (the default) without [workload].
+    let errs = sidecar_errors(dir.path(), "[inbound]\napp = \"127.0.0.1:8080\"\n");
+    assert_eq!(errs, [format!("{file}:1: [inbound]: mtls = \"strict\" (the default) needs [workload], the mesh certificate to serve and the trust bundle to check callers with; or set mtls = \"disable\"")]);
+    let errs = sidecar_errors(
+        dir.path(),
+        "\
+[inbound]
+app = \"127.0.0.1:8080\"
+mtls = \"disable\"
+  [[inbound.policy]]
+  action = \"permit\"
+  principals = [\"productpage\"]
+  paths = [\"/a*b\", \"reviews\"]
+  [[inbound.policy]]
+  methods = []
+",
+    );
+    let f = dir.path().join("sc.toml").display().to_string();
+    assert_eq!(
+        errs,
+        [
+            format!("{f}:5: [inbound] policy[0]: action \"permit\": expected \"allow\" or \"deny\""),
+            format!("{f}:6: [inbound] policy[0] principals[0]: principal \"productpage\": expected a spiffe:// id or \"*\""),
+            format!("{f}:6: [inbound] policy[0]: principals need mtls = \"strict\": over plaintext no caller has an identity"),
+            format!("{f}:7: [inbound] policy[0] paths[0]: path \"/a*b\": expected an exact path \"/a\", a prefix \"/a/*\", a suffix \"*.json\" or \"*\""),
+            format!("{f}:7: [inbound] policy[0] paths[1]: path \"reviews\": expected an exact path \"/a\", a prefix \"/a/*\", a suffix \"*.json\" or \"*\""),
+            format!("{f}:8: [inbound] policy[1]: missing required key \"action\" (\"allow\" or \"deny\")"),
+            format!("{f}:9: [inbound] policy[1]: methods is empty; leave the key out to match any method"),
         ]
     );
 }

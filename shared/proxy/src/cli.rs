@@ -12,7 +12,6 @@ use weir_routing::{HeaderList, Request, RouteTable, Verdict};
 
 use crate::git::GitSource;
 use crate::reload::Reloader;
-use crate::snapshot::listener_names;
 
 #[derive(Parser)]
 #[command(version, about = "Weir: a service-mesh data plane on Pingora")]
@@ -96,10 +95,6 @@ pub fn main(role: Role) -> ExitCode {
 
 fn serve(cli: &Cli, path: &Path, role: Role) -> ExitCode {
     crate::init_tracing();
-    if role == Role::Sidecar {
-        eprintln!("weir-sidecar: proxying is not implemented yet; use `validate` or `explain`");
-        return ExitCode::from(2);
-    }
     let git = match &cli.config_git {
         None => None,
         // One checkout per process: an upgrade's new process must not pull the old one's away.
@@ -194,7 +189,7 @@ fn explain(
             }
         }
     }
-    let names = listener_names(config, role);
+    let names: Vec<String> = config.listeners.iter().map(|l| l.name.clone()).collect();
     let by_port = uri
         .port_u16()
         .and_then(|p| config.listeners.iter().find(|l| l.listen.port() == p))
@@ -320,10 +315,17 @@ fn describe_service(s: &weir_config::Service) -> String {
     };
     let tls = match &s.tls {
         None => String::new(),
+        Some(t) if t.mode == weir_config::TlsMode::Mesh => {
+            let ids = match t.identities.is_empty() {
+                true => "any mesh identity".to_string(),
+                false => t.identities.join(", "),
+            };
+            format!("; mesh mTLS, accepting {ids}")
+        }
         Some(t) => {
             let mode = match t.mode {
-                weir_config::TlsMode::Simple => "TLS",
                 weir_config::TlsMode::Mutual => "mutual TLS",
+                _ => "TLS",
             };
             let ca =
                 t.ca.as_ref()

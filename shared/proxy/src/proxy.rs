@@ -295,6 +295,27 @@ impl ProxyHttp for WeirProxy {
         };
         ctx.route = Some(route.clone());
         ctx.block = block;
+        if let Some(policies) = snapshot.policies_of(&route) {
+            let downstream = Downstream::of(session);
+            let peer = downstream.peer().and_then(|p| p.identity.uris.first());
+            let req = session.req_header();
+            let verdict = weir_routing::authz::authorize(
+                policies,
+                peer.map(String::as_str),
+                req.method.as_str(),
+                req.uri.path(),
+            );
+            if let Err(policy) = verdict {
+                ctx.flags = "AD";
+                weir_telemetry::metrics()
+                    .authz_denied
+                    .with_label_values(&[policy])
+                    .inc();
+                let body = Bytes::from_static(b"RBAC: access denied\n");
+                respond(session, ctx, 403, body, None).await?;
+                return Ok(true);
+            }
+        }
         // Faults as Envoy applies them: the delay first, then the abort.
         if let Some(fault) = &route.config.fault {
             if let Some(delay) = fault
@@ -427,10 +448,14 @@ impl ProxyHttp for WeirProxy {
             (p, l) => p.or(l),
         };
         ctx.deadline_bound = left.is_some() && try_timeout == left;
-        peer.options.connection_timeout = Some(match left {
+        let connect_timeout = match left {
             Some(l) => pool.connect_timeout.min(l),
             None => pool.connect_timeout,
-        });
+        };
+        // The TCP connect, and with the TLS handshake the whole of it (as Envoy's
+        // connect_timeout), bounded the same.
+        peer.options.connection_timeout = Some(connect_timeout);
+        peer.options.total_connection_timeout = Some(connect_timeout);
         peer.options.read_timeout = try_timeout;
         peer.options.write_timeout = try_timeout;
         peer.options.idle_timeout = Some(pool.idle_timeout);

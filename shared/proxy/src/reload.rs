@@ -204,8 +204,6 @@ fn start_only_change(old: &Config, new: &Config) -> Option<&'static str> {
         Some("[admin]")
     } else if json(&old.telemetry) != json(&new.telemetry) {
         Some("[telemetry]")
-    } else if json(&old.sidecar) != json(&new.sidecar) {
-        Some("[workload], [inbound] or [outbound]")
     } else {
         None
     }

@@ -6,7 +6,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use pingora_core::upstreams::peer::HttpPeer;
-use weir_config::{Action, Config, Loaded, Role, Service};
+use weir_config::{Action, Config, Loaded, Policy, Role, Service};
 use weir_resilience::{Balancer, ConnectionGate, Limiter, RetryBudget};
 use weir_routing::{CompiledRoute, RouteTable};
 use weir_telemetry::metrics::RequestSeries;
@@ -33,8 +33,11 @@ pub struct Snapshot {
     /// The certificates of each https listener, by listener index (`None` for plain http);
     /// the listeners' TLS resolves each handshake's certificate here.
     pub certificates: Vec<Option<CertificateTable>>,
-    /// The `proxy` label of the request metrics: "gateway", or the sidecar's "outbound".
+    /// The `proxy` label of the request metrics: "gateway", or the sidecar's "outbound"
+    /// (and "inbound" for its route to the app).
     proxy: &'static str,
+    /// The sidecar's route to the app, by [`CompiledRoute::order`].
+    inbound: Option<usize>,
     /// The request series of requests no route took (400, 404 `NR`).
     unrouted: OnceLock<RequestSeries>,
 }
@@ -70,7 +73,10 @@ pub struct ServiceState {
 impl ServiceState {
     /// Fresh state: every endpoint in, nothing in flight, an empty budget.
     pub fn new(s: &Service) -> ServiceState {
-        let tls = s.tls.as_ref().map(|t| Arc::new(UpstreamPeerTls::new(t)));
+        let tls = s
+            .tls
+            .as_ref()
+            .map(|t| Arc::new(UpstreamPeerTls::new(t, s.connection_pool.connect_timeout)));
         ServiceState {
             config: s.clone(),
             balancer: Balancer::new(s),
@@ -138,13 +144,15 @@ impl Snapshot {
                 }
             })
             .collect();
-        let tables = listener_names(&config, role)
-            .into_iter()
-            .map(|name| {
-                let table = RouteTable::new(&config, &name);
-                (name, table)
-            })
+        let tables = config
+            .listeners
+            .iter()
+            .map(|l| (l.name.clone(), RouteTable::new(&config, &l.name)))
             .collect();
+        let inbound = match role {
+            Role::Gateway => None,
+            Role::Sidecar => config.routes.iter().position(|r| r.name == "inbound"),
+        };
         Snapshot {
             certificates: crate::tls::certificate_tables(&config),
             generation,
@@ -159,8 +167,16 @@ impl Snapshot {
                 Role::Gateway => "gateway",
                 Role::Sidecar => "outbound",
             },
+            inbound,
             unrouted: OnceLock::new(),
         }
+    }
+
+    /// The authorization policies `route` checks: the sidecar's `[[inbound.policy]]` on its
+    /// route to the app; none elsewhere.
+    pub fn policies_of(&self, route: &CompiledRoute) -> Option<&[Policy]> {
+        let sidecar = self.config.sidecar.as_ref()?;
+        (self.inbound == Some(route.order)).then_some(&sidecar.inbound.policies[..])
     }
 
     /// Counts a finished request in `weir_requests_total` and `weir_request_duration_seconds`
@@ -185,7 +201,11 @@ impl Snapshot {
             None => Some(services.backends.len()),
         };
         let name = service.map_or("", |s| s.config.name.as_str());
-        let new = || Box::new(RequestSeries::new(self.proxy, &route.config.name, name));
+        let proxy = match self.inbound == Some(route.order) {
+            true => "inbound",
+            false => self.proxy,
+        };
+        let new = || Box::new(RequestSeries::new(proxy, &route.config.name, name));
         match slot.and_then(|i| services.series.get(i)) {
             Some(series) => series.get_or_init(new).record(code, flags, took),
             // Not one of the route's backends in this snapshot: counted all the same.
@@ -208,13 +228,5 @@ impl Snapshot {
             series: Vec::new(),
         };
         self.routes.get(route.order).unwrap_or(&NONE)
-    }
-}
-
-/// The listeners routes can attach to: the gateway's `[[listener]]`s, the sidecar's "outbound".
-pub fn listener_names(config: &Config, role: Role) -> Vec<String> {
-    match role {
-        Role::Gateway => config.listeners.iter().map(|l| l.name.clone()).collect(),
-        Role::Sidecar => vec!["outbound".to_string()],
     }
 }

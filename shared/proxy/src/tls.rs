@@ -3,22 +3,32 @@
 //! with the connection, and TLS origination to a service's endpoints.
 
 use std::any::Any;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use http::HeaderValue;
 use pingora_core::listeners::tls::TlsSettings;
 use pingora_core::listeners::TlsAccept;
+use pingora_core::protocols::l4::socket::SocketAddr;
+use pingora_core::protocols::l4::stream::Stream;
+use pingora_core::protocols::l4::virt::{VirtualSockOpt, VirtualSocket, VirtualSocketStream};
 use pingora_core::protocols::tls::{CaType, TlsRef};
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_core::utils::tls::{parse_x509, CertKey, WrappedX509};
-use weir_config::{Config, UpstreamTls};
+use pingora_error::{Error, ErrorType, OrErr, Result};
+use tokio::net::TcpStream;
+use weir_config::{Config, TlsMode, UpstreamTls};
 use weir_tls::rustls::client::danger::HandshakeSignatureValid;
-use weir_tls::rustls::pki_types::{CertificateDer, UnixTime};
+use weir_tls::rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use weir_tls::rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use weir_tls::rustls::server::{ClientHello, ResolvesServerCert};
 use weir_tls::rustls::sign::CertifiedKey;
-use weir_tls::rustls::{DigitallySignedStruct, DistinguishedName, Error, SignatureScheme};
+use weir_tls::rustls::{
+    DigitallySignedStruct, DistinguishedName, Error as TlsError, SignatureScheme,
+};
 use weir_tls::{CertificateTable, PeerIdentity};
 
 use crate::reload::Reloader;
@@ -126,10 +136,12 @@ impl ClientCertVerifier for ServingListener {
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
-    ) -> Result<ClientCertVerified, Error> {
+    ) -> Result<ClientCertVerified, TlsError> {
         match self.client_auth() {
             Some(verifier) => verifier.verify_client_cert(end_entity, intermediates, now),
-            None => Err(Error::General("client certificates are not enabled".into())),
+            None => Err(TlsError::General(
+                "client certificates are not enabled".into(),
+            )),
         }
     }
 
@@ -138,7 +150,7 @@ impl ClientCertVerifier for ServingListener {
         message: &[u8],
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, Error> {
+    ) -> Result<HandshakeSignatureValid, TlsError> {
         let algorithms = &weir_tls::provider().signature_verification_algorithms;
         weir_tls::rustls::crypto::verify_tls12_signature(message, cert, dss, algorithms)
     }
@@ -148,7 +160,7 @@ impl ClientCertVerifier for ServingListener {
         message: &[u8],
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, Error> {
+    ) -> Result<HandshakeSignatureValid, TlsError> {
         let algorithms = &weir_tls::provider().signature_verification_algorithms;
         weir_tls::rustls::crypto::verify_tls13_signature(message, cert, dss, algorithms)
     }
@@ -208,39 +220,180 @@ pub struct UpstreamPeerTls {
     /// files were rotated) from sharing connections.
     group: u64,
     sni: String,
-    ca: Option<Arc<CaType>>,
-    client: Option<Arc<CertKey>>,
+    handshake: Handshake,
+}
+
+enum Handshake {
+    /// Pingora's: the server's chain and name verified against `ca` (`None`: the system's).
+    Pingora {
+        ca: Option<Arc<CaType>>,
+        client: Option<Arc<CertKey>>,
+    },
+    /// Weir's own, for mesh mTLS: Pingora's rustls connector cannot check a SPIFFE id, so the
+    /// connection is made TLS before Pingora sees it, and Pingora speaks plain HTTP over it.
+    Mesh(Arc<MeshConnect>),
 }
 
 impl UpstreamPeerTls {
-    pub fn new(tls: &UpstreamTls) -> UpstreamPeerTls {
-        let ca = (!tls.roots.is_empty()).then(|| {
-            let certs: Vec<WrappedX509> = tls
-                .roots
-                .iter()
-                .map(|der| WrappedX509::new(der.clone(), parse_x509))
-                .collect();
-            Arc::<CaType>::from(certs.into_boxed_slice())
-        });
-        let client = tls
-            .client
-            .as_ref()
-            .map(|pair| Arc::new(CertKey::new(pair.chain.clone(), pair.key.clone())));
+    pub fn new(tls: &UpstreamTls, connect_timeout: Duration) -> UpstreamPeerTls {
+        let handshake = match tls.mode {
+            TlsMode::Mesh => Handshake::Mesh(Arc::new(MeshConnect::new(tls, connect_timeout))),
+            TlsMode::Simple | TlsMode::Mutual => Handshake::Pingora {
+                ca: (!tls.roots.is_empty()).then(|| {
+                    let certs: Vec<WrappedX509> = tls
+                        .roots
+                        .iter()
+                        .map(|der| WrappedX509::new(der.clone(), parse_x509))
+                        .collect();
+                    Arc::<CaType>::from(certs.into_boxed_slice())
+                }),
+                client: tls
+                    .client
+                    .as_ref()
+                    .map(|pair| Arc::new(CertKey::new(pair.chain.clone(), pair.key.clone()))),
+            },
+        };
         UpstreamPeerTls {
             group: tls.fingerprint,
             sni: tls.sni.clone(),
-            ca,
-            client,
+            handshake,
         }
     }
 
     /// A peer that connects with TLS, sends the SNI and verifies the server's certificate
-    /// chain and name.
+    /// chain and name (in mode mesh: its SPIFFE id).
     fn peer(&self, addr: std::net::SocketAddr) -> HttpPeer {
-        let mut peer = HttpPeer::new(addr, true, self.sni.clone());
+        let mut peer = match &self.handshake {
+            Handshake::Pingora { ca, client } => {
+                let mut peer = HttpPeer::new(addr, true, self.sni.clone());
+                peer.options.ca.clone_from(ca);
+                peer.client_cert_key.clone_from(client);
+                peer
+            }
+            Handshake::Mesh(connect) => {
+                let mut peer = HttpPeer::new(addr, false, self.sni.clone());
+                peer.options.custom_l4 = Some(connect.clone());
+                peer
+            }
+        };
         peer.group_key = self.group;
-        peer.options.ca.clone_from(&self.ca);
-        peer.client_cert_key.clone_from(&self.client);
         peer
+    }
+}
+
+/// Connects to a mesh peer: TCP, then the TLS handshake that presents the workload certificate
+/// and checks the server's SPIFFE id (weir_tls::mesh), both within the service's
+/// `connect_timeout`.
+pub struct MeshConnect {
+    connector: tokio_rustls::TlsConnector,
+    sni: ServerName<'static>,
+    timeout: Duration,
+}
+
+impl MeshConnect {
+    fn new(tls: &UpstreamTls, timeout: Duration) -> MeshConnect {
+        let mut roots = weir_tls::rustls::RootCertStore::empty();
+        for der in &tls.roots {
+            // Validation parsed every one of them.
+            let _ = roots.add(CertificateDer::from(der.clone()));
+        }
+        let workload = tls
+            .client
+            .as_ref()
+            .expect("mode mesh always has the workload");
+        let config = weir_tls::mesh::client_config(workload, Arc::new(roots), &tls.identities)
+            .expect("the trust bundle was checked at load");
+        MeshConnect {
+            connector: tokio_rustls::TlsConnector::from(config),
+            // Validation checked it is a host name.
+            sni: ServerName::try_from(tls.sni.clone())
+                .unwrap_or_else(|_| ServerName::try_from("mesh").expect("a valid name")),
+            timeout,
+        }
+    }
+
+    async fn handshake(&self, addr: std::net::SocketAddr) -> Result<MeshStream> {
+        let tcp = TcpStream::connect(addr).await.map_err(|e| {
+            let kind = match e.kind() {
+                std::io::ErrorKind::ConnectionRefused => ErrorType::ConnectRefused,
+                _ => ErrorType::ConnectError,
+            };
+            Error::because(kind, format!("connecting to {addr}"), e)
+        })?;
+        tcp.set_nodelay(true)
+            .or_err(ErrorType::ConnectError, "TCP_NODELAY")?;
+        let tls = self
+            .connector
+            .connect(self.sni.clone(), tcp)
+            .await
+            .map_err(|e| {
+                let context = format!("mesh TLS handshake with {addr}");
+                Error::because(ErrorType::TLSHandshakeFailure, context, e)
+            })?;
+        Ok(MeshStream(tls))
+    }
+}
+
+impl std::fmt::Debug for MeshConnect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "mesh TLS to {:?}", self.sni)
+    }
+}
+
+#[async_trait]
+impl pingora_core::connectors::L4Connect for MeshConnect {
+    async fn connect(&self, addr: &SocketAddr) -> Result<Stream> {
+        let SocketAddr::Inet(inet) = addr else {
+            return Error::e_explain(ErrorType::ConnectError, "mesh TLS needs an IP address");
+        };
+        match tokio::time::timeout(self.timeout, self.handshake(*inet)).await {
+            Ok(stream) => Ok(VirtualSocketStream::new(Box::new(stream?)).into()),
+            Err(_) => Error::e_explain(
+                ErrorType::ConnectTimedout,
+                format!("mesh TLS to {inet}: no handshake within {:?}", self.timeout),
+            ),
+        }
+    }
+}
+
+/// A mesh TLS connection, which Pingora's plain-HTTP session takes as its socket.
+#[derive(Debug)]
+struct MeshStream(tokio_rustls::client::TlsStream<TcpStream>);
+
+impl VirtualSocket for MeshStream {
+    fn set_socket_option(&self, opt: VirtualSockOpt) -> std::io::Result<()> {
+        let tcp = self.0.get_ref().0;
+        match opt {
+            VirtualSockOpt::NoDelay => tcp.set_nodelay(true),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for MeshStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for MeshStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
     }
 }

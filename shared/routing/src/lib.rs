@@ -5,6 +5,7 @@
 //! request, [`RouteTable::explain`] says why each candidate did or did not win, and
 //! [`Split::pick`] turns a caller-supplied roll into a weighted backend choice.
 
+pub mod authz;
 mod explain;
 mod matcher;
 mod path;

@@ -32,6 +32,9 @@ pub struct Metrics {
     pub mirror_requests: IntCounterVec,
     /// `route`, `kind`: delay, abort.
     pub faults_injected: IntCounterVec,
+    /// `policy`: the sidecar's inbound requests refused by a deny policy, or by none of the
+    /// allow policies (`no-allow-matched`).
+    pub authz_denied: IntCounterVec,
     /// `service`, `reason`: connect-failure, reset, timeout or the status retried.
     pub upstream_retries: IntCounterVec,
     /// `service`.
@@ -100,6 +103,11 @@ impl Metrics {
             "Injected delays and aborts.",
             &["route", "kind"],
         );
+        let authz_denied = counter(
+            "weir_authz_denied_total",
+            "Inbound requests refused by authorization policy (403 AD).",
+            &["policy"],
+        );
         let upstream_retries = counter(
             "weir_upstream_retries_total",
             "Retries by service and reason.",
@@ -149,6 +157,7 @@ impl Metrics {
             request_duration,
             mirror_requests,
             faults_injected,
+            authz_denied,
             upstream_retries,
             outlier_ejections,
             endpoints,

@@ -19,6 +19,8 @@ use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
 pub use rustls;
 
+pub mod mesh;
+
 /// The crypto of every TLS config Weir builds.
 pub fn provider() -> Arc<CryptoProvider> {
     static RING: LazyLock<Arc<CryptoProvider>> =

@@ -1,0 +1,138 @@
+//! Authorization of the sidecar's inbound requests (`[[inbound.policy]]`), after Istio's
+//! AuthorizationPolicy: deny policies are checked first; then, if any allow policy exists,
+//! the request must match one.
+
+use weir_config::{Policy, PolicyAction};
+
+/// What refused a request that no allow policy matched, in `weir_authz_denied_total{policy}`.
+pub const NO_ALLOW: &str = "no-allow-matched";
+
+/// `Ok` when the policies let `peer` (its SPIFFE id; `None` without a client certificate)
+/// send `method` to `path`; else the name of the policy that refused it.
+pub fn authorize<'a>(
+    policies: &'a [Policy],
+    peer: Option<&str>,
+    method: &str,
+    path: &str,
+) -> Result<(), &'a str> {
+    let of = |action| policies.iter().filter(move |p| p.action == action);
+    let applies = |p: &&Policy| matches(p, peer, method, path);
+    if let Some(deny) = of(PolicyAction::Deny).find(applies) {
+        return Err(&deny.name);
+    }
+    let mut allows = of(PolicyAction::Allow).peekable();
+    if allows.peek().is_none() || allows.any(|p| applies(&p)) {
+        Ok(())
+    } else {
+        Err(NO_ALLOW)
+    }
+}
+
+/// Every field the policy sets matches; an unset one matches anything.
+fn matches(p: &Policy, peer: Option<&str>, method: &str, path: &str) -> bool {
+    let principal = p.principals.is_empty()
+        || peer.is_some_and(|id| p.principals.iter().any(|q| q == "*" || q == id));
+    let method = p.methods.is_empty() || p.methods.iter().any(|m| m == method);
+    let path = p.paths.is_empty() || p.paths.iter().any(|pattern| path_matches(pattern, path));
+    principal && method && path
+}
+
+/// Exact, "prefix*", "*suffix" or "*".
+fn path_matches(pattern: &str, path: &str) -> bool {
+    match (pattern.strip_prefix('*'), pattern.strip_suffix('*')) {
+        (Some(suffix), _) => path.ends_with(suffix),
+        (None, Some(prefix)) => path.starts_with(prefix),
+        (None, None) => pattern == path,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(
+        name: &str,
+        action: PolicyAction,
+        principals: &[&str],
+        methods: &[&str],
+        paths: &[&str],
+    ) -> Policy {
+        let strings = |l: &[&str]| l.iter().map(|s| s.to_string()).collect();
+        Policy {
+            name: name.into(),
+            action,
+            principals: strings(principals),
+            methods: strings(methods),
+            paths: strings(paths),
+        }
+    }
+
+    const PRODUCTPAGE: &str = "spiffe://mesh.local/ns/default/sa/productpage";
+    const RATINGS: &str = "spiffe://mesh.local/ns/default/sa/ratings";
+
+    #[test]
+    fn no_policy_allows_everything() {
+        assert_eq!(authorize(&[], None, "DELETE", "/"), Ok(()));
+    }
+
+    #[test]
+    fn an_allow_policy_admits_only_what_it_matches() {
+        let allow = [policy(
+            "reads",
+            PolicyAction::Allow,
+            &[PRODUCTPAGE],
+            &["GET"],
+            &["/reviews/*"],
+        )];
+        assert_eq!(
+            authorize(&allow, Some(PRODUCTPAGE), "GET", "/reviews/1"),
+            Ok(())
+        );
+        for (peer, method, path) in [
+            (Some(RATINGS), "GET", "/reviews/1"),
+            (None, "GET", "/reviews/1"),
+            (Some(PRODUCTPAGE), "POST", "/reviews/1"),
+            (Some(PRODUCTPAGE), "GET", "/admin"),
+        ] {
+            assert_eq!(
+                authorize(&allow, peer, method, path),
+                Err(NO_ALLOW),
+                "{peer:?} {method} {path}"
+            );
+        }
+    }
+
+    #[test]
+    fn deny_wins_over_allow_and_star_means_any_verified_peer() {
+        let policies = [
+            policy("anyone-verified", PolicyAction::Allow, &["*"], &[], &[]),
+            policy(
+                "no-admin",
+                PolicyAction::Deny,
+                &[],
+                &[],
+                &["/admin*", "*.bak"],
+            ),
+        ];
+        assert_eq!(authorize(&policies, Some(RATINGS), "GET", "/x"), Ok(()));
+        assert_eq!(authorize(&policies, None, "GET", "/x"), Err(NO_ALLOW));
+        assert_eq!(
+            authorize(&policies, Some(RATINGS), "GET", "/admin/users"),
+            Err("no-admin")
+        );
+        assert_eq!(
+            authorize(&policies, Some(RATINGS), "GET", "/db.bak"),
+            Err("no-admin")
+        );
+    }
+
+    #[test]
+    fn path_patterns() {
+        assert!(path_matches("*", "/anything"));
+        assert!(path_matches("/a", "/a"));
+        assert!(!path_matches("/a", "/a/b"));
+        assert!(path_matches("/a/*", "/a/b"));
+        assert!(!path_matches("/a/*", "/a"));
+        assert!(path_matches("*.json", "/x/y.json"));
+    }
+}
