@@ -416,6 +416,23 @@ impl Gateway {
         Gateway::try_start_on(dir, config, port, admin).unwrap_or_else(|e| panic!("{e}"))
     }
 
+    /// A `weir-sidecar` on `config`, whose outbound listener is `port` (what [`Gateway::url`]
+    /// and [`Gateway::get`] use) and admin listener `admin`.
+    pub fn start_sidecar(
+        dir: tempfile::TempDir,
+        config: PathBuf,
+        port: u16,
+        admin: u16,
+    ) -> Gateway {
+        let child = proxy_command("weir-sidecar", &dir)
+            .arg("--config")
+            .arg(&config)
+            .spawn()
+            .unwrap();
+        let sidecar = Gateway::spawned(child, dir, config, port, admin);
+        sidecar.ready().unwrap_or_else(|e| panic!("{e}"))
+    }
+
     /// [`Gateway::start_on`], with the reason as an error when it exits before it is ready.
     fn try_start_on(
         dir: tempfile::TempDir,
@@ -471,7 +488,7 @@ impl Gateway {
         loop {
             if let Some(status) = gw.child.try_wait().unwrap() {
                 let why = format!(
-                    "weir-gateway exited with {status} before ready:\n{}",
+                    "the proxy exited with {status} before ready:\n{}",
                     gw.stderr()
                 );
                 return Err(why);
@@ -622,9 +639,14 @@ impl Drop for Gateway {
 
 /// `weir-gateway`, its stdout and stderr in `dir`; the caller adds the arguments.
 fn gateway_command(dir: &tempfile::TempDir) -> Command {
+    proxy_command("weir-gateway", dir)
+}
+
+/// `bin` (weir-gateway or weir-sidecar), its stdout and stderr in `dir`.
+fn proxy_command(bin: &str, dir: &tempfile::TempDir) -> Command {
     let stdout = fs::File::create(dir.path().join("stdout.log")).unwrap();
     let stderr = fs::File::create(dir.path().join("stderr.log")).unwrap();
-    let mut command = Command::new(binary("weir-gateway"));
+    let mut command = Command::new(binary(bin));
     command.stdin(Stdio::null()).stdout(stdout).stderr(stderr);
     command
 }

@@ -44,19 +44,28 @@ impl TestCa {
 
     /// A server certificate for `names` (DNS names, "*.x" allowed).
     pub fn server(&self, names: &[&str]) -> Issued {
-        self.issue(names, &[], ExtendedKeyUsagePurpose::ServerAuth, names[0])
+        self.issue(names, &[], &[ExtendedKeyUsagePurpose::ServerAuth], names[0])
     }
 
     /// A client certificate with common name `cn` and these URI SANs (SPIFFE ids).
     pub fn client(&self, cn: &str, uris: &[&str]) -> Issued {
-        self.issue(&[], uris, ExtendedKeyUsagePurpose::ClientAuth, cn)
+        self.issue(&[], uris, &[ExtendedKeyUsagePurpose::ClientAuth], cn)
+    }
+
+    /// A mesh workload's certificate: its SPIFFE id as the only name, for serving and calling.
+    pub fn workload(&self, spiffe: &str) -> Issued {
+        let usages = [
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        self.issue(&[], &[spiffe], &usages, "workload")
     }
 
     fn issue(
         &self,
         names: &[&str],
         uris: &[&str],
-        usage: ExtendedKeyUsagePurpose,
+        usages: &[ExtendedKeyUsagePurpose],
         cn: &str,
     ) -> Issued {
         let key = KeyPair::generate().unwrap();
@@ -67,7 +76,7 @@ impl TestCa {
             params.subject_alt_names.push(SanType::URI(uri));
         }
         params.distinguished_name.push(DnType::CommonName, cn);
-        params.extended_key_usages = vec![usage];
+        params.extended_key_usages = usages.to_vec();
         let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
         Issued {
             cert: cert.pem(),
@@ -85,6 +94,13 @@ fn client_config(ca_pem: &str, client: Option<&Issued>) -> rustls::ClientConfig 
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_root_certificates(roots);
+    with_client(builder, client)
+}
+
+fn with_client(
+    builder: rustls::ConfigBuilder<rustls::ClientConfig, rustls::client::WantsClientCert>,
+    client: Option<&Issued>,
+) -> rustls::ClientConfig {
     match client {
         Some(issued) => {
             let chain = CertificateDer::pem_slice_iter(issued.cert.as_bytes())
@@ -104,6 +120,10 @@ pub struct TlsReply {
     pub body: String,
     /// The server certificate's DNS names.
     pub served: Vec<String>,
+    /// The server certificate's URI names (a mesh workload's SPIFFE id).
+    pub served_ids: Vec<String>,
+    /// SHA-256 of the server certificate.
+    pub served_hash: String,
 }
 
 /// One HTTPS request to 127.0.0.1:`port` with `sni`, trusting only `ca_pem`, presenting
@@ -117,6 +137,29 @@ pub fn https_get(
     headers: &[(&str, &str)],
 ) -> Result<TlsReply, String> {
     let config = Arc::new(client_config(ca_pem, client));
+    request_over(config, port, sni, path, headers)
+}
+
+/// One request to a sidecar's inbound port at 127.0.0.1:`port`, presenting `client` (a
+/// workload certificate) or none. Whatever the server presents is accepted and reported in
+/// `served_ids`: this client tests what the server lets in.
+pub fn mesh_get(port: u16, client: Option<&Issued>, path: &str) -> Result<TlsReply, String> {
+    let builder = rustls::ClientConfig::builder_with_provider(weir_tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyServer));
+    let config = Arc::new(with_client(builder, client));
+    request_over(config, port, "mesh.test", path, &[])
+}
+
+fn request_over(
+    config: Arc<rustls::ClientConfig>,
+    port: u16,
+    sni: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<TlsReply, String> {
     let name = ServerName::try_from(sni.to_string()).map_err(|e| e.to_string())?;
     let conn = rustls::ClientConnection::new(config, name).map_err(|e| e.to_string())?;
     let tcp = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
@@ -136,11 +179,11 @@ pub fn https_get(
             return Err(e.to_string());
         }
     }
-    let served = tls
+    let identity = tls
         .conn
         .peer_certificates()
         .and_then(|c| c.first())
-        .map(|c| PeerIdentity::of(c.as_ref()).dns)
+        .map(|c| PeerIdentity::of(c.as_ref()))
         .unwrap_or_default();
     let text = String::from_utf8_lossy(&raw).into_owned();
     let (head, body) = text
@@ -160,8 +203,53 @@ pub fn https_get(
         status,
         headers,
         body: body.to_string(),
-        served,
+        served: identity.dns,
+        served_ids: identity.uris,
+        served_hash: identity.hash,
     })
+}
+
+/// Accepts any server certificate, checking only the handshake's signatures.
+#[derive(Debug)]
+struct AnyServer;
+
+impl rustls::client::danger::ServerCertVerifier for AnyServer {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        let algorithms = &weir_tls::provider().signature_verification_algorithms;
+        rustls::crypto::verify_tls12_signature(message, cert, dss, algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        let algorithms = &weir_tls::provider().signature_verification_algorithms;
+        rustls::crypto::verify_tls13_signature(message, cert, dss, algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        weir_tls::provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
 }
 
 impl TlsReply {

@@ -1,0 +1,210 @@
+//! Two real `weir-sidecar`s in a mesh: productpage's calls reviews through its outbound
+//! listener; the mesh mTLS handshake (workload certificates made at test time, SPIFFE ids
+//! checked both ways) reaches reviews' inbound listener, which checks policy and forwards to
+//! the app, a real HTTP server.
+#![allow(clippy::unwrap_used)]
+
+use std::fs;
+use std::path::Path;
+use std::time::Duration;
+
+use weir_tests::tls::{mesh_get, Issued, TestCa};
+use weir_tests::{free_port, raw_request, wait_until, Gateway, Upstream};
+
+const PRODUCTPAGE: &str = "spiffe://mesh.local/ns/default/sa/productpage";
+const REVIEWS: &str = "spiffe://mesh.local/ns/default/sa/reviews";
+const RATINGS: &str = "spiffe://mesh.local/ns/default/sa/ratings";
+
+/// Reviews' policies: no secrets to anyone; productpage may read reviews.
+const POLICIES: &str = "\
+  [[inbound.policy]]
+  name = \"no-secrets\"
+  action = \"deny\"
+  paths = [\"/reviews/secret\"]
+  [[inbound.policy]]
+  name = \"productpage-reads\"
+  action = \"allow\"
+  principals = [\"spiffe://mesh.local/ns/default/sa/productpage\"]
+  methods = [\"GET\"]
+  paths = [\"/reviews/*\"]
+";
+
+/// A sidecar config: runtime, admin, the workload files, inbound and outbound.
+fn sidecar_config(admin: u16, inbound: u16, app: &str, outbound: u16, extra: &str) -> String {
+    format!(
+        "[runtime]\nthreads = 2\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\
+         [workload]\ncert = \"workload.pem\"\nkey = \"workload-key.pem\"\ntrust_bundle = \"bundle.pem\"\n\
+         [outbound]\nlisten = \"127.0.0.1:{outbound}\"\n\
+         [inbound]\nlisten = \"127.0.0.1:{inbound}\"\napp = \"{app}\"\n{extra}"
+    )
+}
+
+fn write_workload(dir: &Path, ca: &TestCa, workload: &Issued) {
+    fs::write(dir.join("bundle.pem"), ca.pem()).unwrap();
+    fs::write(dir.join("workload.pem"), &workload.cert).unwrap();
+    fs::write(dir.join("workload-key.pem"), &workload.key).unwrap();
+}
+
+/// The sidecar of `identity`, with `config(admin, outbound)`.
+fn sidecar(ca: &TestCa, identity: &str, config: impl Fn(u16, u16) -> String) -> Gateway {
+    let dir = tempfile::tempdir().unwrap();
+    write_workload(dir.path(), ca, &ca.workload(identity));
+    let (admin, outbound) = (free_port(), free_port());
+    let path = dir.path().join("sidecar.toml");
+    fs::write(&path, config(admin, outbound)).unwrap();
+    Gateway::start_sidecar(dir, path, outbound, admin)
+}
+
+/// Productpage's outbound routes: "reviews" to reviews' inbound port with its identity, and
+/// "impostor" to the same port expecting ratings' identity.
+fn productpage_routes(reviews_inbound: u16) -> String {
+    let mut routes = String::new();
+    for (name, identity) in [("reviews", REVIEWS), ("impostor", RATINGS)] {
+        routes.push_str(&format!(
+            "[[route]]\nname = \"{name}\"\nhosts = [\"{name}\"]\n  [[route.backend]]\n  service = \"{name}\"\n\
+             [[service]]\nname = \"{name}\"\nendpoints = [\"127.0.0.1:{reviews_inbound}\"]\n\
+             \x20 [service.tls]\n  mode = \"mesh\"\n  identities = [\"{identity}\"]\n"
+        ));
+    }
+    routes
+}
+
+#[test]
+fn a_call_crosses_the_mesh_with_mtls_identity_and_policy() {
+    let ca = TestCa::new("mesh CA");
+    let app = Upstream::start("reviews-app");
+    let inbound = free_port();
+    let app_addr = app.addr.to_string();
+    let reviews = sidecar(&ca, REVIEWS, |admin, outbound| {
+        sidecar_config(admin, inbound, &app_addr, outbound, POLICIES)
+    });
+    let productpage = sidecar(&ca, PRODUCTPAGE, |admin, outbound| {
+        let routes = productpage_routes(inbound);
+        sidecar_config(admin, free_port(), "127.0.0.1:1", outbound, &routes)
+    });
+
+    // The app's plain call, carried over mesh mTLS; the app learns who called.
+    let reply = productpage.get("/reviews/1", &[("host", "reviews")]);
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(app.hits(), 1);
+    let xfcc = app.last_header("x-forwarded-client-cert").unwrap();
+    assert!(xfcc.contains(&format!(";URI={PRODUCTPAGE}")), "{xfcc}");
+    assert_eq!(app.last_header("host").as_deref(), Some("reviews"));
+
+    // Policy, at reviews: a deny policy first, then the allow policies' conditions.
+    let denied = productpage.get("/reviews/secret", &[("host", "reviews")]);
+    assert_eq!(
+        (denied.status, denied.body.as_str()),
+        (403, "RBAC: access denied\n")
+    );
+    let denied = productpage.get("/admin", &[("host", "reviews")]);
+    assert_eq!(denied.status, 403);
+    assert_eq!(app.hits(), 1, "a denied request reached the app");
+    assert_eq!(
+        reviews.metric("weir_authz_denied_total{policy=\"no-secrets\"}"),
+        1.0
+    );
+    assert_eq!(
+        reviews.metric("weir_authz_denied_total{policy=\"no-allow-matched\"}"),
+        1.0
+    );
+    let log = reviews.access_log();
+    let flags: Vec<_> = log
+        .iter()
+        .map(|l| l["flags"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(flags, ["", "AD", "AD"]);
+    assert_eq!(log[0]["peer"], PRODUCTPAGE);
+
+    // A server whose identity is not the service's: the handshake fails, 503 UF.
+    let impostor = productpage.get("/reviews/1", &[("host", "impostor")]);
+    assert_eq!(impostor.status, 503, "{}", impostor.body);
+    assert_eq!(app.hits(), 1);
+    let last = productpage.access_log().pop().unwrap();
+    assert_eq!(
+        (last["route"].as_str(), last["flags"].as_str()),
+        (Some("impostor"), Some("UF"))
+    );
+
+    // Metrics name each side.
+    let series = |proxy: &str, route: &str, service: &str, code: u16| {
+        format!("weir_requests_total{{code=\"{code}\",flags=\"\",proxy=\"{proxy}\",route=\"{route}\",service=\"{service}\"}}")
+    };
+    assert_eq!(
+        productpage.metric(&series("outbound", "reviews", "reviews", 200)),
+        1.0
+    );
+    assert_eq!(
+        reviews.metric(&series("inbound", "inbound", "inbound", 200)),
+        1.0
+    );
+
+    // Strict mTLS: plaintext, a foreign CA's certificate and no certificate are refused in the
+    // handshake; a mesh peer the policies do not name gets 403.
+    let plain = raw_request(inbound, b"GET /reviews/1 HTTP/1.1\r\nHost: reviews\r\n\r\n");
+    assert!(!plain.starts_with("HTTP/1.1 2"), "{plain}");
+    let foreign = TestCa::new("foreign CA").workload(PRODUCTPAGE);
+    let err = mesh_get(inbound, Some(&foreign), "/reviews/1")
+        .err()
+        .unwrap();
+    assert!(
+        err.contains("UnknownCA") || err.contains("BadCertificate"),
+        "{err}"
+    );
+    let err = mesh_get(inbound, None, "/reviews/1").err().unwrap();
+    assert!(err.contains("CertificateRequired"), "{err}");
+    let reply = mesh_get(inbound, Some(&ca.workload(RATINGS)), "/reviews/1").unwrap();
+    assert_eq!(reply.status, 403);
+    assert_eq!(reply.served_ids, [REVIEWS]);
+    let reply = mesh_get(inbound, Some(&ca.workload(PRODUCTPAGE)), "/reviews/1").unwrap();
+    assert_eq!(reply.status, 200);
+    assert_eq!(app.hits(), 2);
+}
+
+#[test]
+fn policies_and_the_workload_certificate_reload_without_a_restart() {
+    let ca = TestCa::new("mesh CA");
+    let app = Upstream::start("reviews-app");
+    let inbound = free_port();
+    let app_addr = app.addr.to_string();
+    let config =
+        |admin, outbound, extra: &str| sidecar_config(admin, inbound, &app_addr, outbound, extra);
+    let reviews = sidecar(&ca, REVIEWS, |admin, outbound| {
+        config(admin, outbound, POLICIES)
+    });
+    let productpage = sidecar(&ca, PRODUCTPAGE, |admin, outbound| {
+        let routes = productpage_routes(inbound);
+        sidecar_config(admin, free_port(), "127.0.0.1:1", outbound, &routes)
+    });
+    let get = |path| productpage.get(path, &[("host", "reviews")]).status;
+    assert_eq!(get("/reviews/secret"), 403);
+
+    // Dropping the deny policy applies at once, on the same connections.
+    let generation = reviews.generation();
+    let allow_only = &POLICIES[POLICIES
+        .find("  [[inbound.policy]]\n  name = \"productpage-reads\"")
+        .unwrap()..];
+    let tmp = reviews.config.with_extension("tmp");
+    fs::write(&tmp, config(reviews.admin, reviews.port, allow_only)).unwrap();
+    fs::rename(&tmp, &reviews.config).unwrap();
+    wait_until("the reload", Duration::from_secs(10), || {
+        reviews.generation() > generation
+    });
+    assert_eq!(get("/reviews/secret"), 200);
+
+    // A renewed workload certificate (same identity) is served to new connections.
+    let generation = reviews.generation();
+    let before = mesh_get(inbound, Some(&ca.workload(PRODUCTPAGE)), "/reviews/1").unwrap();
+    write_workload(reviews.config.parent().unwrap(), &ca, &ca.workload(REVIEWS));
+    wait_until("the rotation", Duration::from_secs(10), || {
+        reviews.generation() > generation
+    });
+    let after = mesh_get(inbound, Some(&ca.workload(PRODUCTPAGE)), "/reviews/1").unwrap();
+    assert_eq!((before.status, after.status), (200, 200));
+    assert_eq!(after.served_ids, [REVIEWS]);
+    assert_ne!(
+        before.served_hash, after.served_hash,
+        "the renewed certificate is not served"
+    );
+    assert_eq!(get("/reviews/2"), 200);
+}
