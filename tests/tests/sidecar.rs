@@ -208,3 +208,91 @@ fn policies_and_the_workload_certificate_reload_without_a_restart() {
     );
     assert_eq!(get("/reviews/2"), 200);
 }
+
+/// examples/mesh as its README runs it (on free ports), with its committed certificates.
+#[test]
+fn the_mesh_example_works_as_its_readme_says() {
+    let example = weir_tests::repo_root().join("examples/mesh");
+    let app = Upstream::start("reviews-app");
+    let ports: Vec<(String, String)> = ["15000", "15001", "15006", "15100", "15101", "15106"]
+        .iter()
+        .map(|p| (format!(":{p}\""), format!(":{}\"", free_port())))
+        .collect();
+    let port = |example: &str| -> u16 {
+        let (_, ours) = ports.iter().find(|(p, _)| p.contains(example)).unwrap();
+        ours.trim_matches(|c| c == ':' || c == '"').parse().unwrap()
+    };
+    let start = |name: &str, outbound: &str, admin: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir(dir.path().join("certs")).unwrap();
+        for entry in fs::read_dir(example.join("certs")).unwrap() {
+            let path = entry.unwrap().path();
+            fs::copy(
+                &path,
+                dir.path().join("certs").join(path.file_name().unwrap()),
+            )
+            .unwrap();
+        }
+        let mut config = fs::read_to_string(example.join(format!("{name}.toml"))).unwrap();
+        for (theirs, ours) in &ports {
+            config = config.replace(theirs, ours);
+        }
+        let config = config.replace("127.0.0.1:9081", &app.addr.to_string());
+        let path = dir.path().join(format!("{name}.toml"));
+        fs::write(&path, config).unwrap();
+        Gateway::start_sidecar(dir, path, port(outbound), port(admin))
+    };
+    let reviews = start("reviews", "15101", "15100");
+    let productpage = start("productpage", "15001", "15000");
+
+    let host = [("host", "reviews")];
+    assert_eq!(productpage.get("/reviews/1", &host).status, 200);
+    assert_eq!(productpage.get("/reviews/admin/users", &host).status, 403);
+    let post = weir_tests::send(
+        &weir_tests::client(),
+        "POST",
+        &productpage.url("/reviews/1"),
+        &host,
+    );
+    assert_eq!(post.unwrap().status, 403);
+    assert_eq!(app.hits(), 1);
+    let plain = raw_request(
+        port("15106"),
+        b"GET /reviews/1 HTTP/1.1\r\nHost: reviews\r\n\r\n",
+    );
+    assert!(!plain.starts_with("HTTP/1.1 2"), "{plain}");
+    let read = |name: &str| fs::read_to_string(example.join("certs").join(name)).unwrap();
+    let workload = Issued {
+        cert: read("productpage.pem"),
+        key: read("productpage-key.pem"),
+    };
+    let reply = mesh_get(port("15106"), Some(&workload), "/reviews/1").unwrap();
+    assert_eq!(reply.status, 200);
+    assert_eq!(
+        reviews.metric("weir_authz_denied_total{policy=\"no-admin\"}"),
+        1.0
+    );
+
+    let config = example.join("reviews.toml");
+    let (code, stdout, stderr) = weir_tests::run(
+        "weir-sidecar",
+        &[
+            "explain",
+            "--config",
+            config.to_str().unwrap(),
+            "--listener",
+            "inbound",
+            "--peer",
+            PRODUCTPAGE,
+            "POST",
+            "http://reviews/reviews/1",
+        ],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains(&format!(
+            "authz:    denied for {PRODUCTPAGE} by \"no-allow-matched\" -> 403, flag AD"
+        )),
+        "{stdout}"
+    );
+}

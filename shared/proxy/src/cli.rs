@@ -66,6 +66,10 @@ enum Command {
         /// Listener to route on (default: the one whose port the URL names, else the first).
         #[arg(long)]
         listener: Option<String>,
+        /// The sidecar's inbound: the caller's SPIFFE id, for `[[inbound.policy]]`
+        /// (default: a caller without a certificate).
+        #[arg(long, value_name = "SPIFFE_ID")]
+        peer: Option<String>,
     },
 }
 
@@ -88,7 +92,11 @@ pub fn main(role: Role) -> ExitCode {
             url,
             headers,
             listener,
-        }) => explain(&path, role, &method, &url, &headers, listener.as_deref()),
+            peer,
+        }) => {
+            let request = (method.as_str(), url.as_str(), &headers[..]);
+            explain(&path, role, request, listener.as_deref(), peer.as_deref())
+        }
         None => serve(&cli, &path, role),
     }
 }
@@ -156,13 +164,13 @@ fn validate(path: &Path, role: Role) -> ExitCode {
     }
 }
 
+/// `request`: method, URL and "name: value" headers.
 fn explain(
     path: &Path,
     role: Role,
-    method: &str,
-    url: &str,
-    headers: &[String],
+    (method, url, headers): (&str, &str, &[String]),
     listener: Option<&str>,
+    peer: Option<&str>,
 ) -> ExitCode {
     let loaded = match weir_config::load(path, role) {
         Ok(l) => l,
@@ -242,6 +250,18 @@ fn explain(
                 .block
                 .map_or("no match blocks".to_string(), |b| format!("match[{b}]"));
             println!("route:    {:?} ({}), {block}", r.name, r.origin);
+            if let (Some(sidecar), true) = (&config.sidecar, listener == "inbound") {
+                let policies = &sidecar.inbound.policies;
+                let who = peer.unwrap_or("a caller without a certificate");
+                let verdict = weir_routing::authz::authorize(policies, peer, &method, uri.path());
+                match verdict {
+                    Ok(()) if policies.is_empty() => println!("authz:    allowed (no policy)"),
+                    Ok(()) => println!("authz:    allowed for {who}"),
+                    Err(policy) => {
+                        println!("authz:    denied for {who} by {policy:?} -> 403, flag AD");
+                    }
+                }
+            }
             match &r.action {
                 Action::Redirect(rd) => println!(
                     "action:   redirect {} to scheme {}, host {}, path {} (query kept)",
