@@ -108,7 +108,13 @@ fn a_call_crosses_the_mesh_with_mtls_identity_and_policy() {
         reviews.metric("weir_authz_denied_total{policy=\"no-allow-matched\"}"),
         1.0
     );
-    let log = reviews.access_log();
+    let logged = |proxy: &Gateway, lines: usize| {
+        wait_until("the access log", Duration::from_secs(10), || {
+            proxy.access_log().len() >= lines
+        });
+        proxy.access_log()
+    };
+    let log = logged(&reviews, 3);
     let flags: Vec<_> = log
         .iter()
         .map(|l| l["flags"].as_str().unwrap().to_string())
@@ -120,7 +126,7 @@ fn a_call_crosses_the_mesh_with_mtls_identity_and_policy() {
     let impostor = productpage.get("/reviews/1", &[("host", "impostor")]);
     assert_eq!(impostor.status, 503, "{}", impostor.body);
     assert_eq!(app.hits(), 1);
-    let last = productpage.access_log().pop().unwrap();
+    let last = logged(&productpage, 4).pop().unwrap();
     assert_eq!(
         (last["route"].as_str(), last["flags"].as_str()),
         (Some("impostor"), Some("UF"))

@@ -602,9 +602,7 @@ impl Checker<'_> {
             }
         }
         let sni = t.sni.unwrap_or_else(|| service.to_ascii_lowercase());
-        if self.host(&at.key("sni"), &sni).is_none() {
-            return None;
-        }
+        self.host(&at.key("sni"), &sni)?;
         let Some(workload) = self.workload.clone() else {
             if self.workload_declared {
                 return None; // reported at [workload]
