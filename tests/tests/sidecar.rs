@@ -302,3 +302,62 @@ fn the_mesh_example_works_as_its_readme_says() {
         "{stdout}"
     );
 }
+
+/// `mtls = "permissive"`: one port serves mesh mTLS and plaintext; only mesh callers have an
+/// identity, so policies can keep plaintext callers to public paths.
+#[test]
+fn a_permissive_inbound_serves_mesh_and_plaintext_callers_on_one_port() {
+    let ca = TestCa::new("mesh CA");
+    let app = Upstream::start("reviews-app");
+    let inbound = free_port();
+    let app_addr = app.addr.to_string();
+    let policies = "mtls = \"permissive\"\n\
+        \x20 [[inbound.policy]]\n  action = \"allow\"\n  principals = [\"*\"]\n\
+        \x20 [[inbound.policy]]\n  action = \"allow\"\n  paths = [\"/public/*\"]\n";
+    let reviews = sidecar(&ca, REVIEWS, |admin, outbound| {
+        sidecar_config(admin, inbound, &app_addr, outbound, policies)
+    });
+    let productpage = sidecar(&ca, PRODUCTPAGE, |admin, outbound| {
+        let routes = productpage_routes(inbound);
+        sidecar_config(admin, free_port(), "127.0.0.1:1", outbound, &routes)
+    });
+
+    // Plaintext: served, without an identity; two requests on one keep-alive connection.
+    let agent = weir_tests::client();
+    let plain = format!("http://127.0.0.1:{inbound}/public/1");
+    for _ in 0..2 {
+        let reply = weir_tests::send(&agent, "GET", &plain, &[]).unwrap();
+        assert_eq!(reply.status, 200);
+        assert_eq!(app.last_header("x-forwarded-client-cert"), None);
+    }
+    let private = format!("http://127.0.0.1:{inbound}/reviews/1");
+    assert_eq!(
+        weir_tests::send(&agent, "GET", &private, &[])
+            .unwrap()
+            .status,
+        403
+    );
+
+    // Mesh mTLS on the same port: the caller is known.
+    for _ in 0..2 {
+        let reply = productpage.get("/reviews/1", &[("host", "reviews")]);
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        let xfcc = app.last_header("x-forwarded-client-cert").unwrap();
+        assert!(xfcc.contains(&format!(";URI={PRODUCTPAGE}")), "{xfcc}");
+    }
+    // A foreign certificate is still refused in the handshake.
+    let foreign = TestCa::new("foreign CA").workload(PRODUCTPAGE);
+    assert!(mesh_get(inbound, Some(&foreign), "/public/1").is_err());
+    assert_eq!(app.hits(), 4);
+    let log = {
+        wait_until("the access log", Duration::from_secs(10), || {
+            reviews.access_log().len() >= 5
+        });
+        reviews.access_log()
+    };
+    let peers: Vec<_> = log
+        .iter()
+        .map(|l| l["peer"].as_str().unwrap_or("-").to_string())
+        .collect();
+    assert_eq!(peers, ["-", "-", "-", PRODUCTPAGE, PRODUCTPAGE]);
+}

@@ -80,6 +80,9 @@ pub struct ListenerTls {
     /// At least one; chosen by SNI (weir_tls::CertificateTable::select).
     pub certificates: Vec<ServerCertificate>,
     pub client_auth: Option<ClientAuth>,
+    /// The sidecar's `mtls = "permissive"`: a connection that does not open with a TLS
+    /// handshake is served in plaintext.
+    pub also_plaintext: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -519,6 +522,8 @@ pub struct Workload {
 #[serde(rename_all = "lowercase")]
 pub enum Mtls {
     Strict,
+    /// Mesh mTLS, or plaintext (without an identity) from callers outside the mesh.
+    Permissive,
     Disable,
 }
 

@@ -406,6 +406,7 @@ impl Checker<'_> {
         (self.errors.len() == before).then_some(ListenerTls {
             certificates,
             client_auth,
+            also_plaintext: false,
         })
     }
 
@@ -1428,28 +1429,28 @@ impl Checker<'_> {
         };
         let mtls = match raw_in.mtls.as_deref() {
             None | Some("strict") => Some(Mtls::Strict),
+            Some("permissive") => Some(Mtls::Permissive),
             Some("disable") => Some(Mtls::Disable),
-            Some("permissive") => {
-                self.fail(
-                    &in_at.key("mtls"),
-                    "mtls \"permissive\" is not supported yet: a Pingora listener is either TLS \
-                     or plaintext; use \"strict\" or \"disable\"",
-                );
-                None
-            }
             Some(other) => {
-                self.fail(
-                    &in_at.key("mtls"),
-                    format!("mtls {other:?}: expected \"strict\" or \"disable\""),
-                );
+                let e =
+                    format!("mtls {other:?}: expected \"strict\", \"permissive\" or \"disable\"");
+                self.fail(&in_at.key("mtls"), e);
                 None
             }
         };
-        if mtls == Some(Mtls::Strict) && !self.workload_declared {
+        if mtls.is_some_and(|m| m != Mtls::Disable) && !self.workload_declared {
             self.fail(
                 &in_at,
-                "mtls = \"strict\" (the default) needs [workload], the mesh certificate to serve \
-                 and the trust bundle to check callers with; or set mtls = \"disable\"",
+                format!(
+                    "mtls = {:?}{} needs [workload], the mesh certificate to serve and the \
+                     trust bundle to check callers with; or set mtls = \"disable\"",
+                    raw_in.mtls.as_deref().unwrap_or("strict"),
+                    if raw_in.mtls.is_none() {
+                        " (the default)"
+                    } else {
+                        ""
+                    },
+                ),
             );
         }
         let policies = raw_in
@@ -1561,7 +1562,8 @@ impl Checker<'_> {
         if !principals.is_empty() && mtls == Some(Mtls::Disable) {
             self.fail(
                 &at.key("principals"),
-                "principals need mtls = \"strict\": over plaintext no caller has an identity",
+                "principals need mtls = \"strict\" or \"permissive\": over plaintext no caller \
+                 has an identity",
             );
         }
         let methods = p.methods.unwrap_or_default();
@@ -1695,10 +1697,11 @@ const INBOUND: &str = "inbound";
 const OUTBOUND: &str = "outbound";
 
 /// The sidecar's two listeners: outbound (first: `explain`'s default), and inbound (with the
-/// workload's certificate, requiring one from the mesh, under `mtls = "strict"`).
+/// workload's certificate, requiring one from the mesh, under `mtls = "strict"`; plaintext
+/// too under "permissive").
 fn sidecar_listeners(sidecar: &Sidecar) -> Vec<Listener> {
     let tls = match (&sidecar.workload, sidecar.inbound.mtls) {
-        (Some(w), Mtls::Strict) => Some(ListenerTls {
+        (Some(w), mtls @ (Mtls::Strict | Mtls::Permissive)) => Some(ListenerTls {
             certificates: vec![ServerCertificate {
                 hosts: Vec::new(),
                 cert: w.cert.clone(),
@@ -1710,6 +1713,7 @@ fn sidecar_listeners(sidecar: &Sidecar) -> Vec<Listener> {
                 ca: w.trust_bundle.clone(),
                 verifier: w.verifier.clone(),
             }),
+            also_plaintext: mtls == Mtls::Permissive,
         }),
         _ => None,
     };

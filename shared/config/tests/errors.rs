@@ -581,7 +581,6 @@ endpoints = [\"127.0.0.1:1\"]
         errs,
         [
             format!("{file}:2: [workload]: {workload}: no spiffe:// URI SAN; a workload certificate names its workload, such as spiffe://mesh.local/ns/default/sa/reviews"),
-            format!("{file}:7: [inbound]: mtls \"permissive\" is not supported yet: a Pingora listener is either TLS or plaintext; use \"strict\" or \"disable\""),
             format!("{file}:8: [[listener]] is weir-gateway's; weir-sidecar listens on [inbound] and [outbound]"),
             format!("{file}:12: the name \"inbound\" is the sidecar's own (its route and service to the app); choose another"),
             format!("{file}:20: service \"app\": mode \"mesh\" uses [workload]'s certificate and trust bundle; leave out ca"),
@@ -611,7 +610,7 @@ mtls = \"disable\"
         [
             format!("{f}:5: [inbound] policy[0]: action \"permit\": expected \"allow\" or \"deny\""),
             format!("{f}:6: [inbound] policy[0] principals[0]: principal \"productpage\": expected a spiffe:// id or \"*\""),
-            format!("{f}:6: [inbound] policy[0]: principals need mtls = \"strict\": over plaintext no caller has an identity"),
+            format!("{f}:6: [inbound] policy[0]: principals need mtls = \"strict\" or \"permissive\": over plaintext no caller has an identity"),
             format!("{f}:7: [inbound] policy[0] paths[0]: path \"/a*b\": expected an exact path \"/a\", a prefix \"/a/*\", a suffix \"*.json\" or \"*\""),
             format!("{f}:7: [inbound] policy[0] paths[1]: path \"reviews\": expected an exact path \"/a\", a prefix \"/a/*\", a suffix \"*.json\" or \"*\""),
             format!("{f}:8: [inbound] policy[1]: missing required key \"action\" (\"allow\" or \"deny\")"),

@@ -190,10 +190,13 @@ fn start_only_change(old: &Config, new: &Config) -> Option<&'static str> {
         serde_json::to_value(value).ok()
     }
     // A listener's certificates and client CA are read at each handshake, so they reload;
-    // its socket and protocol do not.
+    // its socket and protocol (plaintext too, for the sidecar's permissive mTLS) do not.
     let sockets = |c: &Config| -> Vec<_> {
         (c.listeners.iter())
-            .map(|l| (l.name.clone(), l.listen, l.protocol))
+            .map(|l| {
+                let also_plaintext = l.tls.as_ref().is_some_and(|t| t.also_plaintext);
+                (l.name.clone(), l.listen, l.protocol, also_plaintext)
+            })
             .collect()
     };
     if sockets(old) != sockets(new) {

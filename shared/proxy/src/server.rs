@@ -10,7 +10,11 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use async_trait::async_trait;
+use pingora_core::apps::ServerApp;
+use pingora_core::listeners::tls::Acceptor;
 use pingora_core::listeners::{L4BufferSettings, ListenerConfig};
+use pingora_core::protocols::l4::stream::Stream as L4Stream;
+use pingora_core::protocols::Stream;
 use pingora_core::server::configuration::{Opt, ServerConf};
 use pingora_core::server::{
     RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch, UnixShutdownSignalWatch,
@@ -18,9 +22,10 @@ use pingora_core::server::{
 use pingora_core::services::background::{background_service, BackgroundService};
 use pingora_core::services::listening::Service;
 use pingora_core::services::ServiceReadyNotifier;
+use pingora_proxy::HttpProxy;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::Notify;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::admin::Admin;
 use crate::discovery::Discovery;
@@ -100,7 +105,24 @@ pub fn run(reloader: Reloader, git: Option<Arc<GitSource>>, upgrade: bool) -> an
     );
     let mut proxy =
         pingora_proxy::http_proxy_service_with_name(&server.configuration, proxy, "weir-proxy");
+    let mut permissive = Vec::new();
     for (index, listener) in config.listeners.iter().enumerate() {
+        if listener.tls.as_ref().is_some_and(|t| t.also_plaintext) {
+            let app = WeirProxy::new(
+                reloader.clone(),
+                listeners.clone(),
+                access_log.clone(),
+                in_flight.clone(),
+            );
+            let app = Permissive {
+                proxy: Arc::new(pingora_proxy::http_proxy(&server.configuration, app)),
+                tls: tls::listener_settings(&reloader, index)?.build(),
+            };
+            let mut service = Service::new(format!("weir-{}", listener.name), app);
+            service.add_tcp(&listener.listen.to_string());
+            permissive.push(service);
+            continue;
+        }
         let endpoint = ListenerConfig::tcp(listener.listen.to_string());
         proxy.add_listener(match listener.protocol {
             // No L4 read buffer on plaintext listeners: Pingora's HTTP/1 session reads into
@@ -134,12 +156,65 @@ pub fn run(reloader: Reloader, git: Option<Arc<GitSource>>, upgrade: bool) -> an
     // /ready answers only once SIGHUP is handled and the proxy has started.
     admin.add_dependency(&control);
     admin.add_dependency(&proxy);
+    for service in permissive {
+        admin.add_dependency(&server.add_service(service));
+    }
     info!(generation = snapshot.generation, revision = %snapshot.revision, threads, "starting");
     drop(snapshot);
     server.run(RunArgs {
         shutdown_signal: Box::new(ShutdownRequests { admin: shutdown }),
     });
     std::process::exit(0)
+}
+
+/// A listener that serves TLS and plaintext on one port (the sidecar's `mtls =
+/// "permissive"`): a connection that opens with a TLS handshake record is TLS, anything else
+/// is plain HTTP. Pingora's listeners are one or the other, so this one is a service of its
+/// own that looks at the first byte, then hands the connection to the same proxy.
+struct Permissive {
+    proxy: Arc<HttpProxy<WeirProxy>>,
+    tls: Acceptor,
+}
+
+/// The first byte of a TLS connection: a handshake record (RFC 8446, §5.1).
+const TLS_HANDSHAKE: u8 = 0x16;
+
+#[async_trait]
+impl ServerApp for Permissive {
+    async fn process_new(
+        self: &Arc<Self>,
+        mut stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let mut first = [0u8; 1];
+        let mut stopping = shutdown.clone();
+        let peeked = tokio::select! {
+            peeked = stream.try_peek(&mut first) => peeked,
+            _ = stopping.changed() => return None,
+        };
+        if !matches!(peeked, Ok(true)) {
+            return None; // closed before its first byte
+        }
+        if first[0] == TLS_HANDSHAKE {
+            // The listener hands over its TCP stream, boxed; the handshake wants it unboxed.
+            let Ok(tcp) = stream.into_any().downcast::<L4Stream>() else {
+                return None;
+            };
+            stream = match self.tls.tls_handshake(*tcp).await {
+                Ok(tls) => Box::new(tls),
+                Err(e) => {
+                    debug!("permissive listener: TLS handshake failed: {e}");
+                    return None;
+                }
+            };
+        }
+        // The keep-alive loop Pingora's own service would run.
+        let mut next = self.proxy.process_new(stream, shutdown).await;
+        while let Some(stream) = next {
+            next = self.proxy.process_new(stream, shutdown).await;
+        }
+        None
+    }
 }
 
 /// Where an upgrading gateway waits for its predecessor's listening sockets (SIGQUIT sends them
