@@ -157,7 +157,7 @@ pub fn run(reloader: Reloader, git: Option<Arc<GitSource>>, upgrade: bool) -> an
     admin.add_dependency(&control);
     admin.add_dependency(&proxy);
     for service in permissive {
-        admin.add_dependency(&server.add_service(service));
+        admin.add_dependency(server.add_service(service));
     }
     info!(generation = snapshot.generation, revision = %snapshot.revision, threads, "starting");
     drop(snapshot);
