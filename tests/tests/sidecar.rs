@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use weir_tests::tls::{mesh_get, Issued, TestCa};
-use weir_tests::{free_port, raw_request, wait_until, Gateway, Upstream};
+use weir_tests::{free_port, raw_request, wait_until, Gateway, TcpRelay, Upstream};
 
 const PRODUCTPAGE: &str = "spiffe://mesh.local/ns/default/sa/productpage";
 const REVIEWS: &str = "spiffe://mesh.local/ns/default/sa/reviews";
@@ -360,4 +360,70 @@ fn a_permissive_inbound_serves_mesh_and_plaintext_callers_on_one_port() {
         .map(|l| l["peer"].as_str().unwrap_or("-").to_string())
         .collect();
     assert_eq!(peers, ["-", "-", "-", PRODUCTPAGE, PRODUCTPAGE]);
+}
+
+/// The gateway holds a `[workload]` too: it calls a sidecar with strict mTLS as a member of
+/// the mesh, and the sidecar's policies name it.
+#[test]
+fn a_gateway_with_a_workload_calls_into_the_mesh() {
+    const GATEWAY: &str = "spiffe://mesh.local/ns/istio-system/sa/gateway";
+    let ca = TestCa::new("mesh CA");
+    let app = Upstream::start("reviews-app");
+    let inbound = free_port();
+    let app_addr = app.addr.to_string();
+    let policy = format!(
+        "  [[inbound.policy]]\n  action = \"allow\"\n  principals = [\"{GATEWAY}\"]\n  paths = [\"/reviews/*\"]\n"
+    );
+    let _reviews = sidecar(&ca, REVIEWS, |admin, outbound| {
+        sidecar_config(admin, inbound, &app_addr, outbound, &policy)
+    });
+    let dir = tempfile::tempdir().unwrap();
+    write_workload(dir.path(), &ca, &ca.workload(GATEWAY));
+    let (port, admin) = (free_port(), free_port());
+    let config = format!(
+        "{}[workload]\ncert = \"workload.pem\"\nkey = \"workload-key.pem\"\ntrust_bundle = \"bundle.pem\"\n\
+         [[route]]\nname = \"reviews\"\n  [[route.backend]]\n  service = \"reviews\"\n\
+         [[service]]\nname = \"reviews\"\nendpoints = [\"127.0.0.1:{inbound}\"]\n\
+         \x20 [service.tls]\n  mode = \"mesh\"\n  identities = [\"{REVIEWS}\"]\n",
+        Gateway::base(port, admin)
+    );
+    let path = dir.path().join("gateway.toml");
+    fs::write(&path, config).unwrap();
+    let gateway = Gateway::start_on(dir, path, port, admin);
+
+    assert_eq!(gateway.get("/reviews/1", &[]).status, 200);
+    let xfcc = app.last_header("x-forwarded-client-cert").unwrap();
+    assert!(xfcc.contains(&format!(";URI={GATEWAY}")), "{xfcc}");
+    assert_eq!(gateway.get("/admin", &[]).status, 403);
+    assert_eq!(app.hits(), 1);
+}
+
+/// Mesh connections are pooled: sequential calls share one connection (plus the one
+/// handshake that learns the server's certificate), not a handshake each.
+#[test]
+fn mesh_connections_are_kept_alive_and_reused() {
+    let ca = TestCa::new("mesh CA");
+    let app = Upstream::start("reviews-app");
+    let inbound = free_port();
+    let app_addr = app.addr.to_string();
+    let _reviews = sidecar(&ca, REVIEWS, |admin, outbound| {
+        sidecar_config(admin, inbound, &app_addr, outbound, "")
+    });
+    let relay = TcpRelay::start(([127, 0, 0, 1], inbound).into());
+    let productpage = sidecar(&ca, PRODUCTPAGE, |admin, outbound| {
+        let routes = productpage_routes(relay.port);
+        sidecar_config(admin, free_port(), "127.0.0.1:1", outbound, &routes)
+    });
+    for i in 0..20 {
+        let reply = productpage.get(&format!("/reviews/{i}"), &[("host", "reviews")]);
+        assert_eq!(reply.status, 200, "{}", reply.body);
+    }
+    assert_eq!(app.hits(), 20);
+    // One connection and one identity check; a third if a request ever starts before the
+    // previous one's connection is back in the pool.
+    let accepted = relay.accepted();
+    assert!(
+        (2..=3).contains(&accepted),
+        "{accepted} connections for 20 calls"
+    );
 }

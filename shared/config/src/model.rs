@@ -25,6 +25,9 @@ pub struct Config {
     /// In declaration order: files sorted by name, then position in the file.
     pub routes: Vec<Route>,
     pub services: Vec<Service>,
+    /// The mesh identity: the sidecar's, or the gateway's when it calls services with
+    /// `tls.mode = "mesh"`.
+    pub workload: Option<Workload>,
     /// Present only in a sidecar config.
     pub sidecar: Option<Sidecar>,
 }
@@ -489,13 +492,13 @@ pub enum HashOn {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Sidecar {
-    pub workload: Option<Workload>,
     pub inbound: Inbound,
     pub outbound: Outbound,
 }
 
-/// The workload's mesh identity. Served on the inbound listener (whose client CA is the trust
-/// bundle) and presented by services with `tls.mode = "mesh"`; never shown but by path.
+/// The workload's mesh identity. The sidecar serves it on its inbound listener (whose client CA
+/// is the trust bundle); both binaries present it to services with `tls.mode = "mesh"`. Never
+/// shown but by path.
 #[derive(Debug, Clone, Serialize)]
 pub struct Workload {
     pub cert: PathBuf,

@@ -25,7 +25,7 @@ pub struct RawFile {
     pub route: Vec<RawRoute>,
     /// `[[service]]` tables.
     pub service: Vec<RawService>,
-    /// Sidecar only: this workload's mesh identity.
+    /// This proxy's mesh identity (the sidecar's workload; the gateway's for mode "mesh").
     pub workload: Option<RawWorkload>,
     /// Sidecar only: the inbound listener in front of the local app.
     pub inbound: Option<RawInbound>,

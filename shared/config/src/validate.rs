@@ -131,10 +131,13 @@ impl Checker<'_> {
             );
         }
 
+        // First: services with mode = "mesh" use it.
+        self.workload_declared = workload.is_some();
+        let workload = workload.and_then(|(at, w)| self.workload(&at, w));
+        self.workload.clone_from(&workload);
         let (listeners, sidecar) = match role {
             Role::Gateway => {
                 let places = [
-                    workload.as_ref().map(|(at, _)| at),
                     inbound.as_ref().map(|(at, _)| at),
                     outbound.as_ref().map(|(at, _)| at),
                 ];
@@ -158,7 +161,7 @@ impl Checker<'_> {
                          [outbound]",
                     );
                 }
-                let (sidecar, at) = self.sidecar(workload, inbound, outbound);
+                let (sidecar, at) = self.sidecar(inbound, outbound);
                 // Its own names: a user's route or service of that name would shadow the app.
                 let items = routes.iter().map(|(at, r)| (at, r.name()));
                 let items = items.chain(services.iter().map(|(at, s)| (at, s.name())));
@@ -205,7 +208,10 @@ impl Checker<'_> {
                 for (_, r) in &mut routes {
                     r.listeners.get_or_insert_with(|| vec![OUTBOUND.into()]);
                 }
-                (sidecar_listeners(&sidecar), Some(sidecar))
+                (
+                    sidecar_listeners(&sidecar, workload.as_ref()),
+                    Some(sidecar),
+                )
             }
         };
         let services = self.named("service", services, |v, at, s| v.service(at, s));
@@ -243,6 +249,7 @@ impl Checker<'_> {
             listeners,
             routes,
             services,
+            workload,
             sidecar,
         }
     }
@@ -610,7 +617,7 @@ impl Checker<'_> {
             }
             self.fail(
                 &at.key("mode"),
-                "mode \"mesh\" needs [workload], the mesh certificate (a weir-sidecar section)",
+                "mode \"mesh\" needs [workload], the certificate this proxy presents in the mesh",
             );
             return None;
         };
@@ -1395,13 +1402,9 @@ impl Checker<'_> {
     /// are said to be declared).
     fn sidecar(
         &mut self,
-        workload: Option<(At, RawWorkload)>,
         inbound: Option<(At, RawInbound)>,
         outbound: Option<(At, RawOutbound)>,
     ) -> (Sidecar, At) {
-        self.workload_declared = workload.is_some();
-        let workload = workload.and_then(|(at, w)| self.workload(&at, w));
-        self.workload.clone_from(&workload);
         let (in_at, raw_in) = inbound.unwrap_or_else(|| {
             (
                 At {
@@ -1465,7 +1468,6 @@ impl Checker<'_> {
             SocketAddr::from(([127, 0, 0, 1], 15001)),
         );
         let sidecar = Sidecar {
-            workload,
             inbound: Inbound {
                 listen,
                 app: app.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8080))),
@@ -1699,8 +1701,8 @@ const OUTBOUND: &str = "outbound";
 /// The sidecar's two listeners: outbound (first: `explain`'s default), and inbound (with the
 /// workload's certificate, requiring one from the mesh, under `mtls = "strict"`; plaintext
 /// too under "permissive").
-fn sidecar_listeners(sidecar: &Sidecar) -> Vec<Listener> {
-    let tls = match (&sidecar.workload, sidecar.inbound.mtls) {
+fn sidecar_listeners(sidecar: &Sidecar, workload: Option<&Workload>) -> Vec<Listener> {
+    let tls = match (workload, sidecar.inbound.mtls) {
         (Some(w), mtls @ (Mtls::Strict | Mtls::Permissive)) => Some(ListenerTls {
             certificates: vec![ServerCertificate {
                 hosts: Vec::new(),

@@ -433,7 +433,7 @@ fn tls_settings_are_checked_and_their_files_read_relative_to_the_config() {
         [
             format!("{file}:6: listener \"web\" certificate[0]: cannot read {missing}: No such file or directory (os error 2)"),
             format!("{file}:8: listener \"web\": missing required key \"ca\""),
-            format!("{file}:13: service \"reviews\": mode \"mesh\" needs [workload], the mesh certificate (a weir-sidecar section)"),
+            format!("{file}:13: service \"reviews\": mode \"mesh\" needs [workload], the certificate this proxy presents in the mesh"),
             format!("{file}:17: service \"api\": missing required key \"sni\": the endpoints are addresses, so there is no name to send and to verify the server's certificate against"),
             format!("{file}:18: service \"api\": cert is for mode \"mutual\" only"),
             format!("{file}:22: listener \"plain\": certificates need protocol = \"https\""),
@@ -498,7 +498,7 @@ endpoints = [\"10.0.0.7:15006\"]
     write(dir.path(), "sc.toml", &text);
     let loaded = load(&dir.path().join("sc.toml"), Role::Sidecar).unwrap();
     let config = &loaded.config;
-    let workload = config.sidecar.as_ref().unwrap().workload.as_ref().unwrap();
+    let workload = config.workload.as_ref().unwrap();
     assert_eq!(
         workload.identity,
         "spiffe://mesh.local/ns/default/sa/productpage"

@@ -20,7 +20,7 @@ use tracing::{error, info, warn};
 use weir_config::{Dns, HealthCheck};
 
 use crate::snapshot::{ServiceState, Snapshot};
-use crate::tls::upstream_peer;
+use crate::tls::{upstream_peer, UpstreamPeerTls};
 
 /// Re-resolution bounds: a TTL of 0 does not spin, a long one still notices changes.
 const MIN_TTL: Duration = Duration::from_secs(1);
@@ -61,7 +61,14 @@ impl Discovery {
                 let tls = service.tls.clone();
                 let probe = move |addr| {
                     let peer = upstream_peer(tls.as_deref(), addr);
-                    check(connector.clone(), peer, addr, path.clone(), idle)
+                    check(
+                        connector.clone(),
+                        peer,
+                        tls.clone(),
+                        addr,
+                        path.clone(),
+                        idle,
+                    )
                 };
                 tokio::spawn(health_checks(Arc::downgrade(service), hc.clone(), probe));
             }
@@ -125,6 +132,7 @@ where
 async fn check(
     connector: Arc<Connector>,
     peer: HttpPeer,
+    tls: Option<Arc<UpstreamPeerTls>>,
     addr: SocketAddr,
     path: String,
     idle: Duration,
@@ -139,18 +147,35 @@ async fn check(
     };
     let _ = req.insert_header("host", host);
     let _ = req.insert_header("user-agent", "weir-health-check");
-    matches!(exchange(&connector, &peer, req, idle).await, Ok(200..=299))
+    let to = Target {
+        peer: &peer,
+        tls: tls.as_deref(),
+        addr,
+    };
+    matches!(exchange(&connector, to, req, idle).await, Ok(200..=299))
+}
+
+/// Where a health check goes.
+struct Target<'a> {
+    peer: &'a HttpPeer,
+    tls: Option<&'a UpstreamPeerTls>,
+    addr: SocketAddr,
 }
 
 /// Sends `header` on a connection from the pool, reads the answer to the end and gives the
 /// connection back; returns the answer's status.
 async fn exchange(
     connector: &Connector,
-    peer: &HttpPeer,
+    to: Target<'_>,
     header: RequestHeader,
     idle_timeout: Duration,
 ) -> pingora_error::Result<u16> {
-    let (mut session, _reused) = connector.get_http_session(peer).await?;
+    let peer = to.peer;
+    let (mut session, reused) = connector.get_http_session(peer).await?;
+    if let (Some(tls), false) = (to.tls, reused) {
+        let ssl = session.digest().ssl_digest.as_deref();
+        tls.check_identity(to.addr, ssl).await?;
+    }
     session.write_request_header(Box::new(header)).await?;
     session.finish_body().await?;
     session.read_response().await?;

@@ -482,6 +482,10 @@ async fn connect(
     let mut peer = upstream_peer(shared.tls.as_deref(), addr);
     peer.options.connection_timeout = Some(shared.connect_timeout);
     let stream = connector.new_stream(&peer).await.ok()?;
+    if let Some(tls) = &shared.tls {
+        let ssl = stream.get_ssl_digest();
+        tls.check_identity(addr, ssl.as_deref()).await.ok()?;
+    }
     Some(Conn {
         addr,
         stream,

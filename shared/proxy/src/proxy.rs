@@ -18,6 +18,7 @@ use http::{HeaderName, HeaderValue, Version};
 use pingora_core::connectors::TransportConnector;
 use pingora_core::modules::http::HttpModules;
 use pingora_core::protocols::tls::SslDigest;
+use pingora_core::protocols::Digest;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorSource, ErrorType, OrErr, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
@@ -477,6 +478,28 @@ impl ProxyHttp for WeirProxy {
         Ok(())
     }
 
+    /// Mode mesh: a new connection's server must carry one of the service's identities before
+    /// the request goes out on it.
+    async fn connected_to_upstream(
+        &self,
+        _session: &mut Session,
+        reused: bool,
+        _peer: &HttpPeer,
+        #[cfg(unix)] _fd: std::os::unix::io::RawFd,
+        #[cfg(windows)] _sock: std::os::windows::io::RawSocket,
+        digest: Option<&Digest>,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let (Some(service), Some(addr), false) = (&ctx.service, ctx.upstream, reused) else {
+            return Ok(());
+        };
+        let Some(tls) = &service.tls else {
+            return Ok(());
+        };
+        let ssl = digest.and_then(|d| d.ssl_digest.as_deref());
+        tls.check_identity(addr, ssl).await.map_err(Error::into_up)
+    }
+
     async fn upstream_request_filter(
         &self,
         session: &mut Session,
@@ -582,6 +605,8 @@ impl ProxyHttp for WeirProxy {
         }
         let failure = match e.etype() {
             ErrorType::ReadTimedout | ErrorType::WriteTimedout => Failure::Timeout,
+            // A mesh identity check: the request was not sent.
+            ErrorType::TLSHandshakeFailure | ErrorType::ConnectTimedout => Failure::ConnectFailure,
             _ => Failure::Reset,
         };
         // A pooled connection the upstream had closed says nothing about the endpoint.

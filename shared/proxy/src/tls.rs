@@ -3,19 +3,15 @@
 //! with the connection, and TLS origination to a service's endpoints.
 
 use std::any::Any;
-use std::pin::Pin;
-use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use http::HeaderValue;
 use pingora_core::listeners::tls::TlsSettings;
 use pingora_core::listeners::TlsAccept;
-use pingora_core::protocols::l4::socket::SocketAddr;
-use pingora_core::protocols::l4::stream::Stream;
-use pingora_core::protocols::l4::virt::{VirtualSockOpt, VirtualSocket, VirtualSocketStream};
-use pingora_core::protocols::tls::{CaType, TlsRef};
+use pingora_core::protocols::tls::{CaType, SslDigest, TlsRef};
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_core::utils::tls::{parse_x509, CertKey, WrappedX509};
 use pingora_error::{Error, ErrorType, OrErr, Result};
@@ -220,78 +216,82 @@ pub struct UpstreamPeerTls {
     /// files were rotated) from sharing connections.
     group: u64,
     sni: String,
-    handshake: Handshake,
-}
-
-enum Handshake {
-    /// Pingora's: the server's chain and name verified against `ca` (`None`: the system's).
-    Pingora {
-        ca: Option<Arc<CaType>>,
-        client: Option<Arc<CertKey>>,
-    },
-    /// Weir's own, for mesh mTLS: Pingora's rustls connector cannot check a SPIFFE id, so the
-    /// connection is made TLS before Pingora sees it, and Pingora speaks plain HTTP over it.
-    Mesh(Arc<MeshConnect>),
+    ca: Option<Arc<CaType>>,
+    client: Option<Arc<CertKey>>,
+    /// Mode mesh: the server's SPIFFE id, checked once a connection is up.
+    mesh: Option<MeshIdentity>,
 }
 
 impl UpstreamPeerTls {
     pub fn new(tls: &UpstreamTls, connect_timeout: Duration) -> UpstreamPeerTls {
-        let handshake = match tls.mode {
-            TlsMode::Mesh => Handshake::Mesh(Arc::new(MeshConnect::new(tls, connect_timeout))),
-            TlsMode::Simple | TlsMode::Mutual => Handshake::Pingora {
-                ca: (!tls.roots.is_empty()).then(|| {
-                    let certs: Vec<WrappedX509> = tls
-                        .roots
-                        .iter()
-                        .map(|der| WrappedX509::new(der.clone(), parse_x509))
-                        .collect();
-                    Arc::<CaType>::from(certs.into_boxed_slice())
-                }),
-                client: tls
-                    .client
-                    .as_ref()
-                    .map(|pair| Arc::new(CertKey::new(pair.chain.clone(), pair.key.clone()))),
-            },
-        };
+        let ca = (!tls.roots.is_empty()).then(|| {
+            let certs: Vec<WrappedX509> = tls
+                .roots
+                .iter()
+                .map(|der| WrappedX509::new(der.clone(), parse_x509))
+                .collect();
+            Arc::<CaType>::from(certs.into_boxed_slice())
+        });
+        let client = tls
+            .client
+            .as_ref()
+            .map(|pair| Arc::new(CertKey::new(pair.chain.clone(), pair.key.clone())));
         UpstreamPeerTls {
             group: tls.fingerprint,
             sni: tls.sni.clone(),
-            handshake,
+            ca,
+            client,
+            mesh: (tls.mode == TlsMode::Mesh).then(|| MeshIdentity::new(tls, connect_timeout)),
         }
     }
 
     /// A peer that connects with TLS, sends the SNI and verifies the server's certificate
-    /// chain and name (in mode mesh: its SPIFFE id).
+    /// chain and name; in mode mesh, the chain only (the name is a SPIFFE id, which
+    /// [`Self::check_identity`] checks).
     fn peer(&self, addr: std::net::SocketAddr) -> HttpPeer {
-        let mut peer = match &self.handshake {
-            Handshake::Pingora { ca, client } => {
-                let mut peer = HttpPeer::new(addr, true, self.sni.clone());
-                peer.options.ca.clone_from(ca);
-                peer.client_cert_key.clone_from(client);
-                peer
-            }
-            Handshake::Mesh(connect) => {
-                let mut peer = HttpPeer::new(addr, false, self.sni.clone());
-                peer.options.custom_l4 = Some(connect.clone());
-                peer
-            }
-        };
+        let mut peer = HttpPeer::new(addr, true, self.sni.clone());
         peer.group_key = self.group;
+        peer.options.ca.clone_from(&self.ca);
+        peer.client_cert_key.clone_from(&self.client);
+        peer.options.verify_hostname = self.mesh.is_none();
         peer
+    }
+
+    /// For mode mesh, after a new connection's handshake and before anything is sent on it:
+    /// whether the server's certificate carries one of the service's identities. Other modes
+    /// were verified in full by the handshake.
+    pub async fn check_identity(
+        &self,
+        addr: std::net::SocketAddr,
+        tls: Option<&SslDigest>,
+    ) -> Result<()> {
+        match &self.mesh {
+            None => Ok(()),
+            Some(mesh) => mesh.check(addr, tls).await,
+        }
     }
 }
 
-/// Connects to a mesh peer: TCP, then the TLS handshake that presents the workload certificate
-/// and checks the server's SPIFFE id (weir_tls::mesh), both within the service's
-/// `connect_timeout`.
-pub struct MeshConnect {
+/// Mode mesh's identity check. Pingora's rustls connector verifies a server's chain, but a
+/// name only as a host name, and offers no hook to read the certificate; the connection
+/// tells only its leaf's SHA-256. So a certificate is checked once: a handshake of Weir's own
+/// (weir_tls::mesh: the chain under the trust bundle, the SPIFFE id among `identities`)
+/// learns the endpoint's certificate, and its hash joins the verified ones if it is the one
+/// the connection got. Each new connection then costs a lookup; a renewed certificate, one
+/// more handshake.
+struct MeshIdentity {
     connector: tokio_rustls::TlsConnector,
     sni: ServerName<'static>,
     timeout: Duration,
+    /// SHA-256 of server certificates seen to pass; cleared when it grows past a bound.
+    verified: Mutex<HashSet<Vec<u8>>>,
 }
 
-impl MeshConnect {
-    fn new(tls: &UpstreamTls, timeout: Duration) -> MeshConnect {
+/// Distinct server certificates remembered per service (endpoints × renewals).
+const VERIFIED_CERTIFICATES: usize = 4096;
+
+impl MeshIdentity {
+    fn new(tls: &UpstreamTls, timeout: Duration) -> MeshIdentity {
         let mut roots = weir_tls::rustls::RootCertStore::empty();
         for der in &tls.roots {
             // Validation parsed every one of them.
@@ -303,97 +303,59 @@ impl MeshConnect {
             .expect("mode mesh always has the workload");
         let config = weir_tls::mesh::client_config(workload, Arc::new(roots), &tls.identities)
             .expect("the trust bundle was checked at load");
-        MeshConnect {
+        MeshIdentity {
             connector: tokio_rustls::TlsConnector::from(config),
             // Validation checked it is a host name.
             sni: ServerName::try_from(tls.sni.clone())
                 .unwrap_or_else(|_| ServerName::try_from("mesh").expect("a valid name")),
             timeout,
+            verified: Mutex::new(HashSet::new()),
         }
     }
 
-    async fn handshake(&self, addr: std::net::SocketAddr) -> Result<MeshStream> {
-        let tcp = TcpStream::connect(addr).await.map_err(|e| {
-            let kind = match e.kind() {
-                std::io::ErrorKind::ConnectionRefused => ErrorType::ConnectRefused,
-                _ => ErrorType::ConnectError,
-            };
-            Error::because(kind, format!("connecting to {addr}"), e)
-        })?;
-        tcp.set_nodelay(true)
-            .or_err(ErrorType::ConnectError, "TCP_NODELAY")?;
+    async fn check(&self, addr: std::net::SocketAddr, tls: Option<&SslDigest>) -> Result<()> {
+        let Some(leaf) = tls.map(|d| &d.cert_digest).filter(|d| !d.is_empty()) else {
+            return Error::e_explain(ErrorType::TLSHandshakeFailure, "mesh: no TLS on it");
+        };
+        if self.verified.lock().expect("not poisoned").contains(leaf) {
+            return Ok(());
+        }
+        let seen = tokio::time::timeout(self.timeout, self.handshake(addr))
+            .await
+            .unwrap_or_else(|_| {
+                Error::e_explain(ErrorType::ConnectTimedout, "mesh: identity check timed out")
+            })?;
+        if seen != *leaf {
+            return Error::e_explain(
+                ErrorType::TLSHandshakeFailure,
+                format!("mesh: {addr} presented two different certificates; not trusted"),
+            );
+        }
+        let mut verified = self.verified.lock().expect("not poisoned");
+        if verified.len() >= VERIFIED_CERTIFICATES {
+            verified.clear();
+        }
+        verified.insert(seen);
+        Ok(())
+    }
+
+    /// A handshake with the mesh verifier; the SHA-256 of the certificate it accepted.
+    async fn handshake(&self, addr: std::net::SocketAddr) -> Result<Vec<u8>> {
+        let tcp = TcpStream::connect(addr)
+            .await
+            .or_err(ErrorType::ConnectError, "mesh: identity check")?;
         let tls = self
             .connector
             .connect(self.sni.clone(), tcp)
             .await
             .map_err(|e| {
-                let context = format!("mesh TLS handshake with {addr}");
+                let context = format!("mesh TLS to {addr}");
                 Error::because(ErrorType::TLSHandshakeFailure, context, e)
             })?;
-        Ok(MeshStream(tls))
-    }
-}
-
-impl std::fmt::Debug for MeshConnect {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "mesh TLS to {:?}", self.sni)
-    }
-}
-
-#[async_trait]
-impl pingora_core::connectors::L4Connect for MeshConnect {
-    async fn connect(&self, addr: &SocketAddr) -> Result<Stream> {
-        let SocketAddr::Inet(inet) = addr else {
-            return Error::e_explain(ErrorType::ConnectError, "mesh TLS needs an IP address");
-        };
-        match tokio::time::timeout(self.timeout, self.handshake(*inet)).await {
-            Ok(stream) => Ok(VirtualSocketStream::new(Box::new(stream?)).into()),
-            Err(_) => Error::e_explain(
-                ErrorType::ConnectTimedout,
-                format!("mesh TLS to {inet}: no handshake within {:?}", self.timeout),
-            ),
-        }
-    }
-}
-
-/// A mesh TLS connection, which Pingora's plain-HTTP session takes as its socket.
-#[derive(Debug)]
-struct MeshStream(tokio_rustls::client::TlsStream<TcpStream>);
-
-impl VirtualSocket for MeshStream {
-    fn set_socket_option(&self, opt: VirtualSockOpt) -> std::io::Result<()> {
-        let tcp = self.0.get_ref().0;
-        match opt {
-            VirtualSockOpt::NoDelay => tcp.set_nodelay(true),
-            _ => Ok(()),
-        }
-    }
-}
-
-impl tokio::io::AsyncRead for MeshStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
-    }
-}
-
-impl tokio::io::AsyncWrite for MeshStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+        let leaf = tls.get_ref().1.peer_certificates().and_then(|c| c.first());
+        let hash = leaf
+            .map(|c| weir_tls::certificate_hash(c))
+            .unwrap_or_default();
+        Ok(hash)
     }
 }

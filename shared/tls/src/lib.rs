@@ -173,7 +173,7 @@ pub struct PeerIdentity {
 impl PeerIdentity {
     /// Reads the identity of a verified leaf certificate.
     pub fn of(der: &[u8]) -> PeerIdentity {
-        let hash = hex(ring::digest::digest(&ring::digest::SHA256, der).as_ref());
+        let hash = hex(&certificate_hash(der));
         let Ok((_, cert)) = X509Certificate::from_der(der) else {
             return PeerIdentity {
                 hash,
@@ -220,6 +220,13 @@ impl PeerIdentity {
         }
         value
     }
+}
+
+/// SHA-256 of a certificate's DER: how Pingora's TLS digest names a peer's certificate.
+pub fn certificate_hash(der: &[u8]) -> Vec<u8> {
+    ring::digest::digest(&ring::digest::SHA256, der)
+        .as_ref()
+        .to_vec()
 }
 
 fn hex(bytes: &[u8]) -> String {
