@@ -162,52 +162,7 @@ impl Checker<'_> {
                     );
                 }
                 let (sidecar, at) = self.sidecar(inbound, outbound);
-                // Its own names: a user's route or service of that name would shadow the app.
-                let items = routes.iter().map(|(at, r)| (at, r.name()));
-                let items = items.chain(services.iter().map(|(at, s)| (at, s.name())));
-                let taken: Vec<At> = items
-                    .filter(|(_, name)| *name == Some(INBOUND))
-                    .map(|(at, _)| at.key("name"))
-                    .collect();
-                for at in taken {
-                    self.fail(
-                        &at,
-                        "the name \"inbound\" is the sidecar's own (its route and service to \
-                         the app); choose another",
-                    );
-                }
-                routes.retain(|(_, r)| r.name() != Some(INBOUND));
-                services.retain(|(_, s)| s.name() != Some(INBOUND));
-                // The app is a service, and every request on the inbound listener takes one
-                // route to it: metrics, limits, timeouts and the access log work as outbound.
-                services.push((
-                    at.clone(),
-                    RawService {
-                        name: Some(INBOUND.into()),
-                        endpoints: Some(vec![sidecar.inbound.app.to_string()]),
-                        ..RawService::default()
-                    },
-                ));
-                routes.push((
-                    at,
-                    RawRoute {
-                        name: Some(INBOUND.into()),
-                        listeners: Some(vec![INBOUND.into()]),
-                        backend: vec![RawBackend {
-                            service: Some(INBOUND.into()),
-                            weight: None,
-                        }],
-                        // Outbound retries; the app is one hop away (Istio's inbound too).
-                        retry: Some(RawRetry {
-                            attempts: Some(0),
-                            ..RawRetry::default()
-                        }),
-                        ..RawRoute::default()
-                    },
-                ));
-                for (_, r) in &mut routes {
-                    r.listeners.get_or_insert_with(|| vec![OUTBOUND.into()]);
-                }
+                self.to_the_app(at, &sidecar, &mut routes, &mut services);
                 (
                     sidecar_listeners(&sidecar, workload.as_ref()),
                     Some(sidecar),
@@ -1477,6 +1432,63 @@ impl Checker<'_> {
             outbound: Outbound { listen: out_listen },
         };
         (sidecar, in_at)
+    }
+
+    /// The sidecar's own route and service to the app, named "inbound" (so the name is taken),
+    /// declared at `at`; the user's routes attach to the outbound listener.
+    fn to_the_app(
+        &mut self,
+        at: At,
+        sidecar: &Sidecar,
+        routes: &mut Vec<(At, RawRoute)>,
+        services: &mut Vec<(At, RawService)>,
+    ) {
+        // A user's route or service of that name would shadow the app.
+        let items = routes.iter().map(|(at, r)| (at, r.name()));
+        let items = items.chain(services.iter().map(|(at, s)| (at, s.name())));
+        let taken: Vec<At> = items
+            .filter(|(_, name)| *name == Some(INBOUND))
+            .map(|(at, _)| at.key("name"))
+            .collect();
+        for at in taken {
+            self.fail(
+                &at,
+                "the name \"inbound\" is the sidecar's own (its route and service to the \
+                 app); choose another",
+            );
+        }
+        routes.retain(|(_, r)| r.name() != Some(INBOUND));
+        services.retain(|(_, s)| s.name() != Some(INBOUND));
+        for (_, r) in routes.iter_mut() {
+            r.listeners.get_or_insert_with(|| vec![OUTBOUND.into()]);
+        }
+        // The app is a service, and every request on the inbound listener takes one route to
+        // it: metrics, limits, timeouts and the access log work as they do outbound.
+        services.push((
+            at.clone(),
+            RawService {
+                name: Some(INBOUND.into()),
+                endpoints: Some(vec![sidecar.inbound.app.to_string()]),
+                ..RawService::default()
+            },
+        ));
+        routes.push((
+            at,
+            RawRoute {
+                name: Some(INBOUND.into()),
+                listeners: Some(vec![INBOUND.into()]),
+                backend: vec![RawBackend {
+                    service: Some(INBOUND.into()),
+                    weight: None,
+                }],
+                // No retries: the app is one hop away (Istio's inbound does not retry either).
+                retry: Some(RawRetry {
+                    attempts: Some(0),
+                    ..RawRetry::default()
+                }),
+                ..RawRoute::default()
+            },
+        ));
     }
 
     fn workload(&mut self, at: &At, w: RawWorkload) -> Option<Workload> {
