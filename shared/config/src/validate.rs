@@ -162,7 +162,7 @@ impl Checker<'_> {
                     );
                 }
                 let (sidecar, at) = self.sidecar(inbound, outbound);
-                self.to_the_app(at, &sidecar, &mut routes, &mut services);
+                self.app_route(at, &sidecar, &mut routes, &mut services);
                 (
                     sidecar_listeners(&sidecar, workload.as_ref()),
                     Some(sidecar),
@@ -1436,7 +1436,7 @@ impl Checker<'_> {
 
     /// The sidecar's own route and service to the app, named "inbound" (so the name is taken),
     /// declared at `at`; the user's routes attach to the outbound listener.
-    fn to_the_app(
+    fn app_route(
         &mut self,
         at: At,
         sidecar: &Sidecar,
