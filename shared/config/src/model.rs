@@ -332,11 +332,21 @@ pub struct Service {
     pub endpoints: Vec<SocketAddr>,
     pub dns: Option<Dns>,
     pub load_balancer: LoadBalancer,
+    pub protocol: UpstreamProtocol,
     pub connection_pool: ConnectionPool,
     pub outlier_detection: Option<OutlierDetection>,
     pub health_check: Option<HealthCheck>,
     /// TLS origination; `None` = plaintext.
     pub tls: Option<UpstreamTls>,
+}
+
+/// What the proxy speaks to a service's endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamProtocol {
+    Http1,
+    /// h2c (prior knowledge) on plaintext, ALPN h2 over TLS; needed for gRPC.
+    Http2,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -281,6 +281,8 @@ pub struct RawService {
     pub dns: Option<String>,
     /// "round_robin" (default), "random", "least_request" or "consistent_hash".
     pub load_balancer: Option<String>,
+    /// "http1" (default) or "http2" (h2c on plaintext, ALPN h2 over TLS).
+    pub protocol: Option<String>,
     /// consistent_hash only: what to hash.
     pub hash_on: Option<RawHashOn>,
     /// Connection limits and timeouts (circuit breaking).

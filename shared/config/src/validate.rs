@@ -26,6 +26,7 @@ pub fn validate(
         material: Vec::new(),
         workload: None,
         workload_declared: false,
+        http2_services: HashSet::new(),
     };
     let config = v.config(raws, role);
     if v.errors.is_empty() {
@@ -46,6 +47,8 @@ struct Checker<'a> {
     workload: Option<Workload>,
     /// Whether `[workload]` is there at all (a broken one is reported once, by itself).
     workload_declared: bool,
+    /// Services with `protocol = "http2"`, which a mirror cannot copy to.
+    http2_services: HashSet<String>,
 }
 
 /// Where a value sits: file number, key path, readable path.
@@ -617,6 +620,19 @@ impl Checker<'_> {
             .filter_map(|(i, e)| self.addr(&at.item("endpoints", i), e))
             .collect();
         let load_balancer = self.load_balancer(at, s.load_balancer.as_deref(), s.hash_on);
+        let protocol = match s.protocol.as_deref() {
+            None | Some("http1") => UpstreamProtocol::Http1,
+            Some("http2") => {
+                self.http2_services
+                    .insert(s.name.clone().unwrap_or_default());
+                UpstreamProtocol::Http2
+            }
+            Some(other) => {
+                let e = format!("protocol {other:?}: expected \"http1\" or \"http2\"");
+                self.fail(&at.key("protocol"), e);
+                UpstreamProtocol::Http1
+            }
+        };
         let connection_pool = s
             .connection_pool
             .map(|p| self.connection_pool(&at.key("connection_pool"), p))
@@ -640,6 +656,7 @@ impl Checker<'_> {
             endpoints,
             dns,
             load_balancer,
+            protocol,
             connection_pool,
             outlier_detection,
             health_check,
@@ -1011,6 +1028,13 @@ impl Checker<'_> {
             }
             Some(s) if !services.contains(s.as_str()) => {
                 self.fail(&at.key("service"), format!("unknown service {s:?}"));
+                return None;
+            }
+            Some(s) if self.http2_services.contains(&s) => {
+                let e = format!(
+                    "mirror copies are sent as HTTP/1.1, and service {s:?} has protocol = \"http2\""
+                );
+                self.fail(&at.key("service"), e);
                 return None;
             }
             Some(s) => s,

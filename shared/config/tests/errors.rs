@@ -618,3 +618,27 @@ mtls = \"disable\"
         ]
     );
 }
+
+#[test]
+fn a_service_protocol_is_http1_or_http2_and_mirrors_stay_on_http1() {
+    let text = "[[service]]\nname = \"grpc\"\nendpoints = [\"127.0.0.1:9090\"]\nprotocol = \"http2\"\n\
+                [[service]]\nname = \"old\"\nendpoints = [\"127.0.0.1:9091\"]\nprotocol = \"h3\"\n\
+                [[route]]\nname = \"r\"\n  [[route.backend]]\n  service = \"old\"\n  [route.mirror]\n  service = \"grpc\"\n";
+    assert_eq!(
+        errors(text),
+        [
+            "gw.toml:8: service \"old\": protocol \"h3\": expected \"http1\" or \"http2\"",
+            "gw.toml:14: route \"r\": mirror copies are sent as HTTP/1.1, and service \"grpc\" has protocol = \"http2\"",
+        ]
+    );
+    let ok = parse(
+        "gw.toml",
+        &text[..text.find("[[service]]\nname = \"old\"").unwrap()],
+        Role::Gateway,
+    )
+    .unwrap();
+    assert_eq!(
+        ok.config.services[0].protocol,
+        weir_config::UpstreamProtocol::Http2
+    );
+}

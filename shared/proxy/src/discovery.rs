@@ -12,7 +12,7 @@ use std::time::Duration;
 use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::TokioResolver;
-use pingora_core::connectors::http::v1::Connector;
+use pingora_core::connectors::http::Connector;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_http::RequestHeader;
 use tokio::task::JoinSet;
@@ -58,9 +58,9 @@ impl Discovery {
             if let Some(hc) = &service.config.health_check {
                 let (connector, path) = (self.connector.clone(), hc.path.clone());
                 let idle = service.config.connection_pool.idle_timeout;
-                let tls = service.tls.clone();
+                let (tls, protocol) = (service.tls.clone(), service.config.protocol);
                 let probe = move |addr| {
-                    let peer = upstream_peer(tls.as_deref(), addr);
+                    let peer = upstream_peer(tls.as_deref(), protocol, addr);
                     check(
                         connector.clone(),
                         peer,
@@ -167,24 +167,46 @@ struct Target<'a> {
 async fn exchange(
     connector: &Connector,
     to: Target<'_>,
-    header: RequestHeader,
+    mut header: RequestHeader,
     idle_timeout: Duration,
 ) -> pingora_error::Result<u16> {
     let peer = to.peer;
     let (mut session, reused) = connector.get_http_session(peer).await?;
     if let (Some(tls), false) = (to.tls, reused) {
-        let ssl = session.digest().ssl_digest.as_deref();
+        let ssl = session.digest().and_then(|d| d.ssl_digest.as_deref());
         tls.check_identity(to.addr, ssl).await?;
     }
+    if session.as_http2().is_some() {
+        // As Pingora's proxy sends it: the authority and scheme in the URI (its h2 client would
+        // say `https` even over h2c), and no Host, which nginx refuses beside :authority.
+        header.set_uri(h2_uri(&header, to.tls.is_some())?);
+        header.remove_header("host");
+    }
     session.write_request_header(Box::new(header)).await?;
-    session.finish_body().await?;
-    session.read_response().await?;
-    let status = session.get_status().map_or(0, |s| s.as_u16());
-    while session.read_body_ref().await?.is_some() {}
+    session.finish_request_body().await?;
+    session.read_response_header().await?;
+    let status = session.response_header().map_or(0, |h| h.status.as_u16());
+    while session.read_response_body().await?.is_some() {}
     connector
         .release_http_session(session, peer, Some(idle_timeout))
         .await;
     Ok(status)
+}
+
+/// The absolute URI of an HTTP/2 request: its scheme, `Host` as the authority, its path.
+fn h2_uri(header: &RequestHeader, tls: bool) -> pingora_error::Result<http::Uri> {
+    use pingora_error::{ErrorType, OrErr};
+    let host = header
+        .headers
+        .get("host")
+        .map_or(&b""[..], |h| h.as_bytes());
+    let path = header.uri.path_and_query().map_or("/", |p| p.as_str());
+    http::Uri::builder()
+        .scheme(if tls { "https" } else { "http" })
+        .authority(host)
+        .path_and_query(path)
+        .build()
+        .or_err(ErrorType::InvalidHTTPHeader, "health check URI")
 }
 
 /// Resolves `dns` again whenever its answer expires; a failed lookup keeps the last good set.

@@ -31,7 +31,7 @@ use pingora_core::protocols::Stream;
 use pingora_http::RequestHeader;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
-use weir_config::{ConnectionPool, Mirror};
+use weir_config::{ConnectionPool, Mirror, UpstreamProtocol};
 use weir_resilience::{Active, Permit};
 
 use crate::pipeline::Answer;
@@ -112,6 +112,17 @@ pub fn start(
         count(name, Outcome::Dropped);
         return None;
     };
+    // An HTTP/2 client names the host in the URI (:authority), not in Host; the copy is
+    // HTTP/1.1, with Host and a path.
+    if let Some(authority) = header.uri.authority().map(|a| a.to_string()) {
+        if !header.headers.contains_key("host") {
+            let _ = header.insert_header("host", authority);
+        }
+        let path = header.uri.path_and_query().map_or("/", |p| p.as_str());
+        if let Ok(uri) = http::Uri::try_from(path) {
+            header.set_uri(uri);
+        }
+    }
     // Envoy's convention: the copy's Host names the shadow, so the mirror can tell copies
     // from real traffic.
     let host = header
@@ -479,7 +490,8 @@ async fn connect(
     connector: &TransportConnector,
     addr: SocketAddr,
 ) -> Option<Conn> {
-    let mut peer = upstream_peer(shared.tls.as_deref(), addr);
+    // Validation keeps mirrors off HTTP/2 services: copies are written as HTTP/1.1.
+    let mut peer = upstream_peer(shared.tls.as_deref(), UpstreamProtocol::Http1, addr);
     peer.options.connection_timeout = Some(shared.connect_timeout);
     let stream = connector.new_stream(&peer).await.ok()?;
     if let Some(tls) = &shared.tls {

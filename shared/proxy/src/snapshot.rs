@@ -94,7 +94,7 @@ impl ServiceState {
 
     /// The peer for a try to `addr`, with this service's TLS if it has any.
     pub fn peer(&self, addr: std::net::SocketAddr) -> HttpPeer {
-        upstream_peer(self.tls.as_deref(), addr)
+        upstream_peer(self.tls.as_deref(), self.config.protocol, addr)
     }
 }
 

@@ -12,11 +12,12 @@ use http::HeaderValue;
 use pingora_core::listeners::tls::TlsSettings;
 use pingora_core::listeners::TlsAccept;
 use pingora_core::protocols::tls::{CaType, SslDigest, TlsRef};
+use pingora_core::protocols::ALPN;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_core::utils::tls::{parse_x509, CertKey, WrappedX509};
 use pingora_error::{Error, ErrorType, OrErr, Result};
 use tokio::net::TcpStream;
-use weir_config::{Config, TlsMode, UpstreamTls};
+use weir_config::{Config, TlsMode, UpstreamProtocol, UpstreamTls};
 use weir_tls::rustls::client::danger::HandshakeSignatureValid;
 use weir_tls::rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use weir_tls::rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
@@ -32,6 +33,8 @@ use crate::reload::Reloader;
 /// Pingora's TLS settings for the https listener at `index` of the config's listeners.
 pub fn listener_settings(reloader: &Arc<Reloader>, index: usize) -> anyhow::Result<TlsSettings> {
     let mut settings = TlsSettings::with_callbacks(Box::new(KeepPeerIdentity))?;
+    // HTTP/2 for clients that offer it (ALPN h2), HTTP/1.1 for the others.
+    settings.enable_h2();
     let listener = ServingListener {
         reloader: reloader.clone(),
         index,
@@ -201,12 +204,21 @@ pub fn tls_peer(tls: &pingora_core::protocols::tls::SslDigest) -> Option<&TlsPee
 }
 
 /// The peer for one try (or health check, or mirror copy) to `addr`: plaintext, or with the
-/// service's TLS. From a `SocketAddr`, so Pingora does no (blocking) name resolution.
-pub fn upstream_peer(tls: Option<&UpstreamPeerTls>, addr: std::net::SocketAddr) -> HttpPeer {
-    match tls {
+/// service's TLS; HTTP/2 (h2c, or ALPN h2 over TLS) when the service says so. From a
+/// `SocketAddr`, so Pingora does no (blocking) name resolution.
+pub fn upstream_peer(
+    tls: Option<&UpstreamPeerTls>,
+    protocol: UpstreamProtocol,
+    addr: std::net::SocketAddr,
+) -> HttpPeer {
+    let mut peer = match tls {
         Some(tls) => tls.peer(addr),
         None => HttpPeer::new(addr, false, String::new()),
+    };
+    if protocol == UpstreamProtocol::Http2 {
+        peer.options.alpn = ALPN::H2;
     }
+    peer
 }
 
 /// A service's TLS origination in Pingora's types, made once per service.

@@ -65,6 +65,7 @@ mod tests {
             endpoints,
             dns: None,
             load_balancer: lb,
+            protocol: weir_config::UpstreamProtocol::Http1,
             connection_pool: Default::default(),
             outlier_detection: None,
             health_check: None,

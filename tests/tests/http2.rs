@@ -1,0 +1,159 @@
+//! HTTP/2 against the real binary: clients that offer h2 on an https listener (curl), and
+//! services with `protocol = "http2"` (nginx, as h2c and over TLS).
+#![allow(clippy::unwrap_used)]
+
+use std::fs;
+use std::time::Duration;
+
+use weir_tests::tls::TestCa;
+use weir_tests::{curl, free_port, wait_until, Gateway, Nginx, Upstream};
+
+/// nginx answering with the protocol it was spoken to in, and a health check path.
+const PROTOCOL_ECHO: &str = "
+  location = /healthz { return 200 \"ok\\n\"; }
+  location / { return 200 \"$server_protocol $host $request_uri\\n\"; }";
+
+/// A gateway whose listener "web" is https with a certificate for a.example (under `ca`),
+/// then `extra`.
+fn https_gateway(ca: &TestCa, extra: &str) -> Gateway {
+    let dir = tempfile::tempdir().unwrap();
+    let pair = ca.server(&["a.example"]);
+    fs::write(dir.path().join("a.pem"), &pair.cert).unwrap();
+    fs::write(dir.path().join("a-key.pem"), &pair.key).unwrap();
+    fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
+    let (port, admin) = (free_port(), free_port());
+    let config = format!(
+        "{}protocol = \"https\"\n  [[listener.certificate]]\n  cert = \"a.pem\"\n  key = \"a-key.pem\"\n{extra}",
+        Gateway::base(port, admin)
+    );
+    let path = dir.path().join("gateway.toml");
+    fs::write(&path, config).unwrap();
+    Gateway::start_on(dir, path, port, admin)
+}
+
+/// `curl --http2` to the gateway's https listener as a.example: the HTTP version curl got,
+/// then the body.
+fn h2_get(gw: &Gateway, path: &str) -> String {
+    let ca = gw.dir.path().join("ca.pem");
+    let resolve = format!("a.example:{}:127.0.0.1", gw.port);
+    let url = format!("https://a.example:{}{path}", gw.port);
+    let ca = ca.to_str().unwrap();
+    curl(&[
+        "--http2",
+        "--cacert",
+        ca,
+        "--resolve",
+        &resolve,
+        "-w",
+        "HTTP/%{http_version} %{http_code}\n",
+        &url,
+    ])
+    .unwrap()
+}
+
+#[test]
+fn clients_that_offer_h2_get_it_and_http1_upstreams_still_get_http1() {
+    let ca = TestCa::new("weir test CA");
+    let (app, shadow) = (Upstream::start("app"), Upstream::start("shadow"));
+    let routes = format!(
+        "{}{}[[route]]\nname = \"app\"\n  [[route.backend]]\n  service = \"app\"\n  [route.mirror]\n  service = \"shadow\"\n",
+        app.service(),
+        shadow.service()
+    );
+    let gw = https_gateway(&ca, &routes);
+    let out = h2_get(&gw, "/x?y=1");
+    assert!(out.ends_with("HTTP/2 200\n"), "{out}");
+    // The app speaks HTTP/1.1: Host comes from :authority.
+    let authority = format!("a.example:{}", gw.port);
+    assert_eq!(app.last_header("host").as_deref(), Some(authority.as_str()));
+    assert_eq!(app.last_header(":path").as_deref(), Some("/x?y=1"));
+    assert_eq!(
+        app.last_header("x-forwarded-proto").as_deref(),
+        Some("https")
+    );
+    // The mirror copy is HTTP/1.1 too, with the shadow's Host and the path.
+    wait_until("the mirror copy", Duration::from_secs(10), || {
+        shadow.hits() == 1
+    });
+    let shadow_host = format!("a.example-shadow:{}", gw.port);
+    assert_eq!(
+        shadow.last_header("host").as_deref(),
+        Some(shadow_host.as_str())
+    );
+    assert_eq!(shadow.last_header(":path").as_deref(), Some("/x?y=1"));
+    // A client without h2 still gets HTTP/1.1.
+    let resolve = format!("a.example:{}:127.0.0.1", gw.port);
+    let ca_path = gw.dir.path().join("ca.pem");
+    let url = format!("https://a.example:{}/", gw.port);
+    let out = curl(&[
+        "--http1.1",
+        "--cacert",
+        ca_path.to_str().unwrap(),
+        "--resolve",
+        &resolve,
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_version}",
+        &url,
+    ])
+    .unwrap();
+    assert_eq!(out, "1.1");
+}
+
+#[test]
+fn a_service_with_protocol_http2_is_spoken_to_in_h2c_or_h2_over_tls() {
+    let ca = TestCa::new("weir test CA");
+    // h2c: nginx's prior-knowledge HTTP/2 on a plain port.
+    let h2c = Nginx::start(&format!("listen 127.0.0.1:{{port}} http2;{PROTOCOL_ECHO}"));
+    // h2 over TLS, chosen by ALPN.
+    let dir = tempfile::tempdir().unwrap();
+    let pair = ca.server(&["backend.internal"]);
+    fs::write(dir.path().join("b.pem"), &pair.cert).unwrap();
+    fs::write(dir.path().join("b-key.pem"), &pair.key).unwrap();
+    let tls = Nginx::start(&format!(
+        "listen 127.0.0.1:{{port}} ssl http2;\n  ssl_certificate {0}/b.pem; ssl_certificate_key {0}/b-key.pem;{PROTOCOL_ECHO}",
+        dir.path().display()
+    ));
+    fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
+    let config = format!(
+        "[[route]]\nname = \"h2c\"\nhosts = [\"h2c.example\"]\n  [[route.backend]]\n  service = \"h2c\"\n\
+         [[route]]\nname = \"h2\"\nhosts = [\"h2.example\"]\n  [[route.backend]]\n  service = \"h2\"\n\
+         [[service]]\nname = \"h2c\"\nendpoints = [\"127.0.0.1:{}\"]\nprotocol = \"http2\"\n\
+         \x20 [service.health_check]\n  path = \"/healthz\"\n  interval = \"100ms\"\n\
+         [[service]]\nname = \"h2\"\nendpoints = [\"127.0.0.1:{}\"]\nprotocol = \"http2\"\n\
+         \x20 [service.tls]\n  ca = \"{}/ca.pem\"\n  sni = \"backend.internal\"\n",
+        h2c.port,
+        tls.port,
+        dir.path().display()
+    );
+    let gw = Gateway::start(&config);
+    let reply = gw.get("/a", &[("host", "h2c.example")]);
+    assert_eq!(
+        (reply.status, reply.body.as_str()),
+        (200, "HTTP/2.0 h2c.example /a\n")
+    );
+    let reply = gw.get("/b", &[("host", "h2.example")]);
+    assert_eq!(
+        (reply.status, reply.body.as_str()),
+        (200, "HTTP/2.0 h2.example /b\n")
+    );
+    // Health checks speak the service's protocol too.
+    wait_until("an HTTP/2 health check", Duration::from_secs(10), || {
+        h2c.access_log().contains("\"GET /healthz HTTP/2.0\" 200")
+    });
+}
+
+#[test]
+fn h2_end_to_end_from_client_to_service() {
+    let ca = TestCa::new("weir test CA");
+    let h2c = Nginx::start(&format!("listen 127.0.0.1:{{port}} http2;{PROTOCOL_ECHO}"));
+    let config = format!(
+        "[[route]]\nname = \"h2c\"\n  [[route.backend]]\n  service = \"h2c\"\n\
+         [[service]]\nname = \"h2c\"\nendpoints = [\"127.0.0.1:{}\"]\nprotocol = \"http2\"\n",
+        h2c.port
+    );
+    let gw = https_gateway(&ca, &config);
+    let out = h2_get(&gw, "/grpc.Service/Method");
+    assert_eq!(out, "HTTP/2.0 a.example /grpc.Service/Method\nHTTP/2 200\n");
+}
