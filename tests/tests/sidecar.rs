@@ -427,3 +427,38 @@ fn mesh_connections_are_kept_alive_and_reused() {
         "{accepted} connections for 20 calls"
     );
 }
+
+/// A mesh service with `protocol = "http2"`: the hop between the sidecars is HTTP/2 over mesh
+/// mTLS (ALPN h2), with the identity checked all the same.
+#[test]
+fn the_mesh_hop_can_be_http2() {
+    let ca = TestCa::new("mesh CA");
+    let app = Upstream::start("reviews-app");
+    let inbound = free_port();
+    let app_addr = app.addr.to_string();
+    let reviews = sidecar(&ca, REVIEWS, |admin, outbound| {
+        sidecar_config(admin, inbound, &app_addr, outbound, "")
+    });
+    let productpage = sidecar(&ca, PRODUCTPAGE, |admin, outbound| {
+        let routes = productpage_routes(inbound)
+            .replace("endpoints = [", "protocol = \"http2\"\nendpoints = [");
+        sidecar_config(admin, free_port(), "127.0.0.1:1", outbound, &routes)
+    });
+    let reply = productpage.get("/reviews/1", &[("host", "reviews")]);
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let xfcc = app.last_header("x-forwarded-client-cert").unwrap();
+    assert!(xfcc.contains(&format!(";URI={PRODUCTPAGE}")), "{xfcc}");
+    assert_eq!(
+        productpage
+            .get("/reviews/1", &[("host", "impostor")])
+            .status,
+        503
+    );
+    let log = {
+        wait_until("the access log", Duration::from_secs(10), || {
+            reviews.access_log().len() == 1
+        });
+        reviews.access_log()
+    };
+    assert_eq!(log[0]["protocol"], "HTTP/2", "{}", log[0]);
+}

@@ -171,8 +171,8 @@ async fn exchange(
     idle_timeout: Duration,
 ) -> pingora_error::Result<u16> {
     let peer = to.peer;
-    let (mut session, reused) = connector.get_http_session(peer).await?;
-    if let (Some(tls), false) = (to.tls, reused) {
+    let (mut session, _reused) = connector.get_http_session(peer).await?;
+    if let Some(tls) = to.tls {
         let ssl = session.digest().and_then(|d| d.ssl_digest.as_deref());
         tls.check_identity(to.addr, ssl).await?;
     }

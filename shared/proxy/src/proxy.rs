@@ -478,19 +478,20 @@ impl ProxyHttp for WeirProxy {
         Ok(())
     }
 
-    /// Mode mesh: a new connection's server must carry one of the service's identities before
-    /// the request goes out on it.
+    /// Mode mesh: the connection's server must carry one of the service's identities before
+    /// the request goes out on it. Reused connections too: Pingora shares a new HTTP/2
+    /// connection before this check has passed on it (a lookup once it has).
     async fn connected_to_upstream(
         &self,
         _session: &mut Session,
-        reused: bool,
+        _reused: bool,
         _peer: &HttpPeer,
         #[cfg(unix)] _fd: std::os::unix::io::RawFd,
         #[cfg(windows)] _sock: std::os::windows::io::RawSocket,
         digest: Option<&Digest>,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        let (Some(service), Some(addr), false) = (&ctx.service, ctx.upstream, reused) else {
+        let (Some(service), Some(addr)) = (&ctx.service, ctx.upstream) else {
             return Ok(());
         };
         let Some(tls) = &service.tls else {
@@ -686,6 +687,13 @@ impl ProxyHttp for WeirProxy {
                 .map_or("outbound", |(n, _)| n.as_str()),
             client: client_ip(session),
             method: req.method.as_str(),
+            protocol: match req.version {
+                Version::HTTP_2 => "HTTP/2",
+                Version::HTTP_10 => "HTTP/1.0",
+                Version::HTTP_09 => "HTTP/0.9",
+                Version::HTTP_3 => "HTTP/3",
+                _ => "HTTP/1.1",
+            },
             authority: &host_of(req),
             path: req.uri.path(),
             status,

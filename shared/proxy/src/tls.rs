@@ -4,7 +4,7 @@
 
 use std::any::Any;
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -269,9 +269,9 @@ impl UpstreamPeerTls {
         peer
     }
 
-    /// For mode mesh, after a new connection's handshake and before anything is sent on it:
-    /// whether the server's certificate carries one of the service's identities. Other modes
-    /// were verified in full by the handshake.
+    /// For mode mesh, before anything is sent on a connection, new or reused: whether the
+    /// server's certificate carries one of the service's identities. Other modes were verified
+    /// in full by the handshake.
     pub async fn check_identity(
         &self,
         addr: std::net::SocketAddr,
@@ -289,14 +289,14 @@ impl UpstreamPeerTls {
 /// tells only its leaf's SHA-256. So a certificate is checked once: a handshake of Weir's own
 /// (weir_tls::mesh: the chain under the trust bundle, the SPIFFE id among `identities`)
 /// learns the endpoint's certificate, and its hash joins the verified ones if it is the one
-/// the connection got. Each new connection then costs a lookup; a renewed certificate, one
-/// more handshake.
+/// the connection got. Each request then costs a lookup under a read lock; a renewed
+/// certificate, one more handshake.
 struct MeshIdentity {
     connector: tokio_rustls::TlsConnector,
     sni: ServerName<'static>,
     timeout: Duration,
     /// SHA-256 of server certificates seen to pass; cleared when it grows past a bound.
-    verified: Mutex<HashSet<Vec<u8>>>,
+    verified: RwLock<HashSet<Vec<u8>>>,
 }
 
 /// Distinct server certificates remembered per service (endpoints × renewals).
@@ -321,7 +321,7 @@ impl MeshIdentity {
             sni: ServerName::try_from(tls.sni.clone())
                 .unwrap_or_else(|_| ServerName::try_from("mesh").expect("a valid name")),
             timeout,
-            verified: Mutex::new(HashSet::new()),
+            verified: RwLock::new(HashSet::new()),
         }
     }
 
@@ -329,7 +329,7 @@ impl MeshIdentity {
         let Some(leaf) = tls.map(|d| &d.cert_digest).filter(|d| !d.is_empty()) else {
             return Error::e_explain(ErrorType::TLSHandshakeFailure, "mesh: no TLS on it");
         };
-        if self.verified.lock().expect("not poisoned").contains(leaf) {
+        if self.verified.read().expect("not poisoned").contains(leaf) {
             return Ok(());
         }
         let seen = tokio::time::timeout(self.timeout, self.handshake(addr))
@@ -343,7 +343,7 @@ impl MeshIdentity {
                 format!("mesh: {addr} presented two different certificates; not trusted"),
             );
         }
-        let mut verified = self.verified.lock().expect("not poisoned");
+        let mut verified = self.verified.write().expect("not poisoned");
         if verified.len() >= VERIFIED_CERTIFICATES {
             verified.clear();
         }

@@ -31,6 +31,8 @@ pub struct Entry<'a> {
     pub listener: &'a str,
     pub client: Option<IpAddr>,
     pub method: &'a str,
+    /// "HTTP/1.1", "HTTP/2", ... as Envoy's `%PROTOCOL%`.
+    pub protocol: &'static str,
     pub authority: &'a str,
     /// Without the query string, which may carry secrets.
     pub path: &'a str,
