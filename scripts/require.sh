@@ -1,18 +1,29 @@
 # Sourced by the scripts: `require CMD PACKAGE` installs a missing Debian package when it can
 # (as root), or stops with the exact command to run.
 require() {
-    local cmd=$1 pkg=$2
-    command -v "$cmd" >/dev/null 2>&1 && return 0
+    require_that "command -v $1" "$1" "$2"
+}
+
+# `require_module MODULE PACKAGE`: the same for a module of Debian's own python3 (a pyenv or
+# venv python3 on PATH does not see apt's packages).
+require_module() {
+    require_that "/usr/bin/python3 -c 'import $1'" "python3 module $1" "$2"
+}
+
+# `require_that CHECK WHAT PACKAGE`: runs CHECK; when it fails, installs PACKAGE and checks again.
+require_that() {
+    local check=$1 what=$2 pkg=$3
+    eval "$check" >/dev/null 2>&1 && return 0
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-        echo "installing $pkg (needed for $cmd)..." >&2
+        echo "installing $pkg (needed for $what)..." >&2
         if [ -z "${WEIR_APT_UPDATED:-}" ]; then
             apt-get update -qq >&2
             WEIR_APT_UPDATED=1
         fi
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$pkg" >&2
-        command -v "$cmd" >/dev/null 2>&1 && return 0
+        eval "$check" >/dev/null 2>&1 && return 0
     fi
-    echo "missing $cmd; install it with:" >&2
+    echo "missing $what; install it with:" >&2
     echo "    sudo apt-get install -y $pkg" >&2
     exit 1
 }

@@ -157,3 +157,65 @@ fn h2_end_to_end_from_client_to_service() {
     let out = h2_get(&gw, "/grpc.Service/Method");
     assert_eq!(out, "HTTP/2.0 a.example /grpc.Service/Method\nHTTP/2 200\n");
 }
+
+/// The gRPC server of tests/grpc/echo.py (Debian's python3-grpcio, which scripts/test
+/// installs); stopped when dropped.
+struct GrpcServer {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Drop for GrpcServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn grpc_script() -> String {
+    weir_tests::repo_root()
+        .join("tests/grpc/echo.py")
+        .display()
+        .to_string()
+}
+
+/// gRPC through the gateway: HTTP/2 from a real gRPC client over TLS to a real gRPC server
+/// over h2c, the status and message of a failed call carried in the trailers.
+#[test]
+fn grpc_calls_pass_with_their_status_in_the_trailers() {
+    let port = free_port();
+    let child = std::process::Command::new("/usr/bin/python3")
+        .args([&grpc_script(), "serve", &port.to_string()])
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let server = GrpcServer { child, port };
+    wait_until("the gRPC server", Duration::from_secs(20), || {
+        std::net::TcpStream::connect(("127.0.0.1", server.port)).is_ok()
+    });
+    let ca = TestCa::new("weir test CA");
+    let config = format!(
+        "[[route]]\nname = \"echo\"\n  [[route.match]]\n  path = {{ prefix = \"/test.Echo/\" }}\n  [[route.backend]]\n  service = \"echo\"\n\
+         [[service]]\nname = \"echo\"\nendpoints = [\"127.0.0.1:{}\"]\nprotocol = \"http2\"\n",
+        server.port
+    );
+    let gw = https_gateway(&ca, &config);
+    let ca_path = gw.dir.path().join("ca.pem");
+    let out = std::process::Command::new("/usr/bin/python3")
+        .args([
+            &grpc_script(),
+            "call",
+            &gw.port.to_string(),
+            ca_path.to_str().unwrap(),
+            "a.example",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        stdout,
+        "say: olleh\nfail: NOT_FOUND nothing here\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -1,0 +1,55 @@
+"""A real gRPC server and client (grpcio) for tests/tests/http2.rs, without generated code:
+methods take and return raw bytes.
+
+  echo.py serve PORT          h2c server: /test.Echo/Say returns the request reversed;
+                              /test.Echo/Fail fails with NOT_FOUND "nothing here"
+  echo.py call PORT CA HOST   over TLS (CA's certificate for HOST) to 127.0.0.1:PORT: calls
+                              both and prints "say: <reply>" and "fail: <code> <details>"
+"""
+import sys
+from concurrent import futures
+
+import grpc
+
+
+def identity(b):
+    return b
+
+
+def serve(port):
+    def say(request, context):
+        return request[::-1]
+
+    def fail(request, context):
+        context.abort(grpc.StatusCode.NOT_FOUND, "nothing here")
+
+    handler = grpc.method_handlers_generic_handler("test.Echo", {
+        "Say": grpc.unary_unary_rpc_method_handler(say, identity, identity),
+        "Fail": grpc.unary_unary_rpc_method_handler(fail, identity, identity),
+    })
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    server.add_generic_rpc_handlers((handler,))
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    server.wait_for_termination()
+
+
+def call(port, ca, host):
+    creds = grpc.ssl_channel_credentials(root_certificates=open(ca, "rb").read())
+    options = (("grpc.ssl_target_name_override", host), ("grpc.default_authority", host))
+    with grpc.secure_channel(f"127.0.0.1:{port}", creds, options) as channel:
+        say = channel.unary_unary("/test.Echo/Say", identity, identity)
+        print("say:", say(b"hello", timeout=10).decode())
+        fail = channel.unary_unary("/test.Echo/Fail", identity, identity)
+        try:
+            fail(b"x", timeout=10)
+            print("fail: no error")
+        except grpc.RpcError as e:
+            print("fail:", e.code().name, e.details())
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "serve":
+        serve(int(sys.argv[2]))
+    else:
+        call(int(sys.argv[2]), sys.argv[3], sys.argv[4])
