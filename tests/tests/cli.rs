@@ -128,7 +128,7 @@ fn explain_shows_the_mirror_and_faults_that_would_apply() {
 }
 
 #[test]
-fn explain_says_how_tls_reaches_a_service() {
+fn explain_says_how_tls_and_http2_reach_a_service() {
     let dir = tempfile::tempdir().unwrap();
     let ca = weir_tests::tls::TestCa::new("upstreams CA");
     let client = ca.client("gateway", &[]);
@@ -139,7 +139,7 @@ fn explain_says_how_tls_reaches_a_service() {
     fs::write(
         &path,
         "[[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:8080\"\n\
-         [[service]]\nname = \"payments\"\nendpoints = [\"10.0.3.7:8443\"]\n  [service.tls]\n  \
+         [[service]]\nname = \"payments\"\nendpoints = [\"10.0.3.7:8443\"]\nprotocol = \"http2\"\n  [service.tls]\n  \
          mode = \"mutual\"\n  ca = \"ca.pem\"\n  cert = \"gw.pem\"\n  key = \"gw-key.pem\"\n  sni = \"payments.internal\"\n\
          [[route]]\nname = \"pay\"\n  [[route.backend]]\n  service = \"payments\"\n",
     )
@@ -155,7 +155,7 @@ fn explain_says_how_tls_reaches_a_service() {
     assert_eq!(code, 0, "{stderr}");
     let ca_path = dir.path().join("ca.pem");
     let expected = format!(
-        "round robin over 10.0.3.7:8443; mutual TLS to payments.internal (CA {})",
+        "round robin over 10.0.3.7:8443, HTTP/2; mutual TLS to payments.internal (CA {})",
         ca_path.display()
     );
     assert!(stdout.contains(&expected), "{stdout}");

@@ -353,7 +353,11 @@ fn describe_service(s: &weir_config::Service) -> String {
             format!("; {mode} to {} (CA {ca})", t.sni)
         }
     };
-    format!("{how} over {over}{tls}")
+    let http2 = match s.protocol {
+        weir_config::UpstreamProtocol::Http2 => ", HTTP/2",
+        weir_config::UpstreamProtocol::Http1 => "",
+    };
+    format!("{how} over {over}{http2}{tls}")
 }
 
 /// What else the route does to a matching request: deadline, retries, faults, mirror,
