@@ -903,3 +903,12 @@ pub fn curl(args: &[&str]) -> Result<String, String> {
         false => Err(String::from_utf8_lossy(&out.stderr).into_owned()),
     }
 }
+
+/// Copies an example's `certs/` folder into `dir/certs`, so a test runs it as its README does.
+pub fn copy_certs(example: &Path, dir: &Path) {
+    fs::create_dir(dir.join("certs")).unwrap();
+    for entry in fs::read_dir(example.join("certs")).unwrap() {
+        let path = entry.unwrap().path();
+        fs::copy(&path, dir.join("certs").join(path.file_name().unwrap())).unwrap();
+    }
+}

@@ -230,15 +230,7 @@ fn the_mesh_example_works_as_its_readme_says() {
     };
     let start = |name: &str, outbound: &str, admin: &str| {
         let dir = tempfile::tempdir().unwrap();
-        fs::create_dir(dir.path().join("certs")).unwrap();
-        for entry in fs::read_dir(example.join("certs")).unwrap() {
-            let path = entry.unwrap().path();
-            fs::copy(
-                &path,
-                dir.path().join("certs").join(path.file_name().unwrap()),
-            )
-            .unwrap();
-        }
+        weir_tests::copy_certs(&example, dir.path());
         let mut config = fs::read_to_string(example.join(format!("{name}.toml"))).unwrap();
         for (theirs, ours) in &ports {
             config = config.replace(theirs, ours);

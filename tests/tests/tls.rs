@@ -347,15 +347,7 @@ fn an_upgrade_serves_the_https_listener_on() {
 fn the_tls_example_works_as_its_readme_says() {
     let example = weir_tests::repo_root().join("examples/tls");
     let dir = tempfile::tempdir().unwrap();
-    fs::create_dir(dir.path().join("certs")).unwrap();
-    for entry in fs::read_dir(example.join("certs")).unwrap() {
-        let path = entry.unwrap().path();
-        fs::copy(
-            &path,
-            dir.path().join("certs").join(path.file_name().unwrap()),
-        )
-        .unwrap();
-    }
+    weir_tests::copy_certs(&example, dir.path());
     let (plain, public, internal, admin) = (free_port(), free_port(), free_port(), free_port());
     let config = fs::read_to_string(example.join("gateway.toml"))
         .unwrap()
