@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+pub mod otlp;
 pub mod tls;
 
 /// A port nobody listens on right now, and one this process has not handed out before: the
@@ -648,6 +649,8 @@ fn proxy_command(bin: &str, dir: &tempfile::TempDir) -> Command {
     let stderr = fs::File::create(dir.path().join("stderr.log")).unwrap();
     let mut command = Command::new(binary(bin));
     command.stdin(Stdio::null()).stdout(stdout).stderr(stderr);
+    // Spans go to the collector every 100 ms, not the OTel SDK's default 5 s.
+    command.env("OTEL_BSP_SCHEDULE_DELAY", "100");
     command
 }
 

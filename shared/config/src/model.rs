@@ -58,6 +58,28 @@ pub enum AccessLog {
 #[derive(Debug, Clone, Serialize)]
 pub struct Telemetry {
     pub access_log: AccessLog,
+    /// `None`: tracing off.
+    pub tracing: Option<Tracing>,
+}
+
+/// `[telemetry.tracing]`: a span per request, sent to an OpenTelemetry collector.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Tracing {
+    /// Where spans go: for `http/protobuf` the full URL (`/v1/traces` added to a bare
+    /// address), for `grpc` the collector's address.
+    pub otlp_endpoint: String,
+    pub protocol: OtlpProtocol,
+    /// Share of new traces recorded; a caller's sampling decision (`traceparent`) is kept.
+    pub sample_ratio: f64,
+    pub service_name: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum OtlpProtocol {
+    #[serde(rename = "http/protobuf")]
+    HttpProtobuf,
+    #[serde(rename = "grpc")]
+    Grpc,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

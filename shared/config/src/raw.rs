@@ -56,6 +56,21 @@ pub struct RawAdmin {
 pub struct RawTelemetry {
     /// "stdout", "off" or a file path.
     pub access_log: Option<String>,
+    /// `[telemetry.tracing]`: absent = tracing off.
+    pub tracing: Option<RawTracing>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawTracing {
+    /// The collector, e.g. "http://127.0.0.1:4318".
+    pub otlp_endpoint: Option<String>,
+    /// "http/protobuf" or "grpc"; default: "grpc" on port 4317, else "http/protobuf".
+    pub protocol: Option<String>,
+    /// Share of new traces recorded, 0.0 to 1.0; default 1.0.
+    pub sample_ratio: Option<f64>,
+    /// The `service.name` of the spans; default: the binary's name.
+    pub service_name: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

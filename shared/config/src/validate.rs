@@ -193,7 +193,7 @@ impl Checker<'_> {
                 default_admin(),
             ),
         };
-        let telemetry = telemetry.map(|(_, t)| self.telemetry(t));
+        let telemetry = telemetry.map(|(at, t)| self.telemetry(&at, t, role));
         Config {
             runtime: runtime.unwrap_or(Runtime {
                 threads: 0,
@@ -203,6 +203,7 @@ impl Checker<'_> {
             admin,
             telemetry: telemetry.unwrap_or(Telemetry {
                 access_log: AccessLog::Stdout,
+                tracing: None,
             }),
             listeners,
             routes,
@@ -283,13 +284,82 @@ impl Checker<'_> {
         }
     }
 
-    fn telemetry(&mut self, t: RawTelemetry) -> Telemetry {
+    fn telemetry(&mut self, at: &At, t: RawTelemetry, role: Role) -> Telemetry {
         let access_log = match t.access_log.as_deref() {
             None | Some("stdout") => AccessLog::Stdout,
             Some("off") => AccessLog::Off,
             Some(path) => AccessLog::File(PathBuf::from(path)),
         };
-        Telemetry { access_log }
+        let tracing = t.tracing.map(|r| self.tracing(&at.key("tracing"), r, role));
+        Telemetry {
+            access_log,
+            tracing,
+        }
+    }
+
+    fn tracing(&mut self, at: &At, t: RawTracing, role: Role) -> Tracing {
+        let endpoint = t
+            .otlp_endpoint
+            .unwrap_or_else(|| "http://127.0.0.1:4318".to_string());
+        // http://host:port[/path]; no TLS to the collector yet (a local agent is the usual).
+        let address = endpoint.strip_prefix("http://").map(|rest| {
+            let end = rest.find('/').unwrap_or(rest.len());
+            rest.split_at(end)
+        });
+        let port = address.and_then(|(authority, _)| {
+            let (host, port) = authority.rsplit_once(':')?;
+            (!host.is_empty()).then_some(port.parse::<u16>().ok()?)
+        });
+        let Some(((authority, path), port)) = address.zip(port) else {
+            self.fail(
+                &at.key("otlp_endpoint"),
+                format!("otlp_endpoint {endpoint:?} is not http://host:port (https is not supported yet)"),
+            );
+            return Tracing {
+                otlp_endpoint: endpoint,
+                protocol: OtlpProtocol::HttpProtobuf,
+                sample_ratio: 1.0,
+                service_name: String::new(),
+            };
+        };
+        let protocol = match t.protocol.as_deref() {
+            None if port == 4317 => OtlpProtocol::Grpc,
+            None | Some("http/protobuf") => OtlpProtocol::HttpProtobuf,
+            Some("grpc") => OtlpProtocol::Grpc,
+            Some(other) => {
+                self.fail(
+                    &at.key("protocol"),
+                    format!(
+                        "unknown OTLP protocol {other:?}: expected \"http/protobuf\" or \"grpc\""
+                    ),
+                );
+                OtlpProtocol::HttpProtobuf
+            }
+        };
+        let otlp_endpoint = match (protocol, path) {
+            (OtlpProtocol::HttpProtobuf, "" | "/") => format!("http://{authority}/v1/traces"),
+            _ => endpoint.clone(),
+        };
+        let sample_ratio = t.sample_ratio.unwrap_or(1.0);
+        if !(0.0..=1.0).contains(&sample_ratio) {
+            self.fail(
+                &at.key("sample_ratio"),
+                format!("sample_ratio {sample_ratio} is not between 0.0 and 1.0"),
+            );
+        }
+        let service_name = t.service_name.unwrap_or_else(|| {
+            match role {
+                Role::Gateway => "weir-gateway",
+                Role::Sidecar => "weir-sidecar",
+            }
+            .to_string()
+        });
+        Tracing {
+            otlp_endpoint,
+            protocol,
+            sample_ratio,
+            service_name,
+        }
     }
 
     fn listener(&mut self, at: &At, l: RawListener) -> Option<Listener> {

@@ -34,6 +34,7 @@ use crate::mirror::{self, MirrorBody};
 use crate::reload::Reloader;
 use crate::snapshot::{ServiceState, Snapshot};
 use weir_telemetry::access_log::{AccessLog, Entry};
+use weir_telemetry::otel::{RequestSpan, Tracer};
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -46,6 +47,8 @@ pub struct WeirProxy {
     /// Listener names and addresses, to tell which listener a connection came in on.
     listeners: Vec<(String, SocketAddr)>,
     access_log: Arc<AccessLog>,
+    /// `None`: tracing off.
+    tracer: Option<Tracer>,
     in_flight: Arc<AtomicUsize>,
     /// Mirror copies' own connection pool.
     mirror_connector: Arc<TransportConnector>,
@@ -56,12 +59,14 @@ impl WeirProxy {
         reloader: Arc<Reloader>,
         listeners: Vec<(String, SocketAddr)>,
         access_log: Arc<AccessLog>,
+        tracer: Option<Tracer>,
         in_flight: Arc<AtomicUsize>,
     ) -> Self {
         WeirProxy {
             reloader,
             listeners,
             access_log,
+            tracer,
             in_flight,
             mirror_connector: Arc::new(TransportConnector::new(None)),
         }
@@ -193,6 +198,8 @@ pub struct Ctx {
     flags: &'static str,
     /// Sent upstream and back to the client; a `HeaderValue` so each use is a refcount.
     request_id: HeaderValue,
+    /// The request's span, when tracing is on.
+    span: Option<RequestSpan>,
     started: Instant,
     _in_flight: InFlight,
 }
@@ -233,6 +240,7 @@ impl ProxyHttp for WeirProxy {
             status_retry: false,
             flags: "",
             request_id: HeaderValue::from_static(""),
+            span: None,
             started: Instant::now(),
             _in_flight: InFlight(self.in_flight.clone()),
         }
@@ -252,6 +260,11 @@ impl ProxyHttp for WeirProxy {
             set_path(session.req_header_mut(), &path)?;
         }
         let req = session.req_header();
+        if let Some(tracer) = &self.tracer {
+            // The sidecar's outbound side calls out for its app; everywhere else Weir serves.
+            let client = listener == "outbound" && snapshot.config.sidecar.is_some();
+            ctx.span = Some(tracer.request_span(&req.headers, client));
+        }
         ctx.request_id = match req.headers.get(X_REQUEST_ID) {
             // Kept for tracing across hops, but only a sane one: it reaches logs and upstreams.
             Some(id)
@@ -513,7 +526,14 @@ impl ProxyHttp for WeirProxy {
             Version::HTTP_10 => ctx.upstream,
             _ => None,
         };
-        prepare_upstream(upstream, Downstream::of(session), default_host, ctx)
+        prepare_upstream(upstream, Downstream::of(session), default_host, ctx)?;
+        if let (Some(tracer), Some(span)) = (&self.tracer, &ctx.span) {
+            edit_request(upstream, |parts| {
+                tracer.inject(span, &mut parts.headers);
+                Ok(())
+            })?;
+        }
+        Ok(())
     }
 
     /// Outlier detection sees every response; a retriable one becomes a retry.
@@ -675,11 +695,15 @@ impl ProxyHttp for WeirProxy {
             // Ended before routing began (an error in an earlier phase).
             None => (self.reloader.snapshot()).record_request(None, None, status, ctx.flags, took),
         }
-        if !self.access_log.enabled() {
+        let span = ctx.span.take();
+        if !self.access_log.enabled() && span.is_none() {
             return;
         }
+        let trace_id = span.as_ref().and_then(RequestSpan::trace_id);
+        let downstream = Downstream::of(session);
         let req = session.req_header();
-        self.access_log.write(&Entry {
+        let authority = host_of(req);
+        let entry = Entry {
             request_id: ctx.request_id.to_str().unwrap_or(""),
             listener: self
                 .listeners
@@ -694,7 +718,7 @@ impl ProxyHttp for WeirProxy {
                 Version::HTTP_3 => "HTTP/3",
                 _ => "HTTP/1.1",
             },
-            authority: &host_of(req),
+            authority: &authority,
             path: req.uri.path(),
             status,
             flags: ctx.flags,
@@ -703,10 +727,15 @@ impl ProxyHttp for WeirProxy {
             upstream: ctx.upstream,
             duration: took,
             generation: ctx.snapshot.as_ref().map_or(0, |s| s.generation),
-            peer: Downstream::of(session)
-                .peer()
-                .map(|p| p.identity.principal()),
-        });
+            peer: downstream.peer().map(|p| p.identity.principal()),
+            trace_id: trace_id.as_deref(),
+        };
+        if self.access_log.enabled() {
+            self.access_log.write(&entry);
+        }
+        if let Some(span) = span {
+            span.end(&entry);
+        }
     }
 }
 

@@ -97,10 +97,17 @@ pub fn run(reloader: Reloader, git: Option<Arc<GitSource>>, upgrade: bool) -> an
     let in_flight = Arc::new(AtomicUsize::new(0));
     let access_log =
         Arc::new(AccessLog::open(&config.telemetry.access_log).context("opening the access log")?);
+    let (tracing, tracer) = match &config.telemetry.tracing {
+        Some(c) => weir_telemetry::otel::start(c)
+            .map(|(tracing, tracer)| (Some(tracing), Some(tracer)))
+            .map_err(|e| anyhow::anyhow!("[telemetry.tracing]: {e}"))?,
+        None => (None, None),
+    };
     let proxy = WeirProxy::new(
         reloader.clone(),
         listeners.clone(),
         access_log.clone(),
+        tracer.clone(),
         in_flight.clone(),
     );
     let mut proxy =
@@ -112,6 +119,7 @@ pub fn run(reloader: Reloader, git: Option<Arc<GitSource>>, upgrade: bool) -> an
                 reloader.clone(),
                 listeners.clone(),
                 access_log.clone(),
+                tracer.clone(),
                 in_flight.clone(),
             );
             let app = Permissive {
@@ -164,6 +172,9 @@ pub fn run(reloader: Reloader, git: Option<Arc<GitSource>>, upgrade: bool) -> an
     server.run(RunArgs {
         shutdown_signal: Box::new(ShutdownRequests { admin: shutdown }),
     });
+    if let Some(tracing) = tracing {
+        tracing.shutdown();
+    }
     std::process::exit(0)
 }
 

@@ -51,6 +51,10 @@ pub struct Entry<'a> {
     /// SAN), else its subject.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peer: Option<&'a str>,
+    /// The OpenTelemetry trace this request was recorded in, when tracing is on and sampled
+    /// it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<&'a str>,
 }
 
 impl AccessLog {

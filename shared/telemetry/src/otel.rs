@@ -1,0 +1,261 @@
+//! OpenTelemetry tracing (DESIGN.md `[telemetry.tracing]`): one span per request, sent in
+//! batches over OTLP.
+//!
+//! A request's span is a child of the caller's when its `traceparent` (W3C Trace Context)
+//! names one, and the caller's sampling decision is kept; a new trace is sampled at
+//! `sample_ratio`. The request goes upstream with a `traceparent` naming Weir's span, sampled
+//! or not, so the trace carries on across the hop. The span ends with the same facts as the
+//! access log line ([`Entry`]), which gains the trace id.
+//!
+//! Spans are queued for the SDK's batch thread, never sent on the request path; when the
+//! queue is full (the collector is down or slow) new spans are dropped.
+
+use std::borrow::Cow;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use opentelemetry::trace::{Span as _, SpanKind, Status, TraceContextExt, Tracer as _};
+use opentelemetry::{Context, KeyValue};
+use opentelemetry_otlp::{SpanExporter as OtlpExporter, WithExportConfig};
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{
+    Sampler, SdkTracer, SdkTracerProvider, Span, SpanData, SpanExporter,
+};
+use opentelemetry_sdk::Resource;
+use tracing::{info, warn};
+use weir_config::{OtlpProtocol, Tracing as Config};
+
+use crate::access_log::Entry;
+
+/// The tracer provider, its batch thread and, for gRPC, the runtime its client runs on.
+/// [`Tracing::shutdown`] sends what is queued.
+pub struct Tracing {
+    provider: SdkTracerProvider,
+    /// gRPC only: tonic's connection lives on a runtime, which the batch thread has not.
+    _runtime: Option<tokio::runtime::Runtime>,
+}
+
+/// What the proxy holds to start spans: cheap to clone.
+#[derive(Clone)]
+pub struct Tracer {
+    tracer: SdkTracer,
+    propagator: Arc<TraceContextPropagator>,
+}
+
+/// One request's span.
+pub struct RequestSpan(Span);
+
+/// Starts tracing: the exporter, the batch thread and the sampler.
+pub fn start(config: &Config) -> Result<(Tracing, Tracer), String> {
+    let builder = OtlpExporter::builder();
+    let mut runtime = None;
+    let exporter = match config.protocol {
+        OtlpProtocol::HttpProtobuf => builder
+            .with_http()
+            .with_endpoint(&config.otlp_endpoint)
+            .build(),
+        OtlpProtocol::Grpc => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name("weir-otlp")
+                .enable_all()
+                .build()
+                .map_err(|e| format!("starting the OTLP runtime: {e}"))?;
+            let _in = rt.enter();
+            let built = builder
+                .with_tonic()
+                .with_endpoint(&config.otlp_endpoint)
+                .build();
+            drop(_in);
+            runtime = Some(rt);
+            built
+        }
+    }
+    .map_err(|e| format!("OTLP exporter for {}: {e}", config.otlp_endpoint))?;
+    let exporter = Reported {
+        inner: exporter,
+        endpoint: config.otlp_endpoint.clone(),
+        failing: AtomicBool::new(false),
+    };
+    let provider = SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+            config.sample_ratio,
+        ))))
+        .with_resource(
+            Resource::builder_empty()
+                .with_service_name(config.service_name.clone())
+                .build(),
+        )
+        .build();
+    let tracer = Tracer {
+        tracer: opentelemetry::trace::TracerProvider::tracer(&provider, "weir"),
+        propagator: Arc::new(TraceContextPropagator::new()),
+    };
+    info!(endpoint = %config.otlp_endpoint, protocol = ?config.protocol, "tracing to OTLP");
+    let tracing = Tracing {
+        provider,
+        _runtime: runtime,
+    };
+    Ok((tracing, tracer))
+}
+
+impl Tracing {
+    /// Sends the spans still queued; called once, as the process exits.
+    pub fn shutdown(&self) {
+        if let Err(e) = self.provider.shutdown() {
+            warn!("tracing: spans lost at shutdown: {e}");
+        }
+    }
+}
+
+impl Tracer {
+    /// The span of a request that came with `headers`. `client`: the sidecar's outbound
+    /// side, which calls out for its app (Envoy's egress span); elsewhere Weir serves.
+    pub fn request_span(&self, headers: &HeaderMap, client: bool) -> RequestSpan {
+        let parent = self.propagator.extract(&Headers(headers));
+        let kind = match client {
+            true => SpanKind::Client,
+            false => SpanKind::Server,
+        };
+        let span = self
+            .tracer
+            .span_builder("request")
+            .with_kind(kind)
+            .start_with_context(&self.tracer, &parent);
+        RequestSpan(span)
+    }
+
+    /// Sets `traceparent` (and `tracestate`) to name `span`, replacing the caller's.
+    pub fn inject(&self, span: &RequestSpan, headers: &mut HeaderMap) {
+        let context = Context::new().with_remote_span_context(span.0.span_context().clone());
+        headers.remove(TRACESTATE);
+        self.propagator
+            .inject_context(&context, &mut HeadersMut(headers));
+    }
+}
+
+const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
+
+impl RequestSpan {
+    /// The trace id as 32 hex digits, for the access log; `None` when the span is not
+    /// sampled (its trace goes nowhere).
+    pub fn trace_id(&self) -> Option<String> {
+        let context = self.0.span_context();
+        context.is_sampled().then(|| context.trace_id().to_string())
+    }
+
+    /// Ends the span with what the access log says of the request: HTTP semantic
+    /// conventions where they have a name, `weir.*` for the rest.
+    pub fn end(mut self, entry: &Entry) {
+        let span = &mut self.0;
+        if !span.is_recording() {
+            return;
+        }
+        span.update_name(match entry.route {
+            Some(route) => Cow::Owned(format!("{} {route}", entry.method)),
+            None => Cow::Owned(entry.method.to_string()),
+        });
+        let mut attributes = vec![
+            KeyValue::new("http.request.method", entry.method.to_string()),
+            KeyValue::new("url.path", entry.path.to_string()),
+            KeyValue::new("server.address", entry.authority.to_string()),
+            KeyValue::new(
+                "network.protocol.version",
+                entry.protocol.trim_start_matches("HTTP/"),
+            ),
+            KeyValue::new("weir.listener", entry.listener.to_string()),
+            KeyValue::new("weir.request_id", entry.request_id.to_string()),
+            KeyValue::new("weir.config_generation", entry.generation as i64),
+        ];
+        let optional = [
+            entry.client.map(|ip| ("client.address", ip.to_string())),
+            entry.route.map(|r| ("weir.route", r.to_string())),
+            entry.service.map(|s| ("weir.service", s.to_string())),
+            entry.upstream.map(|a| ("weir.upstream", a.to_string())),
+            entry.peer.map(|p| ("weir.peer", p.to_string())),
+            (!entry.flags.is_empty()).then(|| ("weir.flags", entry.flags.to_string())),
+        ];
+        attributes.extend(
+            optional
+                .into_iter()
+                .flatten()
+                .map(|(k, v)| KeyValue::new(k, v)),
+        );
+        if entry.status > 0 {
+            attributes.push(KeyValue::new(
+                "http.response.status_code",
+                i64::from(entry.status),
+            ));
+        }
+        span.set_attributes(attributes);
+        // As OTel's HTTP conventions: a 5xx is an error, and so is no response at all.
+        if entry.status == 0 || entry.status >= 500 {
+            let description = match entry.flags {
+                "" => format!("status {}", entry.status),
+                flags => format!("status {} ({flags})", entry.status),
+            };
+            span.set_status(Status::error(description));
+        }
+        span.end();
+    }
+}
+
+/// The OTLP exporter, saying in the log when export starts failing and when it recovers
+/// (the SDK itself is silent), not once per batch.
+#[derive(Debug)]
+struct Reported {
+    inner: OtlpExporter,
+    endpoint: String,
+    failing: AtomicBool,
+}
+
+impl SpanExporter for Reported {
+    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+        let result = self.inner.export(batch).await;
+        let failed = result.is_err();
+        if self.failing.swap(failed, Ordering::Relaxed) != failed {
+            match &result {
+                Err(e) => warn!(endpoint = %self.endpoint, "tracing: export failing: {e}"),
+                Ok(()) => info!(endpoint = %self.endpoint, "tracing: export recovered"),
+            }
+        }
+        result
+    }
+
+    fn shutdown_with_timeout(&self, timeout: std::time::Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.inner.set_resource(resource);
+    }
+}
+
+struct Headers<'a>(&'a HeaderMap);
+
+impl Extractor for Headers<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(HeaderName::as_str).collect()
+    }
+}
+
+struct HeadersMut<'a>(&'a mut HeaderMap);
+
+impl Injector for HeadersMut<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(key.as_bytes()),
+            HeaderValue::from_str(&value),
+        ) {
+            self.0.insert(name, value);
+        }
+    }
+}

@@ -1,0 +1,184 @@
+//! OpenTelemetry tracing: the real gateway sends its spans over OTLP (HTTP and gRPC) to a
+//! collector that decodes them with the OTLP protobuf types, and carries the trace upstream
+//! in `traceparent` to a real HTTP server.
+#![allow(clippy::unwrap_used)]
+
+use weir_tests::otlp::Collector;
+use weir_tests::{free_port, wait_until, Gateway, Upstream};
+
+/// A caller's trace and span (W3C Trace Context).
+const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const CALLER_SPAN: &str = "00f067aa0ba902b7";
+
+fn routes(upstream: &Upstream) -> String {
+    format!(
+        "[[route]]\nname = \"reviews\"\n  [[route.match]]\n  path = {{ prefix = \"/reviews\" }}\n  [[route.backend]]\n  service = \"reviews\"\n\
+         [[route]]\nname = \"down\"\n  [[route.match]]\n  path = {{ prefix = \"/down\" }}\n  [[route.backend]]\n  service = \"down\"\n\
+         [[service]]\nname = \"reviews\"\nendpoints = [\"{}\"]\n\
+         [[service]]\nname = \"down\"\nendpoints = [\"127.0.0.1:{}\"]\n",
+        upstream.addr,
+        free_port()
+    )
+}
+
+/// `traceparent` as the upstream received it: (trace id, parent id, flags).
+fn traceparent(upstream: &Upstream) -> (String, String, String) {
+    let value = upstream.last_header("traceparent").expect("no traceparent");
+    let parts: Vec<&str> = value.split('-').collect();
+    assert_eq!((parts.len(), parts[0]), (4, "00"), "{value}");
+    (parts[1].into(), parts[2].into(), parts[3].into())
+}
+
+#[test]
+fn spans_go_to_an_otlp_http_collector_and_the_trace_goes_upstream() {
+    let collector = Collector::start();
+    let upstream = Upstream::start("reviews");
+    let gw = Gateway::start(&format!(
+        "[telemetry.tracing]\notlp_endpoint = \"http://127.0.0.1:{}\"\n{}",
+        collector.http_port,
+        routes(&upstream)
+    ));
+
+    // A caller's sampled trace: Weir's span is its child, and the upstream's parent.
+    let caller = format!("00-{TRACE}-{CALLER_SPAN}-01");
+    let reply = gw.get("/reviews/1", &[("traceparent", &caller)]);
+    assert_eq!(reply.status, 200);
+    let (trace, parent, flags) = traceparent(&upstream);
+    assert_eq!((trace.as_str(), flags.as_str()), (TRACE, "01"));
+    assert_ne!(parent, CALLER_SPAN, "the upstream's parent is Weir's span");
+    let span = collector.wait_for_span("the span of /reviews/1", |s| s.trace_id == TRACE);
+    assert_eq!(span.parent_span_id, CALLER_SPAN);
+    assert_eq!(span.span_id, parent);
+    assert_eq!(span.name, "GET reviews");
+    assert_eq!(span.kind, 2, "server");
+    assert_eq!(span.service_name, "weir-gateway");
+    assert_eq!(span.status_code, 0);
+    for (key, value) in [
+        ("http.request.method", "GET"),
+        ("url.path", "/reviews/1"),
+        ("http.response.status_code", "200"),
+        ("network.protocol.version", "1.1"),
+        ("weir.route", "reviews"),
+        ("weir.service", "reviews"),
+        ("weir.listener", "web"),
+        ("weir.upstream", &upstream.addr.to_string()),
+        ("weir.request_id", reply.header("x-request-id").unwrap()),
+    ] {
+        assert_eq!(span.attribute(key), Some(value), "{key} in {span:?}");
+    }
+    let export = &collector.exports()[0];
+    assert_eq!(
+        (
+            export.via.as_str(),
+            export.path.as_str(),
+            export.content_type.as_str()
+        ),
+        ("http", "/v1/traces", "application/x-protobuf")
+    );
+
+    // No traceparent: a new trace, with Weir's span at its root.
+    assert_eq!(gw.get("/reviews/2", &[]).status, 200);
+    let (trace, parent, flags) = traceparent(&upstream);
+    assert_eq!(flags, "01");
+    let span = collector.wait_for_span("the span of /reviews/2", |s| s.trace_id == trace);
+    assert_eq!(
+        (span.span_id.as_str(), span.parent_span_id.as_str()),
+        (parent.as_str(), "")
+    );
+
+    // A failure is an error span, its flags in the description; the access log names the trace.
+    assert_eq!(gw.get("/down", &[]).status, 503);
+    let span = collector.wait_for_span("the span of /down", |s| {
+        s.attribute("url.path") == Some("/down")
+    });
+    assert_eq!(span.status_code, 2, "error");
+    assert_eq!(span.status_message, "status 503 (UF)");
+    assert_eq!(span.attribute("weir.flags"), Some("UF"));
+    wait_until(
+        "three access log lines",
+        std::time::Duration::from_secs(10),
+        || gw.access_log().len() == 3,
+    );
+    let log = gw.access_log();
+    assert_eq!(log[0]["trace_id"], TRACE);
+    assert_eq!(log[2]["trace_id"], span.trace_id.as_str());
+}
+
+#[test]
+fn grpc_export_and_parent_based_sampling() {
+    let collector = Collector::start();
+    let upstream = Upstream::start("reviews");
+    let gw = Gateway::start(&format!(
+        "[telemetry.tracing]\notlp_endpoint = \"http://127.0.0.1:{}\"\nprotocol = \"grpc\"\n\
+         sample_ratio = 0.0\nservice_name = \"edge\"\n{}",
+        collector.grpc_port,
+        routes(&upstream)
+    ));
+
+    // Nothing samples a new trace at ratio 0, but it still goes upstream, marked unsampled,
+    // and so does a caller's unsampled trace.
+    assert_eq!(gw.get("/reviews/new", &[]).status, 200);
+    let (unsampled, _, flags) = traceparent(&upstream);
+    assert_eq!(flags, "00");
+    let declined = "0af7651916cd43dd8448eb211c80319c";
+    let caller = format!("00-{declined}-{CALLER_SPAN}-00");
+    assert_eq!(
+        gw.get("/reviews/declined", &[("traceparent", &caller)])
+            .status,
+        200
+    );
+    let (trace, parent, flags) = traceparent(&upstream);
+    assert_eq!((trace.as_str(), flags.as_str()), (declined, "00"));
+    assert_ne!(parent, CALLER_SPAN);
+
+    // A caller's sampled trace is recorded whatever the ratio.
+    let caller = format!("00-{TRACE}-{CALLER_SPAN}-01");
+    assert_eq!(
+        gw.get("/reviews/sampled", &[("traceparent", &caller)])
+            .status,
+        200
+    );
+    let span = collector.wait_for_span("the sampled span", |s| s.trace_id == TRACE);
+    assert_eq!(span.service_name, "edge");
+    assert_eq!(span.parent_span_id, CALLER_SPAN);
+    // Spans are exported in the order they end: the two before it would have come first.
+    let traces: Vec<String> = collector.spans().into_iter().map(|s| s.trace_id).collect();
+    assert_eq!(
+        traces,
+        [TRACE],
+        "only the sampled trace: not {unsampled} or {declined}"
+    );
+    let export = &collector.exports()[0];
+    assert_eq!(
+        (export.via.as_str(), export.path.as_str()),
+        (
+            "grpc",
+            "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+        )
+    );
+    let log = gw.access_log();
+    assert!(
+        log[0].get("trace_id").is_none(),
+        "unsampled: no trace id in {}",
+        log[0]
+    );
+}
+
+#[test]
+fn a_collector_that_is_down_costs_no_request() {
+    let upstream = Upstream::start("reviews");
+    let gw = Gateway::start(&format!(
+        "[telemetry.tracing]\notlp_endpoint = \"http://127.0.0.1:{}\"\n{}",
+        free_port(),
+        routes(&upstream)
+    ));
+    for i in 0..20 {
+        assert_eq!(gw.get(&format!("/reviews/{i}"), &[]).status, 200);
+    }
+    wait_until(
+        "the export failure in the log",
+        std::time::Duration::from_secs(20),
+        || gw.stderr().contains("tracing: export failing"),
+    );
+    assert_eq!(gw.get("/reviews/after", &[]).status, 200);
+}
