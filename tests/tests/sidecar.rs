@@ -8,6 +8,7 @@ use std::fs;
 use std::path::Path;
 use std::time::Duration;
 
+use weir_tests::otlp::Collector;
 use weir_tests::tls::{mesh_get, Issued, TestCa};
 use weir_tests::{free_port, raw_request, wait_until, Gateway, TcpRelay, Upstream};
 
@@ -453,4 +454,55 @@ fn the_mesh_hop_can_be_http2() {
         reviews.access_log()
     };
     assert_eq!(log[0]["protocol"], "HTTP/2", "{}", log[0]);
+}
+
+/// One trace across the mesh: productpage's outbound span (a client span) is the parent of
+/// reviews' inbound span (a server span, which names the caller's identity), and that is the
+/// parent the app sees in `traceparent`.
+#[test]
+fn a_trace_follows_the_call_across_the_mesh() {
+    let collector = Collector::start();
+    let tracing = |name: &str| {
+        format!(
+            "[telemetry.tracing]\notlp_endpoint = \"http://127.0.0.1:{}\"\nservice_name = \"{name}\"\n",
+            collector.http_port
+        )
+    };
+    let ca = TestCa::new("mesh CA");
+    let app = Upstream::start("reviews-app");
+    let inbound = free_port();
+    let app_addr = app.addr.to_string();
+    let _reviews = sidecar(&ca, REVIEWS, |admin, outbound| {
+        let extra = format!("{POLICIES}{}", tracing("reviews"));
+        sidecar_config(admin, inbound, &app_addr, outbound, &extra)
+    });
+    let productpage = sidecar(&ca, PRODUCTPAGE, |admin, outbound| {
+        let extra = format!("{}{}", productpage_routes(inbound), tracing("productpage"));
+        sidecar_config(admin, free_port(), "127.0.0.1:1", outbound, &extra)
+    });
+
+    let reply = productpage.get("/reviews/1", &[("host", "reviews")]);
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let traceparent = app.last_header("traceparent").unwrap();
+    let parts: Vec<&str> = traceparent.split('-').collect();
+    let (trace, parent) = (parts[1], parts[2]);
+    let server = collector.wait_for_span("reviews' span", |s| s.service_name == "reviews");
+    let client = collector.wait_for_span("productpage's span", |s| s.service_name == "productpage");
+    assert_eq!(
+        (client.trace_id.as_str(), server.trace_id.as_str()),
+        (trace, trace)
+    );
+    assert_eq!(
+        client.parent_span_id, "",
+        "the trace starts at productpage's sidecar"
+    );
+    assert_eq!(server.parent_span_id, client.span_id);
+    assert_eq!(server.span_id, parent);
+    assert_eq!((client.kind, server.kind), (3, 2), "client, then server");
+    assert_eq!(client.name, "GET reviews");
+    assert_eq!(client.attribute("weir.listener"), Some("outbound"));
+    assert_eq!(server.name, "GET inbound");
+    assert_eq!(server.attribute("weir.listener"), Some("inbound"));
+    assert_eq!(server.attribute("weir.peer"), Some(PRODUCTPAGE));
+    assert_eq!(server.attribute("weir.upstream"), Some(app_addr.as_str()));
 }

@@ -352,6 +352,8 @@ fn label(raw: Option<&RawFile>, key: &[Seg]) -> String {
             format!("{kind} {name:?} {}", readable(rest))
         }
         (None, [Seg::Key(section)]) => format!("[{section}]"),
+        // A table of a table, such as [telemetry.tracing].
+        (None, [Seg::Key(_), Seg::Key(_)]) => format!("[{}]", readable(key)),
         _ => readable(key),
     }
 }

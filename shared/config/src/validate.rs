@@ -290,7 +290,11 @@ impl Checker<'_> {
             Some("off") => AccessLog::Off,
             Some(path) => AccessLog::File(PathBuf::from(path)),
         };
-        let tracing = t.tracing.map(|r| self.tracing(&at.key("tracing"), r, role));
+        let at = At {
+            label: "[telemetry.tracing]".to_string(),
+            ..at.key("tracing")
+        };
+        let tracing = t.tracing.map(|r| self.tracing(&at, r, role));
         Telemetry {
             access_log,
             tracing,
@@ -298,9 +302,8 @@ impl Checker<'_> {
     }
 
     fn tracing(&mut self, at: &At, t: RawTracing, role: Role) -> Tracing {
-        let endpoint = t
-            .otlp_endpoint
-            .unwrap_or_else(|| "http://127.0.0.1:4318".to_string());
+        let endpoint =
+            (t.otlp_endpoint.clone()).unwrap_or_else(|| "http://127.0.0.1:4318".to_string());
         // http://host:port[/path]; no TLS to the collector yet (a local agent is the usual).
         let address = endpoint.strip_prefix("http://").map(|rest| {
             let end = rest.find('/').unwrap_or(rest.len());
@@ -315,12 +318,7 @@ impl Checker<'_> {
                 &at.key("otlp_endpoint"),
                 format!("otlp_endpoint {endpoint:?} is not http://host:port (https is not supported yet)"),
             );
-            return Tracing {
-                otlp_endpoint: endpoint,
-                protocol: OtlpProtocol::HttpProtobuf,
-                sample_ratio: 1.0,
-                service_name: String::new(),
-            };
+            return self.tracing_settings(at, t, endpoint, OtlpProtocol::HttpProtobuf, role);
         };
         let protocol = match t.protocol.as_deref() {
             None if port == 4317 => OtlpProtocol::Grpc,
@@ -340,6 +338,18 @@ impl Checker<'_> {
             (OtlpProtocol::HttpProtobuf, "" | "/") => format!("http://{authority}/v1/traces"),
             _ => endpoint.clone(),
         };
+        self.tracing_settings(at, t, otlp_endpoint, protocol, role)
+    }
+
+    /// The rest of `[telemetry.tracing]`, once the endpoint is read.
+    fn tracing_settings(
+        &mut self,
+        at: &At,
+        t: RawTracing,
+        otlp_endpoint: String,
+        protocol: OtlpProtocol,
+        role: Role,
+    ) -> Tracing {
         let sample_ratio = t.sample_ratio.unwrap_or(1.0);
         if !(0.0..=1.0).contains(&sample_ratio) {
             self.fail(

@@ -642,3 +642,59 @@ fn a_service_protocol_is_http1_or_http2_and_mirrors_stay_on_http1() {
         weir_config::UpstreamProtocol::Http2
     );
 }
+
+#[test]
+fn tracing_settings_are_checked_and_defaulted() {
+    let text =
+        "[telemetry.tracing]\notlp_endpoint = \"https://collector:4318\"\nsample_ratio = 1.5\n\
+                protocol = \"thrift\"\nservice_nmae = \"x\"\n";
+    assert_eq!(
+        errors(text),
+        [
+            "gw.toml:2: [telemetry.tracing]: otlp_endpoint \"https://collector:4318\" is not http://host:port (https is not supported yet)",
+            "gw.toml:3: [telemetry.tracing]: sample_ratio 1.5 is not between 0.0 and 1.0",
+            "gw.toml:5: [telemetry.tracing]: unknown key \"service_nmae\"",
+        ]
+    );
+    assert_eq!(
+        errors("[telemetry.tracing]\nprotocol = \"thrift\"\n"),
+        ["gw.toml:2: [telemetry.tracing]: unknown OTLP protocol \"thrift\": expected \"http/protobuf\" or \"grpc\""]
+    );
+
+    let tracing = |text: &str, role| {
+        let loaded = parse("t.toml", text, role).unwrap_or_else(|e| panic!("{e}"));
+        let t = loaded.config.telemetry.tracing.unwrap();
+        (t.otlp_endpoint, t.protocol, t.sample_ratio, t.service_name)
+    };
+    use weir_config::OtlpProtocol::{Grpc, HttpProtobuf};
+    // The default: a local collector over OTLP/HTTP, all new traces, the binary's name.
+    assert_eq!(
+        tracing("[telemetry.tracing]\n", Role::Gateway),
+        (
+            "http://127.0.0.1:4318/v1/traces".into(),
+            HttpProtobuf,
+            1.0,
+            "weir-gateway".into()
+        )
+    );
+    // Port 4317 is gRPC's; a path is kept as written.
+    assert_eq!(
+        tracing(
+            "[telemetry.tracing]\notlp_endpoint = \"http://otel:4317\"\n",
+            Role::Gateway
+        )
+        .1,
+        Grpc
+    );
+    let text = "[telemetry.tracing]\notlp_endpoint = \"http://otel:80/otlp/v1/traces\"\nsample_ratio = 0.1\n\
+                [inbound]\nlisten = \"127.0.0.1:15006\"\napp = \"127.0.0.1:8080\"\nmtls = \"disable\"\n";
+    assert_eq!(
+        tracing(text, Role::Sidecar),
+        (
+            "http://otel:80/otlp/v1/traces".into(),
+            HttpProtobuf,
+            0.1,
+            "weir-sidecar".into()
+        )
+    );
+}
