@@ -397,6 +397,11 @@ impl Gateway {
 
     /// Starts a gateway on `base()` followed by `config` (routes and services).
     pub fn start(config: &str) -> Gateway {
+        Gateway::start_with_env(config, &[])
+    }
+
+    /// [`Gateway::start`], with these environment variables set for the gateway.
+    pub fn start_with_env(config: &str, env: &[(&str, &str)]) -> Gateway {
         // A free port can be taken (by another test's `bind(0)`) before the gateway binds it;
         // the gateway then exits with "cannot bind", and new ports are tried.
         for _ in 0..3 {
@@ -404,7 +409,7 @@ impl Gateway {
             let (port, admin) = (free_port(), free_port());
             let path = dir.path().join("gateway.toml");
             fs::write(&path, format!("{}{config}", Gateway::base(port, admin))).unwrap();
-            match Gateway::try_start_on(dir, path, port, admin) {
+            match Gateway::try_start_on(dir, path, port, admin, env) {
                 Err(e) if e.contains("cannot bind") => continue,
                 started => return started.unwrap_or_else(|e| panic!("{e}")),
             }
@@ -414,7 +419,7 @@ impl Gateway {
 
     /// Starts a gateway on an existing config (file or directory) that uses these ports.
     pub fn start_on(dir: tempfile::TempDir, config: PathBuf, port: u16, admin: u16) -> Gateway {
-        Gateway::try_start_on(dir, config, port, admin).unwrap_or_else(|e| panic!("{e}"))
+        Gateway::try_start_on(dir, config, port, admin, &[]).unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// A `weir-sidecar` on `config`, whose outbound listener is `port` (what [`Gateway::url`]
@@ -440,8 +445,10 @@ impl Gateway {
         config: PathBuf,
         port: u16,
         admin: u16,
+        env: &[(&str, &str)],
     ) -> Result<Gateway, String> {
         let child = gateway_command(&dir)
+            .envs(env.iter().copied())
             .arg("--config")
             .arg(&config)
             .spawn()

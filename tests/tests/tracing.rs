@@ -182,3 +182,28 @@ fn a_collector_that_is_down_costs_no_request() {
     );
     assert_eq!(gw.get("/reviews/after", &[]).status, 200);
 }
+
+/// Spans still queued when the gateway is told to stop are sent before it exits.
+#[test]
+fn queued_spans_are_sent_at_shutdown() {
+    let collector = Collector::start();
+    let upstream = Upstream::start("reviews");
+    // The batch thread would wait ten minutes before sending.
+    let mut gw = Gateway::start_with_env(
+        &format!(
+            "[telemetry.tracing]\notlp_endpoint = \"http://127.0.0.1:{}\"\n{}",
+            collector.http_port,
+            routes(&upstream)
+        ),
+        &[("OTEL_BSP_SCHEDULE_DELAY", "600000")],
+    );
+    assert_eq!(gw.get("/reviews/last", &[]).status, 200);
+    assert!(collector.spans().is_empty(), "sent before the delay");
+    gw.signal("TERM");
+    let exit = gw.wait_exit(std::time::Duration::from_secs(20));
+    assert!(exit.is_some_and(|s| s.success()), "{exit:?}");
+    let span = collector.wait_for_span("the queued span", |s| {
+        s.attribute("url.path") == Some("/reviews/last")
+    });
+    assert_eq!(span.attribute("http.response.status_code"), Some("200"));
+}

@@ -35,6 +35,7 @@ use crate::reload::{Outcome, Reloader};
 use crate::tls;
 use weir_config::Protocol;
 use weir_telemetry::access_log::AccessLog;
+use weir_telemetry::otel::Tracing;
 
 /// How long the config's files must be quiet before a reload.
 const RELOAD_QUIET: Duration = Duration::from_millis(200);
@@ -99,7 +100,7 @@ pub fn run(reloader: Reloader, git: Option<Arc<GitSource>>, upgrade: bool) -> an
         Arc::new(AccessLog::open(&config.telemetry.access_log).context("opening the access log")?);
     let (tracing, tracer) = match &config.telemetry.tracing {
         Some(c) => weir_telemetry::otel::start(c)
-            .map(|(tracing, tracer)| (Some(tracing), Some(tracer)))
+            .map(|(tracing, tracer)| (Some(Arc::new(tracing)), Some(tracer)))
             .map_err(|e| anyhow::anyhow!("[telemetry.tracing]: {e}"))?,
         None => (None, None),
     };
@@ -154,6 +155,7 @@ pub fn run(reloader: Reloader, git: Option<Arc<GitSource>>, upgrade: bool) -> an
             reloader: reloader.clone(),
             in_flight,
             access_log,
+            tracing: tracing.clone(),
             grace,
             nameservers: config.runtime.nameservers.clone(),
             git,
@@ -259,6 +261,8 @@ struct Control {
     reloader: Arc<Reloader>,
     in_flight: Arc<AtomicUsize>,
     access_log: Arc<AccessLog>,
+    /// Spans still queued are sent before the drain exits.
+    tracing: Option<Arc<Tracing>>,
     grace: Duration,
     /// For the DNS resolver of `service.dns`.
     nameservers: Vec<SocketAddr>,
@@ -385,6 +389,9 @@ impl Control {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         self.access_log.wait_written(Duration::from_secs(1));
+        if let Some(tracing) = &self.tracing {
+            tracing.shutdown();
+        }
         if let Some(git) = &self.git {
             git.remove_checkout();
         }

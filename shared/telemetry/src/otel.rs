@@ -13,6 +13,7 @@
 use std::borrow::Cow;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
@@ -34,6 +35,7 @@ use crate::access_log::Entry;
 /// [`Tracing::shutdown`] sends what is queued.
 pub struct Tracing {
     provider: SdkTracerProvider,
+    shut: AtomicBool,
     /// gRPC only: tonic's connection lives on a runtime, which the batch thread has not.
     _runtime: Option<tokio::runtime::Runtime>,
 }
@@ -45,8 +47,9 @@ pub struct Tracer {
     propagator: Arc<TraceContextPropagator>,
 }
 
-/// One request's span.
-pub struct RequestSpan(Span);
+/// One request's span; boxed, as the SDK's span is large and the proxy's per-request state
+/// holds it.
+pub struct RequestSpan(Box<Span>);
 
 /// Starts tracing: the exporter, the batch thread and the sampler.
 pub fn start(config: &Config) -> Result<(Tracing, Tracer), String> {
@@ -98,15 +101,20 @@ pub fn start(config: &Config) -> Result<(Tracing, Tracer), String> {
     info!(endpoint = %config.otlp_endpoint, protocol = ?config.protocol, "tracing to OTLP");
     let tracing = Tracing {
         provider,
+        shut: AtomicBool::new(false),
         _runtime: runtime,
     };
     Ok((tracing, tracer))
 }
 
 impl Tracing {
-    /// Sends the spans still queued; called once, as the process exits.
+    /// Sends the spans still queued (waiting up to 2 s), as the process exits. Later calls
+    /// do nothing.
     pub fn shutdown(&self) {
-        if let Err(e) = self.provider.shutdown() {
+        if self.shut.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        if let Err(e) = self.provider.shutdown_with_timeout(Duration::from_secs(2)) {
             warn!("tracing: spans lost at shutdown: {e}");
         }
     }
@@ -126,7 +134,7 @@ impl Tracer {
             .span_builder("request")
             .with_kind(kind)
             .start_with_context(&self.tracer, &parent);
-        RequestSpan(span)
+        RequestSpan(Box::new(span))
     }
 
     /// Sets `traceparent` (and `tracestate`) to name `span`, replacing the caller's.
@@ -151,7 +159,7 @@ impl RequestSpan {
     /// Ends the span with what the access log says of the request: HTTP semantic
     /// conventions where they have a name, `weir.*` for the rest.
     pub fn end(mut self, entry: &Entry) {
-        let span = &mut self.0;
+        let span = &mut *self.0;
         if !span.is_recording() {
             return;
         }
@@ -226,7 +234,7 @@ impl SpanExporter for Reported {
         result
     }
 
-    fn shutdown_with_timeout(&self, timeout: std::time::Duration) -> OTelSdkResult {
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
         self.inner.shutdown_with_timeout(timeout)
     }
 
