@@ -6,7 +6,9 @@ so this one answers as a collector does and prints each export request as one JS
 
 The test decodes the body with the OTLP protobuf types (opentelemetry-proto).
 
-  collector.py HTTP_PORT GRPC_PORT
+  collector.py HTTP_PORT GRPC_PORT [quiet]
+
+With "quiet" it prints only a count of the bytes received, at exit (tests/bench/tracing-cost).
 """
 import json
 import sys
@@ -17,9 +19,16 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import grpc
 
 lock = threading.Lock()
+QUIET = False
+received = {"exports": 0, "bytes": 0}
 
 
 def report(via, path, content_type, body):
+    if QUIET:
+        with lock:
+            received["exports"] += 1
+            received["bytes"] += len(body)
+        return
     line = json.dumps({"via": via, "path": path, "content_type": content_type, "body": body.hex()})
     with lock:
         print(line, flush=True)
@@ -64,4 +73,8 @@ def main(http_port, grpc_port):
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]))
+    QUIET = sys.argv[3:] == ["quiet"]
+    try:
+        main(int(sys.argv[1]), int(sys.argv[2]))
+    except KeyboardInterrupt:
+        print(json.dumps(received), flush=True)
