@@ -158,41 +158,48 @@ fn h2_end_to_end_from_client_to_service() {
     assert_eq!(out, "HTTP/2.0 a.example /grpc.Service/Method\nHTTP/2 200\n");
 }
 
-/// The gRPC server of tests/grpc/echo.py (Debian's python3-grpcio, which scripts/test
-/// installs); stopped when dropped.
-struct GrpcServer {
+/// A Python server of the tests (tests/grpc/echo.py on Debian's python3-grpcio,
+/// tests/h2/refuser.py on python3-h2, which scripts/test installs) on a free port, once it
+/// accepts connections; stopped when dropped.
+struct PythonServer {
     child: std::process::Child,
     port: u16,
 }
 
-impl Drop for GrpcServer {
+impl PythonServer {
+    fn start(args: &[&str]) -> PythonServer {
+        let port = free_port();
+        let child = std::process::Command::new("/usr/bin/python3")
+            .args(args)
+            .arg(port.to_string())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let server = PythonServer { child, port };
+        wait_until(&format!("{args:?}"), Duration::from_secs(20), || {
+            std::net::TcpStream::connect(("127.0.0.1", server.port)).is_ok()
+        });
+        server
+    }
+}
+
+impl Drop for PythonServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 }
 
-fn grpc_script() -> String {
-    weir_tests::repo_root()
-        .join("tests/grpc/echo.py")
-        .display()
-        .to_string()
+fn script(path: &str) -> String {
+    weir_tests::repo_root().join(path).display().to_string()
 }
 
 /// gRPC through the gateway: HTTP/2 from a real gRPC client over TLS to a real gRPC server
 /// over h2c, the status and message of a failed call carried in the trailers.
 #[test]
 fn grpc_calls_pass_with_their_status_in_the_trailers() {
-    let port = free_port();
-    let child = std::process::Command::new("/usr/bin/python3")
-        .args([&grpc_script(), "serve", &port.to_string()])
-        .stdin(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let server = GrpcServer { child, port };
-    wait_until("the gRPC server", Duration::from_secs(20), || {
-        std::net::TcpStream::connect(("127.0.0.1", server.port)).is_ok()
-    });
+    let server = PythonServer::start(&[&script("tests/grpc/echo.py"), "serve"]);
     let ca = TestCa::new("weir test CA");
     let config = format!(
         "[[route]]\nname = \"echo\"\n  [[route.match]]\n  path = {{ prefix = \"/test.Echo/\" }}\n  [[route.backend]]\n  service = \"echo\"\n\
@@ -203,7 +210,7 @@ fn grpc_calls_pass_with_their_status_in_the_trailers() {
     let ca_path = gw.dir.path().join("ca.pem");
     let out = std::process::Command::new("/usr/bin/python3")
         .args([
-            &grpc_script(),
+            &script("tests/grpc/echo.py"),
             "call",
             &gw.port.to_string(),
             ca_path.to_str().unwrap(),
@@ -218,4 +225,42 @@ fn grpc_calls_pass_with_their_status_in_the_trailers() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// An HTTP/2 upstream that refuses a stream (RST_STREAM with REFUSED_STREAM) did not process
+/// the request, so `refused-stream` (on by default) retries it, a POST too; without the
+/// condition the client gets the failure.
+#[test]
+fn a_refused_stream_is_retried_even_for_a_post() {
+    let server = PythonServer::start(&[&script("tests/h2/refuser.py")]);
+    let gw = Gateway::start(&format!(
+        "[[route]]\nname = \"default\"\n  [[route.match]]\n  path = {{ prefix = \"/refuse-once/default/\" }}\n  [[route.backend]]\n  service = \"h2\"\n\
+         [[route]]\nname = \"strict\"\n  [[route.match]]\n  path = {{ prefix = \"/refuse-once/strict/\" }}\n  [[route.backend]]\n  service = \"h2\"\n\
+         \x20 [route.retry]\n  on = [\"503\"]\n\
+         [[service]]\nname = \"h2\"\nendpoints = [\"127.0.0.1:{}\"]\nprotocol = \"http2\"\n",
+        server.port
+    ));
+    let post = |path: &str| {
+        weir_tests::send_body(
+            &weir_tests::client(),
+            "POST",
+            &gw.url(path),
+            &[],
+            Some(b"order"),
+        )
+        .unwrap()
+    };
+    let reply = post("/refuse-once/default/1");
+    assert_eq!(
+        (reply.status, reply.body.as_str()),
+        (200, "answered /refuse-once/default/1")
+    );
+    let retries = "weir_upstream_retries_total{reason=\"refused-stream\",service=\"h2\"}";
+    assert_eq!(gw.metric(retries), 1.0);
+    let reply = post("/refuse-once/strict/1");
+    assert_eq!(
+        (reply.status, reply.body.as_str()),
+        (502, "upstream connection error\n")
+    );
+    assert_eq!(gw.metric(retries), 1.0);
 }

@@ -628,6 +628,7 @@ impl ProxyHttp for WeirProxy {
             ErrorType::ReadTimedout | ErrorType::WriteTimedout => Failure::Timeout,
             // A mesh identity check: the request was not sent.
             ErrorType::TLSHandshakeFailure | ErrorType::ConnectTimedout => Failure::ConnectFailure,
+            ErrorType::H2Error if refused_stream(&e) => Failure::RefusedStream,
             _ => Failure::Reset,
         };
         // A pooled connection the upstream had closed says nothing about the endpoint.
@@ -934,6 +935,13 @@ async fn wait_for_place(
 }
 
 /// A failure the proxy answers itself, with `flags`; `fail_to_proxy` writes the answer.
+/// An HTTP/2 upstream reset the stream with REFUSED_STREAM: it did not process the request
+/// (RFC 9113 §8.7), so even a POST may go again.
+fn refused_stream(e: &Error) -> bool {
+    let cause = e.root_cause().downcast_ref::<h2::Error>();
+    cause.is_some_and(|h2| h2.is_remote() && h2.reason() == Some(h2::Reason::REFUSED_STREAM))
+}
+
 fn fail_with(ctx: &mut Ctx, status: u16, flags: &'static str) -> Box<Error> {
     ctx.flags = flags;
     Error::explain(ErrorType::HTTPStatus(status), flags)
