@@ -5,6 +5,7 @@ methods take and return raw bytes.
                               /test.Echo/Fail fails with NOT_FOUND "nothing here"
   echo.py call PORT CA HOST   over TLS (CA's certificate for HOST) to 127.0.0.1:PORT: calls
                               both and prints "say: <reply>" and "fail: <code> <details>"
+  echo.py call-h2c PORT HOST  the same in plaintext HTTP/2 (h2c), with HOST as :authority
 """
 import sys
 from concurrent import futures
@@ -38,18 +39,29 @@ def call(port, ca, host):
     creds = grpc.ssl_channel_credentials(root_certificates=open(ca, "rb").read())
     options = (("grpc.ssl_target_name_override", host), ("grpc.default_authority", host))
     with grpc.secure_channel(f"127.0.0.1:{port}", creds, options) as channel:
-        say = channel.unary_unary("/test.Echo/Say", identity, identity)
-        print("say:", say(b"hello", timeout=10).decode())
-        fail = channel.unary_unary("/test.Echo/Fail", identity, identity)
-        try:
-            fail(b"x", timeout=10)
-            print("fail: no error")
-        except grpc.RpcError as e:
-            print("fail:", e.code().name, e.details())
+        both(channel)
+
+
+def call_h2c(port, host):
+    with grpc.insecure_channel(f"127.0.0.1:{port}", (("grpc.default_authority", host),)) as channel:
+        both(channel)
+
+
+def both(channel):
+    say = channel.unary_unary("/test.Echo/Say", identity, identity)
+    print("say:", say(b"hello", timeout=10).decode())
+    fail = channel.unary_unary("/test.Echo/Fail", identity, identity)
+    try:
+        fail(b"x", timeout=10)
+        print("fail: no error")
+    except grpc.RpcError as e:
+        print("fail:", e.code().name, e.details())
 
 
 if __name__ == "__main__":
     if sys.argv[1] == "serve":
         serve(int(sys.argv[2]))
+    elif sys.argv[1] == "call-h2c":
+        call_h2c(int(sys.argv[2]), sys.argv[3])
     else:
         call(int(sys.argv[2]), sys.argv[3], sys.argv[4])

@@ -922,3 +922,42 @@ pub fn copy_certs(example: &Path, dir: &Path) {
         fs::copy(&path, dir.join("certs").join(path.file_name().unwrap())).unwrap();
     }
 }
+
+/// A Python server of the tests (tests/grpc/echo.py on Debian's python3-grpcio,
+/// tests/h2/refuser.py on python3-h2, which scripts/test installs) on a free port, once it
+/// accepts connections; stopped when dropped.
+pub struct PythonServer {
+    child: std::process::Child,
+    pub port: u16,
+}
+
+impl PythonServer {
+    /// `/usr/bin/python3 ARGS PORT`.
+    pub fn start(args: &[&str]) -> PythonServer {
+        let port = free_port();
+        let child = std::process::Command::new("/usr/bin/python3")
+            .args(args)
+            .arg(port.to_string())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let server = PythonServer { child, port };
+        wait_until(&format!("{args:?}"), Duration::from_secs(20), || {
+            std::net::TcpStream::connect(("127.0.0.1", server.port)).is_ok()
+        });
+        server
+    }
+}
+
+impl Drop for PythonServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A file of the repository, as an argument.
+pub fn script(path: &str) -> String {
+    repo_root().join(path).display().to_string()
+}

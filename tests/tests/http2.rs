@@ -6,7 +6,7 @@ use std::fs;
 use std::time::Duration;
 
 use weir_tests::tls::TestCa;
-use weir_tests::{curl, free_port, wait_until, Gateway, Nginx, Upstream};
+use weir_tests::{curl, free_port, script, wait_until, Gateway, Nginx, PythonServer, Upstream};
 
 /// nginx answering with the protocol it was spoken to in, and a health check path.
 const PROTOCOL_ECHO: &str = "
@@ -156,43 +156,6 @@ fn h2_end_to_end_from_client_to_service() {
     let gw = https_gateway(&ca, &config);
     let out = h2_get(&gw, "/grpc.Service/Method");
     assert_eq!(out, "HTTP/2.0 a.example /grpc.Service/Method\nHTTP/2 200\n");
-}
-
-/// A Python server of the tests (tests/grpc/echo.py on Debian's python3-grpcio,
-/// tests/h2/refuser.py on python3-h2, which scripts/test installs) on a free port, once it
-/// accepts connections; stopped when dropped.
-struct PythonServer {
-    child: std::process::Child,
-    port: u16,
-}
-
-impl PythonServer {
-    fn start(args: &[&str]) -> PythonServer {
-        let port = free_port();
-        let child = std::process::Command::new("/usr/bin/python3")
-            .args(args)
-            .arg(port.to_string())
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let server = PythonServer { child, port };
-        wait_until(&format!("{args:?}"), Duration::from_secs(20), || {
-            std::net::TcpStream::connect(("127.0.0.1", server.port)).is_ok()
-        });
-        server
-    }
-}
-
-impl Drop for PythonServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn script(path: &str) -> String {
-    weir_tests::repo_root().join(path).display().to_string()
 }
 
 /// gRPC through the gateway: HTTP/2 from a real gRPC client over TLS to a real gRPC server

@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use weir_tests::otlp::Collector;
 use weir_tests::tls::{mesh_get, Issued, TestCa};
-use weir_tests::{free_port, raw_request, wait_until, Gateway, TcpRelay, Upstream};
+use weir_tests::{
+    free_port, raw_request, script, wait_until, Gateway, PythonServer, TcpRelay, Upstream,
+};
 
 const PRODUCTPAGE: &str = "spiffe://mesh.local/ns/default/sa/productpage";
 const REVIEWS: &str = "spiffe://mesh.local/ns/default/sa/reviews";
@@ -505,4 +507,48 @@ fn a_trace_follows_the_call_across_the_mesh() {
     assert_eq!(server.attribute("weir.listener"), Some("inbound"));
     assert_eq!(server.attribute("weir.peer"), Some(PRODUCTPAGE));
     assert_eq!(server.attribute("weir.upstream"), Some(app_addr.as_str()));
+}
+
+/// gRPC across the mesh: a real gRPC client sends plaintext HTTP/2 (h2c) to its sidecar's
+/// outbound listener, the mesh hop is HTTP/2 over mutual TLS, and the other sidecar speaks
+/// h2c to a real gRPC server (`app_protocol = "http2"`). The status and message of a failed
+/// call come back in the trailers.
+#[test]
+fn grpc_crosses_the_mesh() {
+    let server = PythonServer::start(&[&script("tests/grpc/echo.py"), "serve"]);
+    let ca = TestCa::new("mesh CA");
+    let inbound = free_port();
+    let _reviews = sidecar(&ca, REVIEWS, |admin, outbound| {
+        let app = format!("127.0.0.1:{}", server.port);
+        let extra = "app_protocol = \"http2\"\n";
+        sidecar_config(admin, inbound, &app, outbound, extra)
+    });
+    let productpage = sidecar(&ca, PRODUCTPAGE, |admin, outbound| {
+        let routes = format!(
+            "[[route]]\nname = \"echo\"\nhosts = [\"echo\"]\n  [[route.backend]]\n  service = \"echo\"\n\
+             [[service]]\nname = \"echo\"\nendpoints = [\"127.0.0.1:{inbound}\"]\nprotocol = \"http2\"\n\
+             \x20 [service.tls]\n  mode = \"mesh\"\n  identities = [\"{REVIEWS}\"]\n"
+        );
+        sidecar_config(admin, free_port(), "127.0.0.1:1", outbound, &routes)
+    });
+    let out = std::process::Command::new("/usr/bin/python3")
+        .args([
+            &script("tests/grpc/echo.py"),
+            "call-h2c",
+            &productpage.port.to_string(),
+            "echo",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "say: olleh\nfail: NOT_FOUND nothing here\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_until("two access log lines", Duration::from_secs(10), || {
+        productpage.access_log().len() == 2
+    });
+    let log = productpage.access_log();
+    assert_eq!(log[0]["protocol"], "HTTP/2", "{}", log[0]);
 }

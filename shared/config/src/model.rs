@@ -568,6 +568,8 @@ pub enum Mtls {
 pub struct Inbound {
     pub listen: SocketAddr,
     pub app: SocketAddr,
+    /// HTTP/1.1, or h2c for gRPC apps.
+    pub app_protocol: UpstreamProtocol,
     pub mtls: Mtls,
     /// In declaration order; see [`Policy`].
     pub policies: Vec<Policy>,

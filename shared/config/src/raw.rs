@@ -390,6 +390,8 @@ pub struct RawWorkload {
 pub struct RawInbound {
     pub listen: Option<String>,
     pub app: Option<String>,
+    /// "http1" (default) or "http2" (h2c): how the sidecar speaks to the app.
+    pub app_protocol: Option<String>,
     pub mtls: Option<String>,
     /// Authorization of the requests to the app.
     pub policy: Vec<RawPolicy>,

@@ -1489,6 +1489,15 @@ impl Checker<'_> {
                 None
             }
         };
+        let app_protocol = match raw_in.app_protocol.as_deref() {
+            None | Some("http1") => UpstreamProtocol::Http1,
+            Some("http2") => UpstreamProtocol::Http2,
+            Some(other) => {
+                let e = format!("app_protocol {other:?}: expected \"http1\" or \"http2\"");
+                self.fail(&in_at.key("app_protocol"), e);
+                UpstreamProtocol::Http1
+            }
+        };
         let mtls = match raw_in.mtls.as_deref() {
             None | Some("strict") => Some(Mtls::Strict),
             Some("permissive") => Some(Mtls::Permissive),
@@ -1530,6 +1539,7 @@ impl Checker<'_> {
             inbound: Inbound {
                 listen,
                 app: app.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8080))),
+                app_protocol,
                 mtls: mtls.unwrap_or(Mtls::Strict),
                 policies,
             },
@@ -1573,6 +1583,13 @@ impl Checker<'_> {
             RawService {
                 name: Some(INBOUND.into()),
                 endpoints: Some(vec![sidecar.inbound.app.to_string()]),
+                protocol: Some(
+                    match sidecar.inbound.app_protocol {
+                        UpstreamProtocol::Http1 => "http1",
+                        UpstreamProtocol::Http2 => "http2",
+                    }
+                    .into(),
+                ),
                 ..RawService::default()
             },
         ));

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use async_trait::async_trait;
-use pingora_core::apps::ServerApp;
+use pingora_core::apps::{HttpServerOptions, ServerApp};
 use pingora_core::listeners::tls::Acceptor;
 use pingora_core::listeners::{L4BufferSettings, ListenerConfig};
 use pingora_core::protocols::l4::stream::Stream as L4Stream;
@@ -113,23 +113,47 @@ pub fn run(reloader: Reloader, git: Option<Arc<GitSource>>, upgrade: bool) -> an
     );
     let mut proxy =
         pingora_proxy::http_proxy_service_with_name(&server.configuration, proxy, "weir-proxy");
-    let mut permissive = Vec::new();
+    let new_proxy = |h2c: bool| {
+        let app = WeirProxy::new(
+            reloader.clone(),
+            listeners.clone(),
+            access_log.clone(),
+            tracer.clone(),
+            in_flight.clone(),
+        );
+        let mut proxy = pingora_proxy::http_proxy(&server.configuration, app);
+        if h2c {
+            let mut options = HttpServerOptions::default();
+            options.h2c = true;
+            proxy.server_options = Some(options);
+        }
+        Arc::new(proxy)
+    };
+    let mut sniffing = Vec::new();
     for (index, listener) in config.listeners.iter().enumerate() {
-        if listener.tls.as_ref().is_some_and(|t| t.also_plaintext) {
-            let app = WeirProxy::new(
-                reloader.clone(),
-                listeners.clone(),
-                access_log.clone(),
-                tracer.clone(),
-                in_flight.clone(),
-            );
-            let app = Permissive {
-                proxy: Arc::new(pingora_proxy::http_proxy(&server.configuration, app)),
-                tls: tls::listener_settings(&reloader, index)?.build(),
+        let also_plaintext = listener.tls.as_ref().is_some_and(|t| t.also_plaintext);
+        // The sidecar's plaintext side also takes HTTP/2 without TLS (h2c), as gRPC apps
+        // send it.
+        let h2c =
+            config.sidecar.is_some() && (also_plaintext || listener.protocol == Protocol::Http);
+        if also_plaintext || h2c {
+            let tls = match also_plaintext {
+                true => Some(tls::listener_settings(&reloader, index)?.build()),
+                false => None,
+            };
+            let app = Sniffing {
+                http1: new_proxy(false),
+                h2c: h2c.then(|| new_proxy(true)),
+                tls,
             };
             let mut service = Service::new(format!("weir-{}", listener.name), app);
-            service.add_tcp(&listener.listen.to_string());
-            permissive.push(service);
+            let endpoint = ListenerConfig::tcp(listener.listen.to_string());
+            // The L4 read buffer as below: none for plaintext only.
+            service.add_listener(match also_plaintext {
+                true => endpoint,
+                false => endpoint.l4_buffer(L4BufferSettings::default().read(0)),
+            });
+            sniffing.push(service);
             continue;
         }
         let endpoint = ListenerConfig::tcp(listener.listen.to_string());
@@ -166,7 +190,7 @@ pub fn run(reloader: Reloader, git: Option<Arc<GitSource>>, upgrade: bool) -> an
     // /ready answers only once SIGHUP is handled and the proxy has started.
     admin.add_dependency(&control);
     admin.add_dependency(&proxy);
-    for service in permissive {
+    for service in sniffing {
         admin.add_dependency(server.add_service(service));
     }
     info!(generation = snapshot.generation, revision = %snapshot.revision, threads, "starting");
@@ -180,20 +204,30 @@ pub fn run(reloader: Reloader, git: Option<Arc<GitSource>>, upgrade: bool) -> an
     std::process::exit(0)
 }
 
-/// A listener that serves TLS and plaintext on one port (the sidecar's `mtls =
-/// "permissive"`): a connection that opens with a TLS handshake record is TLS, anything else
-/// is plain HTTP. Pingora's listeners are one or the other, so this one is a service of its
-/// own that looks at the first byte, then hands the connection to the same proxy.
-struct Permissive {
-    proxy: Arc<HttpProxy<WeirProxy>>,
-    tls: Acceptor,
+/// A listener that looks at each connection's first bytes, once, to tell what it speaks:
+/// - with `tls` (the sidecar's `mtls = "permissive"`), a connection that opens with a TLS
+///   handshake record is TLS, anything else plaintext;
+/// - with `h2c` (the sidecar's plaintext side), a plaintext connection that opens with the
+///   HTTP/2 preface is HTTP/2, anything else HTTP/1.
+///
+/// Pingora's listeners are TLS or plaintext, and its own h2c option reads the first bytes
+/// before every request of a keep-alive connection; so this is a service of its own that hands
+/// the connection to the proxy that speaks its protocol.
+struct Sniffing {
+    http1: Arc<HttpProxy<WeirProxy>>,
+    h2c: Option<Arc<HttpProxy<WeirProxy>>>,
+    tls: Option<Acceptor>,
 }
 
 /// The first byte of a TLS connection: a handshake record (RFC 8446, §5.1).
 const TLS_HANDSHAKE: u8 = 0x16;
 
+/// The start of the HTTP/2 connection preface, "PRI * HTTP/2.0..." (RFC 9113, §3.4); no
+/// HTTP/1 method starts so.
+const H2_PREFACE_START: &[u8; 3] = b"PRI";
+
 #[async_trait]
-impl ServerApp for Permissive {
+impl ServerApp for Sniffing {
     async fn process_new(
         self: &Arc<Self>,
         mut stream: Stream,
@@ -208,23 +242,37 @@ impl ServerApp for Permissive {
         if !matches!(peeked, Ok(true)) {
             return None; // closed before its first byte
         }
-        if first[0] == TLS_HANDSHAKE {
-            // The listener hands over its TCP stream, boxed; the handshake wants it unboxed.
-            let Ok(tcp) = stream.into_any().downcast::<L4Stream>() else {
-                return None;
-            };
-            stream = match self.tls.tls_handshake(*tcp).await {
-                Ok(tls) => Box::new(tls),
-                Err(e) => {
-                    debug!("permissive listener: TLS handshake failed: {e}");
+        let mut proxy = &self.http1;
+        match (&self.tls, &self.h2c) {
+            (Some(tls), _) if first[0] == TLS_HANDSHAKE => {
+                // The listener hands over its TCP stream, boxed; the handshake wants it
+                // unboxed. ALPN then says h2 or HTTP/1.1.
+                let Ok(tcp) = stream.into_any().downcast::<L4Stream>() else {
                     return None;
+                };
+                stream = match tls.tls_handshake(*tcp).await {
+                    Ok(tls) => Box::new(tls),
+                    Err(e) => {
+                        debug!("permissive listener: TLS handshake failed: {e}");
+                        return None;
+                    }
+                };
+            }
+            (_, Some(h2c)) if first[0] == H2_PREFACE_START[0] => {
+                // "P": the preface, or PUT, POST, PATCH... which are at least 3 bytes long.
+                let mut start = [0u8; 3];
+                if matches!(stream.try_peek(&mut start).await, Ok(true))
+                    && &start == H2_PREFACE_START
+                {
+                    proxy = h2c;
                 }
-            };
+            }
+            _ => {}
         }
         // The keep-alive loop Pingora's own service would run.
-        let mut next = self.proxy.process_new(stream, shutdown).await;
+        let mut next = proxy.process_new(stream, shutdown).await;
         while let Some(stream) = next {
-            next = self.proxy.process_new(stream, shutdown).await;
+            next = proxy.process_new(stream, shutdown).await;
         }
         None
     }
