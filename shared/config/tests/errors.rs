@@ -698,3 +698,32 @@ fn tracing_settings_are_checked_and_defaulted() {
         )
     );
 }
+
+#[test]
+fn the_app_protocol_is_http1_or_http2() {
+    let sidecar = |app_protocol: &str| {
+        let text = format!(
+            "[inbound]\nlisten = \"127.0.0.1:15006\"\napp = \"127.0.0.1:8080\"\nmtls = \"disable\"\n{app_protocol}"
+        );
+        parse("s.toml", &text, Role::Sidecar)
+    };
+    let config = |loaded: Result<weir_config::Loaded, _>| loaded.unwrap().config;
+    use weir_config::UpstreamProtocol::{Http1, Http2};
+    let app = |c: weir_config::Config| {
+        c.services
+            .iter()
+            .find(|s| s.name == "inbound")
+            .unwrap()
+            .protocol
+    };
+    assert_eq!(app(config(sidecar(""))), Http1);
+    assert_eq!(app(config(sidecar("app_protocol = \"http2\"\n"))), Http2);
+    let errs: Vec<String> = match sidecar("app_protocol = \"grpc\"\n") {
+        Ok(_) => panic!("app_protocol grpc accepted"),
+        Err(e) => e.0.iter().map(|e| e.to_string()).collect(),
+    };
+    assert_eq!(
+        errs,
+        ["s.toml:5: [inbound]: app_protocol \"grpc\": expected \"http1\" or \"http2\""]
+    );
+}
