@@ -6,6 +6,9 @@ methods take and return raw bytes.
   echo.py call PORT CA HOST   over TLS (CA's certificate for HOST) to 127.0.0.1:PORT: calls
                               both and prints "say: <reply>" and "fail: <code> <details>"
   echo.py call-h2c PORT HOST  the same in plaintext HTTP/2 (h2c), with HOST as :authority
+  echo.py flaky PORT CA HOST  over TLS: calls /test.Echo/Flaky and /test.Plain/Flaky once
+                              each, which fail with UNAVAILABLE the first time they see a
+                              payload; prints "echo: <reply or code>" and "plain: ..."
 """
 import sys
 from concurrent import futures
@@ -24,22 +27,46 @@ def serve(port):
     def fail(request, context):
         context.abort(grpc.StatusCode.NOT_FOUND, "nothing here")
 
-    handler = grpc.method_handlers_generic_handler("test.Echo", {
+    seen = set()
+
+    def flaky(request, context):
+        if request not in seen:
+            seen.add(request)
+            context.abort(grpc.StatusCode.UNAVAILABLE, "try again")
+        return request
+
+    methods = {
         "Say": grpc.unary_unary_rpc_method_handler(say, identity, identity),
         "Fail": grpc.unary_unary_rpc_method_handler(fail, identity, identity),
-    })
+        "Flaky": grpc.unary_unary_rpc_method_handler(flaky, identity, identity),
+    }
+    handlers = [grpc.method_handlers_generic_handler(name, methods) for name in ("test.Echo", "test.Plain")]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    server.add_generic_rpc_handlers((handler,))
+    server.add_generic_rpc_handlers(handlers)
     server.add_insecure_port(f"127.0.0.1:{port}")
     server.start()
     server.wait_for_termination()
 
 
-def call(port, ca, host):
+def secure_channel(port, ca, host):
     creds = grpc.ssl_channel_credentials(root_certificates=open(ca, "rb").read())
     options = (("grpc.ssl_target_name_override", host), ("grpc.default_authority", host))
-    with grpc.secure_channel(f"127.0.0.1:{port}", creds, options) as channel:
+    return grpc.secure_channel(f"127.0.0.1:{port}", creds, options)
+
+
+def call(port, ca, host):
+    with secure_channel(port, ca, host) as channel:
         both(channel)
+
+
+def flaky(port, ca, host):
+    with secure_channel(port, ca, host) as channel:
+        for service, payload in (("Echo", b"first"), ("Plain", b"second")):
+            method = channel.unary_unary(f"/test.{service}/Flaky", identity, identity)
+            try:
+                print(f"{service.lower()}:", method(payload, timeout=10).decode())
+            except grpc.RpcError as e:
+                print(f"{service.lower()}:", e.code().name, e.details())
 
 
 def call_h2c(port, host):
@@ -63,5 +90,7 @@ if __name__ == "__main__":
         serve(int(sys.argv[2]))
     elif sys.argv[1] == "call-h2c":
         call_h2c(int(sys.argv[2]), sys.argv[3])
+    elif sys.argv[1] == "flaky":
+        flaky(int(sys.argv[2]), sys.argv[3], sys.argv[4])
     else:
         call(int(sys.argv[2]), sys.argv[3], sys.argv[4])

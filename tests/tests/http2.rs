@@ -227,3 +227,39 @@ fn a_refused_stream_is_retried_even_for_a_post() {
     );
     assert_eq!(gw.metric(retries), 1.0);
 }
+
+/// A gRPC call that fails with a status `route.retry.on` names (here `unavailable`, in a
+/// trailers-only response) is retried, though gRPC calls are POSTs; without the condition
+/// the client gets the status.
+#[test]
+fn a_grpc_status_named_in_retry_on_is_retried() {
+    let server = PythonServer::start(&[&script("tests/grpc/echo.py"), "serve"]);
+    let ca = TestCa::new("weir test CA");
+    let config = format!(
+        "[[route]]\nname = \"retrying\"\n  [[route.match]]\n  path = {{ prefix = \"/test.Echo/\" }}\n  [[route.backend]]\n  service = \"echo\"\n\
+         \x20 [route.retry]\n  on = [\"unavailable\", \"connect-failure\"]\n\
+         [[route]]\nname = \"plain\"\n  [[route.match]]\n  path = {{ prefix = \"/test.Plain/\" }}\n  [[route.backend]]\n  service = \"echo\"\n\
+         [[service]]\nname = \"echo\"\nendpoints = [\"127.0.0.1:{}\"]\nprotocol = \"http2\"\n",
+        server.port
+    );
+    let gw = https_gateway(&ca, &config);
+    let ca_path = gw.dir.path().join("ca.pem");
+    let out = std::process::Command::new("/usr/bin/python3")
+        .args([
+            &script("tests/grpc/echo.py"),
+            "flaky",
+            &gw.port.to_string(),
+            ca_path.to_str().unwrap(),
+            "a.example",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "echo: first\nplain: UNAVAILABLE try again\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let retries = "weir_upstream_retries_total{reason=\"unavailable\",service=\"echo\"}";
+    assert_eq!(gw.metric(retries), 1.0);
+}

@@ -206,7 +206,18 @@ pub struct RetryOn {
     /// 409.
     pub retriable_4xx: bool,
     pub statuses: Vec<u16>,
+    /// gRPC status codes, by their names in [`GRPC_RETRY_ON`].
+    pub grpc: Vec<u8>,
 }
+
+/// The gRPC retry conditions, as Envoy and Istio name them, and their status codes.
+pub const GRPC_RETRY_ON: [(&str, u8); 5] = [
+    ("cancelled", 1),
+    ("deadline-exceeded", 4),
+    ("resource-exhausted", 8),
+    ("internal", 13),
+    ("unavailable", 14),
+];
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Budget {

@@ -1047,11 +1047,12 @@ impl Checker<'_> {
                             "5xx" => on.any_5xx = true,
                             "gateway-error" => on.gateway_error = true,
                             "retriable-4xx" => on.retriable_4xx = true,
-                            other => match other.parse::<u16>() {
-                                Ok(code @ 100..=599) => on.statuses.push(code),
+                            other => match (other.parse::<u16>(), grpc_code(other)) {
+                                (Ok(code @ 100..=599), _) => on.statuses.push(code),
+                                (_, Some(code)) => on.grpc.push(code),
                                 _ => self.fail(
                                     &at.item("on", i),
-                                    format!("unknown retry condition {other:?}: expected connect-failure, refused-stream, reset, 5xx, gateway-error, retriable-4xx or a status code"),
+                                    format!("unknown retry condition {other:?}: expected connect-failure, refused-stream, reset, 5xx, gateway-error, retriable-4xx, a status code, or a gRPC status: cancelled, deadline-exceeded, internal, resource-exhausted or unavailable"),
                                 ),
                             },
                         },
@@ -1868,6 +1869,14 @@ fn sidecar_listeners(sidecar: &Sidecar, workload: Option<&Workload>) -> Vec<List
         tls: None,
     };
     vec![outbound, inbound]
+}
+
+/// A gRPC retry condition's status code.
+fn grpc_code(name: &str) -> Option<u8> {
+    GRPC_RETRY_ON
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|&(_, code)| code)
 }
 
 fn default_admin() -> SocketAddr {

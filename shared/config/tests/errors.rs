@@ -386,6 +386,16 @@ fn resilience_keys_are_checked() {
     assert_eq!(r.retry.on.statuses, [503]);
     assert!(r.retry.on.connect_failure && !r.retry.non_idempotent);
     assert_eq!(r.timeout, None);
+    let grpc = ok.replace(
+        "  service = \"a\"\n",
+        "  service = \"a\"\n  [route.retry]\n  on = [\"unavailable\", \"resource-exhausted\", 503]\n",
+    );
+    let loaded = parse("gw.toml", &grpc, Role::Gateway).unwrap();
+    let on = &loaded.config.routes[0].retry.on;
+    assert_eq!(
+        (on.grpc.as_slice(), on.statuses.as_slice()),
+        (&[14, 8][..], &[503][..])
+    );
 }
 
 #[test]

@@ -89,7 +89,7 @@ impl WeirProxy {
             }
             return false;
         }
-        if failure.may_have_reached_upstream()
+        if failure.needs_idempotent_method()
             && !policy.non_idempotent
             && !session.req_header().method.is_idempotent()
         {
@@ -548,8 +548,14 @@ impl ProxyHttp for WeirProxy {
             return Ok(());
         }
         self.report(ctx, TryResult::Status(status));
-        let failure = Failure::Status(status);
         let on = ctx.route.as_ref().map(|r| &r.config.retry.on);
+        // A failed gRPC call is an HTTP 200 with its status in `grpc-status`: in the headers
+        // when it failed before any message (a trailers-only response), the only case a
+        // retry can still take back, as in Envoy.
+        let grpc = on
+            .filter(|on| !on.grpc.is_empty())
+            .and_then(|_| grpc_status(response));
+        let failure = grpc.map_or(Failure::Status(status), Failure::Grpc);
         if on.is_some_and(|on| retriable(on, failure)) && self.should_retry(session, ctx, failure) {
             ctx.status_retry = true;
             let mut e = Error::explain(ErrorType::HTTPStatus(status), "retrying");
@@ -935,6 +941,12 @@ async fn wait_for_place(
 }
 
 /// A failure the proxy answers itself, with `flags`; `fail_to_proxy` writes the answer.
+/// A response's `grpc-status`, when it has one and it is not OK.
+fn grpc_status(response: &ResponseHeader) -> Option<u8> {
+    let value = response.headers.get("grpc-status")?.to_str().ok()?;
+    value.parse().ok().filter(|&code| code != 0)
+}
+
 /// An HTTP/2 upstream reset the stream with REFUSED_STREAM: it did not process the request
 /// (RFC 9113 §8.7), so even a POST may go again.
 fn refused_stream(e: &Error) -> bool {

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
-use weir_config::{Budget, RetryOn};
+use weir_config::{Budget, RetryOn, GRPC_RETRY_ON};
 
 /// How a try failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,13 +20,20 @@ pub enum Failure {
     Timeout,
     /// The upstream answered with this status.
     Status(u16),
+    /// A gRPC call failed with this `grpc-status` (in a trailers-only response).
+    Grpc(u8),
 }
 
 impl Failure {
-    /// Whether the upstream may have seen the request: such a try is repeated only for
-    /// idempotent methods (or with `non_idempotent = true`).
-    pub fn may_have_reached_upstream(self) -> bool {
-        !matches!(self, Failure::ConnectFailure | Failure::RefusedStream)
+    /// Whether a try that failed so is repeated only for idempotent methods (or with
+    /// `non_idempotent = true`): the upstream may have acted on the request. Not so when it
+    /// provably never got it, nor for a gRPC status named in `on`: every gRPC call is a POST,
+    /// and naming a status says the call may be repeated on it, as in gRPC's own retry policy.
+    pub fn needs_idempotent_method(self) -> bool {
+        !matches!(
+            self,
+            Failure::ConnectFailure | Failure::RefusedStream | Failure::Grpc(_)
+        )
     }
 
     /// The `reason` label of `weir_upstream_retries_total`.
@@ -37,6 +44,9 @@ impl Failure {
             Failure::Reset => "reset".into(),
             Failure::Timeout => "timeout".into(),
             Failure::Status(code) => code.to_string(),
+            Failure::Grpc(code) => (GRPC_RETRY_ON.iter())
+                .find(|&&(_, c)| c == code)
+                .map_or_else(|| format!("grpc-{code}"), |(name, _)| name.to_string()),
         }
     }
 }
@@ -56,6 +66,7 @@ pub fn retriable(on: &RetryOn, failure: Failure) -> bool {
                 || (on.gateway_error && matches!(code, 502..=504))
                 || (on.retriable_4xx && code == 409)
         }
+        Failure::Grpc(code) => on.grpc.contains(&code),
     }
 }
 
@@ -167,8 +178,22 @@ mod tests {
         assert!(!retriable(&gw, Failure::Status(500)));
         assert!(retriable(&on(&["5xx"]), Failure::Status(500)));
         assert!(retriable(&on(&["retriable-4xx"]), Failure::Status(409)));
-        assert!(!Failure::ConnectFailure.may_have_reached_upstream());
-        assert!(Failure::Status(503).may_have_reached_upstream());
+        assert!(!Failure::ConnectFailure.needs_idempotent_method());
+        assert!(Failure::Status(503).needs_idempotent_method());
+    }
+
+    #[test]
+    fn grpc_conditions_name_statuses_and_repeat_posts() {
+        let unavailable = RetryOn {
+            grpc: vec![14],
+            ..RetryOn::default()
+        };
+        assert!(retriable(&unavailable, Failure::Grpc(14)));
+        assert!(!retriable(&unavailable, Failure::Grpc(13)));
+        assert!(!retriable(&on(&["5xx"]), Failure::Grpc(14)));
+        assert!(!Failure::Grpc(14).needs_idempotent_method());
+        assert_eq!(Failure::Grpc(14).reason(), "unavailable");
+        assert_eq!(Failure::Grpc(4).reason(), "deadline-exceeded");
     }
 
     #[test]
