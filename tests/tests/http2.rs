@@ -170,24 +170,29 @@ fn grpc_calls_pass_with_their_status_in_the_trailers() {
         server.port
     );
     let gw = https_gateway(&ca, &config);
+    let (stdout, stderr) = grpc_client(&gw, "call");
+    assert_eq!(
+        stdout, "say: olleh\nfail: NOT_FOUND nothing here\n",
+        "{stderr}"
+    );
+}
+
+/// Runs tests/grpc/echo.py's client `mode` against the gateway over TLS (for `a.example`,
+/// with the CA that [`https_gateway`] wrote): its stdout, and its stderr to explain a failure.
+fn grpc_client(gw: &Gateway, mode: &str) -> (String, String) {
     let ca_path = gw.dir.path().join("ca.pem");
     let out = std::process::Command::new("/usr/bin/python3")
         .args([
             &script("tests/grpc/echo.py"),
-            "call",
+            mode,
             &gw.port.to_string(),
             ca_path.to_str().unwrap(),
             "a.example",
         ])
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(
-        stdout,
-        "say: olleh\nfail: NOT_FOUND nothing here\n",
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+    (text(&out.stdout), text(&out.stderr))
 }
 
 /// An HTTP/2 upstream that refuses a stream (RST_STREAM with REFUSED_STREAM) did not process
@@ -243,22 +248,10 @@ fn a_grpc_status_named_in_retry_on_is_retried() {
         server.port
     );
     let gw = https_gateway(&ca, &config);
-    let ca_path = gw.dir.path().join("ca.pem");
-    let out = std::process::Command::new("/usr/bin/python3")
-        .args([
-            &script("tests/grpc/echo.py"),
-            "flaky",
-            &gw.port.to_string(),
-            ca_path.to_str().unwrap(),
-            "a.example",
-        ])
-        .output()
-        .unwrap();
+    let (stdout, stderr) = grpc_client(&gw, "flaky");
     assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "echo: first\nplain: UNAVAILABLE try again\n",
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        stdout, "echo: first\nplain: UNAVAILABLE try again\n",
+        "{stderr}"
     );
     let retries = "weir_upstream_retries_total{reason=\"unavailable\",service=\"echo\"}";
     assert_eq!(gw.metric(retries), 1.0);
