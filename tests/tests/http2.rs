@@ -177,6 +177,48 @@ fn grpc_calls_pass_with_their_status_in_the_trailers() {
     );
 }
 
+/// A plaintext listener takes h2c as well as HTTP/1.1, told apart by a connection's first
+/// bytes: a gRPC client without TLS gets HTTP/2 all the way, and HTTP/1.1 requests on the
+/// same port, a POST (which starts with "P", as the preface does) too, still get HTTP/1.1.
+#[test]
+fn a_plaintext_listener_takes_h2c_and_http1_on_one_port() {
+    let server = PythonServer::start(&[&script("tests/grpc/echo.py"), "serve"]);
+    let app = Upstream::start("app");
+    let gw = Gateway::start(&format!(
+        "[[route]]\nname = \"echo\"\n  [[route.match]]\n  path = {{ prefix = \"/test.Echo/\" }}\n  [[route.backend]]\n  service = \"echo\"\n\
+         [[route]]\nname = \"app\"\n  [[route.backend]]\n  service = \"app\"\n\
+         [[service]]\nname = \"echo\"\nendpoints = [\"127.0.0.1:{}\"]\nprotocol = \"http2\"\n{}",
+        server.port,
+        app.service(),
+    ));
+    let out = std::process::Command::new("/usr/bin/python3")
+        .args([
+            &script("tests/grpc/echo.py"),
+            "call-h2c",
+            &gw.port.to_string(),
+            "a.example",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "say: olleh\nfail: NOT_FOUND nothing here\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let client = weir_tests::client();
+    let post = weir_tests::send_body(&client, "POST", &gw.url("/form"), &[], Some(b"x")).unwrap();
+    assert_eq!((post.status, post.body.as_str()), (200, "app"));
+    let logged = |route: &str, protocol: &str| {
+        gw.access_log()
+            .iter()
+            .any(|l| l["route"] == route && l["protocol"] == protocol)
+    };
+    wait_until("both protocols logged", Duration::from_secs(10), || {
+        logged("echo", "HTTP/2") && logged("app", "HTTP/1.1")
+    });
+}
+
 /// Runs tests/grpc/echo.py's client `mode` against the gateway over TLS (for `a.example`,
 /// with the CA that [`https_gateway`] wrote): its stdout, and its stderr to explain a failure.
 fn grpc_client(gw: &Gateway, mode: &str) -> (String, String) {

@@ -311,15 +311,18 @@ fn an_upstream_connection_is_reused_then_closed_after_idle_timeout() {
         last = Instant::now();
         assert_eq!(gw.get("/", &[]).status, 200);
     }
-    assert_eq!(
-        up.connections.load(Ordering::SeqCst),
-        1,
-        "kept alive and reused"
+    // Pingora gives the connection back to its pool just after the client's answer is
+    // written, so a client that is quick enough can find the pool empty once and open a
+    // second connection; reuse shows as fewer connections than requests.
+    let opened = up.connections.load(Ordering::SeqCst);
+    assert!(
+        opened <= 2,
+        "kept alive and reused: {opened} connections for 3 requests"
     );
     wait_until(
-        "the idle connection closed",
+        "the idle connections closed",
         Duration::from_secs(10),
-        || up.closed_by_gateway.load(Ordering::SeqCst) == 1,
+        || up.closed_by_gateway.load(Ordering::SeqCst) == opened,
     );
     let closed_after = last.elapsed();
     assert!(
@@ -328,7 +331,7 @@ fn an_upstream_connection_is_reused_then_closed_after_idle_timeout() {
     );
     // The next request opens a fresh connection.
     assert_eq!(gw.get("/", &[]).status, 200);
-    assert_eq!(up.connections.load(Ordering::SeqCst), 2);
+    assert_eq!(up.connections.load(Ordering::SeqCst), opened + 1);
 }
 
 fn endpoint_states(gw: &Gateway) -> Vec<String> {

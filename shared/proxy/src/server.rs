@@ -111,7 +111,7 @@ pub fn run(reloader: Reloader, git: Option<Arc<GitSource>>, upgrade: bool) -> an
         tracer.clone(),
         in_flight.clone(),
     );
-    let mut proxy =
+    let mut https =
         pingora_proxy::http_proxy_service_with_name(&server.configuration, proxy, "weir-proxy");
     let new_proxy = |h2c: bool| {
         let app = WeirProxy::new(
@@ -129,41 +129,35 @@ pub fn run(reloader: Reloader, git: Option<Arc<GitSource>>, upgrade: bool) -> an
         }
         Arc::new(proxy)
     };
-    let mut sniffing = Vec::new();
+    // Plaintext listeners take HTTP/2 without TLS (h2c) as well as HTTP/1.1, as Envoy's do:
+    // gRPC clients send it. They, and permissive listeners, read a connection's first bytes.
+    let (mut sniffing, mut has_https) = (Vec::new(), false);
     for (index, listener) in config.listeners.iter().enumerate() {
         let also_plaintext = listener.tls.as_ref().is_some_and(|t| t.also_plaintext);
-        // The sidecar's plaintext side also takes HTTP/2 without TLS (h2c), as gRPC apps
-        // send it.
-        let h2c =
-            config.sidecar.is_some() && (also_plaintext || listener.protocol == Protocol::Http);
-        if also_plaintext || h2c {
-            let tls = match also_plaintext {
-                true => Some(tls::listener_settings(&reloader, index)?.build()),
-                false => None,
-            };
-            let app = Sniffing {
-                http1: new_proxy(false),
-                h2c: h2c.then(|| new_proxy(true)),
-                tls,
-            };
-            let mut service = Service::new(format!("weir-{}", listener.name), app);
-            let endpoint = ListenerConfig::tcp(listener.listen.to_string());
-            // The L4 read buffer as below: none for plaintext only.
-            service.add_listener(match also_plaintext {
-                true => endpoint,
-                false => endpoint.l4_buffer(L4BufferSettings::default().read(0)),
-            });
-            sniffing.push(service);
+        let endpoint = ListenerConfig::tcp(listener.listen.to_string());
+        if listener.protocol == Protocol::Https && !also_plaintext {
+            https.add_listener(endpoint.tls(tls::listener_settings(&reloader, index)?));
+            has_https = true;
             continue;
         }
-        let endpoint = ListenerConfig::tcp(listener.listen.to_string());
-        proxy.add_listener(match listener.protocol {
-            // No L4 read buffer on plaintext listeners: Pingora's HTTP/1 session reads into
-            // its own buffers, so the default 64 KiB BufReader only adds a copy per read and
-            // 64 KiB per idle keep-alive connection. TLS keeps it: rustls reads whole records.
-            Protocol::Http => endpoint.l4_buffer(L4BufferSettings::default().read(0)),
-            Protocol::Https => endpoint.tls(tls::listener_settings(&reloader, index)?),
+        let tls = match also_plaintext {
+            true => Some(tls::listener_settings(&reloader, index)?.build()),
+            false => None,
+        };
+        let app = Sniffing {
+            http1: new_proxy(false),
+            h2c: new_proxy(true),
+            tls,
+        };
+        let mut service = Service::new(format!("weir-{}", listener.name), app);
+        // No L4 read buffer on plaintext listeners: Pingora's HTTP/1 session reads into its
+        // own buffers, so the default 64 KiB BufReader only adds a copy per read and 64 KiB
+        // per idle keep-alive connection. TLS keeps it: rustls reads whole records.
+        service.add_listener(match also_plaintext {
+            true => endpoint,
+            false => endpoint.l4_buffer(L4BufferSettings::default().read(0)),
         });
+        sniffing.push(service);
     }
     let shutdown = Arc::new(Notify::new());
     let mut admin = Service::new(
@@ -185,11 +179,13 @@ pub fn run(reloader: Reloader, git: Option<Arc<GitSource>>, upgrade: bool) -> an
             git,
         },
     ));
-    let proxy = server.add_service(proxy);
     let admin = server.add_service(admin);
-    // /ready answers only once SIGHUP is handled and the proxy has started.
+    // /ready answers only once SIGHUP is handled and the listeners have started.
     admin.add_dependency(&control);
-    admin.add_dependency(&proxy);
+    // A service without listeners would still run its threads.
+    if has_https {
+        admin.add_dependency(server.add_service(https));
+    }
     for service in sniffing {
         admin.add_dependency(server.add_service(service));
     }
@@ -207,15 +203,15 @@ pub fn run(reloader: Reloader, git: Option<Arc<GitSource>>, upgrade: bool) -> an
 /// A listener that looks at each connection's first bytes, once, to tell what it speaks:
 /// - with `tls` (the sidecar's `mtls = "permissive"`), a connection that opens with a TLS
 ///   handshake record is TLS, anything else plaintext;
-/// - with `h2c` (the sidecar's plaintext side), a plaintext connection that opens with the
-///   HTTP/2 preface is HTTP/2, anything else HTTP/1.
+/// - a plaintext connection that opens with the HTTP/2 preface is HTTP/2 (h2c), anything else
+///   HTTP/1.
 ///
 /// Pingora's listeners are TLS or plaintext, and its own h2c option reads the first bytes
 /// before every request of a keep-alive connection; so this is a service of its own that hands
 /// the connection to the proxy that speaks its protocol.
 struct Sniffing {
     http1: Arc<HttpProxy<WeirProxy>>,
-    h2c: Option<Arc<HttpProxy<WeirProxy>>>,
+    h2c: Arc<HttpProxy<WeirProxy>>,
     tls: Option<Acceptor>,
 }
 
@@ -243,8 +239,8 @@ impl ServerApp for Sniffing {
             return None; // closed before its first byte
         }
         let mut proxy = &self.http1;
-        match (&self.tls, &self.h2c) {
-            (Some(tls), _) if first[0] == TLS_HANDSHAKE => {
+        match &self.tls {
+            Some(tls) if first[0] == TLS_HANDSHAKE => {
                 // The listener hands over its TCP stream, boxed; the handshake wants it
                 // unboxed. ALPN then says h2 or HTTP/1.1.
                 let Ok(tcp) = stream.into_any().downcast::<L4Stream>() else {
@@ -258,13 +254,13 @@ impl ServerApp for Sniffing {
                     }
                 };
             }
-            (_, Some(h2c)) if first[0] == H2_PREFACE_START[0] => {
+            _ if first[0] == H2_PREFACE_START[0] => {
                 // "P": the preface, or PUT, POST, PATCH... which are at least 3 bytes long.
                 let mut start = [0u8; 3];
                 if matches!(stream.try_peek(&mut start).await, Ok(true))
                     && &start == H2_PREFACE_START
                 {
-                    proxy = h2c;
+                    proxy = &self.h2c;
                 }
             }
             _ => {}
