@@ -207,3 +207,32 @@ fn queued_spans_are_sent_at_shutdown() {
     });
     assert_eq!(span.attribute("http.response.status_code"), Some("200"));
 }
+
+/// A route's mirror copy belongs to the same trace: its `traceparent` names Weir's span, as
+/// the request to the route's own service does.
+#[test]
+fn a_mirror_copy_carries_weirs_span() {
+    let collector = Collector::start();
+    let (upstream, shadow) = (Upstream::start("reviews"), Upstream::start("shadow"));
+    let gw = Gateway::start(&format!(
+        "[telemetry.tracing]\notlp_endpoint = \"http://127.0.0.1:{}\"\n\
+         [[route]]\nname = \"reviews\"\n  [[route.backend]]\n  service = \"reviews\"\n  [route.mirror]\n  service = \"shadow\"\n{}{}",
+        collector.http_port,
+        upstream.service(),
+        shadow.service(),
+    ));
+    let caller = format!("00-{TRACE}-{CALLER_SPAN}-01");
+    assert_eq!(
+        gw.get("/reviews/1", &[("traceparent", &caller)]).status,
+        200
+    );
+    wait_until(
+        "the mirror copy",
+        std::time::Duration::from_secs(10),
+        || shadow.last_header("traceparent").is_some(),
+    );
+    let (trace, parent, _) = traceparent(&upstream);
+    assert_eq!(traceparent(&shadow), (trace, parent.clone(), "01".into()));
+    let span = collector.wait_for_span("the span of /reviews/1", |s| s.trace_id == TRACE);
+    assert_eq!(span.span_id, parent);
+}

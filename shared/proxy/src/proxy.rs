@@ -132,7 +132,8 @@ impl WeirProxy {
         service: &Arc<ServiceState>,
     ) -> Result<()> {
         let mut header = session.req_header().clone();
-        prepare_upstream(&mut header, Downstream::of(session), None, ctx)?;
+        let tracer = self.tracer.as_ref();
+        prepare_upstream(&mut header, Downstream::of(session), None, tracer, ctx)?;
         let key = weir_resilience::hash_on(&service.config).and_then(|on| hash_key(session, on));
         let body_len = session
             .req_header()
@@ -526,14 +527,8 @@ impl ProxyHttp for WeirProxy {
             Version::HTTP_10 => ctx.upstream,
             _ => None,
         };
-        prepare_upstream(upstream, Downstream::of(session), default_host, ctx)?;
-        if let (Some(tracer), Some(span)) = (&self.tracer, &ctx.span) {
-            edit_request(upstream, |parts| {
-                tracer.inject(span, &mut parts.headers);
-                Ok(())
-            })?;
-        }
-        Ok(())
+        let tracer = self.tracer.as_ref();
+        prepare_upstream(upstream, Downstream::of(session), default_host, tracer, ctx)
     }
 
     /// Outlier detection sees every response; a retriable one becomes a retry.
@@ -804,6 +799,7 @@ fn prepare_upstream(
     upstream: &mut RequestHeader,
     downstream: Downstream<'_>,
     default_host: Option<SocketAddr>,
+    tracer: Option<&Tracer>,
     ctx: &Ctx,
 ) -> Result<()> {
     let route = ctx.route.as_ref().map(|r| &r.config);
@@ -845,6 +841,9 @@ fn prepare_upstream(
         headers.remove(X_FORWARDED_CLIENT_CERT);
         if let Some(forwarded) = downstream.peer().and_then(|p| p.forwarded.clone()) {
             headers.insert(X_FORWARDED_CLIENT_CERT, forwarded);
+        }
+        if let (Some(tracer), Some(span)) = (tracer, &ctx.span) {
+            tracer.inject(span, headers);
         }
         let Some(r) = route else {
             return Ok(());
