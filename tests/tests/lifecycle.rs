@@ -145,9 +145,9 @@ fn an_upgrade_applies_a_listener_change() {
         "[[listener]]\nname = \"second\"\nlisten = \"127.0.0.1:{second}\"\n{route}"
     ));
     wait_until("the reload refused", Duration::from_secs(5), || {
-        old.status()["last_error"]
-            .as_str()
-            .is_some_and(|e| e.contains("[[listener]] (name, listen or protocol) changed"))
+        old.status()["last_error"].as_str().is_some_and(|e| {
+            e.contains("[[listener]] (name, listen, protocol or idle_timeout) changed")
+        })
     });
     let new = old.upgrade();
     old.wait_exit(Duration::from_secs(20))

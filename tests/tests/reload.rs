@@ -170,7 +170,7 @@ fn a_listener_change_is_refused_until_restart() {
         status["last_error"]
             .as_str()
             .unwrap()
-            .starts_with("[[listener]] (name, listen or protocol) changed"),
+            .starts_with("[[listener]] (name, listen, protocol or idle_timeout) changed"),
         "{status}"
     );
     assert_eq!(gw.get("/", &[]).body, "kept");

@@ -97,6 +97,16 @@ pub struct Listener {
     /// `https` only.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls: Option<ListenerTls>,
+    /// A client connection without a request in flight this long is closed: between
+    /// keep-alive requests, and while a request's headers trickle in (slowloris).
+    #[serde(serialize_with = "as_str")]
+    pub idle_timeout: Duration,
+}
+
+impl Listener {
+    /// Envoy's default is an hour; nginx keeps a connection 75 s, over the 60 s for which
+    /// clients' pools (Weir's `idle_timeout` among them) keep theirs, so the client closes first.
+    pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(75);
 }
 
 /// What an https listener serves and asks of clients. Swapped by a reload, like routes.

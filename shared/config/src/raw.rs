@@ -86,6 +86,8 @@ pub struct RawListener {
     pub certificate: Vec<RawCertificate>,
     /// https only: require client certificates signed by this CA (mTLS).
     pub client_auth: Option<RawClientAuth>,
+    /// How long a client connection may be without a request in flight; default "75s".
+    pub idle_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -409,11 +409,18 @@ impl Checker<'_> {
                 None
             }
         };
+        let idle_timeout = self.positive(
+            at,
+            "idle_timeout",
+            l.idle_timeout,
+            Listener::DEFAULT_IDLE_TIMEOUT,
+        );
         Some(Listener {
             name: l.name?,
             listen: listen?,
             protocol: protocol?,
             tls,
+            idle_timeout,
         })
     }
 
@@ -1861,12 +1868,14 @@ fn sidecar_listeners(sidecar: &Sidecar, workload: Option<&Workload>) -> Vec<List
             None => Protocol::Http,
         },
         tls,
+        idle_timeout: Listener::DEFAULT_IDLE_TIMEOUT,
     };
     let outbound = Listener {
         name: OUTBOUND.into(),
         listen: sidecar.outbound.listen,
         protocol: Protocol::Http,
         tls: None,
+        idle_timeout: Listener::DEFAULT_IDLE_TIMEOUT,
     };
     vec![outbound, inbound]
 }

@@ -35,6 +35,7 @@ colour = \"blue\"
 [[listener]]
 name = \"web\"
 listen = \"localhost:80\"
+idle_timeout = \"0s\"
 "
     );
     let errs = errors(&text);
@@ -46,6 +47,7 @@ listen = \"localhost:80\"
             "gw.toml:14: [runtime]: bad duration \"10 seconds\": unknown unit \" seconds\" (ms, s, m, h)",
             "gw.toml:15: [runtime]: unknown key \"colour\"",
             "gw.toml:19: listener \"web\": bad address \"localhost:80\": expected ip:port, such as \"127.0.0.1:8080\"",
+            "gw.toml:20: listener \"web\": idle_timeout must be more than 0",
         ]
     );
 }

@@ -190,17 +190,24 @@ fn start_only_change(old: &Config, new: &Config) -> Option<&'static str> {
         serde_json::to_value(value).ok()
     }
     // A listener's certificates and client CA are read at each handshake, so they reload;
-    // its socket and protocol (plaintext too, for the sidecar's permissive mTLS) do not.
+    // its socket, protocol (plaintext too, for the sidecar's permissive mTLS) and idle timeout
+    // (Pingora's HTTP/2 server takes it at start) do not.
     let sockets = |c: &Config| -> Vec<_> {
         (c.listeners.iter())
             .map(|l| {
                 let also_plaintext = l.tls.as_ref().is_some_and(|t| t.also_plaintext);
-                (l.name.clone(), l.listen, l.protocol, also_plaintext)
+                (
+                    l.name.clone(),
+                    l.listen,
+                    l.protocol,
+                    also_plaintext,
+                    l.idle_timeout,
+                )
             })
             .collect()
     };
     if sockets(old) != sockets(new) {
-        Some("[[listener]] (name, listen or protocol)")
+        Some("[[listener]] (name, listen, protocol or idle_timeout)")
     } else if json(&old.runtime) != json(&new.runtime) {
         Some("[runtime]")
     } else if json(&old.admin) != json(&new.admin) {

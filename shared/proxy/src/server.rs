@@ -2,6 +2,7 @@
 //! file change or SIGHUP, and a drain on SIGTERM or admin `POST /shutdown`, bounded by
 //! `runtime.grace_period`.
 
+use std::cell::Cell;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -14,7 +15,7 @@ use pingora_core::apps::{HttpServerOptions, ServerApp};
 use pingora_core::listeners::tls::Acceptor;
 use pingora_core::listeners::{L4BufferSettings, ListenerConfig};
 use pingora_core::protocols::l4::stream::Stream as L4Stream;
-use pingora_core::protocols::Stream;
+use pingora_core::protocols::{Stream, ALPN};
 use pingora_core::server::configuration::{Opt, ServerConf};
 use pingora_core::server::{
     RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch, UnixShutdownSignalWatch,
@@ -25,6 +26,7 @@ use pingora_core::services::ServiceReadyNotifier;
 use pingora_proxy::HttpProxy;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::Notify;
+use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
 use crate::admin::Admin;
@@ -104,16 +106,7 @@ pub fn run(reloader: Reloader, git: Option<Arc<GitSource>>, upgrade: bool) -> an
             .map_err(|e| anyhow::anyhow!("[telemetry.tracing]: {e}"))?,
         None => (None, None),
     };
-    let proxy = WeirProxy::new(
-        reloader.clone(),
-        listeners.clone(),
-        access_log.clone(),
-        tracer.clone(),
-        in_flight.clone(),
-    );
-    let mut https =
-        pingora_proxy::http_proxy_service_with_name(&server.configuration, proxy, "weir-proxy");
-    let new_proxy = |h2c: bool| {
+    let new_proxy = |h2c: bool, idle_timeout: Duration| {
         let app = WeirProxy::new(
             reloader.clone(),
             listeners.clone(),
@@ -122,42 +115,40 @@ pub fn run(reloader: Reloader, git: Option<Arc<GitSource>>, upgrade: bool) -> an
             in_flight.clone(),
         );
         let mut proxy = pingora_proxy::http_proxy(&server.configuration, app);
-        if h2c {
-            let mut options = HttpServerOptions::default();
-            options.h2c = true;
-            proxy.server_options = Some(options);
-        }
+        let mut options = HttpServerOptions::default();
+        options.h2c = h2c;
+        options.h2_idle_timeout = Some(idle_timeout);
+        proxy.server_options = Some(options);
         Arc::new(proxy)
     };
-    // Plaintext listeners take HTTP/2 without TLS (h2c) as well as HTTP/1.1, as Envoy's do:
-    // gRPC clients send it. They, and permissive listeners, read a connection's first bytes.
-    let (mut sniffing, mut has_https) = (Vec::new(), false);
+    // Each listener is a service of its own that reads a connection's first bytes: plaintext
+    // listeners take HTTP/2 without TLS (h2c) as well as HTTP/1.1, as Envoy's do, since gRPC
+    // clients send it; the sidecar's permissive ones take TLS and plaintext.
+    let mut services = Vec::new();
     for (index, listener) in config.listeners.iter().enumerate() {
-        let also_plaintext = listener.tls.as_ref().is_some_and(|t| t.also_plaintext);
-        let endpoint = ListenerConfig::tcp(listener.listen.to_string());
-        if listener.protocol == Protocol::Https && !also_plaintext {
-            https.add_listener(endpoint.tls(tls::listener_settings(&reloader, index)?));
-            has_https = true;
-            continue;
-        }
-        let tls = match also_plaintext {
-            true => Some(tls::listener_settings(&reloader, index)?.build()),
-            false => None,
+        let tls = match listener.protocol {
+            Protocol::Https => Some(tls::listener_settings(&reloader, index)?.build()),
+            Protocol::Http => None,
         };
+        let plaintext = tls.is_none() || listener.tls.as_ref().is_some_and(|t| t.also_plaintext);
+        let idle_timeout = listener.idle_timeout;
         let app = Sniffing {
-            http1: new_proxy(false),
-            h2c: new_proxy(true),
+            http1: new_proxy(false, idle_timeout),
+            h2c: new_proxy(true, idle_timeout),
+            plaintext,
+            idle_timeout,
             tls,
         };
         let mut service = Service::new(format!("weir-{}", listener.name), app);
+        let endpoint = ListenerConfig::tcp(listener.listen.to_string());
         // No L4 read buffer on plaintext listeners: Pingora's HTTP/1 session reads into its
         // own buffers, so the default 64 KiB BufReader only adds a copy per read and 64 KiB
         // per idle keep-alive connection. TLS keeps it: rustls reads whole records.
-        service.add_listener(match also_plaintext {
-            true => endpoint,
-            false => endpoint.l4_buffer(L4BufferSettings::default().read(0)),
+        service.add_listener(match listener.protocol {
+            Protocol::Https => endpoint,
+            Protocol::Http => endpoint.l4_buffer(L4BufferSettings::default().read(0)),
         });
-        sniffing.push(service);
+        services.push(service);
     }
     let shutdown = Arc::new(Notify::new());
     let mut admin = Service::new(
@@ -182,11 +173,7 @@ pub fn run(reloader: Reloader, git: Option<Arc<GitSource>>, upgrade: bool) -> an
     let admin = server.add_service(admin);
     // /ready answers only once SIGHUP is handled and the listeners have started.
     admin.add_dependency(&control);
-    // A service without listeners would still run its threads.
-    if has_https {
-        admin.add_dependency(server.add_service(https));
-    }
-    for service in sniffing {
+    for service in services {
         admin.add_dependency(server.add_service(service));
     }
     info!(generation = snapshot.generation, revision = %snapshot.revision, threads, "starting");
@@ -200,19 +187,24 @@ pub fn run(reloader: Reloader, git: Option<Arc<GitSource>>, upgrade: bool) -> an
     std::process::exit(0)
 }
 
-/// A listener that looks at each connection's first bytes, once, to tell what it speaks:
-/// - with `tls` (the sidecar's `mtls = "permissive"`), a connection that opens with a TLS
-///   handshake record is TLS, anything else plaintext;
-/// - a plaintext connection that opens with the HTTP/2 preface is HTTP/2 (h2c), anything else
+/// A listener: it looks at each connection's first bytes, once, to tell what it speaks, and
+/// closes a connection that stays without a request in flight for `idle_timeout`.
+/// - With `tls`, a connection that opens with a TLS handshake record is TLS (ALPN then says
+///   h2 or HTTP/1.1); any other is closed, unless `plaintext` (the sidecar's
+///   `mtls = "permissive"`).
+/// - A plaintext connection that opens with the HTTP/2 preface is HTTP/2 (h2c), anything else
 ///   HTTP/1.
 ///
-/// Pingora's listeners are TLS or plaintext, and its own h2c option reads the first bytes
-/// before every request of a keep-alive connection; so this is a service of its own that hands
-/// the connection to the proxy that speaks its protocol.
+/// Pingora's listeners are TLS or plaintext, its own h2c option reads the first bytes before
+/// every request of a keep-alive connection, and its HTTP/1 timeout is per read, which a
+/// client that sends a byte now and then never meets (slowloris); so each listener is a
+/// service of its own that hands the connection to the proxy that speaks its protocol.
 struct Sniffing {
     http1: Arc<HttpProxy<WeirProxy>>,
     h2c: Arc<HttpProxy<WeirProxy>>,
     tls: Option<Acceptor>,
+    plaintext: bool,
+    idle_timeout: Duration,
 }
 
 /// The first byte of a TLS connection: a handshake record (RFC 8446, §5.1).
@@ -226,33 +218,72 @@ const H2_PREFACE_START: &[u8; 3] = b"PRI";
 impl ServerApp for Sniffing {
     async fn process_new(
         self: &Arc<Self>,
-        mut stream: Stream,
+        stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
+        let idle = self.idle_timeout;
+        CONNECTION
+            .scope(Connection::new(), async {
+                let serve = self.serve(stream, shutdown);
+                tokio::pin!(serve);
+                // One timer per connection, not per request: the hooks mark when a request
+                // starts and ends, and the timer, when it fires, looks at the marks.
+                let deadline = tokio::time::sleep(idle);
+                tokio::pin!(deadline);
+                loop {
+                    tokio::select! {
+                        biased;
+                        () = &mut serve => return,
+                        () = &mut deadline => match CONNECTION.with(Connection::idle_since) {
+                            Some(since) if since.elapsed() >= idle => {
+                                debug!("closing a client connection idle for {idle:?}");
+                                return;
+                            }
+                            since => deadline
+                                .as_mut()
+                                .reset(since.unwrap_or_else(Instant::now) + idle),
+                        },
+                    }
+                }
+            })
+            .await;
+        None
+    }
+}
+
+impl Sniffing {
+    async fn serve(self: &Arc<Self>, mut stream: Stream, shutdown: &ShutdownWatch) {
         let mut first = [0u8; 1];
         let mut stopping = shutdown.clone();
         let peeked = tokio::select! {
             peeked = stream.try_peek(&mut first) => peeked,
-            _ = stopping.changed() => return None,
+            _ = stopping.changed() => return,
         };
         if !matches!(peeked, Ok(true)) {
-            return None; // closed before its first byte
+            return; // closed before its first byte
         }
         let mut proxy = &self.http1;
         match &self.tls {
             Some(tls) if first[0] == TLS_HANDSHAKE => {
                 // The listener hands over its TCP stream, boxed; the handshake wants it
-                // unboxed. ALPN then says h2 or HTTP/1.1.
+                // unboxed.
                 let Ok(tcp) = stream.into_any().downcast::<L4Stream>() else {
-                    return None;
+                    return;
                 };
                 stream = match tls.tls_handshake(*tcp).await {
                     Ok(tls) => Box::new(tls),
                     Err(e) => {
-                        debug!("permissive listener: TLS handshake failed: {e}");
-                        return None;
+                        debug!("TLS handshake failed: {e}");
+                        return;
                     }
                 };
+                if stream.selected_alpn_proto() == Some(ALPN::H2) {
+                    CONNECTION.with(Connection::multiplexed);
+                }
+            }
+            Some(_) if !self.plaintext => {
+                debug!("closing a connection that did not open with a TLS handshake");
+                return;
             }
             _ if first[0] == H2_PREFACE_START[0] => {
                 // "P": the preface, or PUT, POST, PATCH... which are at least 3 bytes long.
@@ -261,6 +292,7 @@ impl ServerApp for Sniffing {
                     && &start == H2_PREFACE_START
                 {
                     proxy = &self.h2c;
+                    CONNECTION.with(Connection::multiplexed);
                 }
             }
             _ => {}
@@ -270,7 +302,47 @@ impl ServerApp for Sniffing {
         while let Some(stream) = next {
             next = proxy.process_new(stream, shutdown).await;
         }
-        None
+    }
+}
+
+tokio::task_local! {
+    /// The client connection whose task a request runs in (HTTP/1: Pingora serves each of
+    /// its requests in the connection's task).
+    static CONNECTION: Connection;
+}
+
+/// What a listener's idle timer needs to know of its connection: since when no request has
+/// been in flight (`None` while one is).
+///
+/// Pingora's HTTP/1 server has no such timeout: after a first request it waits for the next
+/// one without a limit (it sets an HTTP/1.1 connection's keep-alive to "infinite"), and its
+/// other timeouts are per read.
+pub(crate) struct Connection(Cell<Option<Instant>>);
+
+impl Connection {
+    fn new() -> Connection {
+        Connection(Cell::new(Some(Instant::now())))
+    }
+
+    fn idle_since(&self) -> Option<Instant> {
+        self.0.get()
+    }
+
+    /// HTTP/2: requests run in tasks of their own, and Pingora's HTTP/2 server times the
+    /// connection out by itself (`h2_idle_timeout`).
+    fn multiplexed(&self) {
+        self.0.set(None);
+    }
+
+    /// A request's headers are in (the proxy's first hook): the connection is busy. A no-op
+    /// outside a listener's connection task.
+    pub(crate) fn request_started() {
+        let _ = CONNECTION.try_with(|c| c.0.set(None));
+    }
+
+    /// The request is done (the proxy's last hook): idle from now on.
+    pub(crate) fn request_done() {
+        let _ = CONNECTION.try_with(|c| c.0.set(Some(Instant::now())));
     }
 }
 

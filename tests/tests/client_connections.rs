@@ -1,0 +1,132 @@
+//! Client connections against the real gateway: a listener's `idle_timeout` closes a
+//! keep-alive connection between requests, and one whose request headers trickle in
+//! (slowloris), but never one with a request in flight.
+#![allow(clippy::unwrap_used)]
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use weir_tests::{Gateway, Upstream};
+
+/// A gateway whose listener closes idle client connections after 1 s, in front of `upstream`.
+fn gateway(upstream: &Upstream) -> Gateway {
+    Gateway::start(&format!(
+        "idle_timeout = \"1s\"\n[[route]]\nname = \"app\"\n  [[route.backend]]\n  service = \"{}\"\n{}",
+        upstream.name,
+        upstream.service()
+    ))
+}
+
+fn connect(gw: &Gateway) -> TcpStream {
+    let stream = TcpStream::connect(("127.0.0.1", gw.port)).unwrap();
+    // A bound on every read, so a connection the gateway never closes fails the test.
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream
+}
+
+/// Reads until the gateway closes the connection: the bytes read.
+fn read_to_close(stream: &mut TcpStream) -> String {
+    let mut bytes = Vec::new();
+    match stream.read_to_end(&mut bytes) {
+        Ok(_) => {}
+        Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("the gateway kept the connection open: {e}"),
+    }
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+#[test]
+fn an_idle_keep_alive_connection_is_closed_after_idle_timeout() {
+    let upstream = Upstream::start("app");
+    let gw = gateway(&upstream);
+    let mut stream = connect(&gw);
+    stream
+        .write_all(b"GET /first HTTP/1.1\r\nHost: a\r\n\r\n")
+        .unwrap();
+    let answered = Instant::now();
+    let text = read_to_close(&mut stream);
+    let idle = answered.elapsed();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(idle >= Duration::from_secs(1), "closed after {idle:?}");
+
+    // Silent from the start: closed too.
+    let mut silent = connect(&gw);
+    assert_eq!(read_to_close(&mut silent), "");
+}
+
+#[test]
+fn headers_that_trickle_in_do_not_hold_a_connection() {
+    let upstream = Upstream::start("app");
+    let gw = gateway(&upstream);
+    let mut stream = connect(&gw);
+    stream.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n").unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    // A header line every 200 ms: each read of the gateway's succeeds, and the request never
+    // completes. The gateway must close the connection, with no answer.
+    let started = Instant::now();
+    let mut byte = [0u8; 1];
+    loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the connection is still open"
+        );
+        if stream.write_all(b"X-Slow: yes\r\n").is_err() {
+            break;
+        }
+        match stream.read(&mut byte) {
+            Ok(0) => break,
+            Ok(_) => panic!("the gateway answered a request it did not have"),
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => break,
+            Err(_) => {} // the read timed out: still open
+        }
+    }
+    assert!(started.elapsed() >= Duration::from_secs(1));
+}
+
+#[test]
+fn a_request_in_flight_outlives_idle_timeout() {
+    let upstream = Upstream::slow("app", Duration::from_millis(2500));
+    let gw = gateway(&upstream);
+    let mut stream = connect(&gw);
+    stream
+        .write_all(b"GET /slow HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let text = read_to_close(&mut stream);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+}
+
+/// HTTP/2 without TLS: a connection with no stream open is closed after `idle_timeout` too
+/// (Pingora's HTTP/2 server closes it without a GOAWAY).
+#[test]
+fn an_idle_h2c_connection_is_closed_after_idle_timeout() {
+    let upstream = Upstream::start("app");
+    let gw = gateway(&upstream);
+    let mut stream = connect(&gw);
+    // The client preface: the magic, then an empty SETTINGS frame.
+    stream
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .unwrap();
+    let started = Instant::now();
+    let mut bytes = Vec::new();
+    stream.read_to_end(&mut bytes).unwrap();
+    assert_eq!(frame_types(&bytes)[0], SETTINGS, "answered in HTTP/2");
+    assert!(started.elapsed() >= Duration::from_secs(1));
+}
+
+const SETTINGS: u8 = 4;
+
+/// The types of the HTTP/2 frames in `bytes` (RFC 9113 §4.1: 3 bytes of length, 1 of type).
+fn frame_types(mut bytes: &[u8]) -> Vec<u8> {
+    let mut types = Vec::new();
+    while bytes.len() >= 9 {
+        let len = usize::from(bytes[0]) << 16 | usize::from(bytes[1]) << 8 | usize::from(bytes[2]);
+        types.push(bytes[3]);
+        bytes = &bytes[(9 + len).min(bytes.len())..];
+    }
+    types
+}
