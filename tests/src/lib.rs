@@ -584,6 +584,15 @@ impl Gateway {
         fs::rename(&tmp, &self.config).unwrap();
     }
 
+    /// Waits until the access log has `n` lines: the gateway is done with that many
+    /// requests. (Pingora hands a request's upstream connection back to its pool just before
+    /// the log line, and a moment after the client has its answer.)
+    pub fn wait_logged(&self, n: usize) {
+        wait_until("the access log lines", Duration::from_secs(10), || {
+            self.access_log().len() >= n
+        });
+    }
+
     /// Access log lines so far, parsed.
     pub fn access_log(&self) -> Vec<serde_json::Value> {
         let text = fs::read_to_string(self.dir.path().join("stdout.log")).unwrap();

@@ -3,6 +3,7 @@
 //! `runtime.grace_period`.
 
 use std::cell::Cell;
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -123,7 +124,10 @@ pub fn run(reloader: Reloader, git: Option<Arc<GitSource>>, upgrade: bool) -> an
     };
     // Each listener is a service of its own that reads a connection's first bytes: plaintext
     // listeners take HTTP/2 without TLS (h2c) as well as HTTP/1.1, as Envoy's do, since gRPC
-    // clients send it; the sidecar's permissive ones take TLS and plaintext.
+    // clients send it; the sidecar's permissive ones take TLS and plaintext. The listeners
+    // share their proxies, and so their pools of upstream connections (each HttpProxy has
+    // its own), unless their idle timeouts differ (Pingora's HTTP/2 server takes it per proxy).
+    let mut proxies = HashMap::new();
     let mut services = Vec::new();
     for (index, listener) in config.listeners.iter().enumerate() {
         let tls = match listener.protocol {
@@ -132,9 +136,18 @@ pub fn run(reloader: Reloader, git: Option<Arc<GitSource>>, upgrade: bool) -> an
         };
         let plaintext = tls.is_none() || listener.tls.as_ref().is_some_and(|t| t.also_plaintext);
         let idle_timeout = listener.idle_timeout;
+        let (http1, h2c) = proxies
+            .entry(idle_timeout)
+            .or_insert_with(|| {
+                (
+                    new_proxy(false, idle_timeout),
+                    new_proxy(true, idle_timeout),
+                )
+            })
+            .clone();
         let app = Sniffing {
-            http1: new_proxy(false, idle_timeout),
-            h2c: new_proxy(true, idle_timeout),
+            http1,
+            h2c,
             plaintext,
             idle_timeout,
             tls,
