@@ -283,7 +283,9 @@ impl Sniffing {
                 let Ok(tcp) = stream.into_any().downcast::<L4Stream>() else {
                     return;
                 };
-                stream = match tls.tls_handshake(*tcp).await {
+                // Boxed: the handshake's state is kilobytes, which every connection's future
+                // would otherwise reserve, plaintext ones and idle ones too.
+                stream = match Box::pin(tls.tls_handshake(*tcp)).await {
                     Ok(tls) => Box::new(tls),
                     Err(e) => {
                         debug!("TLS handshake failed: {e}");
