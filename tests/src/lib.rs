@@ -970,3 +970,24 @@ impl Drop for PythonServer {
 pub fn script(path: &str) -> String {
     repo_root().join(path).display().to_string()
 }
+
+/// Runs tests/grpc/echo.py's h2c client (a real grpcio client, no TLS) against `port` with
+/// `authority`, and checks that both its calls got through: the reply, and a failed call's
+/// status with its message (carried in the trailers).
+pub fn assert_grpc_h2c_calls(port: u16, authority: &str) {
+    let out = Command::new("/usr/bin/python3")
+        .args([
+            &script("tests/grpc/echo.py"),
+            "call-h2c",
+            &port.to_string(),
+            authority,
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "say: olleh\nfail: NOT_FOUND nothing here\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -191,21 +191,7 @@ fn a_plaintext_listener_takes_h2c_and_http1_on_one_port() {
         server.port,
         app.service(),
     ));
-    let out = std::process::Command::new("/usr/bin/python3")
-        .args([
-            &script("tests/grpc/echo.py"),
-            "call-h2c",
-            &gw.port.to_string(),
-            "a.example",
-        ])
-        .output()
-        .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "say: olleh\nfail: NOT_FOUND nothing here\n",
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    weir_tests::assert_grpc_h2c_calls(gw.port, "a.example");
     let client = weir_tests::client();
     let post = weir_tests::send_body(&client, "POST", &gw.url("/form"), &[], Some(b"x")).unwrap();
     assert_eq!((post.status, post.body.as_str()), (200, "app"));

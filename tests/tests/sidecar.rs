@@ -531,21 +531,7 @@ fn grpc_crosses_the_mesh() {
         );
         sidecar_config(admin, free_port(), "127.0.0.1:1", outbound, &routes)
     });
-    let out = std::process::Command::new("/usr/bin/python3")
-        .args([
-            &script("tests/grpc/echo.py"),
-            "call-h2c",
-            &productpage.port.to_string(),
-            "echo",
-        ])
-        .output()
-        .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "say: olleh\nfail: NOT_FOUND nothing here\n",
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    weir_tests::assert_grpc_h2c_calls(productpage.port, "echo");
     wait_until("two access log lines", Duration::from_secs(10), || {
         productpage.access_log().len() == 2
     });
