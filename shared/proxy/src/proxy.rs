@@ -942,7 +942,6 @@ async fn wait_for_place(
     place.map_err(|_| (503, "UO"))
 }
 
-/// A failure the proxy answers itself, with `flags`; `fail_to_proxy` writes the answer.
 /// A response's `grpc-status`, when it has one and it is not OK.
 fn grpc_status(response: &ResponseHeader) -> Option<u8> {
     let value = response.headers.get("grpc-status")?.to_str().ok()?;
@@ -956,6 +955,7 @@ fn refused_stream(e: &Error) -> bool {
     cause.is_some_and(|h2| h2.is_remote() && h2.reason() == Some(h2::Reason::REFUSED_STREAM))
 }
 
+/// A failure the proxy answers itself, with `flags`; `fail_to_proxy` writes the answer.
 fn fail_with(ctx: &mut Ctx, status: u16, flags: &'static str) -> Box<Error> {
     ctx.flags = flags;
     Error::explain(ErrorType::HTTPStatus(status), flags)

@@ -208,10 +208,11 @@ pub fn run(reloader: Reloader, git: Option<Arc<GitSource>>, upgrade: bool) -> an
 /// - A plaintext connection that opens with the HTTP/2 preface is HTTP/2 (h2c), anything else
 ///   HTTP/1.
 ///
-/// Pingora's listeners are TLS or plaintext, its own h2c option reads the first bytes before
-/// every request of a keep-alive connection, and its HTTP/1 timeout is per read, which a
-/// client that sends a byte now and then never meets (slowloris); so each listener is a
-/// service of its own that hands the connection to the proxy that speaks its protocol.
+/// Pingora's listeners are TLS or plaintext, its own h2c option waits for 24 bytes (the
+/// preface's length) at the start of every connection, which hangs a shorter HTTP/1 request,
+/// and its HTTP/1 timeout is per read, which a client that sends a byte now and then never
+/// meets (slowloris); so each listener is a service of its own that hands the connection to
+/// the proxy that speaks its protocol.
 struct Sniffing {
     http1: Arc<HttpProxy<WeirProxy>>,
     h2c: Arc<HttpProxy<WeirProxy>>,
