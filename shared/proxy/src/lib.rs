@@ -18,6 +18,7 @@
 pub mod admin;
 pub mod alloc;
 pub mod cli;
+mod connection;
 pub mod discovery;
 pub mod git;
 pub mod mirror;

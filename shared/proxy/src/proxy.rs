@@ -30,9 +30,9 @@ use weir_resilience::retry::{backoff, retriable};
 use weir_resilience::{Active, Failure, Permit, TryResult};
 use weir_routing::{CompiledRoute, Request};
 
+use crate::connection;
 use crate::mirror::{self, MirrorBody};
 use crate::reload::Reloader;
-use crate::server::Connection;
 use crate::snapshot::{ServiceState, Snapshot};
 use weir_telemetry::access_log::{AccessLog, Entry};
 use weir_telemetry::otel::{RequestSpan, Tracer};
@@ -252,7 +252,7 @@ impl ProxyHttp for WeirProxy {
         // Pipelined requests are answered in order, as nginx, HAProxy and Envoy answer them;
         // Pingora's default closes the connection after the first and drops the others.
         session.set_pipelining_enabled(true);
-        Connection::request_started();
+        connection::request_started();
         let snapshot = self.reloader.snapshot();
         ctx.listener = self.listener(session);
         let listener = self
@@ -689,9 +689,10 @@ impl ProxyHttp for WeirProxy {
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
-        Connection::request_done();
+        let now = Instant::now();
+        connection::request_done(now);
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
-        let took = ctx.started.elapsed();
+        let took = now - ctx.started;
         match &ctx.snapshot {
             Some(snapshot) => {
                 let route = ctx.route.as_deref();

@@ -2,7 +2,6 @@
 //! file change or SIGHUP, and a drain on SIGTERM or admin `POST /shutdown`, bounded by
 //! `runtime.grace_period`.
 
-use std::cell::Cell;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -27,10 +26,10 @@ use pingora_core::services::ServiceReadyNotifier;
 use pingora_proxy::HttpProxy;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::Notify;
-use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
 use crate::admin::Admin;
+use crate::connection;
 use crate::discovery::Discovery;
 use crate::git::GitSource;
 use crate::proxy::WeirProxy;
@@ -235,32 +234,7 @@ impl ServerApp for Sniffing {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        let idle = self.idle_timeout;
-        CONNECTION
-            .scope(Connection::new(), async {
-                let serve = self.serve(stream, shutdown);
-                tokio::pin!(serve);
-                // One timer per connection, not per request: the hooks mark when a request
-                // starts and ends, and the timer, when it fires, looks at the marks.
-                let deadline = tokio::time::sleep(idle);
-                tokio::pin!(deadline);
-                loop {
-                    tokio::select! {
-                        biased;
-                        () = &mut serve => return,
-                        () = &mut deadline => match CONNECTION.with(Connection::idle_since) {
-                            Some(since) if since.elapsed() >= idle => {
-                                debug!("closing a client connection idle for {idle:?}");
-                                return;
-                            }
-                            since => deadline
-                                .as_mut()
-                                .reset(since.unwrap_or_else(Instant::now) + idle),
-                        },
-                    }
-                }
-            })
-            .await;
+        connection::serve_until_idle(self.serve(stream, shutdown), self.idle_timeout).await;
         None
     }
 }
@@ -294,7 +268,7 @@ impl Sniffing {
                     }
                 };
                 if stream.selected_alpn_proto() == Some(ALPN::H2) {
-                    CONNECTION.with(Connection::multiplexed);
+                    connection::multiplexed();
                 }
             }
             Some(_) if !self.plaintext => {
@@ -308,7 +282,7 @@ impl Sniffing {
                     && &start == H2_PREFACE_START
                 {
                     proxy = &self.h2c;
-                    CONNECTION.with(Connection::multiplexed);
+                    connection::multiplexed();
                 }
             }
             _ => {}
@@ -318,47 +292,6 @@ impl Sniffing {
         while let Some(stream) = next {
             next = proxy.process_new(stream, shutdown).await;
         }
-    }
-}
-
-tokio::task_local! {
-    /// The client connection whose task a request runs in (HTTP/1: Pingora serves each of
-    /// its requests in the connection's task).
-    static CONNECTION: Connection;
-}
-
-/// What a listener's idle timer needs to know of its connection: since when no request has
-/// been in flight (`None` while one is).
-///
-/// Pingora's HTTP/1 server has no such timeout: after a first request it waits for the next
-/// one without a limit (it sets an HTTP/1.1 connection's keep-alive to "infinite"), and its
-/// other timeouts are per read.
-pub(crate) struct Connection(Cell<Option<Instant>>);
-
-impl Connection {
-    fn new() -> Connection {
-        Connection(Cell::new(Some(Instant::now())))
-    }
-
-    fn idle_since(&self) -> Option<Instant> {
-        self.0.get()
-    }
-
-    /// HTTP/2: requests run in tasks of their own, and Pingora's HTTP/2 server times the
-    /// connection out by itself (`h2_idle_timeout`).
-    fn multiplexed(&self) {
-        self.0.set(None);
-    }
-
-    /// A request's headers are in (the proxy's first hook): the connection is busy. A no-op
-    /// outside a listener's connection task.
-    pub(crate) fn request_started() {
-        let _ = CONNECTION.try_with(|c| c.0.set(None));
-    }
-
-    /// The request is done (the proxy's last hook): idle from now on.
-    pub(crate) fn request_done() {
-        let _ = CONNECTION.try_with(|c| c.0.set(Some(Instant::now())));
     }
 }
 
