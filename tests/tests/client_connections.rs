@@ -1,13 +1,14 @@
-//! Client connections against the real gateway: a listener's `idle_timeout` closes a
-//! keep-alive connection between requests, and one whose request headers trickle in
+//! Client connections against the real gateway and sidecar: a listener's `idle_timeout`
+//! closes a keep-alive connection between requests, and one whose request headers trickle in
 //! (slowloris), but never one with a request in flight.
 #![allow(clippy::unwrap_used)]
 
+use std::fs;
 use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use weir_tests::{Gateway, Upstream};
+use weir_tests::{free_port, wait_until, Gateway, Upstream};
 
 /// A gateway whose listener closes idle client connections after 1 s, in front of `upstream`.
 fn gateway(upstream: &Upstream) -> Gateway {
@@ -18,8 +19,8 @@ fn gateway(upstream: &Upstream) -> Gateway {
     ))
 }
 
-fn connect(gw: &Gateway) -> TcpStream {
-    let stream = TcpStream::connect(("127.0.0.1", gw.port)).unwrap();
+fn connect(port: u16) -> TcpStream {
+    let stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
     // A bound on every read, so a connection the gateway never closes fails the test.
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
@@ -42,7 +43,7 @@ fn read_to_close(stream: &mut TcpStream) -> String {
 fn an_idle_keep_alive_connection_is_closed_after_idle_timeout() {
     let upstream = Upstream::start("app");
     let gw = gateway(&upstream);
-    let mut stream = connect(&gw);
+    let mut stream = connect(gw.port);
     // The client idles a while before its request: the timeout counts from the answer, not
     // from the connection's start (the timer, set at the start, rings before the close).
     std::thread::sleep(Duration::from_millis(600));
@@ -56,7 +57,7 @@ fn an_idle_keep_alive_connection_is_closed_after_idle_timeout() {
     assert!(idle >= Duration::from_secs(1), "closed after {idle:?}");
 
     // Silent from the start: closed too.
-    let mut silent = connect(&gw);
+    let mut silent = connect(gw.port);
     assert_eq!(read_to_close(&mut silent), "");
 }
 
@@ -64,7 +65,7 @@ fn an_idle_keep_alive_connection_is_closed_after_idle_timeout() {
 fn headers_that_trickle_in_do_not_hold_a_connection() {
     let upstream = Upstream::start("app");
     let gw = gateway(&upstream);
-    let mut stream = connect(&gw);
+    let mut stream = connect(gw.port);
     stream.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n").unwrap();
     stream
         .set_read_timeout(Some(Duration::from_millis(200)))
@@ -95,7 +96,7 @@ fn headers_that_trickle_in_do_not_hold_a_connection() {
 fn a_request_in_flight_outlives_idle_timeout() {
     let upstream = Upstream::slow("app", Duration::from_millis(2500));
     let gw = gateway(&upstream);
-    let mut stream = connect(&gw);
+    let mut stream = connect(gw.port);
     stream
         .write_all(b"GET /slow HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
         .unwrap();
@@ -109,7 +110,7 @@ fn a_request_in_flight_outlives_idle_timeout() {
 fn an_idle_h2c_connection_is_closed_after_idle_timeout() {
     let upstream = Upstream::start("app");
     let gw = gateway(&upstream);
-    let mut stream = connect(&gw);
+    let mut stream = connect(gw.port);
     // The client preface: the magic, then an empty SETTINGS frame.
     stream
         .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
@@ -132,4 +133,50 @@ fn frame_types(mut bytes: &[u8]) -> Vec<u8> {
         bytes = &bytes[(9 + len).min(bytes.len())..];
     }
     types
+}
+
+/// The sidecar's listeners take theirs from `[outbound]` and `[inbound]`; a reload cannot
+/// change it (Pingora's HTTP/2 server takes it at start).
+#[test]
+fn a_sidecars_listeners_close_idle_connections_after_their_own_idle_timeout() {
+    let app = Upstream::start("app");
+    let dir = tempfile::tempdir().unwrap();
+    let (admin, outbound, inbound) = (free_port(), free_port(), free_port());
+    let config = |inbound_idle: &str| {
+        format!(
+            "[runtime]\nthreads = 1\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\
+             [outbound]\nlisten = \"127.0.0.1:{outbound}\"\nidle_timeout = \"1s\"\n\
+             [inbound]\nlisten = \"127.0.0.1:{inbound}\"\napp = \"{}\"\nmtls = \"disable\"\n\
+             idle_timeout = \"{inbound_idle}\"\n",
+            app.addr
+        )
+    };
+    let path = dir.path().join("sidecar.toml");
+    fs::write(&path, config("2s")).unwrap();
+    let sidecar = Gateway::start_sidecar(dir, path, outbound, admin);
+
+    let silent = [outbound, inbound].map(|port| (connect(port), Instant::now()));
+    for ((mut stream, opened), idle) in silent.into_iter().zip([1, 2]) {
+        assert_eq!(read_to_close(&mut stream), "");
+        let took = opened.elapsed();
+        assert!(
+            took >= Duration::from_secs(idle) && took < Duration::from_secs(idle + 3),
+            "idle_timeout {idle}s: closed after {took:?}"
+        );
+    }
+
+    let tmp = sidecar.config.with_extension("tmp");
+    fs::write(&tmp, config("3s")).unwrap();
+    fs::rename(&tmp, &sidecar.config).unwrap();
+    wait_until("last_error", Duration::from_secs(5), || {
+        !sidecar.status()["last_error"].is_null()
+    });
+    let status = sidecar.status();
+    assert!(
+        status["last_error"]
+            .as_str()
+            .unwrap()
+            .starts_with("[inbound] or [outbound] (listen, mtls or idle_timeout) changed"),
+        "{status}"
+    );
 }

@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use weir_tests::{client, send, wait_until, Closes, Gateway, RawUpstream, Upstream};
+use weir_tests::{client, free_port, send, wait_until, Closes, Gateway, RawUpstream, Upstream};
 
 #[test]
 fn over_max_requests_the_answer_is_an_immediate_503_uo() {
@@ -299,11 +299,16 @@ fn max_connections_queue_up_to_max_pending_then_overflow() {
 fn an_upstream_connection_is_reused_then_closed_after_idle_timeout() {
     let up = RawUpstream::start(Closes::Never);
     let idle = Duration::from_secs(1);
-    let gw = Gateway::start(&format!(
-        "{}{}",
-        up.service("app", "connection_pool = { idle_timeout = \"1s\" }\n"),
-        route("")
-    ));
+    // One thread: Pingora parks an idle connection's watcher on a random thread, and when a
+    // request on the other thread takes the connection back at the moment the watcher lets it
+    // go, Pingora cannot unwrap it ("failed to acquire reusable stream") and connects anew.
+    let dir = tempfile::tempdir().unwrap();
+    let (port, admin) = (free_port(), free_port());
+    let config = dir.path().join("gateway.toml");
+    let base = Gateway::base(port, admin).replace("threads = 2", "threads = 1");
+    let pool = up.service("app", "connection_pool = { idle_timeout = \"1s\" }\n");
+    std::fs::write(&config, format!("{base}{pool}{}", route(""))).unwrap();
+    let gw = Gateway::start_on(dir, config, port, admin);
     // The idle timer starts when the gateway takes the connection back, a moment after the
     // client has its answer: so count from before the last request.
     let mut last = Instant::now();

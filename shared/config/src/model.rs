@@ -592,6 +592,9 @@ pub struct Inbound {
     /// HTTP/1.1, or h2c for gRPC apps.
     pub app_protocol: UpstreamProtocol,
     pub mtls: Mtls,
+    /// The inbound listener's `idle_timeout` (see [`Listener`]).
+    #[serde(serialize_with = "as_str")]
+    pub idle_timeout: Duration,
     /// In declaration order; see [`Policy`].
     pub policies: Vec<Policy>,
 }
@@ -621,6 +624,9 @@ pub enum PolicyAction {
 #[derive(Debug, Clone, Serialize)]
 pub struct Outbound {
     pub listen: SocketAddr,
+    /// The outbound listener's `idle_timeout` (see [`Listener`]).
+    #[serde(serialize_with = "as_str")]
+    pub idle_timeout: Duration,
 }
 
 fn as_str<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {

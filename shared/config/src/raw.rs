@@ -395,6 +395,7 @@ pub struct RawInbound {
     /// "http1" (default) or "http2" (h2c): how the sidecar speaks to the app.
     pub app_protocol: Option<String>,
     pub mtls: Option<String>,
+    pub idle_timeout: Option<String>,
     /// Authorization of the requests to the app.
     pub policy: Vec<RawPolicy>,
 }
@@ -418,4 +419,5 @@ pub struct RawPolicy {
 #[serde(default)]
 pub struct RawOutbound {
     pub listen: Option<String>,
+    pub idle_timeout: Option<String>,
 }

@@ -1532,26 +1532,50 @@ impl Checker<'_> {
                 ),
             );
         }
+        let in_idle = self.positive(
+            &in_at,
+            "idle_timeout",
+            raw_in.idle_timeout,
+            Listener::DEFAULT_IDLE_TIMEOUT,
+        );
         let policies = raw_in
             .policy
             .into_iter()
             .enumerate()
             .filter_map(|(i, p)| self.policy(&in_at.item("policy", i), i, p, mtls))
             .collect();
+        let (out_at, raw_out) = outbound.unzip();
+        let raw_out = raw_out.unwrap_or_default();
         let out_listen = self.listen_or(
-            outbound.and_then(|(at, o)| Some(at.key("listen")).zip(o.listen)),
+            out_at
+                .as_ref()
+                .map(|at| at.key("listen"))
+                .zip(raw_out.listen),
             "[outbound]",
             SocketAddr::from(([127, 0, 0, 1], 15001)),
         );
+        let out_idle = match &out_at {
+            Some(at) => self.positive(
+                at,
+                "idle_timeout",
+                raw_out.idle_timeout,
+                Listener::DEFAULT_IDLE_TIMEOUT,
+            ),
+            None => Listener::DEFAULT_IDLE_TIMEOUT,
+        };
         let sidecar = Sidecar {
             inbound: Inbound {
                 listen,
                 app: app.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8080))),
                 app_protocol,
                 mtls: mtls.unwrap_or(Mtls::Strict),
+                idle_timeout: in_idle,
                 policies,
             },
-            outbound: Outbound { listen: out_listen },
+            outbound: Outbound {
+                listen: out_listen,
+                idle_timeout: out_idle,
+            },
         };
         (sidecar, in_at)
     }
@@ -1868,14 +1892,14 @@ fn sidecar_listeners(sidecar: &Sidecar, workload: Option<&Workload>) -> Vec<List
             None => Protocol::Http,
         },
         tls,
-        idle_timeout: Listener::DEFAULT_IDLE_TIMEOUT,
+        idle_timeout: sidecar.inbound.idle_timeout,
     };
     let outbound = Listener {
         name: OUTBOUND.into(),
         listen: sidecar.outbound.listen,
         protocol: Protocol::Http,
         tls: None,
-        idle_timeout: Listener::DEFAULT_IDLE_TIMEOUT,
+        idle_timeout: sidecar.outbound.idle_timeout,
     };
     vec![outbound, inbound]
 }

@@ -3,6 +3,7 @@
 
 use std::fs;
 use std::path::Path;
+use std::time::Duration;
 
 use weir_config::{load, parse, Role};
 
@@ -519,6 +520,9 @@ endpoints = [\"10.0.0.7:15006\"]
     assert_eq!(names, ["outbound", "inbound"]);
     let inbound = &config.listeners[1];
     assert_eq!(inbound.listen.to_string(), "0.0.0.0:15006");
+    // Both listeners keep idle client connections nginx's 75 s unless told otherwise.
+    let idle: Vec<_> = config.listeners.iter().map(|l| l.idle_timeout).collect();
+    assert_eq!(idle, [Duration::from_secs(75); 2]);
     let tls = inbound.tls.as_ref().unwrap();
     assert_eq!(tls.certificates[0].cert, dir.path().join("workload.pem"));
     assert_eq!(
@@ -602,6 +606,20 @@ endpoints = [\"127.0.0.1:1\"]
     // Strict (the default) without [workload].
     let errs = sidecar_errors(dir.path(), "[inbound]\napp = \"127.0.0.1:8080\"\n");
     assert_eq!(errs, [format!("{file}:1: [inbound]: mtls = \"strict\" (the default) needs [workload], the mesh certificate to serve and the trust bundle to check callers with; or set mtls = \"disable\"")]);
+    let errs = sidecar_errors(
+        dir.path(),
+        "[inbound]\napp = \"127.0.0.1:8080\"\nmtls = \"disable\"\nidle_timeout = \"0s\"\n\
+         [outbound]\nidle_timeout = \"soon\"\n",
+    );
+    assert_eq!(
+        errs,
+        [
+            format!("{file}:4: [inbound]: idle_timeout must be more than 0"),
+            format!(
+                "{file}:6: [outbound]: bad duration \"soon\": expected a number then ms, s, m or h"
+            ),
+        ]
+    );
     let errs = sidecar_errors(
         dir.path(),
         "\

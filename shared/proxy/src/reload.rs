@@ -207,7 +207,10 @@ fn start_only_change(old: &Config, new: &Config) -> Option<&'static str> {
             .collect()
     };
     if sockets(old) != sockets(new) {
-        Some("[[listener]] (name, listen, protocol or idle_timeout)")
+        Some(match new.sidecar {
+            Some(_) => "[inbound] or [outbound] (listen, mtls or idle_timeout)",
+            None => "[[listener]] (name, listen, protocol or idle_timeout)",
+        })
     } else if json(&old.runtime) != json(&new.runtime) {
         Some("[runtime]")
     } else if json(&old.admin) != json(&new.admin) {
