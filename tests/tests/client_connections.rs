@@ -180,3 +180,56 @@ fn a_sidecars_listeners_close_idle_connections_after_their_own_idle_timeout() {
         "{status}"
     );
 }
+
+/// `max_connections`: one connection over it is closed on arrival, counted; a place freed is
+/// taken again; a reload raises the limit for the connections open.
+#[test]
+fn a_listener_at_max_connections_closes_the_next_one_on_arrival() {
+    let upstream = Upstream::start("app");
+    let config = |max: usize| {
+        format!(
+            "max_connections = {max}\n[[route]]\nname = \"app\"\n  [[route.backend]]\n  service = \"{}\"\n{}",
+            upstream.name,
+            upstream.service()
+        )
+    };
+    let gw = Gateway::start(&config(2));
+    let open = |n: f64| {
+        wait_until(
+            &format!("{n} connections open"),
+            Duration::from_secs(5),
+            || gw.metric(r#"weir_downstream_connections_active{listener="web"}"#) == n,
+        )
+    };
+    let answered = |port| {
+        let mut stream = connect(port);
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        read_to_close(&mut stream)
+    };
+    let [first, _second] = [connect(gw.port), connect(gw.port)];
+    open(2.0);
+
+    let mut third = connect(gw.port);
+    // Closed before it is read: the write may or may not fail.
+    let _ = third.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!(read_to_close(&mut third), "");
+    assert_eq!(
+        gw.metric(r#"weir_downstream_connections_rejected_total{listener="web"}"#),
+        1.0
+    );
+
+    drop(first);
+    open(1.0);
+    assert!(answered(gw.port).starts_with("HTTP/1.1 200"));
+
+    let generation = gw.generation();
+    gw.write_config(&config(3));
+    wait_until("the reload", Duration::from_secs(10), || {
+        gw.generation() > generation
+    });
+    let _held = connect(gw.port);
+    open(2.0);
+    assert!(answered(gw.port).starts_with("HTTP/1.1 200"));
+}

@@ -101,6 +101,9 @@ pub struct Listener {
     /// keep-alive requests, and while a request's headers trickle in (slowloris).
     #[serde(serialize_with = "as_str")]
     pub idle_timeout: Duration,
+    /// Client connections open at once; one more is closed on arrival. A reload changes it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<usize>,
 }
 
 impl Listener {
@@ -592,9 +595,11 @@ pub struct Inbound {
     /// HTTP/1.1, or h2c for gRPC apps.
     pub app_protocol: UpstreamProtocol,
     pub mtls: Mtls,
-    /// The inbound listener's `idle_timeout` (see [`Listener`]).
+    /// The inbound listener's `idle_timeout` and `max_connections` (see [`Listener`]).
     #[serde(serialize_with = "as_str")]
     pub idle_timeout: Duration,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<usize>,
     /// In declaration order; see [`Policy`].
     pub policies: Vec<Policy>,
 }
@@ -624,9 +629,11 @@ pub enum PolicyAction {
 #[derive(Debug, Clone, Serialize)]
 pub struct Outbound {
     pub listen: SocketAddr,
-    /// The outbound listener's `idle_timeout` (see [`Listener`]).
+    /// The outbound listener's `idle_timeout` and `max_connections` (see [`Listener`]).
     #[serde(serialize_with = "as_str")]
     pub idle_timeout: Duration,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<usize>,
 }
 
 fn as_str<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {

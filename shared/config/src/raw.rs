@@ -88,6 +88,8 @@ pub struct RawListener {
     pub client_auth: Option<RawClientAuth>,
     /// How long a client connection may be without a request in flight; default "75s".
     pub idle_timeout: Option<String>,
+    /// Client connections open at once; default no limit.
+    pub max_connections: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -396,6 +398,7 @@ pub struct RawInbound {
     pub app_protocol: Option<String>,
     pub mtls: Option<String>,
     pub idle_timeout: Option<String>,
+    pub max_connections: Option<u64>,
     /// Authorization of the requests to the app.
     pub policy: Vec<RawPolicy>,
 }
@@ -420,4 +423,5 @@ pub struct RawPolicy {
 pub struct RawOutbound {
     pub listen: Option<String>,
     pub idle_timeout: Option<String>,
+    pub max_connections: Option<u64>,
 }

@@ -415,12 +415,14 @@ impl Checker<'_> {
             l.idle_timeout,
             Listener::DEFAULT_IDLE_TIMEOUT,
         );
+        let max_connections = self.at_least_one(at, "max_connections", l.max_connections);
         Some(Listener {
             name: l.name?,
             listen: listen?,
             protocol: protocol?,
             tls,
             idle_timeout,
+            max_connections,
         })
     }
 
@@ -771,6 +773,17 @@ impl Checker<'_> {
     }
 
     /// A duration key that must be more than 0, else `default`.
+    /// An optional count that, given, must be at least 1.
+    fn at_least_one(&mut self, at: &At, key: &str, value: Option<u64>) -> Option<usize> {
+        match value {
+            Some(0) => {
+                self.fail(&at.key(key), format!("{key} must be at least 1"));
+                None
+            }
+            n => n.map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
+        }
+    }
+
     fn positive(
         &mut self,
         at: &At,
@@ -1538,6 +1551,7 @@ impl Checker<'_> {
             raw_in.idle_timeout,
             Listener::DEFAULT_IDLE_TIMEOUT,
         );
+        let in_max = self.at_least_one(&in_at, "max_connections", raw_in.max_connections);
         let policies = raw_in
             .policy
             .into_iter()
@@ -1563,6 +1577,10 @@ impl Checker<'_> {
             ),
             None => Listener::DEFAULT_IDLE_TIMEOUT,
         };
+        let out_max = match &out_at {
+            Some(at) => self.at_least_one(at, "max_connections", raw_out.max_connections),
+            None => None,
+        };
         let sidecar = Sidecar {
             inbound: Inbound {
                 listen,
@@ -1570,11 +1588,13 @@ impl Checker<'_> {
                 app_protocol,
                 mtls: mtls.unwrap_or(Mtls::Strict),
                 idle_timeout: in_idle,
+                max_connections: in_max,
                 policies,
             },
             outbound: Outbound {
                 listen: out_listen,
                 idle_timeout: out_idle,
+                max_connections: out_max,
             },
         };
         (sidecar, in_at)
@@ -1893,6 +1913,7 @@ fn sidecar_listeners(sidecar: &Sidecar, workload: Option<&Workload>) -> Vec<List
         },
         tls,
         idle_timeout: sidecar.inbound.idle_timeout,
+        max_connections: sidecar.inbound.max_connections,
     };
     let outbound = Listener {
         name: OUTBOUND.into(),
@@ -1900,6 +1921,7 @@ fn sidecar_listeners(sidecar: &Sidecar, workload: Option<&Workload>) -> Vec<List
         protocol: Protocol::Http,
         tls: None,
         idle_timeout: sidecar.outbound.idle_timeout,
+        max_connections: sidecar.outbound.max_connections,
     };
     vec![outbound, inbound]
 }

@@ -37,6 +37,7 @@ colour = \"blue\"
 name = \"web\"
 listen = \"localhost:80\"
 idle_timeout = \"0s\"
+max_connections = 0
 "
     );
     let errs = errors(&text);
@@ -49,6 +50,7 @@ idle_timeout = \"0s\"
             "gw.toml:15: [runtime]: unknown key \"colour\"",
             "gw.toml:19: listener \"web\": bad address \"localhost:80\": expected ip:port, such as \"127.0.0.1:8080\"",
             "gw.toml:20: listener \"web\": idle_timeout must be more than 0",
+            "gw.toml:21: listener \"web\": max_connections must be at least 1",
         ]
     );
 }
@@ -609,7 +611,7 @@ endpoints = [\"127.0.0.1:1\"]
     let errs = sidecar_errors(
         dir.path(),
         "[inbound]\napp = \"127.0.0.1:8080\"\nmtls = \"disable\"\nidle_timeout = \"0s\"\n\
-         [outbound]\nidle_timeout = \"soon\"\n",
+         [outbound]\nidle_timeout = \"soon\"\nmax_connections = 0\n",
     );
     assert_eq!(
         errs,
@@ -618,6 +620,7 @@ endpoints = [\"127.0.0.1:1\"]
             format!(
                 "{file}:6: [outbound]: bad duration \"soon\": expected a number then ms, s, m or h"
             ),
+            format!("{file}:7: [outbound]: max_connections must be at least 1"),
         ]
     );
     let errs = sidecar_errors(

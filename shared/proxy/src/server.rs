@@ -24,6 +24,7 @@ use pingora_core::services::background::{background_service, BackgroundService};
 use pingora_core::services::listening::Service;
 use pingora_core::services::ServiceReadyNotifier;
 use pingora_proxy::HttpProxy;
+use prometheus::{IntCounter, IntGauge};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::Notify;
 use tracing::{debug, error, info, warn};
@@ -144,12 +145,22 @@ pub fn run(reloader: Reloader, git: Option<Arc<GitSource>>, upgrade: bool) -> an
                 )
             })
             .clone();
+        let metrics = weir_telemetry::metrics();
         let app = Sniffing {
             http1,
             h2c,
             plaintext,
             idle_timeout,
             tls,
+            open: OpenConnections {
+                reloader: reloader.clone(),
+                index,
+                active: metrics
+                    .downstream_connections_active
+                    .with_label_values(&[&listener.name]),
+                rejected: (metrics.downstream_connections_rejected)
+                    .with_label_values(&[&listener.name]),
+            },
         };
         let mut service = Service::new(format!("weir-{}", listener.name), app);
         let endpoint = ListenerConfig::tcp(listener.listen.to_string());
@@ -218,6 +229,7 @@ struct Sniffing {
     tls: Option<Acceptor>,
     plaintext: bool,
     idle_timeout: Duration,
+    open: OpenConnections,
 }
 
 /// The first byte of a TLS connection: a handshake record (RFC 8446, §5.1).
@@ -234,8 +246,46 @@ impl ServerApp for Sniffing {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
+        let Some(_open) = self.open.admit() else {
+            debug!("closing a connection over the listener's max_connections");
+            return None;
+        };
         connection::serve_until_idle(self.serve(stream, shutdown), self.idle_timeout).await;
         None
+    }
+}
+
+/// A listener's open client connections (`weir_downstream_connections_active`), held under its
+/// `max_connections`, which the serving config gives, so a reload changes it. As Envoy's
+/// connection limit does, one connection too many is closed on arrival, before a byte is read.
+struct OpenConnections {
+    reloader: Arc<Reloader>,
+    index: usize,
+    active: IntGauge,
+    rejected: IntCounter,
+}
+
+impl OpenConnections {
+    /// Counts a new connection in until it ends, or `None`: the listener is full.
+    fn admit(&self) -> Option<Open<'_>> {
+        self.active.inc();
+        let open = Open(&self.active);
+        let max = self.reloader.snapshot().config.listeners[self.index].max_connections;
+        // Counted in first, so two connections arriving at once never both fit in one place.
+        if max.is_some_and(|max| usize::try_from(self.active.get()).unwrap_or(0) > max) {
+            self.rejected.inc();
+            return None;
+        }
+        Some(open)
+    }
+}
+
+/// One open connection, counted out when dropped.
+struct Open<'a>(&'a IntGauge);
+
+impl Drop for Open<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

@@ -43,6 +43,11 @@ pub struct Metrics {
     pub endpoints: IntGaugeVec,
     /// `service`: requests to the service in flight, mirror copies included.
     pub upstream_requests_active: IntGaugeVec,
+    /// `listener`: client connections open.
+    pub downstream_connections_active: IntGaugeVec,
+    /// `listener`: client connections closed on arrival, the listener having its
+    /// `max_connections` open.
+    pub downstream_connections_rejected: IntCounterVec,
     /// `result`: success, failure.
     pub config_reloads: IntCounterVec,
     pub config_generation: IntGauge,
@@ -128,6 +133,16 @@ impl Metrics {
             "Requests in flight to a service, mirror copies included.",
             &["service"],
         );
+        let downstream_connections_active = gauges(
+            "weir_downstream_connections_active",
+            "Client connections open, by listener.",
+            &["listener"],
+        );
+        let downstream_connections_rejected = counter(
+            "weir_downstream_connections_rejected_total",
+            "Client connections closed on arrival because the listener had max_connections open.",
+            &["listener"],
+        );
         let config_reloads = counter(
             "weir_config_reloads_total",
             "Config reloads by result.",
@@ -162,6 +177,8 @@ impl Metrics {
             outlier_ejections,
             endpoints,
             upstream_requests_active,
+            downstream_connections_active,
+            downstream_connections_rejected,
             config_reloads,
             config_generation,
             config_info,
