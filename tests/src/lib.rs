@@ -573,6 +573,14 @@ impl Gateway {
         self.status()["generation"].as_u64().unwrap()
     }
 
+    /// Waits until admin `/config` reports a failed reload: its `last_error`.
+    pub fn last_error(&self) -> String {
+        wait_until("last_error", Duration::from_secs(5), || {
+            !self.status()["last_error"].is_null()
+        });
+        self.status()["last_error"].as_str().unwrap().to_string()
+    }
+
     /// Replaces the config file the way editors and `kubectl cp` do: write aside, rename over.
     pub fn write_config(&self, config: &str) {
         let tmp = self.dir.path().join(".gateway.toml.tmp");

@@ -415,7 +415,7 @@ impl Checker<'_> {
             l.idle_timeout,
             Listener::DEFAULT_IDLE_TIMEOUT,
         );
-        let max_connections = self.at_least_one(at, "max_connections", l.max_connections);
+        let max_connections = self.count(at, "max_connections", l.max_connections, 1);
         Some(Listener {
             name: l.name?,
             listen: listen?,
@@ -773,11 +773,11 @@ impl Checker<'_> {
     }
 
     /// A duration key that must be more than 0, else `default`.
-    /// An optional count that, given, must be at least 1.
-    fn at_least_one(&mut self, at: &At, key: &str, value: Option<u64>) -> Option<usize> {
+    /// An optional count that, given, must be at least `min`; `None` when absent or wrong.
+    fn count(&mut self, at: &At, key: &str, value: Option<u64>, min: u64) -> Option<usize> {
         match value {
-            Some(0) => {
-                self.fail(&at.key(key), format!("{key} must be at least 1"));
+            Some(n) if n < min => {
+                self.fail(&at.key(key), format!("{key} must be at least {min}"));
                 None
             }
             n => n.map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
@@ -867,13 +867,8 @@ impl Checker<'_> {
 
     fn connection_pool(&mut self, at: &At, p: RawConnectionPool) -> ConnectionPool {
         let d = ConnectionPool::default();
-        let mut limit = |key: &str, value: Option<u64>, default: usize, min: u64| match value {
-            Some(n) if n < min => {
-                self.fail(&at.key(key), format!("{key} must be at least {min}"));
-                default
-            }
-            Some(n) => usize::try_from(n).unwrap_or(usize::MAX),
-            None => default,
+        let mut limit = |key: &str, value: Option<u64>, default: usize, min: u64| {
+            self.count(at, key, value, min).unwrap_or(default)
         };
         let max_connections = limit("max_connections", p.max_connections, d.max_connections, 1);
         let max_pending_requests = limit(
@@ -1551,36 +1546,35 @@ impl Checker<'_> {
             raw_in.idle_timeout,
             Listener::DEFAULT_IDLE_TIMEOUT,
         );
-        let in_max = self.at_least_one(&in_at, "max_connections", raw_in.max_connections);
+        let in_max = self.count(&in_at, "max_connections", raw_in.max_connections, 1);
         let policies = raw_in
             .policy
             .into_iter()
             .enumerate()
             .filter_map(|(i, p)| self.policy(&in_at.item("policy", i), i, p, mtls))
             .collect();
-        let (out_at, raw_out) = outbound.unzip();
-        let raw_out = raw_out.unwrap_or_default();
+        let (out_at, raw_out) = outbound.unwrap_or_else(|| {
+            (
+                At {
+                    file: 0,
+                    key: keys!["outbound"],
+                    label: "[outbound]".into(),
+                },
+                RawOutbound::default(),
+            )
+        });
         let out_listen = self.listen_or(
-            out_at
-                .as_ref()
-                .map(|at| at.key("listen"))
-                .zip(raw_out.listen),
+            Some(out_at.key("listen")).zip(raw_out.listen),
             "[outbound]",
             SocketAddr::from(([127, 0, 0, 1], 15001)),
         );
-        let out_idle = match &out_at {
-            Some(at) => self.positive(
-                at,
-                "idle_timeout",
-                raw_out.idle_timeout,
-                Listener::DEFAULT_IDLE_TIMEOUT,
-            ),
-            None => Listener::DEFAULT_IDLE_TIMEOUT,
-        };
-        let out_max = match &out_at {
-            Some(at) => self.at_least_one(at, "max_connections", raw_out.max_connections),
-            None => None,
-        };
+        let out_idle = self.positive(
+            &out_at,
+            "idle_timeout",
+            raw_out.idle_timeout,
+            Listener::DEFAULT_IDLE_TIMEOUT,
+        );
+        let out_max = self.count(&out_at, "max_connections", raw_out.max_connections, 1);
         let sidecar = Sidecar {
             inbound: Inbound {
                 listen,
