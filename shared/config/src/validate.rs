@@ -1480,16 +1480,8 @@ impl Checker<'_> {
         inbound: Option<(At, RawInbound)>,
         outbound: Option<(At, RawOutbound)>,
     ) -> (Sidecar, At) {
-        let (in_at, raw_in) = inbound.unwrap_or_else(|| {
-            (
-                At {
-                    file: 0,
-                    key: keys!["inbound"],
-                    label: "[inbound]".into(),
-                },
-                RawInbound::default(),
-            )
-        });
+        let (in_at, raw_in) =
+            inbound.unwrap_or_else(|| (absent_section("inbound"), RawInbound::default()));
         let listen = self.listen_or(
             Some(in_at.key("listen")).zip(raw_in.listen),
             "[inbound]",
@@ -1553,16 +1545,8 @@ impl Checker<'_> {
             .enumerate()
             .filter_map(|(i, p)| self.policy(&in_at.item("policy", i), i, p, mtls))
             .collect();
-        let (out_at, raw_out) = outbound.unwrap_or_else(|| {
-            (
-                At {
-                    file: 0,
-                    key: keys!["outbound"],
-                    label: "[outbound]".into(),
-                },
-                RawOutbound::default(),
-            )
-        });
+        let (out_at, raw_out) =
+            outbound.unwrap_or_else(|| (absent_section("outbound"), RawOutbound::default()));
         let out_listen = self.listen_or(
             Some(out_at.key("listen")).zip(raw_out.listen),
             "[outbound]",
@@ -1880,6 +1864,15 @@ const OUTBOUND: &str = "outbound";
 /// The sidecar's two listeners: outbound (first: `explain`'s default), and inbound (with the
 /// workload's certificate, requiring one from the mesh, under `mtls = "strict"`; plaintext
 /// too under "permissive").
+/// Where a sidecar section the config leaves out is reported: by its name, in the first file.
+fn absent_section(name: &str) -> At {
+    At {
+        file: 0,
+        key: keys![name],
+        label: format!("[{name}]"),
+    }
+}
+
 fn sidecar_listeners(sidecar: &Sidecar, workload: Option<&Workload>) -> Vec<Listener> {
     let tls = match (workload, sidecar.inbound.mtls) {
         (Some(w), mtls @ (Mtls::Strict | Mtls::Permissive)) => Some(ListenerTls {
