@@ -86,6 +86,14 @@ fn spans_go_to_an_otlp_http_collector_and_the_trace_goes_upstream() {
         (parent.as_str(), "")
     );
 
+    // A B3 caller that left the decision to Weir (no `x-b3-sampled`): sampled at ratio 1.
+    let deferred = "0af7651916cd43dd8448eb211c80319c";
+    let b3 = [("x-b3-traceid", deferred), ("x-b3-spanid", CALLER_SPAN)];
+    assert_eq!(gw.get("/reviews/3", &b3).status, 200);
+    assert_eq!(upstream.last_header("x-b3-sampled").as_deref(), Some("1"));
+    let span = collector.wait_for_span("the span of /reviews/3", |s| s.trace_id == deferred);
+    assert_eq!(span.parent_span_id, CALLER_SPAN);
+
     // A failure is an error span, its flags in the description; the access log names the trace.
     assert_eq!(gw.get("/down", &[]).status, 503);
     let span = collector.wait_for_span("the span of /down", |s| {
@@ -97,11 +105,11 @@ fn spans_go_to_an_otlp_http_collector_and_the_trace_goes_upstream() {
     wait_until(
         "three access log lines",
         std::time::Duration::from_secs(10),
-        || gw.access_log().len() == 3,
+        || gw.access_log().len() == 4,
     );
     let log = gw.access_log();
     assert_eq!(log[0]["trace_id"], TRACE);
-    assert_eq!(log[2]["trace_id"], span.trace_id.as_str());
+    assert_eq!(log[3]["trace_id"], span.trace_id.as_str());
 }
 
 #[test]
@@ -235,4 +243,90 @@ fn a_mirror_copy_carries_weirs_span() {
     assert_eq!(traceparent(&shadow), (trace, parent.clone(), "01".into()));
     let span = collector.wait_for_span("the span of /reviews/1", |s| s.trace_id == TRACE);
     assert_eq!(span.span_id, parent);
+}
+
+/// B3, the Zipkin headers Istio's Envoy sends and its apps forward, names the parent as
+/// `traceparent` does, with the caller's sampling decision, and goes upstream beside it.
+#[test]
+fn b3_headers_name_the_parent_and_go_upstream() {
+    let collector = Collector::start();
+    let upstream = Upstream::start("reviews");
+    let gw = Gateway::start(&format!(
+        "[telemetry.tracing]\notlp_endpoint = \"http://127.0.0.1:{}\"\nsample_ratio = 0.0\n{}",
+        collector.http_port,
+        routes(&upstream)
+    ));
+    let b3 = |name: &str| upstream.last_header(name);
+
+    // No decision from a B3 caller: Weir decides, at ratio 0 not to sample, and says so.
+    let deferred = "0af7651916cd43dd8448eb211c80319c";
+    let headers = [("x-b3-traceid", deferred), ("x-b3-spanid", CALLER_SPAN)];
+    assert_eq!(gw.get("/reviews/deferred", &headers).status, 200);
+    assert_eq!(b3("x-b3-traceid").as_deref(), Some(deferred));
+    assert_eq!(b3("x-b3-sampled").as_deref(), Some("0"));
+    assert_eq!(traceparent(&upstream).2, "00");
+
+    // Multiple headers, sampled: Weir's span is the caller's child, recorded at ratio 0, and
+    // the upstream's parent in both formats. The caller's own parent id does not go on.
+    let headers = [
+        ("x-b3-traceid", TRACE),
+        ("x-b3-spanid", CALLER_SPAN),
+        ("x-b3-sampled", "1"),
+        ("x-b3-parentspanid", "00000000000000aa"),
+    ];
+    assert_eq!(gw.get("/reviews/multi", &headers).status, 200);
+    let (trace, parent, flags) = traceparent(&upstream);
+    assert_eq!((trace.as_str(), flags.as_str()), (TRACE, "01"));
+    assert_eq!(
+        (b3("x-b3-traceid"), b3("x-b3-spanid"), b3("x-b3-sampled")),
+        (Some(TRACE.into()), Some(parent.clone()), Some("1".into()))
+    );
+    assert_eq!(b3("x-b3-parentspanid"), None);
+    let span = collector.wait_for_span("the span of /reviews/multi", |s| s.trace_id == TRACE);
+    assert_eq!(
+        (span.span_id.as_str(), span.parent_span_id.as_str()),
+        (parent.as_str(), CALLER_SPAN)
+    );
+
+    // The single `b3` header, a 64-bit trace id: read, and replaced by the multiple headers.
+    let single = format!("a3ce929d0e0e4736-{CALLER_SPAN}-1");
+    assert_eq!(gw.get("/reviews/single", &[("b3", &single)]).status, 200);
+    let padded = "0000000000000000a3ce929d0e0e4736";
+    assert_eq!(traceparent(&upstream).0, padded);
+    assert_eq!(
+        b3("b3"),
+        None,
+        "the caller's single header names the caller's span"
+    );
+    let span = collector.wait_for_span("the span of /reviews/single", |s| s.trace_id == padded);
+    assert_eq!(span.parent_span_id, CALLER_SPAN);
+
+    // Both formats, naming different traces: `traceparent` wins.
+    let w3c = "4bf92f3577b34da6a3ce929d0e0e4737";
+    let caller = format!("00-{w3c}-{CALLER_SPAN}-01");
+    let headers = [
+        ("x-b3-traceid", TRACE),
+        ("x-b3-spanid", CALLER_SPAN),
+        ("x-b3-sampled", "1"),
+        ("traceparent", caller.as_str()),
+    ];
+    assert_eq!(gw.get("/reviews/both", &headers).status, 200);
+    assert_eq!(b3("x-b3-traceid").as_deref(), Some(w3c));
+    collector.wait_for_span("the span of /reviews/both", |s| s.trace_id == w3c);
+
+    // B3's debug flag: sampled, and passed on.
+    let debug = "4bf92f3577b34da6a3ce929d0e0e4738";
+    let headers = [
+        ("x-b3-traceid", debug),
+        ("x-b3-spanid", CALLER_SPAN),
+        ("x-b3-flags", "1"),
+    ];
+    assert_eq!(gw.get("/reviews/debug", &headers).status, 200);
+    assert_eq!(b3("x-b3-flags").as_deref(), Some("1"));
+    assert_eq!(traceparent(&upstream).2, "01");
+    collector.wait_for_span("the span of /reviews/debug", |s| s.trace_id == debug);
+
+    // Spans are exported in the order they end: the deferred one would have come first.
+    let traces: Vec<String> = collector.spans().into_iter().map(|s| s.trace_id).collect();
+    assert_eq!(traces, [TRACE, padded, w3c, debug], "not {deferred}");
 }

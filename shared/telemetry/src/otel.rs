@@ -1,11 +1,13 @@
 //! OpenTelemetry tracing (DESIGN.md `[telemetry.tracing]`): one span per request, sent in
 //! batches over OTLP.
 //!
-//! A request's span is a child of the caller's when its `traceparent` (W3C Trace Context)
-//! names one, and the caller's sampling decision is kept; a new trace is sampled at
-//! `sample_ratio`. The request goes upstream with a `traceparent` naming Weir's span, sampled
-//! or not, so the trace carries on across the hop. The span ends with the same facts as the
-//! access log line ([`Entry`]), which gains the trace id.
+//! A request's span is a child of the caller's when its `traceparent` (W3C Trace Context) or
+//! its B3 headers (Zipkin's, which Istio's Envoy sends and its apps forward) name one, and the
+//! caller's sampling decision is kept; a new trace, or a B3 caller that left the decision to
+//! Weir, is sampled at `sample_ratio`. The request goes upstream with both `traceparent` and
+//! B3 headers naming Weir's span, sampled or not, so the trace carries on across the hop
+//! whichever the app forwards. The span ends with the same facts as the access log line
+//! ([`Entry`]), which gains the trace id.
 //!
 //! Spans are queued for the SDK's batch thread, never sent on the request path; when the
 //! queue is full (the collector is down or slow) new spans are dropped.
@@ -16,14 +18,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
+use opentelemetry::propagation::TextMapCompositePropagator;
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
-use opentelemetry::trace::{Span as _, SpanKind, Status, TraceContextExt, Tracer as _};
+use opentelemetry::trace::{
+    Span as _, SpanContext, SpanKind, Status, TraceContextExt, TraceFlags, Tracer as _,
+};
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_otlp::{SpanExporter as OtlpExporter, WithExportConfig};
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{
-    Sampler, SdkTracer, SdkTracerProvider, Span, SpanData, SpanExporter,
+    Sampler, SamplingDecision, SdkTracer, SdkTracerProvider, ShouldSample, Span, SpanData,
+    SpanExporter,
 };
 use opentelemetry_sdk::Resource;
 use tracing::{info, warn};
@@ -44,7 +50,11 @@ pub struct Tracing {
 #[derive(Clone)]
 pub struct Tracer {
     tracer: SdkTracer,
-    propagator: Arc<TraceContextPropagator>,
+    /// B3 first, then W3C: the last that finds its headers names the parent, so `traceparent`
+    /// wins when a request has both.
+    propagator: Arc<TextMapCompositePropagator>,
+    /// Decides for a B3 caller that sent no `x-b3-sampled`, as for a new trace.
+    ratio: Sampler,
 }
 
 /// One request's span; boxed, as the SDK's span is large and the proxy's per-request state
@@ -96,7 +106,11 @@ pub fn start(config: &Config) -> Result<(Tracing, Tracer), String> {
         .build();
     let tracer = Tracer {
         tracer: opentelemetry::trace::TracerProvider::tracer(&provider, "weir"),
-        propagator: Arc::new(TraceContextPropagator::new()),
+        propagator: Arc::new(TextMapCompositePropagator::new(vec![
+            Box::new(opentelemetry_propagator_b3::Propagator::new()),
+            Box::new(TraceContextPropagator::new()),
+        ])),
+        ratio: Sampler::TraceIdRatioBased(config.sample_ratio),
     };
     info!(endpoint = %config.otlp_endpoint, protocol = ?config.protocol, "tracing to OTLP");
     let tracing = Tracing {
@@ -124,7 +138,7 @@ impl Tracer {
     /// The span of a request that came with `headers`. `client`: the sidecar's outbound
     /// side, which calls out for its app (Envoy's egress span); elsewhere Weir serves.
     pub fn request_span(&self, headers: &HeaderMap, client: bool) -> RequestSpan {
-        let parent = self.propagator.extract(&Headers(headers));
+        let parent = self.decide_deferred(self.propagator.extract(&Headers(headers)));
         let kind = match client {
             true => SpanKind::Client,
             false => SpanKind::Server,
@@ -137,16 +151,56 @@ impl Tracer {
         RequestSpan(Box::new(span))
     }
 
-    /// Sets `traceparent` (and `tracestate`) to name `span`, replacing the caller's.
+    /// A B3 parent may leave sampling to the callee (no `x-b3-sampled`: the propagator marks
+    /// it "deferred"). The parent-based sampler would read that as "not sampled", so Weir
+    /// decides here, by the trace id at `sample_ratio`, as Envoy does.
+    fn decide_deferred(&self, parent: Context) -> Context {
+        let remote = parent.span().span_context().clone();
+        if remote.trace_flags() & B3_DEFERRED != B3_DEFERRED {
+            return parent;
+        }
+        let decision = self.ratio.should_sample(
+            None,
+            remote.trace_id(),
+            "request",
+            &SpanKind::Server,
+            &[],
+            &[],
+        );
+        let sampled = decision.decision == SamplingDecision::RecordAndSample;
+        Context::new().with_remote_span_context(SpanContext::new(
+            remote.trace_id(),
+            remote.span_id(),
+            TraceFlags::default().with_sampled(sampled),
+            true,
+            remote.trace_state().clone(),
+        ))
+    }
+
+    /// Sets `traceparent` (and `tracestate`) and the B3 headers to name `span`, replacing the
+    /// caller's: B3 headers Weir does not write (the single `b3`, the parent id, the debug
+    /// flag) are removed, so none of them names the caller's span to the app.
     pub fn inject(&self, span: &RequestSpan, headers: &mut HeaderMap) {
         let context = Context::new().with_remote_span_context(span.0.span_context().clone());
-        headers.remove(TRACESTATE);
+        for name in REPLACED {
+            headers.remove(name);
+        }
         self.propagator
             .inject_context(&context, &mut HeadersMut(headers));
     }
 }
 
-const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
+/// The B3 propagator's mark of a parent that sent no sampling decision.
+const B3_DEFERRED: TraceFlags = TraceFlags::new(0x02);
+
+/// Trace headers a caller may send that [`Tracer::inject`] does not overwrite.
+const REPLACED: [HeaderName; 5] = [
+    HeaderName::from_static("tracestate"),
+    HeaderName::from_static("b3"),
+    HeaderName::from_static("x-b3-parentspanid"),
+    HeaderName::from_static("x-b3-sampled"),
+    HeaderName::from_static("x-b3-flags"),
+];
 
 impl RequestSpan {
     /// The trace id as 32 hex digits, for the access log; `None` when the span is not
