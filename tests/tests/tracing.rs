@@ -46,6 +46,11 @@ fn spans_go_to_an_otlp_http_collector_and_the_trace_goes_upstream() {
     let (trace, parent, flags) = traceparent(&upstream);
     assert_eq!((trace.as_str(), flags.as_str()), (TRACE, "01"));
     assert_ne!(parent, CALLER_SPAN, "the upstream's parent is Weir's span");
+    assert_eq!(
+        upstream.last_header("tracestate"),
+        None,
+        "none came, none goes"
+    );
     let span = collector.wait_for_span("the span of /reviews/1", |s| s.trace_id == TRACE);
     assert_eq!(span.parent_span_id, CALLER_SPAN);
     assert_eq!(span.span_id, parent);
@@ -86,6 +91,17 @@ fn spans_go_to_an_otlp_http_collector_and_the_trace_goes_upstream() {
         (parent.as_str(), "")
     );
 
+    // A caller's `tracestate` goes on as it came.
+    let state = [
+        ("traceparent", caller.as_str()),
+        ("tracestate", "congo=t61rcWkgMzE"),
+    ];
+    assert_eq!(gw.get("/reviews/state", &state).status, 200);
+    assert_eq!(
+        upstream.last_header("tracestate").as_deref(),
+        Some("congo=t61rcWkgMzE")
+    );
+
     // A B3 caller that left the decision to Weir (no `x-b3-sampled`): sampled at ratio 1.
     let deferred = "0af7651916cd43dd8448eb211c80319c";
     let b3 = [("x-b3-traceid", deferred), ("x-b3-spanid", CALLER_SPAN)];
@@ -105,11 +121,11 @@ fn spans_go_to_an_otlp_http_collector_and_the_trace_goes_upstream() {
     wait_until(
         "three access log lines",
         std::time::Duration::from_secs(10),
-        || gw.access_log().len() == 4,
+        || gw.access_log().len() == 5,
     );
     let log = gw.access_log();
     assert_eq!(log[0]["trace_id"], TRACE);
-    assert_eq!(log[3]["trace_id"], span.trace_id.as_str());
+    assert_eq!(log[4]["trace_id"], span.trace_id.as_str());
 }
 
 #[test]

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 use opentelemetry::propagation::TextMapCompositePropagator;
-use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use opentelemetry::propagation::{Extractor, TextMapPropagator};
 use opentelemetry::trace::{
     Span as _, SpanContext, SpanKind, Status, TraceContextExt, TraceFlags, Tracer as _,
 };
@@ -177,29 +177,66 @@ impl Tracer {
         ))
     }
 
-    /// Sets `traceparent` (and `tracestate`) and the B3 headers to name `span`, replacing the
-    /// caller's: B3 headers Weir does not write (the single `b3`, the parent id, the debug
-    /// flag) are removed, so none of them names the caller's span to the app.
+    /// Sets `traceparent` (and `tracestate`) and the multiple B3 headers to name `span`,
+    /// replacing the caller's: B3 headers Weir does not write (the single `b3`, the parent id)
+    /// are removed, so none of them names the caller's span to the app.
+    ///
+    /// Written here rather than by the propagators, which would parse each header's name and
+    /// copy its value (three allocations a header, on every request tracing is on for, sampled
+    /// or not), and send an empty `tracestate`. The formats are W3C's and B3's, as the
+    /// propagators write them; the propagators still read them.
     pub fn inject(&self, span: &RequestSpan, headers: &mut HeaderMap) {
-        let context = Context::new().with_remote_span_context(span.0.span_context().clone());
+        let context = span.0.span_context();
         for name in REPLACED {
             headers.remove(name);
         }
-        self.propagator
-            .inject_context(&context, &mut HeadersMut(headers));
+        let (trace, id) = (context.trace_id(), context.span_id());
+        let sampled = context.is_sampled();
+        let flags = if sampled { "01" } else { "00" };
+        set(headers, TRACEPARENT, format!("00-{trace}-{id}-{flags}"));
+        let state = context.trace_state().header();
+        if !state.is_empty() {
+            set(headers, TRACESTATE, state);
+        }
+        set(headers, X_B3_TRACEID, trace.to_string());
+        set(headers, X_B3_SPANID, id.to_string());
+        if context.trace_flags() & B3_DEBUG == B3_DEBUG {
+            headers.insert(X_B3_FLAGS, HeaderValue::from_static("1"));
+        } else {
+            let sampled = HeaderValue::from_static(if sampled { "1" } else { "0" });
+            headers.insert(X_B3_SAMPLED, sampled);
+        }
     }
 }
+
+/// Inserts a header whose value Weir formatted (hex digits and dashes, or a `tracestate` that
+/// was read from a header), without copying it.
+fn set(headers: &mut HeaderMap, name: HeaderName, value: String) {
+    if let Ok(value) = HeaderValue::try_from(value) {
+        headers.insert(name, value);
+    }
+}
+
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
+const X_B3_TRACEID: HeaderName = HeaderName::from_static("x-b3-traceid");
+const X_B3_SPANID: HeaderName = HeaderName::from_static("x-b3-spanid");
+const X_B3_SAMPLED: HeaderName = HeaderName::from_static("x-b3-sampled");
+const X_B3_FLAGS: HeaderName = HeaderName::from_static("x-b3-flags");
+
+/// B3's debug flag ("sampled, and record everything"), as its propagator marks it.
+const B3_DEBUG: TraceFlags = TraceFlags::new(0x04);
 
 /// The B3 propagator's mark of a parent that sent no sampling decision.
 const B3_DEFERRED: TraceFlags = TraceFlags::new(0x02);
 
-/// Trace headers a caller may send that [`Tracer::inject`] does not overwrite.
+/// Trace headers a caller may send that [`Tracer::inject`] may not overwrite.
 const REPLACED: [HeaderName; 5] = [
-    HeaderName::from_static("tracestate"),
+    TRACESTATE,
     HeaderName::from_static("b3"),
     HeaderName::from_static("x-b3-parentspanid"),
-    HeaderName::from_static("x-b3-sampled"),
-    HeaderName::from_static("x-b3-flags"),
+    X_B3_SAMPLED,
+    X_B3_FLAGS,
 ];
 
 impl RequestSpan {
@@ -306,18 +343,5 @@ impl Extractor for Headers<'_> {
 
     fn keys(&self) -> Vec<&str> {
         self.0.keys().map(HeaderName::as_str).collect()
-    }
-}
-
-struct HeadersMut<'a>(&'a mut HeaderMap);
-
-impl Injector for HeadersMut<'_> {
-    fn set(&mut self, key: &str, value: String) {
-        if let (Ok(name), Ok(value)) = (
-            HeaderName::from_bytes(key.as_bytes()),
-            HeaderValue::from_str(&value),
-        ) {
-            self.0.insert(name, value);
-        }
     }
 }
