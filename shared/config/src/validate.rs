@@ -1861,9 +1861,6 @@ const INBOUND: &str = "inbound";
 /// The sidecar's listener for the app's calls, which user routes attach to.
 const OUTBOUND: &str = "outbound";
 
-/// The sidecar's two listeners: outbound (first: `explain`'s default), and inbound (with the
-/// workload's certificate, requiring one from the mesh, under `mtls = "strict"`; plaintext
-/// too under "permissive").
 /// Where a sidecar section the config leaves out is reported: by its name, in the first file.
 fn absent_section(name: &str) -> At {
     At {
@@ -1873,6 +1870,9 @@ fn absent_section(name: &str) -> At {
     }
 }
 
+/// The sidecar's two listeners: outbound (first: `explain`'s default), and inbound (with the
+/// workload's certificate, requiring one from the mesh, under `mtls = "strict"`; plaintext
+/// too under "permissive").
 fn sidecar_listeners(sidecar: &Sidecar, workload: Option<&Workload>) -> Vec<Listener> {
     let tls = match (workload, sidecar.inbound.mtls) {
         (Some(w), mtls @ (Mtls::Strict | Mtls::Permissive)) => Some(ListenerTls {
