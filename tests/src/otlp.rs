@@ -14,11 +14,14 @@ use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::common::v1::AnyValue;
 use prost::Message;
 
+use crate::tls::Issued;
 use crate::{free_port, repo_root, wait_until};
 
 /// The collector process; killed on drop.
 pub struct Collector {
     child: Child,
+    /// With TLS: its certificate, key and client CA files.
+    _files: Option<tempfile::TempDir>,
     pub http_port: u16,
     pub grpc_port: u16,
     exports: Arc<Mutex<Vec<Export>>>,
@@ -31,6 +34,10 @@ pub struct Export {
     pub via: String,
     pub path: String,
     pub content_type: String,
+    /// With a client CA: the common name of the client's certificate.
+    pub peer: String,
+    /// The `authorization` header (gRPC: metadata) that came with it.
+    pub authorization: String,
     pub spans: Vec<SpanSeen>,
 }
 
@@ -59,10 +66,35 @@ impl SpanSeen {
 
 impl Collector {
     pub fn start() -> Collector {
+        Collector::spawn(None)
+    }
+
+    /// A collector that serves TLS only, with `served`; with `client_ca` (PEM) it requires a
+    /// client certificate that chains to it.
+    pub fn start_tls(served: &Issued, client_ca: Option<&str>) -> Collector {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            path.to_str().unwrap().to_string()
+        };
+        let mut args = vec![
+            "tls".to_string(),
+            file("collector.pem", &served.cert),
+            file("collector-key.pem", &served.key),
+        ];
+        args.extend(client_ca.map(|ca| file("clients-ca.pem", ca)));
+        let mut collector = Collector::spawn(Some(args));
+        collector._files = Some(dir);
+        collector
+    }
+
+    fn spawn(tls: Option<Vec<String>>) -> Collector {
         let (http_port, grpc_port) = (free_port(), free_port());
         let mut child = Command::new("/usr/bin/python3")
             .arg(repo_root().join("tests/otlp/collector.py"))
             .args([http_port.to_string(), grpc_port.to_string()])
+            .args(tls.into_iter().flatten())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .spawn()
@@ -78,6 +110,7 @@ impl Collector {
         });
         let collector = Collector {
             child,
+            _files: None,
             http_port,
             grpc_port,
             exports,
@@ -151,6 +184,8 @@ fn decode(line: &str) -> Export {
         via: text("via"),
         path: text("path"),
         content_type: text("content_type"),
+        peer: text("peer"),
+        authorization: text("authorization"),
         spans,
     }
 }

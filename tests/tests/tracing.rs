@@ -3,7 +3,10 @@
 //! in `traceparent` to a real HTTP server.
 #![allow(clippy::unwrap_used)]
 
+use std::time::Duration;
+
 use weir_tests::otlp::Collector;
+use weir_tests::tls::TestCa;
 use weir_tests::{free_port, wait_until, Gateway, Upstream};
 
 /// A caller's trace and span (W3C Trace Context).
@@ -230,6 +233,105 @@ fn queued_spans_are_sent_at_shutdown() {
         s.attribute("url.path") == Some("/reviews/last")
     });
     assert_eq!(span.attribute("http.response.status_code"), Some("200"));
+}
+
+/// An `https://` collector that requires a client certificate: spans go over TLS with Weir's
+/// certificate, by OTLP/HTTP and OTLP/gRPC, the collector's verified against `ca` and the
+/// endpoint's host, with a token from `OTEL_EXPORTER_OTLP_HEADERS`. Without `ca`, the system's
+/// trust store (here `SSL_CERT_FILE`) decides.
+/// A gateway that trusts another CA sends nothing, says why, and serves on.
+#[test]
+fn spans_go_to_a_collector_over_mutual_tls() {
+    let (ca, clients) = (TestCa::new("collector-ca"), TestCa::new("clients-ca"));
+    let collector = Collector::start_tls(&ca.server(&["localhost"]), Some(&clients.pem()));
+    let upstream = Upstream::start("reviews");
+    let files = tempfile::tempdir().unwrap();
+    let file = |name: &str, text: &str| {
+        let path = files.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let weir = clients.client("weir-gateway", &[]);
+    let tls = format!(
+        "  [telemetry.tracing.tls]\n  ca = \"{}\"\n  cert = \"{}\"\n  key = \"{}\"\n",
+        file("ca.pem", &ca.pem()),
+        file("weir.pem", &weir.cert),
+        file("weir-key.pem", &weir.key),
+    );
+    let tracing = |port: u16, protocol: &str, tls: &str| {
+        format!(
+            "[telemetry.tracing]\notlp_endpoint = \"https://localhost:{port}\"\n\
+             protocol = \"{protocol}\"\n{tls}{}",
+            routes(&upstream)
+        )
+    };
+    let sent_by = |collector: &Collector, path: &str| {
+        collector.wait_for_span(path, |s| s.attribute("url.path") == Some(path));
+        let export = (collector.exports().into_iter()).find(|e| {
+            e.spans
+                .iter()
+                .any(|s| s.attribute("url.path") == Some(path))
+        });
+        let export = export.unwrap();
+        (export.via, export.peer, export.authorization)
+    };
+    // A token for the collector, percent-encoded as the OTel variable wants it.
+    let token = [("OTEL_EXPORTER_OTLP_HEADERS", "authorization=Bearer%20t0ken")];
+    for (port, protocol, via) in [
+        (collector.http_port, "http/protobuf", "http"),
+        (collector.grpc_port, "grpc", "grpc"),
+    ] {
+        let gw = Gateway::start_with_env(&tracing(port, protocol, &tls), &token);
+        let path = format!("/reviews/{via}");
+        assert_eq!(gw.get(&path, &[]).status, 200);
+        assert_eq!(
+            sent_by(&collector, &path),
+            (via.into(), "weir-gateway".into(), "Bearer t0ken".into())
+        );
+    }
+
+    // No `ca`: the system's roots, which rustls-native-certs reads from SSL_CERT_FILE.
+    let open = Collector::start_tls(&ca.server(&["localhost"]), None);
+    let system = [("SSL_CERT_FILE", file("system.pem", &ca.pem()))];
+    let system = system
+        .iter()
+        .map(|(k, v)| (*k, v.as_str()))
+        .collect::<Vec<_>>();
+    for (port, protocol) in [(open.http_port, "http/protobuf"), (open.grpc_port, "grpc")] {
+        let gw = Gateway::start_with_env(&tracing(port, protocol, ""), &system);
+        let path = format!("/reviews/system-{port}");
+        assert_eq!(gw.get(&path, &[]).status, 200);
+        assert_eq!(sent_by(&open, &path).1, "", "no client certificate");
+        assert_eq!(sent_by(&open, &path).2, "", "no token");
+    }
+
+    // Trusting another CA: the handshake fails, so nothing is sent, and the log says why;
+    // requests are served all the same.
+    let other = TestCa::new("other-ca");
+    let distrust = tls.replace(&file("ca.pem", &ca.pem()), &file("other.pem", &other.pem()));
+    for (port, protocol) in [
+        (collector.http_port, "http/protobuf"),
+        (collector.grpc_port, "grpc"),
+    ] {
+        let gw = Gateway::start(&tracing(port, protocol, &distrust));
+        let path = format!("/reviews/distrusted-{port}");
+        assert_eq!(gw.get(&path, &[]).status, 200);
+        wait_until(
+            "the export failure in the log",
+            Duration::from_secs(20),
+            || gw.stderr().contains("tracing: export failing"),
+        );
+        let log = gw.stderr();
+        assert!(
+            log.contains("invalid peer certificate: UnknownIssuer"),
+            "{protocol}: {log}"
+        );
+        assert_eq!(gw.get("/reviews/after", &[]).status, 200);
+        assert!(
+            !(collector.spans().iter()).any(|s| s.attribute("url.path") == Some(&path)),
+            "a span went to a collector Weir does not trust"
+        );
+    }
 }
 
 /// A route's mirror copy belongs to the same trace: its `traceparent` names Weir's span, as

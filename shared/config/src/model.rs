@@ -72,6 +72,32 @@ pub struct Tracing {
     /// Share of new traces recorded; a caller's sampling decision (`traceparent`) is kept.
     pub sample_ratio: f64,
     pub service_name: String,
+    /// `Some` exactly when the endpoint is `https://`.
+    pub tls: Option<CollectorTls>,
+}
+
+/// `[telemetry.tracing.tls]`: how to reach an `https://` collector. The collector's
+/// certificate is verified against the endpoint's host.
+#[derive(Debug, Clone, Serialize)]
+pub struct CollectorTls {
+    /// `None` = the system's trust store.
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// The CA certificates in DER.
+    #[serde(skip)]
+    pub roots: Vec<Vec<u8>>,
+    #[serde(skip)]
+    pub client: Option<weir_tls::KeyPair>,
+}
+
+impl PartialEq for CollectorTls {
+    fn eq(&self, other: &CollectorTls) -> bool {
+        let client = |t: &CollectorTls| t.client.as_ref().map(|c| (c.chain.clone(), c.key.clone()));
+        (&self.ca, &self.cert, &self.key, &self.roots)
+            == (&other.ca, &other.cert, &other.key, &other.roots)
+            && client(self) == client(other)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -71,6 +71,18 @@ pub struct RawTracing {
     pub sample_ratio: Option<f64>,
     /// The `service.name` of the spans; default: the binary's name.
     pub service_name: Option<String>,
+    /// `https://` endpoints: whom to trust, and the certificate to present if any.
+    pub tls: Option<RawCollectorTls>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawCollectorTls {
+    /// PEM bundle of the CAs the collector's certificate must chain to; default: the system's.
+    pub ca: Option<String>,
+    /// A client certificate chain and key, PEM, for a collector that requires one.
+    pub cert: Option<String>,
+    pub key: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -301,22 +301,23 @@ impl Checker<'_> {
         }
     }
 
-    fn tracing(&mut self, at: &At, t: RawTracing, role: Role) -> Tracing {
+    fn tracing(&mut self, at: &At, mut t: RawTracing, role: Role) -> Tracing {
         let endpoint =
             (t.otlp_endpoint.clone()).unwrap_or_else(|| "http://127.0.0.1:4318".to_string());
-        // http://host:port[/path]; no TLS to the collector yet (a local agent is the usual).
-        let address = endpoint.strip_prefix("http://").map(|rest| {
-            let end = rest.find('/').unwrap_or(rest.len());
-            rest.split_at(end)
-        });
-        let port = address.and_then(|(authority, _)| {
-            let (host, port) = authority.rsplit_once(':')?;
-            (!host.is_empty()).then_some(port.parse::<u16>().ok()?)
-        });
-        let Some(((authority, path), port)) = address.zip(port) else {
+        // http[s]://host:port[/path]
+        let (scheme, rest) = match endpoint.split_once("://") {
+            Some((scheme @ ("http" | "https"), rest)) => (scheme, rest),
+            _ => ("http", ""),
+        };
+        let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+        let port = (authority.rsplit_once(':'))
+            .filter(|(host, _)| !host.is_empty())
+            .and_then(|(_, port)| port.parse::<u16>().ok());
+        let tls = t.tls.take();
+        let Some(port) = port else {
             self.fail(
                 &at.key("otlp_endpoint"),
-                format!("otlp_endpoint {endpoint:?} is not http://host:port (https is not supported yet)"),
+                format!("otlp_endpoint {endpoint:?} is not http://host:port or https://host:port"),
             );
             return self.tracing_settings(at, t, endpoint, OtlpProtocol::HttpProtobuf, role);
         };
@@ -335,10 +336,45 @@ impl Checker<'_> {
             }
         };
         let otlp_endpoint = match (protocol, path) {
-            (OtlpProtocol::HttpProtobuf, "" | "/") => format!("http://{authority}/v1/traces"),
+            (OtlpProtocol::HttpProtobuf, "" | "/") => format!("{scheme}://{authority}/v1/traces"),
             _ => endpoint.clone(),
         };
-        self.tracing_settings(at, t, otlp_endpoint, protocol, role)
+        let mut tracing = self.tracing_settings(at, t, otlp_endpoint, protocol, role);
+        let at = At {
+            label: "[telemetry.tracing.tls]".to_string(),
+            ..at.key("tls")
+        };
+        tracing.tls = match (scheme, tls) {
+            ("https", tls) => self.collector_tls(&at, tls.unwrap_or_default()),
+            (_, Some(_)) => {
+                self.fail(&at, "tls is for an https:// otlp_endpoint");
+                None
+            }
+            (_, None) => None,
+        };
+        tracing
+    }
+
+    /// `[telemetry.tracing.tls]`: the CA to trust (default: the system's), and a client
+    /// certificate for a collector that asks for one.
+    fn collector_tls(&mut self, at: &At, t: RawCollectorTls) -> Option<CollectorTls> {
+        let ca = t.ca.and_then(|path| self.ca_bundle(&at.key("ca"), &path));
+        let client = match (t.cert, t.key) {
+            (None, None) => None,
+            (cert, key) => Some(self.client_pair(at, cert, key)?),
+        };
+        let (ca, roots) = ca.map_or((None, Vec::new()), |(ca, roots)| (Some(ca), roots));
+        let (cert, key, client) = match client {
+            Some((cert, key, pair)) => (Some(cert), Some(key), Some(pair)),
+            None => (None, None, None),
+        };
+        Some(CollectorTls {
+            ca,
+            cert,
+            key,
+            roots,
+            client,
+        })
     }
 
     /// The rest of `[telemetry.tracing]`, once the endpoint is read.
@@ -369,6 +405,7 @@ impl Checker<'_> {
             protocol,
             sample_ratio,
             service_name,
+            tls: None,
         }
     }
 
@@ -532,6 +569,38 @@ impl Checker<'_> {
         }
     }
 
+    /// A PEM bundle of CA certificates: its path and the certificates in DER.
+    fn ca_bundle(&mut self, at: &At, path: &str) -> Option<(PathBuf, Vec<Vec<u8>>)> {
+        let (ca, pem) = self.pem(at, path)?;
+        match weir_tls::certificates(&pem) {
+            Ok(certs) => Some((ca, certs.iter().map(|c| c.to_vec()).collect())),
+            Err(e) => {
+                self.fail(at, format!("{}: {e}", ca.display()));
+                None
+            }
+        }
+    }
+
+    /// The `cert` and `key` a client presents, both required and checked to belong together.
+    fn client_pair(
+        &mut self,
+        at: &At,
+        cert: Option<String>,
+        key: Option<String>,
+    ) -> Option<(PathBuf, PathBuf, weir_tls::KeyPair)> {
+        let cert = self.required_pem(at, "cert", cert);
+        let key = self.required_pem(at, "key", key);
+        let ((cert, cert_pem), (key, key_pem)) = (cert?, key?);
+        match weir_tls::key_pair(&cert_pem, &key_pem) {
+            Ok(pair) => Some((cert, key, pair)),
+            Err(e) => {
+                let place = format!("{} with {}", cert.display(), key.display());
+                self.fail(&at.key("cert"), format!("{place}: {e}"));
+                None
+            }
+        }
+    }
+
     fn upstream_tls(
         &mut self,
         at: &At,
@@ -577,17 +646,8 @@ impl Checker<'_> {
             }
         };
         let mut fingerprint = std::collections::hash_map::DefaultHasher::new();
-        let ca = t.ca.and_then(|path| {
-            let (ca, pem) = self.pem(&at.key("ca"), &path)?;
-            pem.hash(&mut fingerprint);
-            match weir_tls::certificates(&pem) {
-                Ok(certs) => Some((ca, certs.iter().map(|c| c.to_vec()).collect())),
-                Err(e) => {
-                    self.fail(&at.key("ca"), format!("{}: {e}", ca.display()));
-                    None
-                }
-            }
-        });
+        let ca = t.ca.and_then(|path| self.ca_bundle(&at.key("ca"), &path));
+        ca.as_ref().map(|(_, roots)| roots).hash(&mut fingerprint);
         let client = match mode {
             TlsMode::Simple => {
                 for (key, given) in [("cert", &t.cert), ("key", &t.key)] {
@@ -598,21 +658,9 @@ impl Checker<'_> {
                 None
             }
             TlsMode::Mutual | TlsMode::Mesh => {
-                let cert = self.required_pem(at, "cert", t.cert);
-                let key = self.required_pem(at, "key", t.key);
-                let ((cert, cert_pem), (key, key_pem)) = (cert?, key?);
-                cert_pem.hash(&mut fingerprint);
-                key_pem.hash(&mut fingerprint);
-                match weir_tls::key_pair(&cert_pem, &key_pem) {
-                    Ok(pair) => Some((cert, key, pair)),
-                    Err(e) => {
-                        self.fail(
-                            &at.key("cert"),
-                            format!("{} with {}: {e}", cert.display(), key.display()),
-                        );
-                        None
-                    }
-                }
+                let client = self.client_pair(at, t.cert, t.key)?;
+                (&client.2.chain, &client.2.key).hash(&mut fingerprint);
+                Some(client)
             }
         };
         if self.errors.len() > before {

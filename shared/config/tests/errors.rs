@@ -679,12 +679,12 @@ fn a_service_protocol_is_http1_or_http2_and_mirrors_stay_on_http1() {
 #[test]
 fn tracing_settings_are_checked_and_defaulted() {
     let text =
-        "[telemetry.tracing]\notlp_endpoint = \"https://collector:4318\"\nsample_ratio = 1.5\n\
+        "[telemetry.tracing]\notlp_endpoint = \"grpc://collector:4318\"\nsample_ratio = 1.5\n\
                 protocol = \"thrift\"\nservice_nmae = \"x\"\n";
     assert_eq!(
         errors(text),
         [
-            "gw.toml:2: [telemetry.tracing]: otlp_endpoint \"https://collector:4318\" is not http://host:port (https is not supported yet)",
+            "gw.toml:2: [telemetry.tracing]: otlp_endpoint \"grpc://collector:4318\" is not http://host:port or https://host:port",
             "gw.toml:3: [telemetry.tracing]: sample_ratio 1.5 is not between 0.0 and 1.0",
             "gw.toml:5: [telemetry.tracing]: unknown key \"service_nmae\"",
         ]
@@ -729,6 +729,76 @@ fn tracing_settings_are_checked_and_defaulted() {
             0.1,
             "weir-sidecar".into()
         )
+    );
+}
+
+#[test]
+fn an_https_collector_takes_a_ca_and_a_client_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["weir".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    write(dir.path(), "ca.pem", &cert.pem());
+    write(dir.path(), "weir.pem", &cert.pem());
+    write(dir.path(), "weir-key.pem", &key.serialize_pem());
+    let load_text = |text: &str| {
+        write(dir.path(), "gw.toml", text);
+        load(&dir.path().join("gw.toml"), Role::Gateway)
+    };
+    let tracing = "[telemetry.tracing]\notlp_endpoint = \"https://otel.example:4318\"\n";
+
+    // https alone: the system's roots, no client certificate.
+    let loaded = load_text(tracing).unwrap();
+    let t = loaded.config.telemetry.tracing.unwrap();
+    assert_eq!(t.otlp_endpoint, "https://otel.example:4318/v1/traces");
+    let tls = t.tls.unwrap();
+    assert_eq!((tls.ca, tls.client.is_some()), (None, false));
+
+    // Files relative to the config; the certificate checked against its key.
+    let text = format!(
+        "{tracing}  [telemetry.tracing.tls]\n  ca = \"ca.pem\"\n  cert = \"weir.pem\"\n  key = \"weir-key.pem\"\n"
+    );
+    let tls = load_text(&text)
+        .unwrap()
+        .config
+        .telemetry
+        .tracing
+        .unwrap()
+        .tls
+        .unwrap();
+    assert_eq!(tls.ca, Some(dir.path().join("ca.pem")));
+    assert_eq!((tls.roots.len(), tls.client.is_some()), (1, true));
+
+    let errors = |text: &str| -> Vec<String> {
+        let errors = load_text(text).unwrap_err().0;
+        let dir = format!("{}/", dir.path().display());
+        errors
+            .iter()
+            .map(|e| e.to_string().replace(&dir, ""))
+            .collect()
+    };
+    assert_eq!(
+        errors(&format!(
+            "{tracing}  [telemetry.tracing.tls]\n  ca = \"weir-key.pem\"\n  cert = \"weir.pem\"\n"
+        )),
+        [
+            "gw.toml:3: [telemetry.tracing.tls]: missing required key \"key\"",
+            "gw.toml:4: [telemetry.tracing.tls]: weir-key.pem: no certificate found in PEM",
+        ]
+    );
+    assert_eq!(
+        errors(&format!(
+            "{tracing}  [telemetry.tracing.tls]\n  cert = \"ca.pem\"\n  key = \"missing.pem\"\n"
+        )),
+        ["gw.toml:5: [telemetry.tracing.tls]: cannot read missing.pem: No such file or directory (os error 2)"]
+    );
+    assert_eq!(
+        errors(
+            "[telemetry.tracing]\notlp_endpoint = \"http://otel:4318\"\n  [telemetry.tracing.tls]\n  ca = \"ca.pem\"\n"
+        ),
+        ["gw.toml:3: [telemetry.tracing.tls]: tls is for an https:// otlp_endpoint"]
     );
 }
 

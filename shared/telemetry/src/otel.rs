@@ -23,7 +23,7 @@ use opentelemetry::trace::{
     Span as _, SpanContext, SpanKind, Status, TraceContextExt, TraceFlags, Tracer as _,
 };
 use opentelemetry::{Context, KeyValue};
-use opentelemetry_otlp::{SpanExporter as OtlpExporter, WithExportConfig};
+use opentelemetry_otlp::SpanExporter as OtlpExporter;
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{
@@ -32,7 +32,7 @@ use opentelemetry_sdk::trace::{
 };
 use opentelemetry_sdk::Resource;
 use tracing::{info, warn};
-use weir_config::{OtlpProtocol, Tracing as Config};
+use weir_config::Tracing as Config;
 
 use crate::access_log::Entry;
 
@@ -62,31 +62,8 @@ pub struct RequestSpan(Box<Span>);
 
 /// Starts tracing: the exporter, the batch thread and the sampler.
 pub fn start(config: &Config) -> Result<(Tracing, Tracer), String> {
-    let builder = OtlpExporter::builder();
-    let mut runtime = None;
-    let exporter = match config.protocol {
-        OtlpProtocol::HttpProtobuf => builder
-            .with_http()
-            .with_endpoint(&config.otlp_endpoint)
-            .build(),
-        OtlpProtocol::Grpc => {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .thread_name("weir-otlp")
-                .enable_all()
-                .build()
-                .map_err(|e| format!("starting the OTLP runtime: {e}"))?;
-            let _in = rt.enter();
-            let built = builder
-                .with_tonic()
-                .with_endpoint(&config.otlp_endpoint)
-                .build();
-            drop(_in);
-            runtime = Some(rt);
-            built
-        }
-    }
-    .map_err(|e| format!("OTLP exporter for {}: {e}", config.otlp_endpoint))?;
+    let (exporter, runtime) = crate::otlp::exporter(config)
+        .map_err(|e| format!("OTLP exporter for {}: {e}", config.otlp_endpoint))?;
     let exporter = Reported {
         inner: exporter,
         endpoint: config.otlp_endpoint.clone(),

@@ -14,7 +14,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::danger::ClientCertVerifier;
 use rustls::server::WebPkiClientVerifier;
 use rustls::sign::CertifiedKey;
-use rustls::RootCertStore;
+use rustls::{ClientConfig, RootCertStore};
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
 pub use rustls;
@@ -96,6 +96,42 @@ pub fn roots(pem: &[u8]) -> Result<Arc<RootCertStore>, String> {
             .map_err(|e| format!("not a usable CA certificate: {e}"))?;
     }
     Ok(Arc::new(roots))
+}
+
+/// A client config for a server called by name (the OTLP collector): its certificate must
+/// chain to `roots` and name the host called; `client`, if any, is presented when the server
+/// asks for a certificate. ALPN is the caller's to set.
+pub fn client_config(
+    roots: Arc<RootCertStore>,
+    client: Option<&KeyPair>,
+) -> Result<ClientConfig, String> {
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots);
+    Ok(match client {
+        Some(pair) => builder.with_client_cert_resolver(Arc::new(Presents(pair.certified.clone()))),
+        None => builder.with_no_client_auth(),
+    })
+}
+
+/// Always presents this certificate, whatever CA the server asks for: the server checks it
+/// against the CAs it trusts (for the mesh, its trust bundle).
+#[derive(Debug)]
+pub(crate) struct Presents(Arc<CertifiedKey>);
+
+impl rustls::client::ResolvesClientCert for Presents {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
 }
 
 /// A verifier that requires a client certificate chaining to one of `roots`.

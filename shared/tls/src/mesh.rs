@@ -11,7 +11,7 @@ use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, Error, RootCertStore, SignatureScheme,
 };
 
-use crate::{provider, KeyPair, PeerIdentity};
+use crate::{provider, KeyPair, PeerIdentity, Presents};
 
 /// A client config that presents `workload` and accepts a server whose certificate chains to
 /// `roots` (the trust bundle) and carries one of `identities` as a URI SAN; with no
@@ -106,25 +106,6 @@ impl ServerCertVerifier for MeshServerVerifier {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.chain.supported_verify_schemes()
-    }
-}
-
-/// Always presents the workload certificate, whatever CA the server asks for: the server
-/// checks it against the mesh's trust bundle.
-#[derive(Debug)]
-struct Presents(Arc<rustls::sign::CertifiedKey>);
-
-impl rustls::client::ResolvesClientCert for Presents {
-    fn resolve(
-        &self,
-        _root_hint_subjects: &[&[u8]],
-        _sigschemes: &[SignatureScheme],
-    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
-        Some(self.0.clone())
-    }
-
-    fn has_certs(&self) -> bool {
-        true
     }
 }
 
