@@ -384,6 +384,7 @@ fn serve(
             .and_then(|c| c.first())
             .map(|c| PeerIdentity::of(c.as_ref()));
         *peer.lock().unwrap() = identity;
+        let close = headers.contains(&("connection".into(), "close".into()));
         *last_headers.lock().unwrap() = headers;
         hits.fetch_add(1, Ordering::SeqCst);
         let answer = format!(
@@ -391,6 +392,11 @@ fn serve(
             name.len()
         );
         if tls.write_all(answer.as_bytes()).is_err() || tls.flush().is_err() {
+            return;
+        }
+        if close {
+            tls.conn.send_close_notify();
+            let _ = tls.flush();
             return;
         }
     }

@@ -113,6 +113,17 @@ pub enum OtlpProtocol {
 pub enum Protocol {
     Http,
     Https,
+    /// Bytes forwarded to the one route's backends, unread.
+    Tcp,
+    /// TLS passed through unterminated, routed by the SNI of its ClientHello.
+    Tls,
+}
+
+impl Protocol {
+    /// `tcp` and `tls` listeners carry streams of bytes, not HTTP requests.
+    pub fn is_stream(self) -> bool {
+        matches!(self, Protocol::Tcp | Protocol::Tls)
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -124,7 +135,8 @@ pub struct Listener {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls: Option<ListenerTls>,
     /// A client connection without a request in flight this long is closed: between
-    /// keep-alive requests, and while a request's headers trickle in (slowloris).
+    /// keep-alive requests, and while a request's headers trickle in (slowloris). On `tcp`
+    /// and `tls` listeners: without a byte either way.
     #[serde(serialize_with = "as_str")]
     pub idle_timeout: Duration,
     /// Client connections open at once; one more is closed on arrival. A reload changes it.
@@ -136,6 +148,9 @@ impl Listener {
     /// Envoy's default is an hour; nginx keeps a connection 75 s, over the 60 s for which
     /// clients' pools (Weir's `idle_timeout` among them) keep theirs, so the client closes first.
     pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(75);
+    /// On `tcp` and `tls` listeners: no byte either way this long. Envoy's TCP proxy's
+    /// default; a database connection may well sit idle for minutes.
+    pub const DEFAULT_STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 }
 
 /// What an https listener serves and asks of clients. Swapped by a reload, like routes.

@@ -13,6 +13,14 @@ use crate::source::{keys, ConfigError, Seg, Sources};
 /// A certificate, key or CA file the config names, and its contents.
 pub type Material = (PathBuf, Vec<u8>);
 
+/// What routes on `tcp` and `tls` listeners are checked against.
+struct Streams<'a> {
+    /// The `tcp` and `tls` listeners, by name.
+    listeners: HashMap<&'a str, Protocol>,
+    /// Services that originate TLS, which a byte stream cannot go to.
+    tls_services: HashSet<&'a str>,
+}
+
 /// Checks and merges the raw files (in `sources` order) into one [`Config`].
 pub fn validate(
     sources: &Sources,
@@ -175,12 +183,29 @@ impl Checker<'_> {
         let services = self.named("service", services, |v, at, s| v.service(at, s));
         let listener_names: HashSet<&str> = listeners.iter().map(|l| l.name.as_str()).collect();
         let service_names: HashSet<&str> = services.iter().map(|s| s.name.as_str()).collect();
+        let streams = Streams {
+            listeners: (listeners.iter())
+                .filter(|l| l.protocol.is_stream())
+                .map(|l| (l.name.as_str(), l.protocol))
+                .collect(),
+            tls_services: (services.iter())
+                .filter(|s| s.tls.is_some())
+                .map(|s| s.name.as_str())
+                .collect(),
+        };
         let routes = self.named("route", routes, |v, at, r| {
             // The sidecar's own route alone takes the inbound listener.
             let inbound = sidecar.is_some() && r.name() != Some(INBOUND);
             let mut listeners = listener_names.clone();
             if inbound {
                 listeners.remove(INBOUND);
+            }
+            if r.listeners
+                .iter()
+                .flatten()
+                .any(|l| streams.listeners.contains_key(l.as_str()))
+            {
+                v.stream_route(at, &r, &streams);
             }
             v.route(at, r, &listeners, &service_names)
         });
@@ -420,10 +445,12 @@ impl Checker<'_> {
         let protocol = match l.protocol.as_deref() {
             None | Some("http") => Some(Protocol::Http),
             Some("https") => Some(Protocol::Https),
+            Some("tcp") => Some(Protocol::Tcp),
+            Some("tls") => Some(Protocol::Tls),
             Some(other) => {
                 self.fail(
                     &at.key("protocol"),
-                    format!("protocol {other:?}: expected \"http\" or \"https\""),
+                    format!("protocol {other:?}: expected \"http\", \"https\", \"tcp\" or \"tls\""),
                 );
                 None
             }
@@ -450,7 +477,10 @@ impl Checker<'_> {
             at,
             "idle_timeout",
             l.idle_timeout,
-            Listener::DEFAULT_IDLE_TIMEOUT,
+            match protocol {
+                Some(p) if p.is_stream() => Listener::DEFAULT_STREAM_IDLE_TIMEOUT,
+                _ => Listener::DEFAULT_IDLE_TIMEOUT,
+            },
         );
         let max_connections = self.count(at, "max_connections", l.max_connections, 1);
         Some(Listener {
@@ -1092,6 +1122,64 @@ impl Checker<'_> {
             response_headers,
             origin,
         })
+    }
+
+    /// A route on `tcp` or `tls` listeners forwards bytes: it takes backends, and (on `tls`)
+    /// hosts to match the SNI, and none of the HTTP keys.
+    fn stream_route(&mut self, at: &At, r: &RawRoute, streams: &Streams) {
+        let named = r.listeners.iter().flatten();
+        let mut protocols = named.clone().map(|l| streams.listeners.get(l.as_str()));
+        if protocols.any(|p| p.is_none()) {
+            self.fail(
+                &at.key("listeners"),
+                "a route on tcp or tls listeners cannot also take http or https ones",
+            );
+        }
+        if r.hosts.is_some()
+            && named
+                .clone()
+                .any(|l| streams.listeners.get(l.as_str()) == Some(&Protocol::Tcp))
+        {
+            self.fail(
+                &at.key("hosts"),
+                "hosts match the SNI of tls listeners; a tcp listener has no name to match",
+            );
+        }
+        let http_only = [
+            ("match", !r.matches.is_empty()),
+            ("direct_response", r.direct_response.is_some()),
+            ("redirect", r.redirect.is_some()),
+            ("rewrite", r.rewrite.is_some()),
+            ("fault", r.fault.is_some()),
+            ("mirror", r.mirror.is_some()),
+            ("timeout", r.timeout.is_some()),
+            ("retry", r.retry.is_some()),
+            ("request_headers", r.request_headers.is_some()),
+            ("response_headers", r.response_headers.is_some()),
+        ];
+        for (key, given) in http_only {
+            if given {
+                self.fail(
+                    &at.key(key),
+                    format!("{key} applies to HTTP routes, not to a route on tcp or tls listeners"),
+                );
+            }
+        }
+        for (i, b) in r.backend.iter().enumerate() {
+            if let Some(name) = b
+                .service
+                .as_deref()
+                .filter(|s| streams.tls_services.contains(s))
+            {
+                self.fail(
+                    &at.item("backend", i),
+                    format!(
+                        "service {name:?} has [service.tls]; a route on tcp or tls listeners \
+                         forwards the client's bytes as they come"
+                    ),
+                );
+            }
+        }
     }
 
     fn retry(&mut self, at: &At, r: RawRetry) -> Retry {

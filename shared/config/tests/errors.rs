@@ -803,6 +803,48 @@ fn an_https_collector_takes_a_ca_and_a_client_certificate() {
 }
 
 #[test]
+fn routes_on_tcp_and_tls_listeners_forward_bytes_only() {
+    let listeners = "[[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:8080\"\n\
+                     [[listener]]\nname = \"db\"\nlisten = \"127.0.0.1:5432\"\nprotocol = \"tcp\"\n\
+                     [[listener]]\nname = \"pass\"\nlisten = \"127.0.0.1:8443\"\nprotocol = \"tls\"\n";
+    let services = "[[service]]\nname = \"pg\"\nendpoints = [\"10.0.0.1:5432\"]\n\
+                    [[service]]\nname = \"api\"\nendpoints = [\"10.0.0.2:443\"]\n  [service.tls]\n  sni = \"api\"\n";
+    let good = format!(
+        "{listeners}{services}[[route]]\nname = \"pg\"\nlisteners = [\"db\"]\n  [[route.backend]]\n  service = \"pg\"\n\
+         [[route]]\nname = \"any\"\n  [[route.backend]]\n  service = \"pg\"\n\
+         [[route]]\nname = \"sni\"\nlisteners = [\"pass\"]\nhosts = [\"*.example.com\"]\n  [[route.backend]]\n  service = \"pg\"\n"
+    );
+    let loaded = parse("gw.toml", &good, Role::Gateway).unwrap_or_else(|e| panic!("{e}"));
+    let c = &loaded.config;
+    assert_eq!(c.listeners[1].protocol, weir_config::Protocol::Tcp);
+    assert_eq!(c.listeners[1].idle_timeout, Duration::from_secs(3600));
+    assert_eq!(c.listeners[0].idle_timeout, Duration::from_secs(75));
+    let backends = |i: usize| match &c.routes[i].action {
+        weir_config::Action::Backends(b) => b.len(),
+        _ => 0,
+    };
+    assert_eq!((backends(0), backends(2)), (1, 1));
+    let bad = format!(
+        "{listeners}{services}[[route]]\nname = \"pg\"\nlisteners = [\"db\", \"web\"]\nhosts = [\"db.local\"]\n\
+         timeout = \"1s\"\n  [[route.match]]\n  path = {{ prefix = \"/\" }}\n  [[route.backend]]\n  service = \"api\"\n"
+    );
+    assert_eq!(
+        errors(&bad),
+        [
+            "gw.toml:22: route \"pg\": a route on tcp or tls listeners cannot also take http or https ones",
+            "gw.toml:23: route \"pg\": hosts match the SNI of tls listeners; a tcp listener has no name to match",
+            "gw.toml:24: route \"pg\": timeout applies to HTTP routes, not to a route on tcp or tls listeners",
+            "gw.toml:25: route \"pg\": match applies to HTTP routes, not to a route on tcp or tls listeners",
+            "gw.toml:27: route \"pg\" backend[0]: service \"api\" has [service.tls]; a route on tcp or tls listeners forwards the client's bytes as they come",
+        ]
+    );
+    assert_eq!(
+        errors("[[listener]]\nname = \"x\"\nlisten = \"127.0.0.1:1\"\nprotocol = \"udp\"\n"),
+        ["gw.toml:4: listener \"x\": protocol \"udp\": expected \"http\", \"https\", \"tcp\" or \"tls\""]
+    );
+}
+
+#[test]
 fn the_app_protocol_is_http1_or_http2() {
     let sidecar = |app_protocol: &str| {
         let text = format!(

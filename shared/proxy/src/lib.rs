@@ -7,6 +7,7 @@
 //! - [`proxy`]: the Pingora `ProxyHttp`, where errors become statuses and flags;
 //! - [`tls`]: https listeners (certificates by SNI, client certificates, the peer's identity)
 //!   and TLS to services;
+//! - `stream`: `tcp` and `tls` (passthrough) listeners, bytes forwarded to a route's backends;
 //! - [`mirror`]: fire-and-forget copies of requests to a shadow service;
 //! - [`pipeline`]: reading pipelined HTTP/1.1 answers, for the mirror's copies;
 //! - [`discovery`]: per-service background work: active health checks, DNS re-resolution;
@@ -27,6 +28,7 @@ pub mod proxy;
 pub mod reload;
 pub mod server;
 pub mod snapshot;
+mod stream;
 pub mod tls;
 
 /// Logs to stderr; `RUST_LOG` filters (default `info`).

@@ -735,6 +735,7 @@ impl ProxyHttp for WeirProxy {
             generation: ctx.snapshot.as_ref().map_or(0, |s| s.generation),
             peer: downstream.peer().map(|p| p.identity.principal()),
             trace_id: trace_id.as_deref(),
+            bytes: None,
         };
         if self.access_log.enabled() {
             self.access_log.write(&entry);

@@ -35,6 +35,7 @@ use crate::discovery::Discovery;
 use crate::git::GitSource;
 use crate::proxy::WeirProxy;
 use crate::reload::{Outcome, Reloader};
+use crate::stream::Passthrough;
 use crate::tls;
 use weir_config::Protocol;
 use weir_telemetry::access_log::AccessLog;
@@ -128,11 +129,37 @@ pub fn run(reloader: Reloader, git: Option<Arc<GitSource>>, upgrade: bool) -> an
     // share their proxies, and so their pools of upstream connections (each HttpProxy has
     // its own), unless their idle timeouts differ (Pingora's HTTP/2 server takes it per proxy).
     let mut proxies = HashMap::new();
-    let mut services = Vec::new();
+    let (mut services, mut streams) = (Vec::new(), Vec::new());
     for (index, listener) in config.listeners.iter().enumerate() {
+        let metrics = weir_telemetry::metrics();
+        let open = OpenConnections {
+            reloader: reloader.clone(),
+            index,
+            active: metrics
+                .downstream_connections_active
+                .with_label_values(&[&listener.name]),
+            rejected: (metrics.downstream_connections_rejected)
+                .with_label_values(&[&listener.name]),
+        };
+        let name = format!("weir-{}", listener.name);
+        let endpoint = ListenerConfig::tcp(listener.listen.to_string());
         let tls = match listener.protocol {
             Protocol::Https => Some(tls::listener_settings(&reloader, index)?.build()),
             Protocol::Http => None,
+            Protocol::Tcp | Protocol::Tls => {
+                let app = Passthrough {
+                    reloader: reloader.clone(),
+                    listener: listener.name.clone(),
+                    sni: listener.protocol == Protocol::Tls,
+                    idle_timeout: listener.idle_timeout,
+                    open,
+                    access_log: access_log.clone(),
+                };
+                let mut service = Service::new(name, app);
+                service.add_listener(endpoint);
+                streams.push(service);
+                continue;
+            }
         };
         let plaintext = tls.is_none() || listener.tls.as_ref().is_some_and(|t| t.also_plaintext);
         let idle_timeout = listener.idle_timeout;
@@ -145,38 +172,34 @@ pub fn run(reloader: Reloader, git: Option<Arc<GitSource>>, upgrade: bool) -> an
                 )
             })
             .clone();
-        let metrics = weir_telemetry::metrics();
         let app = Sniffing {
             http1,
             h2c,
             plaintext,
             idle_timeout,
             tls,
-            open: OpenConnections {
-                reloader: reloader.clone(),
-                index,
-                active: metrics
-                    .downstream_connections_active
-                    .with_label_values(&[&listener.name]),
-                rejected: (metrics.downstream_connections_rejected)
-                    .with_label_values(&[&listener.name]),
-            },
+            open,
         };
-        let mut service = Service::new(format!("weir-{}", listener.name), app);
-        let endpoint = ListenerConfig::tcp(listener.listen.to_string());
+        let mut service = Service::new(name, app);
         // No L4 read buffer on plaintext listeners: Pingora's HTTP/1 session reads into its
         // own buffers, so the default 64 KiB BufReader only adds a copy per read and 64 KiB
         // per idle keep-alive connection. TLS keeps it: rustls reads whole records.
         service.add_listener(match listener.protocol {
-            Protocol::Https => endpoint,
             Protocol::Http => endpoint.l4_buffer(L4BufferSettings::default().read(0)),
+            _ => endpoint,
         });
         services.push(service);
     }
+    // /ready connects to each HTTP listener. Not to tcp and tls ones: each probe would open
+    // a connection upstream; the admin service starts after every listener has, all the same.
+    let probed = (config.listeners.iter())
+        .filter(|l| !l.protocol.is_stream())
+        .map(|l| (l.name.clone(), l.listen))
+        .collect();
     let shutdown = Arc::new(Notify::new());
     let mut admin = Service::new(
         "weir-admin".to_string(),
-        Admin::new(reloader.clone(), listeners.clone(), shutdown.clone()),
+        Admin::new(reloader.clone(), probed, shutdown.clone()),
     );
     admin.add_tcp(&config.admin.listen.to_string());
     admin.threads = Some(1);
@@ -197,6 +220,9 @@ pub fn run(reloader: Reloader, git: Option<Arc<GitSource>>, upgrade: bool) -> an
     // /ready answers only once SIGHUP is handled and the listeners have started.
     admin.add_dependency(&control);
     for service in services {
+        admin.add_dependency(server.add_service(service));
+    }
+    for service in streams {
         admin.add_dependency(server.add_service(service));
     }
     info!(generation = snapshot.generation, revision = %snapshot.revision, threads, "starting");
@@ -258,7 +284,7 @@ impl ServerApp for Sniffing {
 /// A listener's open client connections (`weir_downstream_connections_active`), held under its
 /// `max_connections`, which the serving config gives, so a reload changes it. As Envoy's
 /// connection limit does, one connection too many is closed on arrival, before a byte is read.
-struct OpenConnections {
+pub(crate) struct OpenConnections {
     reloader: Arc<Reloader>,
     index: usize,
     active: IntGauge,
@@ -267,7 +293,7 @@ struct OpenConnections {
 
 impl OpenConnections {
     /// Counts a new connection in until it ends, or `None`: the listener is full.
-    fn admit(&self) -> Option<Open<'_>> {
+    pub(crate) fn admit(&self) -> Option<Open<'_>> {
         self.active.inc();
         let open = Open(&self.active);
         let max = self.reloader.snapshot().config.listeners[self.index].max_connections;
@@ -281,7 +307,7 @@ impl OpenConnections {
 }
 
 /// One open connection, counted out when dropped.
-struct Open<'a>(&'a IntGauge);
+pub(crate) struct Open<'a>(&'a IntGauge);
 
 impl Drop for Open<'_> {
     fn drop(&mut self) {

@@ -223,11 +223,17 @@ pub struct Found<'a> {
 impl RouteTable {
     /// Compiles the routes attached to `listener` (routes without `listeners` attach to all).
     pub fn new(config: &Config, listener: &str) -> RouteTable {
+        // A route without `listeners` is on every HTTP listener; `tcp` and `tls` ones take
+        // only the routes that name them.
+        let stream =
+            (config.listeners.iter()).any(|l| l.name == listener && l.protocol.is_stream());
         let routes = config
             .routes
             .iter()
             .enumerate()
-            .filter(|(_, r)| r.listeners.is_empty() || r.listeners.iter().any(|l| l == listener))
+            .filter(|(_, r)| {
+                (r.listeners.is_empty() && !stream) || r.listeners.iter().any(|l| l == listener)
+            })
             .map(|(order, r)| Arc::new(CompiledRoute::new(r.clone(), order)))
             .collect();
         Self::from_routes(routes)

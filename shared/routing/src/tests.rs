@@ -358,3 +358,36 @@ fn fastrand_shuffle<T>(items: &mut [T], seed: u64) {
         items.swap(i, j);
     }
 }
+
+#[test]
+fn tcp_and_tls_listeners_take_only_the_routes_that_name_them() {
+    let text = format!(
+        "[[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:8080\"\n\
+         [[listener]]\nname = \"db\"\nlisten = \"127.0.0.1:5432\"\nprotocol = \"tcp\"\n\
+         [[listener]]\nname = \"pass\"\nlisten = \"127.0.0.1:8443\"\nprotocol = \"tls\"\n\
+         [[service]]\nname = \"s\"\nendpoints = [\"127.0.0.1:1\"]\n\
+         [[route]]\nname = \"pg\"\nlisteners = [\"db\"]\n{BACKEND}\
+         [[route]]\nname = \"any\"\n{BACKEND}\
+         [[route]]\nname = \"sni\"\nlisteners = [\"pass\"]\nhosts = [\"*.example.com\"]\n{BACKEND}"
+    );
+    let loaded =
+        weir_config::parse("t.toml", &text, Role::Gateway).unwrap_or_else(|e| panic!("{e}"));
+    let names = |listener: &str| -> Vec<String> {
+        let table = RouteTable::new(&loaded.config, listener);
+        table
+            .routes()
+            .iter()
+            .map(|r| r.config.name.clone())
+            .collect()
+    };
+    assert_eq!(names("web"), ["any"]);
+    assert_eq!(names("db"), ["pg"]);
+    assert_eq!(names("pass"), ["sni"]);
+    // The SNI picks a tls listener's route as a Host would.
+    let t = RouteTable::new(&loaded.config, "pass");
+    assert_eq!(
+        route(&t, "", "db.example.com/", &[]).as_deref(),
+        Some("sni")
+    );
+    assert_eq!(route(&t, "", "example.org/", &[]), None);
+}

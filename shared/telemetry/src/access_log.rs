@@ -55,6 +55,18 @@ pub struct Entry<'a> {
     /// it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub trace_id: Option<&'a str>,
+    /// `tcp` and `tls` listeners: bytes received from the client and sent to it.
+    #[serde(flatten)]
+    pub bytes: Option<Bytes>,
+}
+
+/// A connection's byte counts, both ways.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Bytes {
+    #[serde(rename = "bytes_received")]
+    pub received: u64,
+    #[serde(rename = "bytes_sent")]
+    pub sent: u64,
 }
 
 impl AccessLog {

@@ -48,6 +48,11 @@ pub struct Metrics {
     /// `listener`: client connections closed on arrival, the listener having its
     /// `max_connections` open.
     pub downstream_connections_rejected: IntCounterVec,
+    /// `listener`, `route`, `service`, `flags`: connections a `tcp` or `tls` listener took,
+    /// counted when they close.
+    pub tcp_connections: IntCounterVec,
+    /// `route`, `service`, `direction` (received from clients, sent to them): bytes of those.
+    pub tcp_bytes: IntCounterVec,
     /// `result`: success, failure.
     pub config_reloads: IntCounterVec,
     pub config_generation: IntGauge,
@@ -138,6 +143,16 @@ impl Metrics {
             "Client connections open, by listener.",
             &["listener"],
         );
+        let tcp_connections = counter(
+            "weir_tcp_connections_total",
+            "Connections of tcp and tls listeners, counted when they close, by listener, route, service and response flags.",
+            &["listener", "route", "service", "flags"],
+        );
+        let tcp_bytes = counter(
+            "weir_tcp_bytes_total",
+            "Bytes of tcp and tls listeners' connections: received from clients, sent to them.",
+            &["route", "service", "direction"],
+        );
         let downstream_connections_rejected = counter(
             "weir_downstream_connections_rejected_total",
             "Client connections closed on arrival because the listener had max_connections open.",
@@ -179,6 +194,8 @@ impl Metrics {
             upstream_requests_active,
             downstream_connections_active,
             downstream_connections_rejected,
+            tcp_connections,
+            tcp_bytes,
             config_reloads,
             config_generation,
             config_info,

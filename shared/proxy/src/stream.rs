@@ -1,0 +1,393 @@
+//! `tcp` and `tls` listeners: each connection's bytes go to a backend of its route as they
+//! come. A `tcp` listener has one route; a `tls` one reads the ClientHello's SNI to pick the
+//! route by `hosts` and passes the TLS through unterminated, so the handshake, the
+//! certificate and the keys are the upstream's, end to end (Istio's `PASSTHROUGH`, nginx's
+//! `ssl_preread`, HAProxy's `req.ssl_sni`).
+//!
+//! The backend is picked as for a request (weights, then the service's balancer, health and
+//! outlier state); a failed connect tries another endpoint. The connection ends when both
+//! sides have closed, or when no byte has moved either way for the listener's
+//! `idle_timeout`; then it gets one access log line and its metrics.
+
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use pingora_core::apps::ServerApp;
+use pingora_core::protocols::Stream;
+use pingora_core::server::ShutdownWatch;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tracing::debug;
+use weir_config::HashOn;
+use weir_resilience::TryResult;
+use weir_routing::{HeaderList, Request};
+use weir_telemetry::access_log::{AccessLog, Bytes, Entry};
+
+use crate::reload::Reloader;
+use crate::server::OpenConnections;
+use crate::snapshot::ServiceState;
+
+/// A ClientHello is at most a few KiB; more without one is not TLS worth waiting for.
+const MAX_HELLO: usize = 64 * 1024;
+
+/// Endpoints tried for one connection before giving up (`UF`).
+const CONNECT_TRIES: usize = 3;
+
+/// A `tcp` or `tls` listener.
+pub(crate) struct Passthrough {
+    pub reloader: Arc<Reloader>,
+    pub listener: String,
+    /// `tls`: route by the ClientHello's SNI.
+    pub sni: bool,
+    pub idle_timeout: Duration,
+    pub open: OpenConnections,
+    pub access_log: Arc<AccessLog>,
+}
+
+#[async_trait]
+impl ServerApp for Passthrough {
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        _shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let Some(_open) = self.open.admit() else {
+            debug!("closing a connection over the listener's max_connections");
+            return None;
+        };
+        // Boxed: the copy's buffers and state stay off the listener's task until used.
+        Box::pin(self.forward(stream)).await;
+        None
+    }
+}
+
+/// What one connection did, for its log line and metrics.
+#[derive(Default)]
+struct Outcome {
+    sni: Option<String>,
+    route: Option<String>,
+    service: Option<Arc<ServiceState>>,
+    upstream: Option<SocketAddr>,
+    flags: &'static str,
+    generation: u64,
+}
+
+impl Passthrough {
+    async fn forward(&self, mut client: Stream) {
+        let start = Instant::now();
+        let client_ip = client
+            .get_socket_digest()
+            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
+        let mut outcome = Outcome::default();
+        let traffic = Traffic::default();
+        let mut hello = Vec::new();
+        if self.sni {
+            let read = tokio::time::timeout(self.idle_timeout, read_sni(&mut client, &mut hello));
+            match read.await {
+                Ok(Ok(sni)) => outcome.sni = sni,
+                Ok(Err(e)) => {
+                    debug!(listener = %self.listener, "closing a connection: {e}");
+                    return;
+                }
+                Err(_) => {
+                    debug!(listener = %self.listener, "no ClientHello within idle_timeout");
+                    return;
+                }
+            }
+        }
+        if let Some(mut upstream) = self.connect(client_ip, &mut outcome).await {
+            traffic
+                .received
+                .fetch_add(hello.len() as u64, Ordering::Relaxed);
+            let replayed = upstream.tcp.write_all(&hello).await.is_ok();
+            if replayed && splice(&mut client, &mut upstream.tcp, self.idle_timeout, &traffic).await
+            {
+                outcome.flags = "SI";
+            }
+        }
+        self.record(client_ip, &outcome, &traffic, start.elapsed());
+    }
+
+    /// The route, its backend and a connection to one of the service's endpoints; `None`
+    /// with the reason in `outcome.flags`.
+    async fn connect(&self, client_ip: Option<IpAddr>, outcome: &mut Outcome) -> Option<Upstream> {
+        let key = client_ip.map(|ip| match ip {
+            IpAddr::V4(v4) => v4.octets().to_vec(),
+            IpAddr::V6(v6) => v6.octets().to_vec(),
+        });
+        let service = self.backend(key.as_deref(), outcome)?;
+        outcome.service = Some(service.clone());
+        // Circuit breaking: a connection takes one of the service's `max_connections`.
+        let Some(place) = service.connections.try_acquire() else {
+            outcome.flags = "UO";
+            return None;
+        };
+        let key = key.filter(|_| sticky(&service));
+        let timeout = service.config.connection_pool.connect_timeout;
+        let mut avoid = None;
+        for _ in 0..CONNECT_TRIES {
+            let Some(endpoint) = service.balancer.pick(key.as_deref(), avoid) else {
+                outcome.flags = "UH";
+                return None;
+            };
+            outcome.upstream = Some(endpoint.addr);
+            let active = endpoint.begin();
+            let connected = tokio::time::timeout(timeout, TcpStream::connect(endpoint.addr)).await;
+            // A connection made counts as a success for outlier detection, a failed one as a
+            // gateway error, as for requests.
+            let result = match &connected {
+                Ok(Ok(_)) => TryResult::Status(200),
+                _ => TryResult::NoResponse,
+            };
+            if service.balancer.report(&endpoint, result).is_some() {
+                weir_telemetry::metrics()
+                    .outlier_ejections
+                    .with_label_values(&[service.config.name.as_str()])
+                    .inc();
+            }
+            match connected {
+                Ok(Ok(tcp)) => {
+                    outcome.flags = "";
+                    let _ = tcp.set_nodelay(true);
+                    return Some(Upstream {
+                        tcp,
+                        _active: active,
+                        _place: place,
+                    });
+                }
+                Ok(Err(e)) => debug!(upstream = %endpoint.addr, "connect failed: {e}"),
+                Err(_) => debug!(upstream = %endpoint.addr, "connect timed out"),
+            }
+            outcome.flags = "UF";
+            avoid = Some(endpoint.addr);
+        }
+        None
+    }
+
+    /// The route for the connection (by SNI on `tls` listeners) and the backend its weights
+    /// pick; a consistent-hash service on `source_ip` keeps a client on one backend.
+    fn backend(&self, key: Option<&[u8]>, outcome: &mut Outcome) -> Option<Arc<ServiceState>> {
+        let snapshot = self.reloader.snapshot();
+        outcome.generation = snapshot.generation;
+        let host = outcome
+            .sni
+            .as_deref()
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        let request = Request {
+            method: "",
+            host: &host,
+            path: "/",
+            query: None,
+            headers: &HeaderList(&[]),
+        };
+        let Some(found) = snapshot
+            .table(&self.listener)
+            .and_then(|t| t.find(&request))
+        else {
+            outcome.flags = "NR";
+            return None;
+        };
+        let route = found.route;
+        outcome.route = Some(route.config.name.clone());
+        let services = snapshot.services_of(route);
+        let roll = match (services.backends.first(), key) {
+            (Some(first), Some(key)) if sticky(first) => weir_resilience::roll(key),
+            _ => fastrand::u64(..),
+        };
+        let split = route.split.as_ref()?;
+        services.backends.get(split.pick(roll)).cloned()
+    }
+
+    fn record(&self, client: Option<IpAddr>, o: &Outcome, traffic: &Traffic, took: Duration) {
+        let route = o.route.as_deref();
+        let service = o.service.as_ref().map(|s| s.config.name.as_str());
+        let bytes = Bytes {
+            received: traffic.received.load(Ordering::Relaxed),
+            sent: traffic.sent.load(Ordering::Relaxed),
+        };
+        let metrics = weir_telemetry::metrics();
+        let (route_label, service_label) = (route.unwrap_or(""), service.unwrap_or(""));
+        metrics
+            .tcp_connections
+            .with_label_values(&[self.listener.as_str(), route_label, service_label, o.flags])
+            .inc();
+        for (direction, count) in [("received", bytes.received), ("sent", bytes.sent)] {
+            metrics
+                .tcp_bytes
+                .with_label_values(&[route_label, service_label, direction])
+                .inc_by(count);
+        }
+        if !self.access_log.enabled() {
+            return;
+        }
+        self.access_log.write(&Entry {
+            request_id: "",
+            listener: &self.listener,
+            client,
+            method: "",
+            protocol: if self.sni { "TLS" } else { "TCP" },
+            authority: o.sni.as_deref().unwrap_or_default(),
+            path: "",
+            status: 0,
+            flags: o.flags,
+            route,
+            service,
+            upstream: o.upstream,
+            duration: took,
+            generation: o.generation,
+            peer: None,
+            trace_id: None,
+            bytes: Some(bytes),
+        });
+    }
+}
+
+fn sticky(service: &ServiceState) -> bool {
+    matches!(
+        weir_resilience::hash_on(&service.config),
+        Some(HashOn::SourceIp)
+    )
+}
+
+/// A connection to an endpoint, holding its place in the service's `max_connections` and
+/// its count of active connections (least-request balancing) while it lasts.
+struct Upstream {
+    tcp: TcpStream,
+    _active: weir_resilience::Active,
+    _place: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// Reads the client's first TLS records until they hold its ClientHello, keeping every byte
+/// in `seen` to replay upstream; the SNI, if the client sent one.
+async fn read_sni(client: &mut Stream, seen: &mut Vec<u8>) -> Result<Option<String>, String> {
+    let mut acceptor = weir_tls::rustls::server::Acceptor::default();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = client.read(&mut buf).await.map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("closed before its ClientHello".into());
+        }
+        seen.extend_from_slice(&buf[..n]);
+        if seen.len() > MAX_HELLO {
+            return Err("no ClientHello in its first 64 KiB".into());
+        }
+        let mut fresh = &buf[..n];
+        while !fresh.is_empty() {
+            acceptor
+                .read_tls(&mut fresh)
+                .map_err(|e| format!("not TLS: {e}"))?;
+        }
+        match acceptor.accept() {
+            Ok(Some(accepted)) => {
+                return Ok(accepted.client_hello().server_name().map(str::to_owned))
+            }
+            Ok(None) => continue,
+            Err((e, _)) => return Err(format!("not a TLS ClientHello: {e}")),
+        }
+    }
+}
+
+/// Bytes moved and when last, shared by both directions of one connection.
+#[derive(Default)]
+struct Traffic {
+    /// From the client.
+    received: AtomicU64,
+    /// To the client.
+    sent: AtomicU64,
+    /// Milliseconds from `since` to the last byte read on either side.
+    last: AtomicU64,
+}
+
+/// Copies both ways until both sides have closed (each side's close passed on to the other
+/// as a half-close) or until no byte has moved for `idle`: then `true`.
+async fn splice(
+    client: &mut Stream,
+    upstream: &mut TcpStream,
+    idle: Duration,
+    t: &Traffic,
+) -> bool {
+    let since = Instant::now();
+    let mut client = Counted {
+        io: client,
+        count: &t.received,
+        traffic: t,
+        since,
+    };
+    let mut upstream = Counted {
+        io: upstream,
+        count: &t.sent,
+        traffic: t,
+        since,
+    };
+    let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
+    tokio::pin!(copy);
+    loop {
+        let quiet = since
+            .elapsed()
+            .saturating_sub(Duration::from_millis(t.last.load(Ordering::Relaxed)));
+        let Some(left) = idle.checked_sub(quiet).filter(|l| !l.is_zero()) else {
+            return true;
+        };
+        tokio::select! {
+            done = &mut copy => {
+                if let Err(e) = done {
+                    debug!("connection ended: {e}");
+                }
+                return false;
+            }
+            _ = tokio::time::sleep(left) => {}
+        }
+    }
+}
+
+/// One side of a spliced connection: counts what is read from it into `count`, and stamps
+/// the traffic's last activity.
+struct Counted<'a, S> {
+    io: &'a mut S,
+    count: &'a AtomicU64,
+    traffic: &'a Traffic,
+    since: Instant,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<'_, S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut *this.io).poll_read(cx, buf);
+        let n = (buf.filled().len() - before) as u64;
+        if n > 0 {
+            this.count.fetch_add(n, Ordering::Relaxed);
+            let now = this.since.elapsed().as_millis() as u64;
+            this.traffic.last.store(now, Ordering::Relaxed);
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<'_, S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut *self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.get_mut().io).poll_shutdown(cx)
+    }
+}

@@ -1,0 +1,216 @@
+//! `tcp` and `tls` listeners: the real gateway forwards connections' bytes to real upstream
+//! servers, split by weight, past a dead endpoint, and (tls) by the SNI of a real TLS
+//! handshake that it passes through to the upstream unterminated.
+#![allow(clippy::unwrap_used)]
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use weir_tests::tls::{https_get, TestCa, TlsUpstream};
+use weir_tests::{free_port, wait_until, Gateway};
+
+/// A server that reads each connection to its end, answers `<name>:<what it read>` and
+/// closes: a client sees the answer only if its half-close went through.
+struct Echo {
+    addr: SocketAddr,
+}
+
+impl Echo {
+    fn start(name: &'static str) -> Echo {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        thread::spawn(move || {
+            for tcp in listener.incoming() {
+                let Ok(mut tcp) = tcp else { continue };
+                thread::spawn(move || {
+                    let mut got = Vec::new();
+                    if tcp.read_to_end(&mut got).is_ok() {
+                        let answer = [name.as_bytes(), b":", &got].concat();
+                        let _ = tcp.write_all(&answer);
+                    }
+                });
+            }
+        });
+        Echo { addr }
+    }
+}
+
+/// Sends `what` on a new connection to `port`, closes its sending side and reads the answer
+/// to its end.
+fn exchange(port: u16, what: &str) -> String {
+    let mut tcp = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    // The gateway may have closed already (nothing to forward to): then the answer is "".
+    let _ = tcp.write_all(what.as_bytes());
+    let _ = tcp.shutdown(Shutdown::Write);
+    let mut answer = String::new();
+    let _ = tcp.read_to_string(&mut answer);
+    answer
+}
+
+fn tcp_listener(name: &str, port: u16, extra: &str) -> String {
+    format!(
+        "[[listener]]\nname = \"{name}\"\nlisten = \"127.0.0.1:{port}\"\nprotocol = \"tcp\"\n{extra}"
+    )
+}
+
+#[test]
+fn tcp_connections_are_split_by_weight_and_logged() {
+    let (a, b) = (Echo::start("a"), Echo::start("b"));
+    let port = free_port();
+    let gw = Gateway::start(&format!(
+        "{}[[route]]\nname = \"db\"\nlisteners = [\"db\"]\n\
+         \x20 [[route.backend]]\n  service = \"a\"\n  [[route.backend]]\n  service = \"b\"\n\
+         [[service]]\nname = \"a\"\nendpoints = [\"{}\"]\n\
+         [[service]]\nname = \"b\"\nendpoints = [\"{}\"]\n",
+        tcp_listener("db", port, ""),
+        a.addr,
+        b.addr
+    ));
+    let answers: Vec<String> = (0..40).map(|i| exchange(port, &format!("hi{i}"))).collect();
+    for (i, answer) in answers.iter().enumerate() {
+        assert!(
+            [format!("a:hi{i}"), format!("b:hi{i}")].contains(answer),
+            "{i}: {answer:?}"
+        );
+    }
+    let to_a = answers.iter().filter(|a| a.starts_with("a:")).count();
+    assert!(
+        (1..40).contains(&to_a),
+        "an even split sent {to_a} of 40 to a"
+    );
+
+    // One log line per connection, with its bytes both ways.
+    let tcp_lines = || -> Vec<_> {
+        let log = gw.access_log().into_iter();
+        log.filter(|l| l["protocol"] == "TCP").collect()
+    };
+    wait_until("40 access log lines", Duration::from_secs(10), || {
+        tcp_lines().len() == 40
+    });
+    let line = &tcp_lines()[0];
+    assert_eq!(line["protocol"], "TCP");
+    assert_eq!(line["listener"], "db");
+    assert_eq!(line["route"], "db");
+    assert_eq!(line["flags"], "");
+    assert_eq!(line["bytes_received"], 3);
+    assert_eq!(line["bytes_sent"], 5);
+    let service = line["service"].as_str().unwrap();
+    let upstream = if service == "a" { a.addr } else { b.addr };
+    assert_eq!(line["upstream"], upstream.to_string());
+    let series =
+        "weir_tcp_connections_total{flags=\"\",listener=\"db\",route=\"db\",service=\"a\"}";
+    assert_eq!(gw.metric(series), to_a as f64);
+    let received = "weir_tcp_bytes_total{direction=\"received\",route=\"db\",service=\"a\"}";
+    assert!(gw.metric(received) >= 3.0 * to_a as f64);
+}
+
+/// A connect failure tries another endpoint; with none left, the client's connection is
+/// closed and logged `UF`. A connection with no byte either way for `idle_timeout` is closed
+/// (`SI`).
+#[test]
+fn failed_connects_move_on_and_idle_connections_close() {
+    let live = Echo::start("live");
+    let dead = format!("127.0.0.1:{}", free_port());
+    let (port, dead_port, idle_port) = (free_port(), free_port(), free_port());
+    let route = |name: &str, service: &str| {
+        format!(
+            "[[route]]\nname = \"{name}\"\nlisteners = [\"{name}\"]\n  [[route.backend]]\n  service = \"{service}\"\n"
+        )
+    };
+    let gw = Gateway::start(&format!(
+        "{}{}{}{}{}{}\
+         [[service]]\nname = \"half\"\nendpoints = [\"{dead}\", \"{}\"]\n\
+         [[service]]\nname = \"gone\"\nendpoints = [\"{dead}\"]\n",
+        tcp_listener("half", port, ""),
+        tcp_listener("gone", dead_port, ""),
+        tcp_listener("idle", idle_port, "idle_timeout = \"300ms\"\n"),
+        route("half", "half"),
+        route("gone", "gone"),
+        route("idle", "half"),
+        live.addr,
+    ));
+    for i in 0..10 {
+        assert_eq!(exchange(port, &format!("x{i}")), format!("live:x{i}"));
+    }
+    assert_eq!(exchange(dead_port, "x"), "", "nothing to answer");
+    wait_until("the UF line", Duration::from_secs(10), || {
+        gw.access_log().iter().any(|l| l["flags"] == "UF")
+    });
+    let log = gw.access_log();
+    let failed = log.iter().find(|l| l["flags"] == "UF").unwrap();
+    assert_eq!(
+        (&failed["route"], &failed["upstream"]),
+        (&"gone".into(), &dead.clone().into())
+    );
+
+    // Idle: the echo waits for the client's end, the client sends nothing.
+    let mut tcp = TcpStream::connect(("127.0.0.1", idle_port)).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let opened = Instant::now();
+    let mut rest = Vec::new();
+    let _ = tcp.read_to_end(&mut rest);
+    let took = opened.elapsed();
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_secs(10),
+        "closed after {took:?}"
+    );
+    wait_until("the SI line", Duration::from_secs(10), || {
+        gw.access_log().iter().any(|l| l["flags"] == "SI")
+    });
+}
+
+/// TLS passes through by SNI: each client's handshake is with the upstream its SNI names
+/// (the gateway holds no certificate at all), client certificates included; a name no
+/// route takes gets its connection closed.
+#[test]
+fn tls_passes_through_by_sni() {
+    let ca = TestCa::new("passthrough-ca");
+    let a = TlsUpstream::start("a", &ca.server(&["a.example"]), None);
+    let b = TlsUpstream::start("b", &ca.server(&["b.example"]), Some(&ca.pem()));
+    let port = free_port();
+    let gw = Gateway::start(&format!(
+        "[[listener]]\nname = \"pass\"\nlisten = \"127.0.0.1:{port}\"\nprotocol = \"tls\"\n\
+         [[route]]\nname = \"a\"\nlisteners = [\"pass\"]\nhosts = [\"a.example\"]\n  [[route.backend]]\n  service = \"a\"\n\
+         [[route]]\nname = \"b\"\nlisteners = [\"pass\"]\nhosts = [\"*.b.example\", \"b.example\"]\n  [[route.backend]]\n  service = \"b\"\n\
+         [[service]]\nname = \"a\"\nendpoints = [\"{}\"]\n\
+         [[service]]\nname = \"b\"\nendpoints = [\"{}\"]\n",
+        a.addr, b.addr
+    ));
+    let reply = https_get(port, "a.example", &ca.pem(), None, "/", &[]).unwrap();
+    assert_eq!((reply.status, reply.body.as_str()), (200, "a"));
+    assert_eq!(reply.served, ["a.example"], "a's own certificate");
+
+    // b asks for a client certificate, end to end.
+    let client = ca.client("frontend", &["spiffe://mesh.local/ns/web/sa/frontend"]);
+    let reply = https_get(port, "b.example", &ca.pem(), Some(&client), "/", &[]).unwrap();
+    assert_eq!(
+        (reply.body.as_str(), reply.served.as_slice()),
+        ("b", &["b.example".to_string()][..])
+    );
+    let peer = b.last_peer().unwrap();
+    assert_eq!(peer.uris, ["spiffe://mesh.local/ns/web/sa/frontend"]);
+    assert!(https_get(port, "b.example", &ca.pem(), None, "/", &[]).is_err());
+
+    // No route for the name: closed before any handshake.
+    let refused = https_get(port, "c.example", &ca.pem(), None, "/", &[]);
+    assert!(refused.is_err(), "{:?}", refused.map(|r| r.body));
+    wait_until("the NR line", Duration::from_secs(10), || {
+        gw.access_log().iter().any(|l| l["flags"] == "NR")
+    });
+    let log = gw.access_log();
+    let unrouted = log.iter().find(|l| l["flags"] == "NR").unwrap();
+    assert_eq!(
+        (&unrouted["protocol"], &unrouted["authority"]),
+        (&"TLS".into(), &"c.example".into())
+    );
+    let passed = log.iter().find(|l| l["route"] == "a").unwrap();
+    assert_eq!(passed["authority"], "a.example");
+    assert!(passed["bytes_received"].as_u64().unwrap() > 100, "{passed}");
+
+    // Plain bytes on a tls listener are not TLS: closed, nothing forwarded.
+    assert_eq!(exchange(port, "GET / HTTP/1.1\r\n\r\n"), "");
+    assert_eq!(a.hits() + b.hits(), 2);
+}
