@@ -214,3 +214,41 @@ fn tls_passes_through_by_sni() {
     assert_eq!(exchange(port, "GET / HTTP/1.1\r\n\r\n"), "");
     assert_eq!(a.hits() + b.hits(), 2);
 }
+
+/// SIGTERM: the listener stops taking connections, an open one carries on to its end (within
+/// the grace period) and is logged, and then the gateway exits.
+#[test]
+fn a_drain_lets_open_connections_finish() {
+    let echo = Echo::start("echo");
+    let port = free_port();
+    let mut gw = Gateway::start(&format!(
+        "{}[[route]]\nname = \"db\"\nlisteners = [\"db\"]\n  [[route.backend]]\n  service = \"echo\"\n\
+         [[service]]\nname = \"echo\"\nendpoints = [\"{}\"]\n",
+        tcp_listener("db", port, ""),
+        echo.addr
+    ));
+    let mut tcp = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    tcp.write_all(b"before").unwrap();
+    wait_until("the connection in flight", Duration::from_secs(10), || {
+        gw.metric("weir_downstream_connections_active{listener=\"db\"}") == 1.0
+    });
+    gw.signal("TERM");
+    wait_until("the drain", Duration::from_secs(10), || {
+        gw.stderr().contains("draining")
+    });
+    assert!(
+        gw.wait_exit(Duration::from_millis(300)).is_none(),
+        "exited with a connection open"
+    );
+    tcp.write_all(b" and after").unwrap();
+    tcp.shutdown(Shutdown::Write).unwrap();
+    let mut answer = String::new();
+    tcp.read_to_string(&mut answer).unwrap();
+    assert_eq!(answer, "echo:before and after");
+    let exit = gw.wait_exit(Duration::from_secs(10));
+    assert!(exit.is_some_and(|s| s.success()), "{exit:?}");
+    let log = gw.access_log();
+    let line = log.iter().find(|l| l["protocol"] == "TCP").unwrap();
+    assert_eq!(line["bytes_received"], 16);
+}

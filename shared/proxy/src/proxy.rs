@@ -206,7 +206,16 @@ pub struct Ctx {
     _in_flight: InFlight,
 }
 
-struct InFlight(Arc<AtomicUsize>);
+/// One request (or `tcp`/`tls` connection) in flight, counted out when dropped: a drain
+/// waits for none to be left.
+pub(crate) struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    pub(crate) fn begin(count: &Arc<AtomicUsize>) -> InFlight {
+        count.fetch_add(1, Ordering::AcqRel);
+        InFlight(count.clone())
+    }
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
@@ -223,7 +232,6 @@ impl ProxyHttp for WeirProxy {
     fn init_downstream_modules(&self, _modules: &mut HttpModules) {}
 
     fn new_ctx(&self) -> Ctx {
-        self.in_flight.fetch_add(1, Ordering::AcqRel);
         keep_timer_wheel_warm();
         Ctx {
             snapshot: None,
@@ -244,7 +252,7 @@ impl ProxyHttp for WeirProxy {
             request_id: HeaderValue::from_static(""),
             span: None,
             started: Instant::now(),
-            _in_flight: InFlight(self.in_flight.clone()),
+            _in_flight: InFlight::begin(&self.in_flight),
         }
     }
 

@@ -154,6 +154,7 @@ pub fn run(reloader: Reloader, git: Option<Arc<GitSource>>, upgrade: bool) -> an
                     idle_timeout: listener.idle_timeout,
                     open,
                     access_log: access_log.clone(),
+                    in_flight: in_flight.clone(),
                 };
                 let mut service = Service::new(name, app);
                 service.add_listener(endpoint);

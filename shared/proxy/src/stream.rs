@@ -7,11 +7,12 @@
 //! The backend is picked as for a request (weights, then the service's balancer, health and
 //! outlier state); a failed connect tries another endpoint. The connection ends when both
 //! sides have closed, or when no byte has moved either way for the listener's
-//! `idle_timeout`; then it gets one access log line and its metrics.
+//! `idle_timeout`; then it gets one access log line and its metrics. A drain (SIGTERM) waits
+//! for open connections to end, up to the grace period.
 
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -28,6 +29,7 @@ use weir_resilience::TryResult;
 use weir_routing::{HeaderList, Request};
 use weir_telemetry::access_log::{AccessLog, Bytes, Entry};
 
+use crate::proxy::InFlight;
 use crate::reload::Reloader;
 use crate::server::OpenConnections;
 use crate::snapshot::ServiceState;
@@ -47,6 +49,9 @@ pub(crate) struct Passthrough {
     pub idle_timeout: Duration,
     pub open: OpenConnections,
     pub access_log: Arc<AccessLog>,
+    /// Open connections count as requests in flight: a drain waits for them to end, up to
+    /// the grace period.
+    pub in_flight: Arc<AtomicUsize>,
 }
 
 #[async_trait]
@@ -60,6 +65,7 @@ impl ServerApp for Passthrough {
             debug!("closing a connection over the listener's max_connections");
             return None;
         };
+        let _in_flight = InFlight::begin(&self.in_flight);
         // Boxed: the copy's buffers and state stay off the listener's task until used.
         Box::pin(self.forward(stream)).await;
         None
