@@ -106,10 +106,10 @@ impl Passthrough {
                 }
             }
         }
+        traffic
+            .received
+            .fetch_add(hello.len() as u64, Ordering::Relaxed);
         if let Some(mut upstream) = self.connect(client_ip, &mut outcome).await {
-            traffic
-                .received
-                .fetch_add(hello.len() as u64, Ordering::Relaxed);
             let replayed = upstream.tcp.write_all(&hello).await.is_ok();
             if replayed && splice(&mut client, &mut upstream.tcp, self.idle_timeout, &traffic).await
             {
@@ -224,6 +224,9 @@ impl Passthrough {
             .with_label_values(&[self.listener.as_str(), route_label, service_label, o.flags])
             .inc();
         for (direction, count) in [("received", bytes.received), ("sent", bytes.sent)] {
+            if count == 0 {
+                continue;
+            }
             metrics
                 .tcp_bytes
                 .with_label_values(&[route_label, service_label, direction])
