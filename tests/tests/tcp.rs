@@ -164,7 +164,8 @@ fn failed_connects_move_on_and_idle_connections_close() {
 
 /// TLS passes through by SNI: each client's handshake is with the upstream its SNI names
 /// (the gateway holds no certificate at all), client certificates included; a name no
-/// route takes gets its connection closed.
+/// route takes, a client that sends no ClientHello, and one that sends plaintext get their
+/// connections closed.
 #[test]
 fn tls_passes_through_by_sni() {
     let ca = TestCa::new("passthrough-ca");
@@ -172,7 +173,7 @@ fn tls_passes_through_by_sni() {
     let b = TlsUpstream::start("b", &ca.server(&["b.example"]), Some(&ca.pem()));
     let port = free_port();
     let gw = Gateway::start(&format!(
-        "[[listener]]\nname = \"pass\"\nlisten = \"127.0.0.1:{port}\"\nprotocol = \"tls\"\n\
+        "[[listener]]\nname = \"pass\"\nlisten = \"127.0.0.1:{port}\"\nprotocol = \"tls\"\nidle_timeout = \"500ms\"\n\
          [[route]]\nname = \"a\"\nlisteners = [\"pass\"]\nhosts = [\"a.example\"]\n  [[route.backend]]\n  service = \"a\"\n\
          [[route]]\nname = \"b\"\nlisteners = [\"pass\"]\nhosts = [\"*.b.example\", \"b.example\"]\n  [[route.backend]]\n  service = \"b\"\n\
          [[service]]\nname = \"a\"\nendpoints = [\"{}\"]\n\
@@ -209,6 +210,20 @@ fn tls_passes_through_by_sni() {
     let passed = log.iter().find(|l| l["route"] == "a").unwrap();
     assert_eq!(passed["authority"], "a.example");
     assert!(passed["bytes_received"].as_u64().unwrap() > 100, "{passed}");
+
+    // A client that never sends its ClientHello is closed after the idle timeout (here
+    // shorter than the 15 s cap).
+    let mut silent = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    silent
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let opened = Instant::now();
+    assert_eq!(silent.read(&mut [0; 1]).unwrap_or(0), 0);
+    let took = opened.elapsed();
+    assert!(
+        took >= Duration::from_millis(500) && took < Duration::from_secs(10),
+        "{took:?}"
+    );
 
     // Plain bytes on a tls listener are not TLS: closed, nothing forwarded.
     assert_eq!(exchange(port, "GET / HTTP/1.1\r\n\r\n"), "");

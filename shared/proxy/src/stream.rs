@@ -37,6 +37,11 @@ use crate::snapshot::ServiceState;
 /// A ClientHello is at most a few KiB; more without one is not TLS worth waiting for.
 const MAX_HELLO: usize = 64 * 1024;
 
+/// How long a `tls` listener waits for a ClientHello (at most the listener's `idle_timeout`):
+/// Envoy's listener filter timeout, so a client that connects and says nothing is not held
+/// for the hour a quiet database connection may take.
+const HELLO_WAIT: Duration = Duration::from_secs(15);
+
 /// Endpoints tried for one connection before giving up (`UF`).
 const CONNECT_TRIES: usize = 3;
 
@@ -93,7 +98,8 @@ impl Passthrough {
         let traffic = Traffic::default();
         let mut hello = Vec::new();
         if self.sni {
-            let read = tokio::time::timeout(self.idle_timeout, read_sni(&mut client, &mut hello));
+            let wait = self.idle_timeout.min(HELLO_WAIT);
+            let read = tokio::time::timeout(wait, read_sni(&mut client, &mut hello));
             match read.await {
                 Ok(Ok(sni)) => outcome.sni = sni,
                 Ok(Err(e)) => {
@@ -101,7 +107,7 @@ impl Passthrough {
                     return;
                 }
                 Err(_) => {
-                    debug!(listener = %self.listener, "no ClientHello within idle_timeout");
+                    debug!(listener = %self.listener, "no ClientHello in {wait:?}");
                     return;
                 }
             }
