@@ -8,8 +8,11 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use weir_tests::tls::{https_get, TestCa, TlsUpstream};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use weir_tests::tls::{https_get, Issued, TestCa, TlsUpstream};
 use weir_tests::{free_port, wait_until, Gateway};
+use weir_tls::PeerIdentity;
 
 /// A server that reads each connection to its end, answers `<name>:<what it read>` and
 /// closes: a client sees the answer only if its half-close went through.
@@ -35,6 +38,51 @@ impl Echo {
         });
         Echo { addr }
     }
+}
+
+/// [`Echo`] over TLS, serving `served` and, with `client_ca`, requiring a client certificate
+/// that chains to it. Answers `<name>:<client's first URI SAN, or "-">:<what it read>`.
+fn tls_echo(name: &'static str, served: &Issued, client_ca: Option<&str>) -> SocketAddr {
+    let chain: Vec<_> = CertificateDer::pem_slice_iter(served.cert.as_bytes())
+        .map(Result::unwrap)
+        .collect();
+    let key = PrivateKeyDer::from_pem_slice(served.key.as_bytes()).unwrap();
+    let builder = rustls::ServerConfig::builder_with_provider(weir_tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap();
+    let builder = match client_ca {
+        Some(ca) => {
+            let roots = weir_tls::roots(ca.as_bytes()).unwrap();
+            builder.with_client_cert_verifier(weir_tls::client_verifier(roots).unwrap())
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let config = std::sync::Arc::new(builder.with_single_cert(chain, key).unwrap());
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    thread::spawn(move || {
+        for tcp in listener.incoming() {
+            let Ok(tcp) = tcp else { continue };
+            let config = config.clone();
+            thread::spawn(move || {
+                let conn = rustls::ServerConnection::new(config).unwrap();
+                let mut tls = rustls::StreamOwned::new(conn, tcp);
+                let mut got = Vec::new();
+                // The client's close_notify ends what it sends; the answer still goes back.
+                if tls.read_to_end(&mut got).is_ok() {
+                    let peer = (tls.conn.peer_certificates())
+                        .and_then(|c| c.first())
+                        .map(|c| PeerIdentity::of(c.as_ref()));
+                    let uri = peer.and_then(|p| p.uris.first().cloned());
+                    let head = format!("{name}:{}:", uri.as_deref().unwrap_or("-"));
+                    let _ = tls.write_all(&[head.as_bytes(), &got].concat());
+                    tls.conn.send_close_notify();
+                    let _ = tls.flush();
+                }
+            });
+        }
+    });
+    addr
 }
 
 /// Sends `what` on a new connection to `port`, closes its sending side and reads the answer
@@ -266,4 +314,51 @@ fn a_drain_lets_open_connections_finish() {
     let log = gw.access_log();
     let line = log.iter().find(|l| l["protocol"] == "TCP").unwrap();
     assert_eq!(line["bytes_received"], 16);
+}
+
+/// A tcp route to a service with `[service.tls]`: the client speaks plaintext, Weir
+/// originates TLS (verifying the server against the service's CA and `sni`, presenting its
+/// client certificate in mode mutual). A server Weir cannot verify gets nothing (`UF`).
+#[test]
+fn a_tcp_route_originates_tls_to_its_service() {
+    let ca = TestCa::new("db-ca");
+    let dir = tempfile::tempdir().unwrap();
+    let file = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let secure = tls_echo("secure", &ca.server(&["db.internal"]), Some(&ca.pem()));
+    let impostor = tls_echo(
+        "impostor",
+        &TestCa::new("other").server(&["db.internal"]),
+        None,
+    );
+    let client = ca.client("gateway", &["spiffe://example.org/gateway"]);
+    let tls = format!(
+        "  [service.tls]\n  mode = \"mutual\"\n  sni = \"db.internal\"\n  ca = \"{}\"\n  cert = \"{}\"\n  key = \"{}\"\n",
+        file("ca.pem", &ca.pem()),
+        file("gw.pem", &client.cert),
+        file("gw-key.pem", &client.key),
+    );
+    let (port, bad_port) = (free_port(), free_port());
+    let gw = Gateway::start(&format!(
+        "{}{}\
+         [[route]]\nname = \"db\"\nlisteners = [\"db\"]\n  [[route.backend]]\n  service = \"db\"\n\
+         [[route]]\nname = \"bad\"\nlisteners = [\"bad\"]\n  [[route.backend]]\n  service = \"bad\"\n\
+         [[service]]\nname = \"db\"\nendpoints = [\"{secure}\"]\n{tls}\
+         [[service]]\nname = \"bad\"\nendpoints = [\"{impostor}\"]\n{tls}",
+        tcp_listener("db", port, ""),
+        tcp_listener("bad", bad_port, ""),
+    ));
+    assert_eq!(
+        exchange(port, "select 1"),
+        "secure:spiffe://example.org/gateway:select 1"
+    );
+    assert_eq!(exchange(bad_port, "select 1"), "");
+    wait_until("the UF line", Duration::from_secs(10), || {
+        gw.access_log()
+            .iter()
+            .any(|l| l["route"] == "bad" && l["flags"] == "UF")
+    });
 }

@@ -17,8 +17,8 @@ pub type Material = (PathBuf, Vec<u8>);
 struct Streams<'a> {
     /// The `tcp` and `tls` listeners, by name.
     listeners: HashMap<&'a str, Protocol>,
-    /// Services that originate TLS, which a byte stream cannot go to.
-    tls_services: HashSet<&'a str>,
+    /// Services that originate TLS, and how.
+    tls_services: HashMap<&'a str, TlsMode>,
 }
 
 /// Checks and merges the raw files (in `sources` order) into one [`Config`].
@@ -189,8 +189,7 @@ impl Checker<'_> {
                 .map(|l| (l.name.as_str(), l.protocol))
                 .collect(),
             tls_services: (services.iter())
-                .filter(|s| s.tls.is_some())
-                .map(|s| s.name.as_str())
+                .filter_map(|s| Some((s.name.as_str(), s.tls.as_ref()?.mode)))
                 .collect(),
         };
         let routes = self.named("route", routes, |v, at, r| {
@@ -1165,20 +1164,24 @@ impl Checker<'_> {
                 );
             }
         }
+        // A tcp route may originate TLS; a tls route's bytes are TLS already.
+        let on_tls =
+            (named.clone()).any(|l| streams.listeners.get(l.as_str()) == Some(&Protocol::Tls));
         for (i, b) in r.backend.iter().enumerate() {
-            if let Some(name) = b
-                .service
-                .as_deref()
-                .filter(|s| streams.tls_services.contains(s))
-            {
-                self.fail(
-                    &at.item("backend", i),
-                    format!(
-                        "service {name:?} has [service.tls]; a route on tcp or tls listeners \
-                         forwards the client's bytes as they come"
-                    ),
-                );
-            }
+            let Some(name) = b.service.as_deref() else {
+                continue;
+            };
+            let why = match streams.tls_services.get(name) {
+                Some(_) if on_tls => {
+                    "a route on a tls listener passes the client's TLS through as it is"
+                }
+                Some(TlsMode::Mesh) => {
+                    "mode \"mesh\" is for HTTP; a route on a tcp listener takes mode \"simple\" or \"mutual\""
+                }
+                _ => continue,
+            };
+            let e = format!("service {name:?} has [service.tls]: {why}");
+            self.fail(&at.item("backend", i), e);
         }
     }
 

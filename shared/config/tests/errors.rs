@@ -835,8 +835,14 @@ fn routes_on_tcp_and_tls_listeners_forward_bytes_only() {
             "gw.toml:23: route \"pg\": hosts match the SNI of tls listeners; a tcp listener has no name to match",
             "gw.toml:24: route \"pg\": timeout applies to HTTP routes, not to a route on tcp or tls listeners",
             "gw.toml:25: route \"pg\": match applies to HTTP routes, not to a route on tcp or tls listeners",
-            "gw.toml:27: route \"pg\" backend[0]: service \"api\" has [service.tls]; a route on tcp or tls listeners forwards the client's bytes as they come",
         ]
+    );
+    let on_tls = format!(
+        "{listeners}{services}[[route]]\nname = \"api\"\nlisteners = [\"pass\"]\n  [[route.backend]]\n  service = \"api\"\n"
+    );
+    assert_eq!(
+        errors(&on_tls),
+        ["gw.toml:23: route \"api\" backend[0]: service \"api\" has [service.tls]: a route on a tls listener passes the client's TLS through as it is"]
     );
     assert_eq!(
         errors("[[listener]]\nname = \"x\"\nlisten = \"127.0.0.1:1\"\nprotocol = \"udp\"\n"),

@@ -10,6 +10,7 @@ use weir_config::{Action, Config, Loaded, Policy, Role, Service};
 use weir_resilience::{Balancer, ConnectionGate, Limiter, RetryBudget};
 use weir_routing::{CompiledRoute, RouteTable};
 use weir_telemetry::metrics::RequestSeries;
+use weir_tls::rustls::ClientConfig;
 use weir_tls::CertificateTable;
 
 use crate::mirror::Lanes;
@@ -68,6 +69,9 @@ pub struct ServiceState {
     pub tasks_started: AtomicBool,
     /// `[service.tls]` in Pingora's types; `None` = plaintext.
     pub tls: Option<Arc<UpstreamPeerTls>>,
+    /// `[service.tls]` as a rustls config, for connections of `tcp` listeners; made at the
+    /// first one.
+    stream_tls: OnceLock<Result<Arc<ClientConfig>, String>>,
 }
 
 impl ServiceState {
@@ -89,7 +93,22 @@ impl ServiceState {
             mirror_lanes: Lanes::new(&s.connection_pool, tls.clone()),
             tasks_started: AtomicBool::new(false),
             tls,
+            stream_tls: OnceLock::new(),
         }
+    }
+
+    /// With `[service.tls]`, how a `tcp` listener's connection originates TLS: the service's
+    /// CA (else the system's roots) and client certificate; the name checked is `sni`.
+    pub fn stream_tls(&self) -> Option<Result<&Arc<ClientConfig>, &str>> {
+        let tls = self.config.tls.as_ref()?;
+        let made = self.stream_tls.get_or_init(|| {
+            let roots = weir_tls::trusted(&tls.roots)?;
+            Ok(Arc::new(weir_tls::client_config(
+                roots,
+                tls.client.as_ref(),
+            )?))
+        });
+        Some(made.as_ref().map_err(String::as_str))
     }
 
     /// The peer for a try to `addr`, with this service's TLS if it has any.

@@ -4,6 +4,8 @@
 //! certificate and the keys are the upstream's, end to end (Istio's `PASSTHROUGH`, nginx's
 //! `ssl_preread`, HAProxy's `req.ssl_sni`).
 //!
+//! A `tcp` route's service with `[service.tls]` is reached over TLS that Weir originates.
+//!
 //! The backend is picked as for a request (weights, then the service's balancer, health and
 //! outlier state); a failed connect tries another endpoint. The connection ends when both
 //! sides have closed, or when no byte has moved either way for the listener's
@@ -23,11 +25,13 @@ use pingora_core::protocols::Stream;
 use pingora_core::server::ShutdownWatch;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
-use tracing::debug;
+use tokio_rustls::TlsConnector;
+use tracing::{debug, warn};
 use weir_config::HashOn;
 use weir_resilience::TryResult;
 use weir_routing::{HeaderList, Request};
 use weir_telemetry::access_log::{AccessLog, Bytes, Entry};
+use weir_tls::rustls::pki_types::ServerName;
 
 use crate::proxy::InFlight;
 use crate::reload::Reloader;
@@ -116,8 +120,8 @@ impl Passthrough {
             .received
             .fetch_add(hello.len() as u64, Ordering::Relaxed);
         if let Some(mut upstream) = self.connect(client_ip, &mut outcome).await {
-            let replayed = upstream.tcp.write_all(&hello).await.is_ok();
-            if replayed && splice(&mut client, &mut upstream.tcp, self.idle_timeout, &traffic).await
+            let replayed = upstream.io.write_all(&hello).await.is_ok();
+            if replayed && splice(&mut client, &mut upstream.io, self.idle_timeout, &traffic).await
             {
                 outcome.flags = "SI";
             }
@@ -140,6 +144,20 @@ impl Passthrough {
             return None;
         };
         let key = key.filter(|_| sticky(&service));
+        // `[service.tls]` on a tcp route: Weir originates TLS, verifying `sni`.
+        let tls = match service.stream_tls() {
+            None => None,
+            Some(Ok(config)) => {
+                let sni = service.config.tls.as_ref().map_or("", |t| t.sni.as_str());
+                let name = ServerName::try_from(sni.to_owned()).ok()?;
+                Some((TlsConnector::from(config.clone()), name))
+            }
+            Some(Err(e)) => {
+                warn!(service = %service.config.name, "cannot originate TLS: {e}");
+                outcome.flags = "UF";
+                return None;
+            }
+        };
         let timeout = service.config.connection_pool.connect_timeout;
         let mut avoid = None;
         for _ in 0..CONNECT_TRIES {
@@ -149,7 +167,8 @@ impl Passthrough {
             };
             outcome.upstream = Some(endpoint.addr);
             let active = endpoint.begin();
-            let connected = tokio::time::timeout(timeout, TcpStream::connect(endpoint.addr)).await;
+            // The handshake too, as for requests (Envoy's connect_timeout).
+            let connected = tokio::time::timeout(timeout, open(endpoint.addr, tls.as_ref())).await;
             // A connection made counts as a success for outlier detection, a failed one as a
             // gateway error, as for requests.
             let result = match &connected {
@@ -163,11 +182,10 @@ impl Passthrough {
                     .inc();
             }
             match connected {
-                Ok(Ok(tcp)) => {
+                Ok(Ok(io)) => {
                     outcome.flags = "";
-                    let _ = tcp.set_nodelay(true);
                     return Some(Upstream {
-                        tcp,
+                        io,
                         _active: active,
                         _place: place,
                     });
@@ -270,10 +288,28 @@ fn sticky(service: &ServiceState) -> bool {
     )
 }
 
+/// A connection to `addr`, over TLS with `tls`.
+async fn open(
+    addr: SocketAddr,
+    tls: Option<&(TlsConnector, ServerName<'static>)>,
+) -> std::io::Result<Box<dyn Io>> {
+    let tcp = TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    Ok(match tls {
+        Some((connector, name)) => Box::new(connector.connect(name.clone(), tcp).await?),
+        None => Box::new(tcp),
+    })
+}
+
+/// A byte stream to an upstream, plaintext or TLS.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
 /// A connection to an endpoint, holding its place in the service's `max_connections` and
 /// its count of active connections (least-request balancing) while it lasts.
 struct Upstream {
-    tcp: TcpStream,
+    io: Box<dyn Io>,
     _active: weir_resilience::Active,
     _place: tokio::sync::OwnedSemaphorePermit,
 }
@@ -323,7 +359,7 @@ struct Traffic {
 /// as a half-close) or until no byte has moved for `idle`: then `true`.
 async fn splice(
     client: &mut Stream,
-    upstream: &mut TcpStream,
+    upstream: &mut Box<dyn Io>,
     idle: Duration,
     t: &Traffic,
 ) -> bool {

@@ -116,24 +116,8 @@ impl HttpClient for Explained {
 
 /// The CA to trust (the system's roots when none is given) and the client certificate.
 fn client_config(tls: &CollectorTls) -> Result<ClientConfig, String> {
-    let mut roots = RootCertStore::empty();
-    if tls.ca.is_some() {
-        for der in &tls.roots {
-            let der = der.clone().into();
-            roots.add(der).map_err(|e| format!("collector CA: {e}"))?;
-        }
-    } else {
-        let system = rustls_native_certs::load_native_certs();
-        let (added, _unparsable) = roots.add_parsable_certificates(system.certs);
-        if added == 0 {
-            return Err(format!(
-                "no CA certificates found in the system's trust store ({:?}): set \
-                 [telemetry.tracing.tls] ca",
-                system.errors
-            ));
-        }
-    }
-    weir_tls::client_config(Arc::new(roots), tls.client.as_ref())
+    let roots = weir_tls::trusted(&tls.roots)?;
+    weir_tls::client_config(roots, tls.client.as_ref())
 }
 
 /// Connects tonic's channel over TLS: TCP to the endpoint's host and port, then the

@@ -1,8 +1,9 @@
 //! weir-tls: the TLS material of Weir's listeners and upstreams, on rustls with ring (the
 //! crypto Pingora's rustls build uses).
 //!
-//! Everything here is pure: PEM bytes in, rustls types or a clear error out. Reading the files
-//! (and naming their place in the config) is weir-config's job; handing the material to
+//! Everything here is pure, but for the system's trust store ([`trusted`]): PEM bytes in,
+//! rustls types or a clear error out. Reading the files (and naming their place in the
+//! config) is weir-config's job; handing the material to
 //! Pingora's listeners and connectors is weir-proxy's.
 
 use std::fmt;
@@ -91,6 +92,30 @@ pub fn certificates(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> 
 pub fn roots(pem: &[u8]) -> Result<Arc<RootCertStore>, String> {
     let mut roots = RootCertStore::empty();
     for cert in certificates(pem)? {
+        roots
+            .add(cert)
+            .map_err(|e| format!("not a usable CA certificate: {e}"))?;
+    }
+    Ok(Arc::new(roots))
+}
+
+/// The CAs a client trusts: `ca` (certificates in DER), or with none the system's trust store
+/// (`/etc/ssl/certs`, or `SSL_CERT_FILE`/`SSL_CERT_DIR`), the one thing here read from disk.
+pub fn trusted(ca: &[Vec<u8>]) -> Result<Arc<RootCertStore>, String> {
+    let mut roots = RootCertStore::empty();
+    if ca.is_empty() {
+        let system = rustls_native_certs::load_native_certs();
+        roots.add_parsable_certificates(system.certs);
+        if roots.is_empty() {
+            let errors = system.errors.iter().map(|e| e.to_string());
+            return Err(format!(
+                "no CA certificates in the system's trust store ({}); give a ca",
+                errors.collect::<Vec<_>>().join("; ")
+            ));
+        }
+    }
+    for der in ca {
+        let cert = CertificateDer::from(der.clone());
         roots
             .add(cert)
             .map_err(|e| format!("not a usable CA certificate: {e}"))?;
