@@ -137,7 +137,20 @@ pub fn https_get(
     headers: &[(&str, &str)],
 ) -> Result<TlsReply, String> {
     let config = Arc::new(client_config(ca_pem, client));
-    request_over(config, port, sni, path, headers)
+    request_over(config, port, b"", sni, path, headers)
+}
+
+/// [`https_get`] on a connection that first sends `preface` in the clear: a PROXY protocol
+/// header, as a load balancer in front would.
+pub fn https_get_after(
+    preface: &[u8],
+    port: u16,
+    sni: &str,
+    ca_pem: &str,
+    path: &str,
+) -> Result<TlsReply, String> {
+    let config = Arc::new(client_config(ca_pem, None));
+    request_over(config, port, preface, sni, path, &[])
 }
 
 /// One request to a sidecar's inbound port at 127.0.0.1:`port`, presenting `client` (a
@@ -150,20 +163,22 @@ pub fn mesh_get(port: u16, client: Option<&Issued>, path: &str) -> Result<TlsRep
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(AnyServer));
     let config = Arc::new(with_client(builder, client));
-    request_over(config, port, "mesh.test", path, &[])
+    request_over(config, port, b"", "mesh.test", path, &[])
 }
 
 fn request_over(
     config: Arc<rustls::ClientConfig>,
     port: u16,
+    preface: &[u8],
     sni: &str,
     path: &str,
     headers: &[(&str, &str)],
 ) -> Result<TlsReply, String> {
     let name = ServerName::try_from(sni.to_string()).map_err(|e| e.to_string())?;
     let conn = rustls::ClientConnection::new(config, name).map_err(|e| e.to_string())?;
-    let tcp = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    let mut tcp = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
     tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    tcp.write_all(preface).map_err(|e| e.to_string())?;
     let mut tls = rustls::StreamOwned::new(conn, tcp);
     let mut request = format!("GET {path} HTTP/1.1\r\nHost: {sni}\r\nConnection: close\r\n");
     for (k, v) in headers {

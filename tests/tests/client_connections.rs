@@ -227,3 +227,54 @@ fn a_listener_at_max_connections_closes_the_next_one_on_arrival() {
     open(2.0);
     assert!(answered(gw.port).starts_with("HTTP/1.1 200"));
 }
+
+/// `proxy_protocol = true`: the load balancer's PROXY header (v1 or v2) names the client,
+/// who is then the client everywhere: X-Forwarded-For, the access log. A connection without
+/// the header is closed unanswered; the balancer's own (`LOCAL`) keeps the socket's peer.
+#[test]
+fn a_proxy_protocol_header_names_the_client() {
+    let upstream = Upstream::start("app");
+    let gw = Gateway::start(&format!(
+        "proxy_protocol = true\n[[route]]\nname = \"app\"\n  [[route.backend]]\n  service = \"{}\"\n{}",
+        upstream.name,
+        upstream.service()
+    ));
+    let request = b"GET /who HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
+    let send = |header: &[u8]| {
+        let mut tcp = connect(gw.port);
+        tcp.write_all(&[header, request].concat()).unwrap();
+        read_to_close(&mut tcp)
+    };
+    let answer = send(b"PROXY TCP4 203.0.113.7 10.0.0.1 56324 80\r\n");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(
+        upstream.last_header("x-forwarded-for").as_deref(),
+        Some("203.0.113.7")
+    );
+
+    // v2, TCP over IPv4 from 198.51.100.9:8080; then LOCAL, the balancer's health check.
+    let mut v2 = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    v2.extend([
+        0x21, 0x11, 0, 12, 198, 51, 100, 9, 10, 0, 0, 1, 0x1f, 0x90, 0, 80,
+    ]);
+    assert!(send(&v2).starts_with("HTTP/1.1 200"));
+    assert_eq!(
+        upstream.last_header("x-forwarded-for").as_deref(),
+        Some("198.51.100.9")
+    );
+    v2[12] = 0x20;
+    assert!(send(&v2).starts_with("HTTP/1.1 200"));
+    assert_eq!(
+        upstream.last_header("x-forwarded-for").as_deref(),
+        Some("127.0.0.1")
+    );
+
+    // No header: closed, nothing answered, nothing forwarded.
+    assert_eq!(send(b""), "");
+    assert_eq!(send(b"PROXY TCP4 nonsense\r\n"), "");
+    gw.wait_logged(3);
+    let clients: Vec<_> = (gw.access_log().iter())
+        .map(|l| l["client"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(clients, ["203.0.113.7", "198.51.100.9", "127.0.0.1"]);
+}

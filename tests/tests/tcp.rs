@@ -362,3 +362,32 @@ fn a_tcp_route_originates_tls_to_its_service() {
             .any(|l| l["route"] == "bad" && l["flags"] == "UF")
     });
 }
+
+/// `proxy_protocol = true` on a tcp listener: the header is read, not forwarded, and its
+/// source is the client in the log.
+#[test]
+fn a_proxy_protocol_header_is_taken_off_a_tcp_connection() {
+    let echo = Echo::start("echo");
+    let port = free_port();
+    let gw = Gateway::start(&format!(
+        "{}[[route]]\nname = \"db\"\nlisteners = [\"db\"]\n  [[route.backend]]\n  service = \"echo\"\n\
+         [[service]]\nname = \"echo\"\nendpoints = [\"{}\"]\n",
+        tcp_listener("db", port, "proxy_protocol = true\n"),
+        echo.addr
+    ));
+    let header = "PROXY TCP6 2001:db8::7 2001:db8::1 4000 5432\r\n";
+    assert_eq!(
+        exchange(port, &format!("{header}select 1")),
+        "echo:select 1"
+    );
+    assert_eq!(exchange(port, "select 1"), "", "no header, no connection");
+    wait_until("the log line", Duration::from_secs(10), || {
+        gw.access_log().iter().any(|l| l["protocol"] == "TCP")
+    });
+    let log = gw.access_log();
+    let line = log.iter().find(|l| l["protocol"] == "TCP").unwrap();
+    assert_eq!(
+        (&line["client"], &line["bytes_received"]),
+        (&"2001:db8::7".into(), &8.into())
+    );
+}

@@ -6,7 +6,7 @@ use std::fs;
 use std::path::Path;
 use std::time::Duration;
 
-use weir_tests::tls::{https_get, Issued, TestCa, TlsUpstream};
+use weir_tests::tls::{https_get, https_get_after, Issued, TestCa, TlsUpstream};
 use weir_tests::{free_port, raw_request, wait_until, Gateway, Upstream};
 
 /// Writes `issued` as `<name>.pem` and `<name>-key.pem` in `dir`.
@@ -385,4 +385,29 @@ fn the_tls_example_works_as_its_readme_says() {
             .iter()
             .any(|l| l["peer"] == "spiffe://example.local/ns/demo/sa/curl")
     });
+}
+
+/// `proxy_protocol = true` on an https listener: the load balancer's header comes before the
+/// TLS handshake, and its source is the client; a connection without one is closed.
+#[test]
+fn a_proxy_protocol_header_comes_before_the_tls_handshake() {
+    let ca = TestCa::new("weir test CA");
+    let dir = tempfile::tempdir().unwrap();
+    write_pair(dir.path(), "a", &ca.server(&["a.example"]));
+    let (port, admin) = (free_port(), free_port());
+    let config = format!(
+        "[runtime]\nthreads = 2\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\
+         [[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:{port}\"\nprotocol = \"https\"\nproxy_protocol = true\n\
+         \x20 [[listener.certificate]]\n  cert = \"a.pem\"\n  key = \"a-key.pem\"\n\
+         [[route]]\nname = \"hello\"\ndirect_response = {{ status = 200, body = \"hi\" }}\n"
+    );
+    let path = dir.path().join("gateway.toml");
+    fs::write(&path, config).unwrap();
+    let gw = Gateway::start_on(dir, path, port, admin);
+    let header = b"PROXY TCP4 203.0.113.7 10.0.0.1 56324 443\r\n";
+    let reply = https_get_after(header, port, "a.example", &ca.pem(), "/").unwrap();
+    assert_eq!((reply.status, reply.body.as_str()), (200, "hi"));
+    gw.wait_logged(1);
+    assert_eq!(gw.access_log()[0]["client"], "203.0.113.7");
+    assert!(https_get(port, "a.example", &ca.pem(), None, "/", &[]).is_err());
 }

@@ -142,6 +142,8 @@ pub struct Listener {
     /// Client connections open at once; one more is closed on arrival. A reload changes it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<usize>,
+    /// Each connection opens with a PROXY protocol header, whose source is the client.
+    pub proxy_protocol: bool,
 }
 
 impl Listener {

@@ -100,6 +100,8 @@ pub struct RawListener {
     pub client_auth: Option<RawClientAuth>,
     /// How long a client connection may be without a request in flight; default "75s".
     pub idle_timeout: Option<String>,
+    /// Each connection opens with a PROXY protocol header (v1 or v2) naming the client.
+    pub proxy_protocol: Option<bool>,
     /// Client connections open at once; default no limit.
     pub max_connections: Option<u64>,
 }

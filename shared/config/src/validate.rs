@@ -489,6 +489,7 @@ impl Checker<'_> {
             tls,
             idle_timeout,
             max_connections,
+            proxy_protocol: l.proxy_protocol.unwrap_or(false),
         })
     }
 
@@ -2040,6 +2041,7 @@ fn sidecar_listeners(sidecar: &Sidecar, workload: Option<&Workload>) -> Vec<List
         tls,
         idle_timeout: sidecar.inbound.idle_timeout,
         max_connections: sidecar.inbound.max_connections,
+        proxy_protocol: false,
     };
     let outbound = Listener {
         name: OUTBOUND.into(),
@@ -2048,6 +2050,7 @@ fn sidecar_listeners(sidecar: &Sidecar, workload: Option<&Workload>) -> Vec<List
         tls: None,
         idle_timeout: sidecar.outbound.idle_timeout,
         max_connections: sidecar.outbound.max_connections,
+        proxy_protocol: false,
     };
     vec![outbound, inbound]
 }

@@ -7,6 +7,7 @@
 //! - [`proxy`]: the Pingora `ProxyHttp`, where errors become statuses and flags;
 //! - [`tls`]: https listeners (certificates by SNI, client certificates, the peer's identity)
 //!   and TLS to services;
+//! - `proxy_protocol`: the PROXY header a load balancer in front puts before a connection;
 //! - `stream`: `tcp` and `tls` (passthrough) listeners, bytes forwarded to a route's backends;
 //! - [`mirror`]: fire-and-forget copies of requests to a shadow service;
 //! - [`pipeline`]: reading pipelined HTTP/1.1 answers, for the mirror's copies;
@@ -25,6 +26,7 @@ pub mod git;
 pub mod mirror;
 pub mod pipeline;
 pub mod proxy;
+mod proxy_protocol;
 pub mod reload;
 pub mod server;
 pub mod snapshot;

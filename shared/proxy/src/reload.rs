@@ -202,6 +202,7 @@ fn start_only_change(old: &Config, new: &Config) -> Option<&'static str> {
                     l.protocol,
                     also_plaintext,
                     l.idle_timeout,
+                    l.proxy_protocol,
                 )
             })
             .collect()
@@ -209,7 +210,7 @@ fn start_only_change(old: &Config, new: &Config) -> Option<&'static str> {
     if sockets(old) != sockets(new) {
         Some(match new.sidecar {
             Some(_) => "[inbound] or [outbound] (listen, mtls or idle_timeout)",
-            None => "[[listener]] (name, listen, protocol or idle_timeout)",
+            None => "[[listener]] (name, listen, protocol, idle_timeout or proxy_protocol)",
         })
     } else if json(&old.runtime) != json(&new.runtime) {
         Some("[runtime]")

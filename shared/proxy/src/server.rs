@@ -34,6 +34,7 @@ use crate::connection;
 use crate::discovery::Discovery;
 use crate::git::GitSource;
 use crate::proxy::WeirProxy;
+use crate::proxy_protocol;
 use crate::reload::{Outcome, Reloader};
 use crate::stream::Passthrough;
 use crate::tls;
@@ -151,6 +152,7 @@ pub fn run(reloader: Reloader, git: Option<Arc<GitSource>>, upgrade: bool) -> an
                     reloader: reloader.clone(),
                     listener: listener.name.clone(),
                     sni: listener.protocol == Protocol::Tls,
+                    proxy_protocol: listener.proxy_protocol,
                     idle_timeout: listener.idle_timeout,
                     open,
                     access_log: access_log.clone(),
@@ -177,6 +179,7 @@ pub fn run(reloader: Reloader, git: Option<Arc<GitSource>>, upgrade: bool) -> an
             http1,
             h2c,
             plaintext,
+            proxy_protocol: listener.proxy_protocol,
             idle_timeout,
             tls,
             open,
@@ -255,6 +258,8 @@ struct Sniffing {
     h2c: Arc<HttpProxy<WeirProxy>>,
     tls: Option<Acceptor>,
     plaintext: bool,
+    /// A PROXY protocol header comes first, from the load balancer in front.
+    proxy_protocol: bool,
     idle_timeout: Duration,
     open: OpenConnections,
 }
@@ -318,6 +323,12 @@ impl Drop for Open<'_> {
 
 impl Sniffing {
     async fn serve(self: &Arc<Self>, mut stream: Stream, shutdown: &ShutdownWatch) {
+        if self.proxy_protocol {
+            stream = match proxy_protocol::accept(stream).await {
+                Ok(stream) => stream,
+                Err(e) => return debug!("closing a connection: {e}"),
+            };
+        }
         let mut first = [0u8; 1];
         let mut stopping = shutdown.clone();
         let peeked = tokio::select! {

@@ -34,6 +34,7 @@ use weir_telemetry::access_log::{AccessLog, Bytes, Entry};
 use weir_tls::rustls::pki_types::ServerName;
 
 use crate::proxy::InFlight;
+use crate::proxy_protocol;
 use crate::reload::Reloader;
 use crate::server::OpenConnections;
 use crate::snapshot::ServiceState;
@@ -55,6 +56,8 @@ pub(crate) struct Passthrough {
     pub listener: String,
     /// `tls`: route by the ClientHello's SNI.
     pub sni: bool,
+    /// A PROXY protocol header comes first, from the load balancer in front.
+    pub proxy_protocol: bool,
     pub idle_timeout: Duration,
     pub open: OpenConnections,
     pub access_log: Arc<AccessLog>,
@@ -95,6 +98,12 @@ struct Outcome {
 impl Passthrough {
     async fn forward(&self, mut client: Stream) {
         let start = Instant::now();
+        if self.proxy_protocol {
+            client = match proxy_protocol::accept(client).await {
+                Ok(client) => client,
+                Err(e) => return debug!(listener = %self.listener, "closing a connection: {e}"),
+            };
+        }
         let client_ip = client
             .get_socket_digest()
             .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
