@@ -364,17 +364,27 @@ fn a_tcp_route_originates_tls_to_its_service() {
 }
 
 /// `proxy_protocol = true` on a tcp listener: the header is read, not forwarded, and its
-/// source is the client in the log.
+/// source is the client in the log. A service with `proxy_protocol = "v1"` gets a header of
+/// its own, naming that client and the listener.
 #[test]
-fn a_proxy_protocol_header_is_taken_off_a_tcp_connection() {
+fn a_proxy_protocol_header_is_taken_off_a_tcp_connection_and_sent_on() {
     let echo = Echo::start("echo");
-    let port = free_port();
+    let (port, relay) = (free_port(), free_port());
     let gw = Gateway::start(&format!(
-        "{}[[route]]\nname = \"db\"\nlisteners = [\"db\"]\n  [[route.backend]]\n  service = \"echo\"\n\
-         [[service]]\nname = \"echo\"\nendpoints = [\"{}\"]\n",
+        "{}{}[[route]]\nname = \"db\"\nlisteners = [\"db\"]\n  [[route.backend]]\n  service = \"echo\"\n\
+         [[route]]\nname = \"relay\"\nlisteners = [\"relay\"]\n  [[route.backend]]\n  service = \"told\"\n\
+         [[service]]\nname = \"echo\"\nendpoints = [\"{}\"]\n\
+         [[service]]\nname = \"told\"\nendpoints = [\"{}\"]\nproxy_protocol = \"v1\"\n",
         tcp_listener("db", port, "proxy_protocol = true\n"),
-        echo.addr
+        tcp_listener("relay", relay, "proxy_protocol = true\n"),
+        echo.addr,
+        echo.addr,
     ));
+    let from_v4 = "PROXY TCP4 203.0.113.7 10.0.0.1 56324 5432\r\n";
+    assert_eq!(
+        exchange(relay, &format!("{from_v4}select 1")),
+        format!("echo:PROXY TCP4 203.0.113.7 127.0.0.1 56324 {relay}\r\nselect 1")
+    );
     let header = "PROXY TCP6 2001:db8::7 2001:db8::1 4000 5432\r\n";
     assert_eq!(
         exchange(port, &format!("{header}select 1")),
@@ -382,10 +392,10 @@ fn a_proxy_protocol_header_is_taken_off_a_tcp_connection() {
     );
     assert_eq!(exchange(port, "select 1"), "", "no header, no connection");
     wait_until("the log line", Duration::from_secs(10), || {
-        gw.access_log().iter().any(|l| l["protocol"] == "TCP")
+        gw.access_log().iter().any(|l| l["route"] == "db")
     });
     let log = gw.access_log();
-    let line = log.iter().find(|l| l["protocol"] == "TCP").unwrap();
+    let line = log.iter().find(|l| l["route"] == "db").unwrap();
     assert_eq!(
         (&line["client"], &line["bytes_received"]),
         (&"2001:db8::7".into(), &8.into())

@@ -427,6 +427,20 @@ pub struct Service {
     pub health_check: Option<HealthCheck>,
     /// TLS origination; `None` = plaintext.
     pub tls: Option<UpstreamTls>,
+    /// Connections of `tcp` and `tls` listeners open with a PROXY protocol header naming the
+    /// client; `None` = no header.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub proxy_protocol: Option<ProxyVersion>,
+}
+
+/// The version of the PROXY protocol header sent to a service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyVersion {
+    /// Text: `PROXY TCP4 <client> <server> <ports>`.
+    V1,
+    /// Binary.
+    V2,
 }
 
 /// What the proxy speaks to a service's endpoints.

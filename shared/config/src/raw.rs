@@ -326,6 +326,8 @@ pub struct RawService {
     pub health_check: Option<RawHealthCheck>,
     /// TLS to the endpoints; absent = plaintext.
     pub tls: Option<RawUpstreamTls>,
+    /// "v1" or "v2": connections of tcp and tls listeners open with a PROXY protocol header.
+    pub proxy_protocol: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -35,6 +35,7 @@ pub fn validate(
         workload: None,
         workload_declared: false,
         http2_services: HashSet::new(),
+        proxied_services: HashSet::new(),
     };
     let config = v.config(raws, role);
     if v.errors.is_empty() {
@@ -57,6 +58,8 @@ struct Checker<'a> {
     workload_declared: bool,
     /// Services with `protocol = "http2"`, which a mirror cannot copy to.
     http2_services: HashSet<String>,
+    /// Services with `proxy_protocol`, which only `tcp` and `tls` routes can send to.
+    proxied_services: HashSet<String>,
 }
 
 /// Where a value sits: file number, key path, readable path.
@@ -205,6 +208,8 @@ impl Checker<'_> {
                 .any(|l| streams.listeners.contains_key(l.as_str()))
             {
                 v.stream_route(at, &r, &streams);
+            } else {
+                v.no_proxy_header(at, &r);
             }
             v.route(at, r, &listeners, &service_names)
         });
@@ -817,6 +822,24 @@ impl Checker<'_> {
             }
             None => None,
         };
+        let proxy_protocol = match s.proxy_protocol.as_deref() {
+            None => None,
+            Some("v1") => Some(ProxyVersion::V1),
+            Some("v2") => Some(ProxyVersion::V2),
+            Some(other) => {
+                let e = format!("proxy_protocol {other:?}: expected \"v1\" or \"v2\"");
+                self.fail(&at.key("proxy_protocol"), e);
+                None
+            }
+        };
+        if proxy_protocol.is_some() {
+            let name = s.name.clone().unwrap_or_default();
+            self.proxied_services.insert(name);
+            if health_check.is_some() {
+                let e = "health checks are sent without a PROXY header, which this service expects";
+                self.fail(&at.key("health_check"), e);
+            }
+        }
         let load_balancer = load_balancer?;
         (endpoints.len() == raw.len() && (!raw.is_empty() || dns.is_some())).then(|| Service {
             name: s.name.unwrap_or_default(),
@@ -828,6 +851,7 @@ impl Checker<'_> {
             outlier_detection,
             health_check,
             tls,
+            proxy_protocol,
         })
     }
 
@@ -1183,6 +1207,28 @@ impl Checker<'_> {
             };
             let e = format!("service {name:?} has [service.tls]: {why}");
             self.fail(&at.item("backend", i), e);
+        }
+    }
+
+    /// An HTTP route's services take no PROXY header: Pingora opens and pools their
+    /// connections, and a pooled connection carries many clients' requests.
+    fn no_proxy_header(&mut self, at: &At, r: &RawRoute) {
+        let backends = r
+            .backend
+            .iter()
+            .enumerate()
+            .map(|(i, b)| (at.item("backend", i), b.service.as_deref()));
+        let mirror = r
+            .mirror
+            .iter()
+            .map(|m| (at.key("mirror"), m.service.as_deref()));
+        for (at, service) in backends.chain(mirror) {
+            if let Some(name) = service.filter(|s| self.proxied_services.contains(*s)) {
+                let e = format!(
+                    "service {name:?} has proxy_protocol, which only routes on tcp and tls listeners send"
+                );
+                self.fail(&at, e);
+            }
         }
     }
 

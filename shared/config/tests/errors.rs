@@ -844,6 +844,22 @@ fn routes_on_tcp_and_tls_listeners_forward_bytes_only() {
         errors(&on_tls),
         ["gw.toml:23: route \"api\" backend[0]: service \"api\" has [service.tls]: a route on a tls listener passes the client's TLS through as it is"]
     );
+    // A PROXY header goes to a service only from tcp and tls routes, and never with health
+    // checks, which would go without one.
+    let proxied = format!(
+        "{listeners}[[service]]\nname = \"pg\"\nendpoints = [\"10.0.0.1:5432\"]\nproxy_protocol = \"v3\"\n\
+         [[service]]\nname = \"told\"\nendpoints = [\"10.0.0.1:5433\"]\nproxy_protocol = \"v2\"\n\
+         \x20 [service.health_check]\n  path = \"/\"\n\
+         [[route]]\nname = \"web\"\n  [[route.backend]]\n  service = \"told\"\n"
+    );
+    assert_eq!(
+        errors(&proxied),
+        [
+            "gw.toml:15: service \"pg\": proxy_protocol \"v3\": expected \"v1\" or \"v2\"",
+            "gw.toml:20: service \"told\": health checks are sent without a PROXY header, which this service expects",
+            "gw.toml:24: route \"web\" backend[0]: service \"told\" has proxy_protocol, which only routes on tcp and tls listeners send",
+        ]
+    );
     assert_eq!(
         errors("[[listener]]\nname = \"x\"\nlisten = \"127.0.0.1:1\"\nprotocol = \"udp\"\n"),
         ["gw.toml:4: listener \"x\": protocol \"udp\": expected \"http\", \"https\", \"tcp\" or \"tls\""]

@@ -15,6 +15,7 @@ use pingora_core::protocols::l4::stream::Stream as L4Stream;
 use pingora_core::protocols::{GetSocketDigest, SocketDigest, Stream};
 use ppp::{v1, v2, HeaderResult, PartialResult};
 use tokio::io::AsyncReadExt;
+use weir_config::ProxyVersion;
 
 /// A v2 header with its TLVs fits in this; a v1 header is at most 107 bytes.
 const MAX_HEADER: usize = 16 * 1024;
@@ -78,6 +79,35 @@ fn parse(seen: &[u8]) -> Result<Option<(usize, Option<SocketAddr>)>, String> {
     }
 }
 
+/// The header that tells an upstream who the client is (`source`) and whom it called
+/// (`destination`, this listener). Addresses of two families are both given as IPv6.
+pub(crate) fn header(
+    version: ProxyVersion,
+    source: SocketAddr,
+    destination: SocketAddr,
+) -> Vec<u8> {
+    let v6 = |a: SocketAddr| match a {
+        SocketAddr::V4(v4) => SocketAddr::from((v4.ip().to_ipv6_mapped(), v4.port())),
+        v6 => v6,
+    };
+    let (source, destination) = match source.is_ipv4() == destination.is_ipv4() {
+        true => (source, destination),
+        false => (v6(source), v6(destination)),
+    };
+    match version {
+        ProxyVersion::V1 => v1::Addresses::from((source, destination))
+            .to_string()
+            .into_bytes(),
+        ProxyVersion::V2 => {
+            let command = v2::Version::Two | v2::Command::Proxy;
+            let builder =
+                v2::Builder::with_addresses(command, v2::Protocol::Stream, (source, destination));
+            // Only a TLV could make building fail, and there is none.
+            builder.build().unwrap_or_default()
+        }
+    }
+}
+
 fn v1_source(addresses: &v1::Addresses) -> Option<SocketAddr> {
     match addresses {
         v1::Addresses::Tcp4(a) => Some((a.source_address, a.source_port).into()),
@@ -134,5 +164,21 @@ mod tests {
         v2[12] = 0x20; // LOCAL: the balancer's own connection
         assert_eq!(parse(&v2).unwrap().map(|(_, s)| s), Some(None));
         assert_eq!(parse(&v2[..20]).unwrap(), None);
+    }
+
+    #[test]
+    fn a_header_sent_upstream_reads_back_as_it_was_written() {
+        let (client, listener) = ("203.0.113.7:56324", "10.0.0.1:443");
+        let (client, listener) = (client.parse().unwrap(), listener.parse().unwrap());
+        let v1 = header(ProxyVersion::V1, client, listener);
+        assert_eq!(v1, b"PROXY TCP4 203.0.113.7 10.0.0.1 56324 443\r\n");
+        for version in [ProxyVersion::V1, ProxyVersion::V2] {
+            let bytes = header(version, client, listener);
+            assert_eq!(parse(&bytes).unwrap(), Some((bytes.len(), Some(client))));
+        }
+        // Mixed families: both as IPv6.
+        let v6 = "[2001:db8::7]:4000".parse().unwrap();
+        let bytes = header(ProxyVersion::V2, v6, listener);
+        assert_eq!(parse(&bytes).unwrap(), Some((bytes.len(), Some(v6))));
     }
 }

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use pingora_core::apps::ServerApp;
+use pingora_core::protocols::l4::socket::SocketAddr as PeerAddr;
 use pingora_core::protocols::Stream;
 use pingora_core::server::ShutdownWatch;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -104,9 +105,11 @@ impl Passthrough {
                 Err(e) => return debug!(listener = %self.listener, "closing a connection: {e}"),
             };
         }
-        let client_ip = client
-            .get_socket_digest()
-            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
+        let digest = client.get_socket_digest();
+        let inet = |a: Option<&PeerAddr>| a.and_then(|a| a.as_inet()).copied();
+        let client_addr = digest.as_ref().and_then(|d| inet(d.peer_addr()));
+        let local_addr = digest.as_ref().and_then(|d| inet(d.local_addr()));
+        let client_ip = client_addr.map(|a| a.ip());
         let mut outcome = Outcome::default();
         let traffic = Traffic::default();
         let mut hello = Vec::new();
@@ -128,7 +131,7 @@ impl Passthrough {
         traffic
             .received
             .fetch_add(hello.len() as u64, Ordering::Relaxed);
-        if let Some(mut upstream) = self.connect(client_ip, &mut outcome).await {
+        if let Some(mut upstream) = self.connect(client_addr, local_addr, &mut outcome).await {
             let replayed = upstream.io.write_all(&hello).await.is_ok();
             if replayed && splice(&mut client, &mut upstream.io, self.idle_timeout, &traffic).await
             {
@@ -140,8 +143,15 @@ impl Passthrough {
 
     /// The route, its backend and a connection to one of the service's endpoints; `None`
     /// with the reason in `outcome.flags`.
-    async fn connect(&self, client_ip: Option<IpAddr>, outcome: &mut Outcome) -> Option<Upstream> {
-        let key = client_ip.map(|ip| match ip {
+    /// `client` and `listener`: the two ends of the client's connection, for hashing and a
+    /// PROXY header.
+    async fn connect(
+        &self,
+        client: Option<SocketAddr>,
+        listener: Option<SocketAddr>,
+        outcome: &mut Outcome,
+    ) -> Option<Upstream> {
+        let key = client.map(|client| match client.ip() {
             IpAddr::V4(v4) => v4.octets().to_vec(),
             IpAddr::V6(v6) => v6.octets().to_vec(),
         });
@@ -167,6 +177,9 @@ impl Passthrough {
                 return None;
             }
         };
+        let proxy_header = (service.config.proxy_protocol)
+            .zip(client.zip(listener))
+            .map(|(version, (client, listener))| proxy_protocol::header(version, client, listener));
         let timeout = service.config.connection_pool.connect_timeout;
         let mut avoid = None;
         for _ in 0..CONNECT_TRIES {
@@ -177,7 +190,8 @@ impl Passthrough {
             outcome.upstream = Some(endpoint.addr);
             let active = endpoint.begin();
             // The handshake too, as for requests (Envoy's connect_timeout).
-            let connected = tokio::time::timeout(timeout, open(endpoint.addr, tls.as_ref())).await;
+            let opening = open(endpoint.addr, proxy_header.as_deref(), tls.as_ref());
+            let connected = tokio::time::timeout(timeout, opening).await;
             // A connection made counts as a success for outlier detection, a failed one as a
             // gateway error, as for requests.
             let result = match &connected {
@@ -297,13 +311,17 @@ fn sticky(service: &ServiceState) -> bool {
     )
 }
 
-/// A connection to `addr`, over TLS with `tls`.
+/// A connection to `addr` that starts with `proxy_header`, then over TLS with `tls`.
 async fn open(
     addr: SocketAddr,
+    proxy_header: Option<&[u8]>,
     tls: Option<&(TlsConnector, ServerName<'static>)>,
 ) -> std::io::Result<Box<dyn Io>> {
-    let tcp = TcpStream::connect(addr).await?;
+    let mut tcp = TcpStream::connect(addr).await?;
     tcp.set_nodelay(true)?;
+    if let Some(header) = proxy_header {
+        tcp.write_all(header).await?;
+    }
     Ok(match tls {
         Some((connector, name)) => Box::new(connector.connect(name.clone(), tcp).await?),
         None => Box::new(tcp),

@@ -70,6 +70,7 @@ mod tests {
             outlier_detection: None,
             health_check: None,
             tls: None,
+            proxy_protocol: None,
         }
     }
 
