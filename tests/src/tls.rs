@@ -288,23 +288,29 @@ pub struct TlsUpstream {
     stop: Arc<AtomicBool>,
 }
 
+/// A server's TLS: `served`, and with `client_ca` (PEM) a client certificate that chains to it
+/// required.
+pub fn server_config(served: &Issued, client_ca: Option<&str>) -> Arc<rustls::ServerConfig> {
+    let chain: Vec<_> = CertificateDer::pem_slice_iter(served.cert.as_bytes())
+        .map(Result::unwrap)
+        .collect();
+    let key = PrivateKeyDer::from_pem_slice(served.key.as_bytes()).unwrap();
+    let builder = rustls::ServerConfig::builder_with_provider(weir_tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap();
+    let builder = match client_ca {
+        Some(ca) => {
+            let roots = weir_tls::roots(ca.as_bytes()).unwrap();
+            builder.with_client_cert_verifier(weir_tls::client_verifier(roots).unwrap())
+        }
+        None => builder.with_no_client_auth(),
+    };
+    Arc::new(builder.with_single_cert(chain, key).unwrap())
+}
+
 impl TlsUpstream {
     pub fn start(name: &str, served: &Issued, client_ca: Option<&str>) -> TlsUpstream {
-        let chain: Vec<_> = CertificateDer::pem_slice_iter(served.cert.as_bytes())
-            .map(Result::unwrap)
-            .collect();
-        let key = PrivateKeyDer::from_pem_slice(served.key.as_bytes()).unwrap();
-        let builder = rustls::ServerConfig::builder_with_provider(weir_tls::provider())
-            .with_safe_default_protocol_versions()
-            .unwrap();
-        let builder = match client_ca {
-            Some(ca) => {
-                let roots = weir_tls::roots(ca.as_bytes()).unwrap();
-                builder.with_client_cert_verifier(weir_tls::client_verifier(roots).unwrap())
-            }
-            None => builder.with_no_client_auth(),
-        };
-        let config = Arc::new(builder.with_single_cert(chain, key).unwrap());
+        let config = server_config(served, client_ca);
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let upstream = TlsUpstream {

@@ -160,7 +160,9 @@ fn a_listener_change_is_refused_until_restart() {
     std::fs::rename(gw.dir.path().join(".tmp.toml"), &gw.config).unwrap();
     let err = gw.last_error();
     assert!(
-        err.starts_with("[[listener]] (name, listen, protocol, idle_timeout or proxy_protocol) changed"),
+        err.starts_with(
+            "[[listener]] (name, listen, protocol, idle_timeout or proxy_protocol) changed"
+        ),
         "{err}"
     );
     assert_eq!(gw.get("/", &[]).body, "kept");

@@ -8,9 +8,7 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use weir_tests::tls::{https_get, Issued, TestCa, TlsUpstream};
+use weir_tests::tls::{https_get, server_config, Issued, TestCa, TlsUpstream};
 use weir_tests::{free_port, wait_until, Gateway};
 use weir_tls::PeerIdentity;
 
@@ -43,21 +41,7 @@ impl Echo {
 /// [`Echo`] over TLS, serving `served` and, with `client_ca`, requiring a client certificate
 /// that chains to it. Answers `<name>:<client's first URI SAN, or "-">:<what it read>`.
 fn tls_echo(name: &'static str, served: &Issued, client_ca: Option<&str>) -> SocketAddr {
-    let chain: Vec<_> = CertificateDer::pem_slice_iter(served.cert.as_bytes())
-        .map(Result::unwrap)
-        .collect();
-    let key = PrivateKeyDer::from_pem_slice(served.key.as_bytes()).unwrap();
-    let builder = rustls::ServerConfig::builder_with_provider(weir_tls::provider())
-        .with_safe_default_protocol_versions()
-        .unwrap();
-    let builder = match client_ca {
-        Some(ca) => {
-            let roots = weir_tls::roots(ca.as_bytes()).unwrap();
-            builder.with_client_cert_verifier(weir_tls::client_verifier(roots).unwrap())
-        }
-        None => builder.with_no_client_auth(),
-    };
-    let config = std::sync::Arc::new(builder.with_single_cert(chain, key).unwrap());
+    let config = server_config(served, client_ca);
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     thread::spawn(move || {
