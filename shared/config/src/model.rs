@@ -691,6 +691,10 @@ pub struct Outbound {
     pub idle_timeout: Duration,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<usize>,
+    /// With traffic capture: a call no route takes goes on to the address the app called
+    /// (Istio's `ALLOW_ANY`), HTTP and any other TCP alike; off, HTTP gets 404 `NR` and other
+    /// TCP is closed (Istio's `REGISTRY_ONLY`).
+    pub passthrough: bool,
 }
 
 fn as_str<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {

@@ -440,4 +440,6 @@ pub struct RawOutbound {
     pub listen: Option<String>,
     pub idle_timeout: Option<String>,
     pub max_connections: Option<u64>,
+    /// Captured calls no route takes go to their original destination (default true).
+    pub passthrough: Option<bool>,
 }

@@ -1759,6 +1759,7 @@ impl Checker<'_> {
                 listen: out_listen,
                 idle_timeout: out_idle,
                 max_connections: out_max,
+                passthrough: raw_out.passthrough.unwrap_or(true),
             },
         };
         (sidecar, in_at)

@@ -71,6 +71,20 @@ enum Command {
         #[arg(long, value_name = "SPIFFE_ID")]
         peer: Option<String>,
     },
+    /// The sidecar's traffic capture: print the iptables rules (`iptables-restore` input)
+    /// that send the pod's TCP connections through its listeners.
+    Iptables {
+        /// The group the sidecar runs as; its own connections are not captured.
+        #[arg(long, value_name = "GID", default_value_t = 1337)]
+        proxy_gid: u32,
+        /// Inbound ports not to capture (the admin port never is), comma-separated.
+        #[arg(long, value_name = "PORTS", value_delimiter = ',')]
+        exclude_inbound_ports: Vec<u16>,
+        /// Outbound ports not to capture, comma-separated: server-first protocols (MySQL,
+        /// SMTP), whose first bytes come from the server.
+        #[arg(long, value_name = "PORTS", value_delimiter = ',')]
+        exclude_outbound_ports: Vec<u16>,
+    },
 }
 
 /// Entry point of `weir-gateway` and `weir-sidecar`.
@@ -83,7 +97,7 @@ pub fn main(role: Role) -> ExitCode {
     let path = cli.config.clone().unwrap_or_else(|| PathBuf::from(default));
     match cli.command {
         Some(_) if cli.config_git.is_some() => {
-            eprintln!("validate and explain read files: use --config PATH on a checkout");
+            eprintln!("validate, explain and iptables read files: use --config PATH on a checkout");
             ExitCode::from(2)
         }
         Some(Command::Validate) => validate(&path, role),
@@ -97,8 +111,37 @@ pub fn main(role: Role) -> ExitCode {
             let request = (method.as_str(), url.as_str(), &headers[..]);
             explain(&path, role, request, listener.as_deref(), peer.as_deref())
         }
+        Some(Command::Iptables {
+            proxy_gid,
+            exclude_inbound_ports,
+            exclude_outbound_ports,
+        }) => {
+            let options = crate::capture::RuleOptions {
+                proxy_gid,
+                exclude_inbound_ports,
+                exclude_outbound_ports,
+            };
+            iptables(&path, role, &options)
+        }
         None => serve(&cli, &path, role),
     }
+}
+
+fn iptables(path: &Path, role: Role, options: &crate::capture::RuleOptions) -> ExitCode {
+    let loaded = match weir_config::load(path, role) {
+        Ok(l) => l,
+        Err(errors) => {
+            eprintln!("{errors}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let Some(sidecar) = &loaded.config.sidecar else {
+        eprintln!("traffic capture is the sidecar's: run `weir-sidecar iptables`");
+        return ExitCode::from(2);
+    };
+    let admin = loaded.config.admin.listen;
+    print!("{}", crate::capture::rules(sidecar, admin, options));
+    ExitCode::SUCCESS
 }
 
 fn serve(cli: &Cli, path: &Path, role: Role) -> ExitCode {

@@ -8,6 +8,7 @@
 //! - [`tls`]: https listeners (certificates by SNI, client certificates, the peer's identity)
 //!   and TLS to services;
 //! - `proxy_protocol`: the PROXY header a load balancer in front puts before a connection;
+//! - [`capture`]: the sidecar behind iptables: the rules, and calls no route takes;
 //! - `stream`: `tcp` and `tls` (passthrough) listeners, bytes forwarded to a route's backends;
 //! - [`mirror`]: fire-and-forget copies of requests to a shadow service;
 //! - [`pipeline`]: reading pipelined HTTP/1.1 answers, for the mirror's copies;
@@ -19,6 +20,7 @@
 
 pub mod admin;
 pub mod alloc;
+pub mod capture;
 pub mod cli;
 mod connection;
 pub mod discovery;

@@ -30,6 +30,7 @@ use weir_resilience::retry::{backoff, retriable};
 use weir_resilience::{Active, Failure, Permit, TryResult};
 use weir_routing::{CompiledRoute, Request};
 
+use crate::capture;
 use crate::connection;
 use crate::mirror::{self, MirrorBody};
 use crate::reload::Reloader;
@@ -206,6 +207,32 @@ pub struct Ctx {
     _in_flight: InFlight,
 }
 
+impl Ctx {
+    /// No route took the request, and it went on to where a captured connection was going.
+    fn passed_through(&self) -> bool {
+        self.route.is_none() && self.upstream.is_some()
+    }
+}
+
+/// Where the sidecar's outbound listener sends a request no route takes: the address the app
+/// called, when the connection was captured and `[outbound] passthrough` is on.
+fn passthrough(session: &Session, snapshot: &Snapshot, listener: &str) -> Option<SocketAddr> {
+    let sidecar = snapshot.config.sidecar.as_ref()?;
+    if listener != "outbound" || !sidecar.outbound.passthrough {
+        return None;
+    }
+    capture::original_dst(session.digest()?.socket_digest.as_deref()?)
+}
+
+/// Plain HTTP/1.1 to `dst`, with the timeouts of a service's default connection pool.
+fn passthrough_peer(dst: SocketAddr) -> HttpPeer {
+    let pool = weir_config::ConnectionPool::default();
+    let mut peer = HttpPeer::new(dst, false, String::new());
+    peer.options.connection_timeout = Some(pool.connect_timeout);
+    peer.options.idle_timeout = Some(pool.idle_timeout);
+    peer
+}
+
 /// One request (or `tcp`/`tls` connection) in flight, counted out when dropped: a drain
 /// waits for none to be left.
 pub(crate) struct InFlight(Arc<AtomicUsize>);
@@ -314,6 +341,10 @@ impl ProxyHttp for WeirProxy {
         });
         ctx.snapshot = Some(snapshot.clone());
         let Some((route, block)) = found else {
+            if let Some(dst) = passthrough(session, &snapshot, listener) {
+                ctx.upstream = Some(dst);
+                return Ok(false);
+            }
             ctx.flags = "NR";
             respond(session, ctx, 404, Bytes::from_static(b"no route\n"), None).await?;
             return Ok(true);
@@ -427,6 +458,9 @@ impl ProxyHttp for WeirProxy {
 
     async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
         let (Some(service), Some(route)) = (ctx.service.clone(), ctx.route.clone()) else {
+            if let (None, Some(dst)) = (&ctx.route, ctx.upstream) {
+                return Ok(Box::new(passthrough_peer(dst)));
+            }
             return Err(Error::explain(
                 ErrorType::InternalError,
                 "route chose no service",
@@ -702,6 +736,9 @@ impl ProxyHttp for WeirProxy {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let took = now - ctx.started;
         match &ctx.snapshot {
+            Some(snapshot) if ctx.passed_through() => {
+                snapshot.record_passthrough(status, ctx.flags, took);
+            }
             Some(snapshot) => {
                 let route = ctx.route.as_deref();
                 snapshot.record_request(route, ctx.service.as_ref(), status, ctx.flags, took);
@@ -737,7 +774,10 @@ impl ProxyHttp for WeirProxy {
             status,
             flags: ctx.flags,
             route: ctx.route.as_ref().map(|r| r.config.name.as_str()),
-            service: ctx.service.as_ref().map(|s| s.config.name.as_str()),
+            service: match &ctx.service {
+                Some(s) => Some(s.config.name.as_str()),
+                None => ctx.passed_through().then_some(capture::PASSTHROUGH),
+            },
             upstream: ctx.upstream,
             duration: took,
             generation: ctx.snapshot.as_ref().map_or(0, |s| s.generation),

@@ -30,13 +30,14 @@ use tokio::sync::Notify;
 use tracing::{debug, error, info, warn};
 
 use crate::admin::Admin;
+use crate::capture;
 use crate::connection;
 use crate::discovery::Discovery;
 use crate::git::GitSource;
 use crate::proxy::WeirProxy;
 use crate::proxy_protocol;
 use crate::reload::{Outcome, Reloader};
-use crate::stream::Passthrough;
+use crate::stream::{CapturedTcp, Passthrough};
 use crate::tls;
 use weir_config::Protocol;
 use weir_telemetry::access_log::AccessLog;
@@ -183,6 +184,14 @@ pub fn run(reloader: Reloader, git: Option<Arc<GitSource>>, upgrade: bool) -> an
             idle_timeout,
             tls,
             open,
+            captured_tcp: (config.sidecar.is_some() && listener.name == "outbound").then(|| {
+                CapturedTcp {
+                    reloader: reloader.clone(),
+                    idle_timeout,
+                    access_log: access_log.clone(),
+                    in_flight: in_flight.clone(),
+                }
+            }),
         };
         let mut service = Service::new(name, app);
         // No L4 read buffer on plaintext listeners: Pingora's HTTP/1 session reads into its
@@ -262,6 +271,8 @@ struct Sniffing {
     proxy_protocol: bool,
     idle_timeout: Duration,
     open: OpenConnections,
+    /// The sidecar's outbound listener: captured connections that do not open like HTTP.
+    captured_tcp: Option<CapturedTcp>,
 }
 
 /// The first byte of a TLS connection: a handshake record (RFC 8446, §5.1).
@@ -337,6 +348,15 @@ impl Sniffing {
         };
         if !matches!(peeked, Ok(true)) {
             return; // closed before its first byte
+        }
+        if let Some(tcp) =
+            (self.captured_tcp.as_ref()).filter(|_| !capture::opens_like_http(first[0]))
+        {
+            let digest = stream.get_socket_digest();
+            if let Some(dst) = digest.as_deref().and_then(capture::original_dst) {
+                // Boxed: the copy's buffers and state stay off the listener's task until used.
+                return Box::pin(tcp.forward(stream, dst)).await;
+            }
         }
         let mut proxy = &self.http1;
         match &self.tls {

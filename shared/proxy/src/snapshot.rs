@@ -41,6 +41,8 @@ pub struct Snapshot {
     inbound: Option<usize>,
     /// The request series of requests no route took (400, 404 `NR`).
     unrouted: OnceLock<RequestSeries>,
+    /// The sidecar's: requests no route took that went on to their original destination.
+    passthrough: OnceLock<RequestSeries>,
 }
 
 /// The services of one route's backends (in backend order) and of its mirror.
@@ -188,6 +190,7 @@ impl Snapshot {
             },
             inbound,
             unrouted: OnceLock::new(),
+            passthrough: OnceLock::new(),
         }
     }
 
@@ -230,6 +233,13 @@ impl Snapshot {
             // Not one of the route's backends in this snapshot: counted all the same.
             None => new().record(code, flags, took),
         }
+    }
+
+    /// A request that went on to its original destination (see `capture`).
+    pub fn record_passthrough(&self, code: u16, flags: &'static str, took: Duration) {
+        let series = (self.passthrough)
+            .get_or_init(|| RequestSeries::new(self.proxy, "", crate::capture::PASSTHROUGH));
+        series.record(code, flags, took);
     }
 
     pub fn table(&self, listener: &str) -> Option<&RouteTable> {

@@ -34,6 +34,7 @@ use weir_routing::{HeaderList, Request};
 use weir_telemetry::access_log::{AccessLog, Bytes, Entry};
 use weir_tls::rustls::pki_types::ServerName;
 
+use crate::capture;
 use crate::proxy::InFlight;
 use crate::proxy_protocol;
 use crate::reload::Reloader;
@@ -94,6 +95,8 @@ struct Outcome {
     upstream: Option<SocketAddr>,
     flags: &'static str,
     generation: u64,
+    /// Captured, and sent on to where it was going (`capture::PASSTHROUGH`).
+    passthrough: bool,
 }
 
 impl Passthrough {
@@ -258,50 +261,121 @@ impl Passthrough {
     }
 
     fn record(&self, client: Option<IpAddr>, o: &Outcome, traffic: &Traffic, took: Duration) {
-        let route = o.route.as_deref();
-        let service = o.service.as_ref().map(|s| s.config.name.as_str());
-        let bytes = Bytes {
-            received: traffic.received.load(Ordering::Relaxed),
-            sent: traffic.sent.load(Ordering::Relaxed),
-        };
-        let metrics = weir_telemetry::metrics();
-        let (route_label, service_label) = (route.unwrap_or(""), service.unwrap_or(""));
-        metrics
-            .tcp_connections
-            .with_label_values(&[self.listener.as_str(), route_label, service_label, o.flags])
-            .inc();
-        for (direction, count) in [("received", bytes.received), ("sent", bytes.sent)] {
-            if count == 0 {
-                continue;
-            }
-            metrics
-                .tcp_bytes
-                .with_label_values(&[route_label, service_label, direction])
-                .inc_by(count);
-        }
-        if !self.access_log.enabled() {
-            return;
-        }
-        self.access_log.write(&Entry {
-            request_id: "",
-            listener: &self.listener,
-            client,
-            method: "",
-            protocol: if self.sni { "TLS" } else { "TCP" },
-            authority: o.sni.as_deref().unwrap_or_default(),
-            path: "",
-            status: 0,
-            flags: o.flags,
-            route,
-            service,
-            upstream: o.upstream,
-            duration: took,
-            generation: o.generation,
-            peer: None,
-            trace_id: None,
-            bytes: Some(bytes),
-        });
+        let protocol = if self.sni { "TLS" } else { "TCP" };
+        let log = &self.access_log;
+        record(log, &self.listener, protocol, client, o, traffic, took);
     }
+}
+
+/// The sidecar's outbound listener, for captured connections that do not open like HTTP
+/// (`capture`): each goes on, bytes as they come, to the address the app connected to.
+pub(crate) struct CapturedTcp {
+    pub reloader: Arc<Reloader>,
+    pub idle_timeout: Duration,
+    pub access_log: Arc<AccessLog>,
+    pub in_flight: Arc<AtomicUsize>,
+}
+
+impl CapturedTcp {
+    pub(crate) async fn forward(&self, mut client: Stream, dst: SocketAddr) {
+        let start = Instant::now();
+        let _in_flight = InFlight::begin(&self.in_flight);
+        let client_ip = client
+            .get_socket_digest()
+            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
+        let snapshot = self.reloader.snapshot();
+        let passthrough =
+            (snapshot.config.sidecar.as_ref()).is_some_and(|s| s.outbound.passthrough);
+        let mut outcome = Outcome {
+            generation: snapshot.generation,
+            upstream: Some(dst),
+            passthrough,
+            ..Outcome::default()
+        };
+        drop(snapshot);
+        let traffic = Traffic::default();
+        let timeout = weir_config::ConnectionPool::default().connect_timeout;
+        outcome.flags = match passthrough {
+            false => "NR",
+            true => match tokio::time::timeout(timeout, open(dst, None, None)).await {
+                Ok(Ok(mut upstream)) => {
+                    match splice(&mut client, &mut upstream, self.idle_timeout, &traffic).await {
+                        true => "SI",
+                        false => "",
+                    }
+                }
+                _ => "UF",
+            },
+        };
+        let took = start.elapsed();
+        record(
+            &self.access_log,
+            "outbound",
+            "TCP",
+            client_ip,
+            &outcome,
+            &traffic,
+            took,
+        );
+    }
+}
+
+/// A connection's access log line and its `weir_tcp_*` metrics.
+fn record(
+    access_log: &AccessLog,
+    listener: &str,
+    protocol: &'static str,
+    client: Option<IpAddr>,
+    o: &Outcome,
+    traffic: &Traffic,
+    took: Duration,
+) {
+    let route = o.route.as_deref();
+    let service = match &o.service {
+        Some(s) => Some(s.config.name.as_str()),
+        None => o.passthrough.then_some(capture::PASSTHROUGH),
+    };
+    let bytes = Bytes {
+        received: traffic.received.load(Ordering::Relaxed),
+        sent: traffic.sent.load(Ordering::Relaxed),
+    };
+    let metrics = weir_telemetry::metrics();
+    let (route_label, service_label) = (route.unwrap_or(""), service.unwrap_or(""));
+    metrics
+        .tcp_connections
+        .with_label_values(&[listener, route_label, service_label, o.flags])
+        .inc();
+    for (direction, count) in [("received", bytes.received), ("sent", bytes.sent)] {
+        if count == 0 {
+            continue;
+        }
+        metrics
+            .tcp_bytes
+            .with_label_values(&[route_label, service_label, direction])
+            .inc_by(count);
+    }
+    if !access_log.enabled() {
+        return;
+    }
+    access_log.write(&Entry {
+        request_id: "",
+        listener,
+        client,
+        method: "",
+        protocol,
+        authority: o.sni.as_deref().unwrap_or_default(),
+        path: "",
+        status: 0,
+        flags: o.flags,
+        route,
+        service,
+        upstream: o.upstream,
+        duration: took,
+        generation: o.generation,
+        peer: None,
+        trace_id: None,
+        bytes: Some(bytes),
+    });
 }
 
 fn sticky(service: &ServiceState) -> bool {

@@ -1,0 +1,42 @@
+"""A TCP echo server for the traffic capture tests, and its client.
+
+    echo.py PORT                 serve on PORT of every address: send back what comes
+    echo.py send HOST:PORT HEX   send the bytes HEX, half-close, print what came back (hex)
+"""
+import socket
+import sys
+import threading
+
+
+def serve(port):
+    server = socket.create_server(("0.0.0.0", port), reuse_port=True)
+    while True:
+        conn, _ = server.accept()
+        threading.Thread(target=echo, args=(conn,), daemon=True).start()
+
+
+def echo(conn):
+    with conn:
+        while data := conn.recv(65536):
+            conn.sendall(data)
+
+
+def send(addr, data):
+    host, port = addr.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(bytes.fromhex(data))
+        conn.shutdown(socket.SHUT_WR)
+        got = b""
+        try:
+            while chunk := conn.recv(65536):
+                got += chunk
+        except ConnectionResetError:
+            pass
+    sys.stdout.write(got.hex())
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "send":
+        send(sys.argv[2], sys.argv[3])
+    else:
+        serve(int(sys.argv[1]))

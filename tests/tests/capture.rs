@@ -1,0 +1,346 @@
+//! Traffic capture (docs/sidecar.md): two pods, each a network namespace of its own joined to
+//! the other by a veth pair, each with its `weir-sidecar` behind the rules that
+//! `weir-sidecar iptables` prints, applied with the real `iptables-restore`. The apps (curl,
+//! Python servers) call each other by address and know nothing of the sidecars.
+//!
+//! Needs root (network namespaces and iptables), as CI and this machine have.
+#![allow(clippy::unwrap_used, clippy::print_stdout)]
+
+use std::fs;
+use std::io::Write;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use weir_tests::tls::TestCa;
+use weir_tests::{binary, run, script, wait_until};
+
+const PRODUCTPAGE: &str = "spiffe://mesh.local/ns/default/sa/productpage";
+const REVIEWS: &str = "spiffe://mesh.local/ns/default/sa/reviews";
+/// The group the sidecars run as, which their rules leave uncaptured.
+const PROXY_GID: u32 = 1337;
+/// Pod b's address; pod a is 10.77.0.1.
+const POD_B: &str = "10.77.0.2";
+
+/// A pod: a network namespace, its end of the veth pair, and what runs in it. Dropping it
+/// stops its processes and deletes the namespace (and with it the veth pair).
+struct Pod {
+    ns: String,
+    dir: tempfile::TempDir,
+    children: Vec<Child>,
+}
+
+/// Two pods, a at 10.77.0.1 and b at 10.77.0.2, named after this process so tests running
+/// at once never share one.
+fn pods() -> (Pod, Pod) {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    // Interface names have at most 15 characters.
+    let id = format!(
+        "w{}x{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    );
+    let pod = |side: &str| {
+        let ns = format!("{id}{side}");
+        sh(&format!("ip netns add {ns}"));
+        Pod {
+            ns,
+            dir: tempfile::tempdir().unwrap(),
+            children: Vec::new(),
+        }
+    };
+    let (a, b) = (pod("a"), pod("b"));
+    sh(&format!(
+        "ip link add {a} netns {a} type veth peer name {b} netns {b}",
+        a = a.ns,
+        b = b.ns
+    ));
+    for (pod, ip) in [(&a, "10.77.0.1"), (&b, POD_B)] {
+        let ns = &pod.ns;
+        sh(&format!(
+            "ip -n {ns} addr add {ip}/24 dev {ns} && ip -n {ns} link set {ns} up && \
+             ip -n {ns} link set lo up"
+        ));
+    }
+    (a, b)
+}
+
+/// Runs a shell command on the host; panics with its output when it fails.
+fn sh(command: &str) {
+    let out = Command::new("sh").args(["-c", command]).output().unwrap();
+    assert!(out.status.success(), "{command}: {}", text(&out));
+}
+
+fn text(out: &Output) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    format!("{stdout}{}", String::from_utf8_lossy(&out.stderr))
+}
+
+impl Pod {
+    /// `program` inside the pod.
+    fn command(&self, program: &str) -> Command {
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &self.ns, program]);
+        command.stdin(Stdio::null());
+        command
+    }
+
+    /// Runs `program ARGS` in the pod to the end.
+    fn run(&self, program: &str, args: &[&str]) -> Output {
+        self.command(program).args(args).output().unwrap()
+    }
+
+    /// Starts `program ARGS` in the pod, its output in `name`.log; stopped with the pod.
+    fn start(&mut self, name: &str, mut command: Command) {
+        let log = fs::File::create(self.dir.path().join(format!("{name}.log"))).unwrap();
+        command.stdout(log.try_clone().unwrap()).stderr(log);
+        self.children.push(command.spawn().unwrap());
+    }
+
+    /// A Python HTTP server serving `files` (name, content) on `port` of every address.
+    fn http_server(&mut self, port: u16, files: &[(&str, &str)]) {
+        let root = self.dir.path().join(format!("www{port}"));
+        fs::create_dir(&root).unwrap();
+        for (name, content) in files {
+            fs::write(root.join(name), content).unwrap();
+        }
+        let mut server = self.command("python3");
+        server.args(["-m", "http.server", &port.to_string(), "-d"]);
+        server.arg(&root);
+        self.start(&format!("http{port}"), server);
+        let url = format!("http://127.0.0.1:{port}/{}", files[0].0);
+        wait_until("the app server", Duration::from_secs(20), || {
+            self.run("curl", &["-sf", &url]).status.success()
+        });
+    }
+
+    /// tests/capture/echo.py on `port`: a TCP server that sends back what it reads.
+    fn echo_server(&mut self, port: u16) {
+        let mut echo = self.command("python3");
+        echo.args([&script("tests/capture/echo.py"), &port.to_string()]);
+        self.start("echo", echo);
+        wait_until("the echo server", Duration::from_secs(20), || {
+            let ss = self.run("ss", &["-Htln", &format!("sport = :{port}")]);
+            !ss.stdout.is_empty()
+        });
+    }
+
+    /// Writes the pod's sidecar config (with `identity`'s workload certificate from `ca`),
+    /// applies the capture rules `weir-sidecar iptables ARGS` prints for it, and starts the
+    /// sidecar in group [`PROXY_GID`], once its admin `/ready` answers.
+    fn sidecar(&mut self, ca: &TestCa, identity: &str, config: &str, args: &[&str]) {
+        let dir = self.dir.path();
+        let workload = ca.workload(identity);
+        fs::write(dir.join("bundle.pem"), ca.pem()).unwrap();
+        fs::write(dir.join("workload.pem"), &workload.cert).unwrap();
+        fs::write(dir.join("workload-key.pem"), &workload.key).unwrap();
+        let path = dir.join("sidecar.toml");
+        fs::write(
+            &path,
+            format!(
+                "[admin]\nlisten = \"127.0.0.1:15000\"\n[workload]\ncert = \"workload.pem\"\n\
+                 key = \"workload-key.pem\"\ntrust_bundle = \"bundle.pem\"\n{config}"
+            ),
+        )
+        .unwrap();
+        let config = path.to_str().unwrap();
+        let (code, rules, err) = run(
+            "weir-sidecar",
+            &[&["--config", config, "iptables"], args].concat(),
+        );
+        assert_eq!(code, 0, "weir-sidecar iptables: {err}");
+        let mut restore = self.command("iptables-restore");
+        restore.arg("--noflush").stdin(Stdio::piped());
+        let mut restore = restore.spawn().unwrap();
+        restore
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(rules.as_bytes())
+            .unwrap();
+        assert!(
+            restore.wait().unwrap().success(),
+            "iptables-restore refused:\n{rules}"
+        );
+        let mut sidecar = self.command(binary("weir-sidecar").to_str().unwrap());
+        std::os::unix::process::CommandExt::gid(&mut sidecar, PROXY_GID);
+        sidecar.args(["--config", config]);
+        let stdout = fs::File::create(dir.join("access.log")).unwrap();
+        let stderr = fs::File::create(dir.join("sidecar.err")).unwrap();
+        self.children
+            .push(sidecar.stdout(stdout).stderr(stderr).spawn().unwrap());
+        wait_until("the sidecar to be ready", Duration::from_secs(20), || {
+            let ready = self.curl(&["http://127.0.0.1:15000/ready"]);
+            ready.is_ok_and(|r| r.starts_with("200"))
+        });
+    }
+
+    /// `curl ARGS` in the pod: the status code, a space, then the body; the error when curl
+    /// failed.
+    fn curl(&self, args: &[&str]) -> Result<String, String> {
+        let curl = [&["-sS", "--max-time", "10", "-w", "\n%{http_code}"], args].concat();
+        let out = self.run("curl", &curl);
+        if !out.status.success() {
+            return Err(text(&out));
+        }
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let (body, code) = stdout.rsplit_once('\n').unwrap();
+        Ok(format!("{code} {body}"))
+    }
+
+    /// Sends the bytes `hex` on a TCP connection to `addr` from the pod, half-closes, and
+    /// returns what came back before the server closed, in hex (tests/capture/echo.py `send`).
+    fn tcp_exchange(&self, addr: &str, hex: &str) -> String {
+        let out = self.run(
+            "python3",
+            &[&script("tests/capture/echo.py"), "send", addr, hex],
+        );
+        assert!(out.status.success(), "echo.py send: {}", text(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The sidecar's access log lines, parsed, once there are `n`.
+    fn access_log(&self, n: usize) -> Vec<serde_json::Value> {
+        let read = || -> Vec<serde_json::Value> {
+            let text = fs::read_to_string(self.dir.path().join("access.log")).unwrap();
+            text.lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect()
+        };
+        wait_until("the access log lines", Duration::from_secs(10), || {
+            read().len() >= n
+        });
+        read()
+    }
+
+    /// One series of the sidecar's admin `/metrics`; 0 when it does not exist.
+    fn metric(&self, series: &str) -> f64 {
+        let text = self.curl(&["http://127.0.0.1:15000/metrics"]).unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0.0)
+    }
+}
+
+impl Drop for Pod {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            for name in ["access.log", "sidecar.err"] {
+                let text = fs::read_to_string(self.dir.path().join(name)).unwrap_or_default();
+                println!("--- pod {} {name} ---\n{text}", self.ns);
+            }
+        }
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
+    }
+}
+
+/// Pod a (productpage) calls reviews in pod b by b's address; `outbound` is the rest of a's
+/// sidecar config (its `[outbound]` table, if any, comes first). Pod b serves reviews on
+/// 9080 behind its sidecar (strict mTLS, productpage may read), and, left out of its capture,
+/// an outside HTTP server on 8081 and a TCP echo server on 7000.
+fn mesh(ca: &TestCa, outbound: &str) -> (Pod, Pod) {
+    let (mut a, mut b) = pods();
+    b.http_server(9080, &[("reviews.txt", "reviews of the app\n")]);
+    b.http_server(8081, &[("outside.txt", "outside the mesh\n")]);
+    b.echo_server(7000);
+    let reviews = "[inbound]\napp = \"127.0.0.1:9080\"\nmtls = \"strict\"\n\
+                   [[inbound.policy]]\nname = \"productpage-reads\"\naction = \"allow\"\n\
+                   principals = [\"spiffe://mesh.local/ns/default/sa/productpage\"]\n";
+    b.sidecar(
+        ca,
+        REVIEWS,
+        reviews,
+        &["--exclude-inbound-ports", "7000,8081"],
+    );
+    let productpage = format!(
+        "{outbound}\n[inbound]\napp = \"127.0.0.1:8080\"\n\
+         [[route]]\nname = \"reviews\"\nhosts = [\"reviews\"]\n  [[route.backend]]\n  service = \"reviews\"\n\
+         [[service]]\nname = \"reviews\"\nendpoints = [\"{POD_B}:9080\"]\n  [service.tls]\n  mode = \"mesh\"\n  \
+         identities = [\"{REVIEWS}\"]\n"
+    );
+    a.sidecar(ca, PRODUCTPAGE, &productpage, &[]);
+    (a, b)
+}
+
+#[test]
+fn captured_calls_go_through_the_sidecars_and_unknown_destinations_pass_through() {
+    let ca = TestCa::new("mesh CA");
+    let (a, b) = mesh(&ca, "");
+    // Pod a's app calls reviews by pod b's address, in plaintext: its sidecar catches the
+    // call, routes it by Host and carries it over mesh mTLS, which b's sidecar catches on the
+    // app's port, checks and hands to the app. (Uncaptured, the plaintext call would hit b's
+    // strict inbound and fail.)
+    let url = format!("http://{POD_B}:9080/reviews.txt");
+    let reply = a.curl(&["-H", "Host: reviews", &url]).unwrap();
+    assert_eq!(reply, "200 reviews of the app\n");
+    let out = &a.access_log(1)[0];
+    assert_eq!(out["listener"], "outbound");
+    assert_eq!(out["route"], "reviews");
+    assert_eq!(out["upstream"], format!("{POD_B}:9080"));
+    let into = &b.access_log(1)[0];
+    assert_eq!(into["listener"], "inbound");
+    assert_eq!(into["peer"], PRODUCTPAGE);
+    assert_eq!(into["request_id"], out["request_id"]);
+
+    // A host no route names: on to where the app was calling (Istio's PassthroughCluster).
+    let reply = a
+        .curl(&[&format!("http://{POD_B}:8081/outside.txt")])
+        .unwrap();
+    assert_eq!(reply, "200 outside the mesh\n");
+    let passed = &a.access_log(2)[1];
+    assert_eq!(passed["route"], serde_json::Value::Null);
+    assert_eq!(passed["service"], "PassthroughCluster");
+    assert_eq!(passed["upstream"], format!("{POD_B}:8081"));
+    let requests = "weir_requests_total{code=\"200\",flags=\"\",proxy=\"outbound\",route=\"\",\
+                    service=\"PassthroughCluster\"}";
+    assert_eq!(a.metric(requests), 1.0);
+
+    // Not HTTP (a 0x00 byte, then "ping"): the bytes go on as they come.
+    let echoed = a.tcp_exchange(&format!("{POD_B}:7000"), "0070696e67");
+    assert_eq!(echoed, "0070696e67");
+    let tcp = &a.access_log(3)[2];
+    assert_eq!(tcp["protocol"], "TCP");
+    assert_eq!(tcp["service"], "PassthroughCluster");
+    assert_eq!(tcp["upstream"], format!("{POD_B}:7000"));
+    assert_eq!(tcp["bytes_received"], 5);
+    assert_eq!(tcp["bytes_sent"], 5);
+    let connections = "weir_tcp_connections_total{flags=\"\",listener=\"outbound\",route=\"\",\
+                       service=\"PassthroughCluster\"}";
+    assert_eq!(a.metric(connections), 1.0);
+}
+
+#[test]
+fn with_passthrough_off_captured_calls_only_reach_routed_services() {
+    let ca = TestCa::new("mesh CA");
+    let (a, _b) = mesh(&ca, "[outbound]\npassthrough = false\n");
+    let url = format!("http://{POD_B}:9080/reviews.txt");
+    assert_eq!(
+        a.curl(&["-H", "Host: reviews", &url]).unwrap(),
+        "200 reviews of the app\n"
+    );
+    let reply = a
+        .curl(&[&format!("http://{POD_B}:8081/outside.txt")])
+        .unwrap();
+    assert_eq!(reply, "404 no route\n");
+    assert_eq!(a.access_log(2)[1]["flags"], "NR");
+    // Other TCP is closed unanswered.
+    assert_eq!(a.tcp_exchange(&format!("{POD_B}:7000"), "0070696e67"), "");
+    let refused = &a.access_log(3)[2];
+    assert_eq!(refused["protocol"], "TCP");
+    assert_eq!(refused["flags"], "NR");
+    assert_eq!(refused["bytes_received"], 0);
+}
+
+#[test]
+fn iptables_rules_are_the_sidecars_only() {
+    let (code, _, err) = run(
+        "weir-gateway",
+        &["--config", &script("config/gateway.toml"), "iptables"],
+    );
+    assert_eq!(code, 2);
+    assert!(err.contains("weir-sidecar iptables"), "{err}");
+}
