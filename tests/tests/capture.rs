@@ -126,9 +126,9 @@ impl Pod {
     }
 
     /// Writes the pod's sidecar config (with `identity`'s workload certificate from `ca`),
-    /// applies the capture rules `weir-sidecar iptables ARGS` prints for it, and starts the
-    /// sidecar in group [`PROXY_GID`], once its admin `/ready` answers.
-    fn sidecar(&mut self, ca: &TestCa, identity: &str, config: &str, args: &[&str]) {
+    /// applies the capture rules `weir-sidecar iptables` prints for it, and starts the sidecar
+    /// in group [`PROXY_GID`], once its admin `/ready` answers.
+    fn sidecar(&mut self, ca: &TestCa, identity: &str, config: &str) {
         let dir = self.dir.path();
         let workload = ca.workload(identity);
         fs::write(dir.join("bundle.pem"), ca.pem()).unwrap();
@@ -144,10 +144,7 @@ impl Pod {
         )
         .unwrap();
         let config = path.to_str().unwrap();
-        let (code, rules, err) = run(
-            "weir-sidecar",
-            &[&["--config", config, "iptables"], args].concat(),
-        );
+        let (code, rules, err) = run("weir-sidecar", &["--config", config, "iptables"]);
         assert_eq!(code, 0, "weir-sidecar iptables: {err}");
         let mut restore = self.command("iptables-restore");
         restore.arg("--noflush").stdin(Stdio::piped());
@@ -240,8 +237,9 @@ impl Drop for Pod {
 
 /// Pod a (productpage) calls reviews in pod b by b's address; `outbound` is the rest of a's
 /// sidecar config (its `[outbound]` table, if any, comes first). Pod b serves reviews on
-/// 9080 behind its sidecar (strict mTLS, productpage may read), and, left out of its capture,
-/// an outside HTTP server on 8081 and a TCP echo server on 7000.
+/// 9080 behind its sidecar (strict mTLS, productpage may read), and on ports its capture
+/// leaves alone (it takes only the app's), an outside HTTP server on 8081 and a TCP echo
+/// server on 7000.
 fn mesh(ca: &TestCa, outbound: &str) -> (Pod, Pod) {
     let (mut a, mut b) = pods();
     b.http_server(9080, &[("reviews.txt", "reviews of the app\n")]);
@@ -250,19 +248,14 @@ fn mesh(ca: &TestCa, outbound: &str) -> (Pod, Pod) {
     let reviews = "[inbound]\napp = \"127.0.0.1:9080\"\nmtls = \"strict\"\n\
                    [[inbound.policy]]\nname = \"productpage-reads\"\naction = \"allow\"\n\
                    principals = [\"spiffe://mesh.local/ns/default/sa/productpage\"]\n";
-    b.sidecar(
-        ca,
-        REVIEWS,
-        reviews,
-        &["--exclude-inbound-ports", "7000,8081"],
-    );
+    b.sidecar(ca, REVIEWS, reviews);
     let productpage = format!(
         "{outbound}\n[inbound]\napp = \"127.0.0.1:8080\"\n\
          [[route]]\nname = \"reviews\"\nhosts = [\"reviews\"]\n  [[route.backend]]\n  service = \"reviews\"\n\
          [[service]]\nname = \"reviews\"\nendpoints = [\"{POD_B}:9080\"]\n  [service.tls]\n  mode = \"mesh\"\n  \
          identities = [\"{REVIEWS}\"]\n"
     );
-    a.sidecar(ca, PRODUCTPAGE, &productpage, &[]);
+    a.sidecar(ca, PRODUCTPAGE, &productpage);
     (a, b)
 }
 

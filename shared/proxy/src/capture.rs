@@ -38,35 +38,29 @@ pub(crate) fn opens_like_http(first: u8) -> bool {
 pub struct RuleOptions {
     /// The group the sidecar runs as: its own connections are never captured.
     pub proxy_gid: u32,
-    /// Inbound ports left alone (ssh, say); the admin port always is.
-    pub exclude_inbound_ports: Vec<u16>,
     /// Outbound ports left alone (a server-first protocol such as MySQL or SMTP, whose client
     /// waits for the server to speak first).
     pub exclude_outbound_ports: Vec<u16>,
 }
 
-/// The `nat` table rules, in `iptables-restore` form, that send every inbound TCP connection
-/// to the inbound listener and every outbound one to the outbound listener, but the sidecar's
-/// own (by group), loopback traffic and the excluded ports.
-pub fn rules(sidecar: &Sidecar, admin: SocketAddr, options: &RuleOptions) -> String {
-    let inbound = sidecar.inbound.listen.port();
+/// The `nat` table rules, in `iptables-restore` form, that send inbound TCP connections to the
+/// app's port to the inbound listener, and every outbound one to the outbound listener but the
+/// sidecar's own (by group), loopback traffic and the excluded ports.
+///
+/// Inbound, only the app's port: the inbound listener sends everything to `[inbound] app`,
+/// so a connection to another port of the pod (ssh, the admin port, a metrics port the app
+/// serves apart) must not reach it.
+pub fn rules(sidecar: &Sidecar, options: &RuleOptions) -> String {
+    let (app, inbound) = (sidecar.inbound.app.port(), sidecar.inbound.listen.port());
     let outbound = sidecar.outbound.listen.port();
-    let mut out = String::from(
+    let mut out = format!(
         "# weir-sidecar iptables: apply with `iptables-restore --noflush`, in the pod's network\n\
          # namespace, before the app starts.\n\
          *nat\n:WEIR_INBOUND - [0:0]\n:WEIR_OUTBOUND - [0:0]\n\
-         -A PREROUTING -p tcp -j WEIR_INBOUND\n-A OUTPUT -p tcp -j WEIR_OUTBOUND\n",
-    );
-    let mut skip_in = vec![inbound, admin.port()];
-    skip_in.extend(&options.exclude_inbound_ports);
-    for port in skip_in {
-        let _ = writeln!(out, "-A WEIR_INBOUND -p tcp --dport {port} -j RETURN");
-    }
-    let _ = writeln!(
-        out,
-        "-A WEIR_INBOUND -p tcp -j REDIRECT --to-ports {inbound}\n\
+         -A PREROUTING -p tcp -j WEIR_INBOUND\n-A OUTPUT -p tcp -j WEIR_OUTBOUND\n\
+         -A WEIR_INBOUND -p tcp --dport {app} -j REDIRECT --to-ports {inbound}\n\
          -A WEIR_OUTBOUND -m owner --gid-owner {} -j RETURN\n\
-         -A WEIR_OUTBOUND -o lo -j RETURN",
+         -A WEIR_OUTBOUND -o lo -j RETURN\n",
         options.proxy_gid
     );
     for port in &options.exclude_outbound_ports {

@@ -77,9 +77,6 @@ enum Command {
         /// The group the sidecar runs as; its own connections are not captured.
         #[arg(long, value_name = "GID", default_value_t = 1337)]
         proxy_gid: u32,
-        /// Inbound ports not to capture (the admin port never is), comma-separated.
-        #[arg(long, value_name = "PORTS", value_delimiter = ',')]
-        exclude_inbound_ports: Vec<u16>,
         /// Outbound ports not to capture, comma-separated: server-first protocols (MySQL,
         /// SMTP), whose first bytes come from the server.
         #[arg(long, value_name = "PORTS", value_delimiter = ',')]
@@ -113,12 +110,10 @@ pub fn main(role: Role) -> ExitCode {
         }
         Some(Command::Iptables {
             proxy_gid,
-            exclude_inbound_ports,
             exclude_outbound_ports,
         }) => {
             let options = crate::capture::RuleOptions {
                 proxy_gid,
-                exclude_inbound_ports,
                 exclude_outbound_ports,
             };
             iptables(&path, role, &options)
@@ -139,8 +134,7 @@ fn iptables(path: &Path, role: Role, options: &crate::capture::RuleOptions) -> E
         eprintln!("traffic capture is the sidecar's: run `weir-sidecar iptables`");
         return ExitCode::from(2);
     };
-    let admin = loaded.config.admin.listen;
-    print!("{}", crate::capture::rules(sidecar, admin, options));
+    print!("{}", crate::capture::rules(sidecar, options));
     ExitCode::SUCCESS
 }
 
