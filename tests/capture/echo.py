@@ -23,14 +23,15 @@ def echo(conn):
 
 def send(addr, data):
     host, port = addr.rsplit(":", 1)
+    got = b""
     with socket.create_connection((host, int(port)), timeout=10) as conn:
-        conn.sendall(bytes.fromhex(data))
-        conn.shutdown(socket.SHUT_WR)
-        got = b""
+        # A server that closes unread (a refusal) resets the connection: nothing came back.
         try:
+            conn.sendall(bytes.fromhex(data))
+            conn.shutdown(socket.SHUT_WR)
             while chunk := conn.recv(65536):
                 got += chunk
-        except ConnectionResetError:
+        except (BrokenPipeError, ConnectionResetError):
             pass
     sys.stdout.write(got.hex())
 

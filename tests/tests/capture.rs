@@ -118,7 +118,7 @@ impl Pod {
     fn echo_server(&mut self, port: u16) {
         let mut echo = self.command("python3");
         echo.args([&script("tests/capture/echo.py"), &port.to_string()]);
-        self.start("echo", echo);
+        self.start(&format!("echo{port}"), echo);
         wait_until("the echo server", Duration::from_secs(20), || {
             let ss = self.run("ss", &["-Htln", &format!("sport = :{port}")]);
             !ss.stdout.is_empty()
@@ -126,9 +126,9 @@ impl Pod {
     }
 
     /// Writes the pod's sidecar config (with `identity`'s workload certificate from `ca`),
-    /// applies the capture rules `weir-sidecar iptables` prints for it, and starts the sidecar
-    /// in group [`PROXY_GID`], once its admin `/ready` answers.
-    fn sidecar(&mut self, ca: &TestCa, identity: &str, config: &str) {
+    /// applies the capture rules `weir-sidecar iptables ARGS` prints for it, and starts the
+    /// sidecar in group [`PROXY_GID`], once its admin `/ready` answers.
+    fn sidecar(&mut self, ca: &TestCa, identity: &str, config: &str, args: &[&str]) {
         let dir = self.dir.path();
         let workload = ca.workload(identity);
         fs::write(dir.join("bundle.pem"), ca.pem()).unwrap();
@@ -144,7 +144,10 @@ impl Pod {
         )
         .unwrap();
         let config = path.to_str().unwrap();
-        let (code, rules, err) = run("weir-sidecar", &["--config", config, "iptables"]);
+        let (code, rules, err) = run(
+            "weir-sidecar",
+            &[&["--config", config, "iptables"], args].concat(),
+        );
         assert_eq!(code, 0, "weir-sidecar iptables: {err}");
         let mut restore = self.command("iptables-restore");
         restore.arg("--noflush").stdin(Stdio::piped());
@@ -238,24 +241,30 @@ impl Drop for Pod {
 /// Pod a (productpage) calls reviews in pod b by b's address; `outbound` is the rest of a's
 /// sidecar config (its `[outbound]` table, if any, comes first). Pod b serves reviews on
 /// 9080 behind its sidecar (strict mTLS, productpage may read), and on ports its capture
-/// leaves alone (it takes only the app's), an outside HTTP server on 8081 and a TCP echo
-/// server on 7000.
+/// leaves alone (it takes only the app's), an outside HTTP server on 8081 and TCP echo
+/// servers on 7000 and 7001. Pod a leaves its calls to port 7001 uncaptured.
 fn mesh(ca: &TestCa, outbound: &str) -> (Pod, Pod) {
     let (mut a, mut b) = pods();
     b.http_server(9080, &[("reviews.txt", "reviews of the app\n")]);
     b.http_server(8081, &[("outside.txt", "outside the mesh\n")]);
     b.echo_server(7000);
+    b.echo_server(7001);
     let reviews = "[inbound]\napp = \"127.0.0.1:9080\"\nmtls = \"strict\"\n\
                    [[inbound.policy]]\nname = \"productpage-reads\"\naction = \"allow\"\n\
                    principals = [\"spiffe://mesh.local/ns/default/sa/productpage\"]\n";
-    b.sidecar(ca, REVIEWS, reviews);
+    b.sidecar(ca, REVIEWS, reviews, &[]);
     let productpage = format!(
         "{outbound}\n[inbound]\napp = \"127.0.0.1:8080\"\n\
          [[route]]\nname = \"reviews\"\nhosts = [\"reviews\"]\n  [[route.backend]]\n  service = \"reviews\"\n\
          [[service]]\nname = \"reviews\"\nendpoints = [\"{POD_B}:9080\"]\n  [service.tls]\n  mode = \"mesh\"\n  \
          identities = [\"{REVIEWS}\"]\n"
     );
-    a.sidecar(ca, PRODUCTPAGE, &productpage);
+    a.sidecar(
+        ca,
+        PRODUCTPAGE,
+        &productpage,
+        &["--exclude-outbound-ports", "7001"],
+    );
     (a, b)
 }
 
@@ -292,6 +301,9 @@ fn captured_calls_go_through_the_sidecars_and_unknown_destinations_pass_through(
                     service=\"PassthroughCluster\"}";
     assert_eq!(a.metric(requests), 1.0);
 
+    // An excluded port: straight there, no log line (the next line is the next call's).
+    let echoed = a.tcp_exchange(&format!("{POD_B}:7001"), "0070696e67");
+    assert_eq!(echoed, "0070696e67");
     // Not HTTP (a 0x00 byte, then "ping"): the bytes go on as they come.
     let echoed = a.tcp_exchange(&format!("{POD_B}:7000"), "0070696e67");
     assert_eq!(echoed, "0070696e67");
