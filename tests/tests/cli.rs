@@ -192,6 +192,40 @@ fn explain_says_when_nothing_matches() {
     );
 }
 
+/// `explain ... | head -1`: a reader that stops early ends the command quietly, with the
+/// status a shell reports for SIGPIPE, not with a panic.
+#[test]
+fn a_closed_stdout_ends_the_command_quietly() {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let config = repo_root().join("config/gateway.toml");
+    let out = std::process::Command::new(weir_tests::binary("weir-gateway"))
+        .args(["explain", "--config", config.to_str().unwrap()])
+        .args(["GET", "http://localhost:8080/"])
+        .stdout(writer)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(141), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+/// The sidecar's explain says where a captured call that no route takes goes.
+#[test]
+fn the_sidecar_explains_a_call_no_route_takes() {
+    let config = repo_root().join("config/sidecar.toml");
+    let args = [
+        "explain",
+        "--config",
+        config.to_str().unwrap(),
+        "GET",
+        "http://elsewhere/",
+    ];
+    let (code, stdout, stderr) = run("weir-sidecar", &args);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("route:    none -> a captured call goes on to the address the app called (PassthroughCluster)"), "{stdout}");
+}
+
 #[test]
 fn the_sidecar_validates_its_own_sections() {
     let path = repo_root().join("config/sidecar.toml");

@@ -11,6 +11,17 @@ use weir_config::{Action, Role};
 use weir_routing::{HeaderList, Request, RouteTable, Verdict};
 
 use crate::git::GitSource;
+
+/// `println!` that ends the process quietly, as a Unix tool does, when stdout is gone
+/// (`weir-gateway explain ... | head`): Rust ignores SIGPIPE, and `println!` panics instead.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if writeln!(std::io::stdout(), $($arg)*).is_err() {
+            std::process::exit(141); // 128 + SIGPIPE, what the shell reports for one
+        }
+    }};
+}
 use crate::reload::Reloader;
 
 #[derive(Parser)]
@@ -134,7 +145,7 @@ fn iptables(path: &Path, role: Role, options: &crate::capture::RuleOptions) -> E
         eprintln!("traffic capture is the sidecar's: run `weir-sidecar iptables`");
         return ExitCode::from(2);
     };
-    print!("{}", crate::capture::rules(sidecar, options));
+    say!("{}", crate::capture::rules(sidecar, options).trim_end());
     ExitCode::SUCCESS
 }
 
@@ -183,7 +194,7 @@ fn validate(path: &Path, role: Role) -> ExitCode {
     match weir_config::load(path, role) {
         Ok(loaded) => {
             let c = &loaded.config;
-            println!(
+            say!(
                 "{}: ok ({} files, {} listeners, {} routes, {} services)",
                 path.display(),
                 loaded.files.len(),
@@ -277,30 +288,36 @@ fn explain(
         headers: &HeaderList(&header_refs),
     };
 
-    println!("request:  {method} {url}  (listener {listener:?}, host {host:?})");
+    say!("request:  {method} {url}  (listener {listener:?}, host {host:?})");
     let candidates = table.explain(&req);
     match table.find(&req) {
-        None => println!("route:    none -> 404, flag NR"),
+        None => match &config.sidecar {
+            Some(s) if listener == "outbound" && s.outbound.passthrough => say!(
+                "route:    none -> a captured call goes on to the address the app called \
+                 (PassthroughCluster); an uncaptured one gets 404, flag NR"
+            ),
+            _ => say!("route:    none -> 404, flag NR"),
+        },
         Some(found) => {
             let r = &found.route.config;
             let block = found
                 .block
                 .map_or("no match blocks".to_string(), |b| format!("match[{b}]"));
-            println!("route:    {:?} ({}), {block}", r.name, r.origin);
+            say!("route:    {:?} ({}), {block}", r.name, r.origin);
             if let (Some(sidecar), true) = (&config.sidecar, listener == "inbound") {
                 let policies = &sidecar.inbound.policies;
                 let who = peer.unwrap_or("a caller without a certificate");
                 let verdict = weir_routing::authz::authorize(policies, peer, &method, uri.path());
                 match verdict {
-                    Ok(()) if policies.is_empty() => println!("authz:    allowed (no policy)"),
-                    Ok(()) => println!("authz:    allowed for {who}"),
+                    Ok(()) if policies.is_empty() => say!("authz:    allowed (no policy)"),
+                    Ok(()) => say!("authz:    allowed for {who}"),
                     Err(policy) => {
-                        println!("authz:    denied for {who} by {policy:?} -> 403, flag AD");
+                        say!("authz:    denied for {who} by {policy:?} -> 403, flag AD");
                     }
                 }
             }
             match &r.action {
-                Action::Redirect(rd) => println!(
+                Action::Redirect(rd) => say!(
                     "action:   redirect {} to scheme {}, host {}, path {} (query kept)",
                     rd.status,
                     rd.scheme.as_deref().unwrap_or("(same)"),
@@ -308,14 +325,14 @@ fn explain(
                     rd.path.as_deref().unwrap_or("(same)")
                 ),
                 Action::DirectResponse { status, body } => {
-                    println!(
+                    say!(
                         "action:   direct response {status}, {} byte body",
                         body.len()
                     )
                 }
                 Action::Backends(backends) => {
                     let total: u64 = backends.iter().map(|b| u64::from(b.weight)).sum();
-                    println!("action:   split between {} backend(s)", backends.len());
+                    say!("action:   split between {} backend(s)", backends.len());
                     for b in backends {
                         let share = 100.0 * f64::from(b.weight) / total as f64;
                         let how = config
@@ -324,9 +341,10 @@ fn explain(
                             .find(|s| s.name == b.service)
                             .map(describe_service)
                             .unwrap_or_default();
-                        println!(
+                        say!(
                             "            {}  weight {}  ({share:.1}%)  {how}",
-                            b.service, b.weight
+                            b.service,
+                            b.weight
                         );
                     }
                 }
@@ -334,14 +352,14 @@ fn explain(
             describe_policies(r);
         }
     }
-    println!("candidates, in precedence order:");
+    say!("candidates, in precedence order:");
     for c in &candidates {
         let block = c.block.map_or(String::new(), |b| format!(" match[{b}]"));
         let name = format!("{:?}{block}", c.route.config.name);
         match &c.verdict {
-            Verdict::Wins => println!("  wins      {name}"),
-            Verdict::Shadowed => println!("  shadowed  {name}: matches too, but lower precedence"),
-            Verdict::NoMatch(why) => println!("  no match  {name}: {why}"),
+            Verdict::Wins => say!("  wins      {name}"),
+            Verdict::Shadowed => say!("  shadowed  {name}: matches too, but lower precedence"),
+            Verdict::NoMatch(why) => say!("  no match  {name}: {why}"),
         }
     }
     ExitCode::SUCCESS
@@ -402,7 +420,7 @@ fn describe_service(s: &weir_config::Service) -> String {
 fn describe_policies(r: &weir_config::Route) {
     use weir_config::duration::format;
     if let Some(t) = r.timeout {
-        println!(
+        say!(
             "timeout:  {} for the whole request, retries included (504 DT)",
             format(t)
         );
@@ -410,7 +428,7 @@ fn describe_policies(r: &weir_config::Route) {
     if matches!(r.action, weir_config::Action::Backends(_)) {
         let rt = &r.retry;
         if rt.attempts == 0 {
-            println!("retry:    off");
+            say!("retry:    off");
         } else {
             let on = &rt.on;
             let mut conds: Vec<String> = [
@@ -430,7 +448,7 @@ fn describe_policies(r: &weir_config::Route) {
                 .per_try_timeout
                 .map(|t| format!(", {} per try", format(t)))
                 .unwrap_or_default();
-            println!(
+            say!(
                 "retry:    up to {} on {}{per_try}; backoff {}; {} (budget {} of requests + {}/s)",
                 rt.attempts,
                 conds.join(", "),
@@ -448,30 +466,31 @@ fn describe_policies(r: &weir_config::Route) {
     if let Some(f) = &r.fault {
         if let Some(d) = &f.delay {
             let fixed = weir_config::duration::format(d.fixed);
-            println!(
+            say!(
                 "fault:    delay {fixed} for {}% of requests (flag FI)",
                 d.percent
             );
         }
         if let Some(a) = &f.abort {
-            println!(
+            say!(
                 "fault:    abort with {} for {}% of requests (flag FI)",
-                a.status, a.percent
+                a.status,
+                a.percent
             );
         }
     }
     if let Some(m) = &r.mirror {
-        println!(
+        say!(
             "mirror:   {}% of requests copied to service {:?} (Host + \"-shadow\", bodies up to {} bytes)",
             m.percent, m.service, m.max_body_bytes
         );
     }
     if let Some(rw) = &r.rewrite {
         if let Some(p) = &rw.path_prefix {
-            println!("rewrite:  matched path prefix -> {p:?}");
+            say!("rewrite:  matched path prefix -> {p:?}");
         }
         if let Some(h) = &rw.host {
-            println!("rewrite:  Host -> {h:?}");
+            say!("rewrite:  Host -> {h:?}");
         }
     }
     for (label, ops) in [
@@ -479,13 +498,13 @@ fn describe_policies(r: &weir_config::Route) {
         ("response", &r.response_headers),
     ] {
         for (k, v) in &ops.set {
-            println!("{label} header: set {k}: {v}");
+            say!("{label} header: set {k}: {v}");
         }
         for (k, v) in &ops.add {
-            println!("{label} header: add {k}: {v}");
+            say!("{label} header: add {k}: {v}");
         }
         for k in &ops.remove {
-            println!("{label} header: remove {k}");
+            say!("{label} header: remove {k}");
         }
     }
 }
