@@ -199,6 +199,15 @@ impl Pod {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// [`Pod::tcp_exchange`] a byte at a time, `pause` seconds apart, each echo read before
+    /// the next byte (tests/capture/echo.py `drip`).
+    fn run_drip(&self, addr: &str, hex: &str, pause: f64) -> String {
+        let echo = script("tests/capture/echo.py");
+        let out = self.run("python3", &[&echo, "drip", addr, hex, &pause.to_string()]);
+        assert!(out.status.success(), "echo.py drip: {}", text(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// The sidecar's access log lines, parsed, once there are `n`.
     fn access_log(&self, n: usize) -> Vec<serde_json::Value> {
         let read = || -> Vec<serde_json::Value> {
@@ -238,40 +247,47 @@ impl Drop for Pod {
     }
 }
 
-/// Pod a (productpage) calls reviews in pod b by b's address; `outbound` is the rest of a's
-/// sidecar config (its `[outbound]` table, if any, comes first). Pod b serves reviews on
-/// 9080 behind its sidecar (strict mTLS, productpage may read), and on ports its capture
-/// leaves alone (it takes only the app's), an outside HTTP server on 8081 and TCP echo
-/// servers on 7000 and 7001. Pod a leaves its calls to port 7001 uncaptured.
-fn mesh(ca: &TestCa, outbound: &str) -> (Pod, Pod) {
+/// Reviews lets productpage call it.
+const PRODUCTPAGE_MAY_CALL: &str = "[[inbound.policy]]\nname = \"productpage\"\naction = \"allow\"\n\
+                                    principals = [\"spiffe://mesh.local/ns/default/sa/productpage\"]\n";
+
+/// Pod b's TCP app on port 7000 (an echo server), taken by its capture, and pod a's route to
+/// it over the mesh by its address.
+const ECHO_ROUTE: &str = "[[route]]\nname = \"echo\"\ndestinations = [\"10.77.0.2:7000\"]\n\
+                          [[route.backend]]\nservice = \"echo\"\n\
+                          [[service]]\nname = \"echo\"\nendpoints = [\"10.77.0.2:7000\"]\n\
+                          [service.tls]\nmode = \"mesh\"\n\
+                          identities = [\"spiffe://mesh.local/ns/default/sa/reviews\"]\n";
+
+/// Pod a (productpage) calls reviews in pod b by b's address. `a_outbound` opens a's sidecar
+/// config (its `[outbound]` table), `a_routes` ends it; `b_inbound` ends b's `[inbound]`
+/// table (its keys, then its policies). Pod b serves reviews on 9080 behind its sidecar
+/// (strict mTLS), echoes TCP on 7000 and 7001, and, on a port its capture leaves alone (it
+/// takes only the app's), serves an outside HTTP server on 8081. Pod a leaves its calls to
+/// port 7001 uncaptured.
+fn mesh(ca: &TestCa, a_outbound: &str, a_routes: &str, b_inbound: &str) -> (Pod, Pod) {
     let (mut a, mut b) = pods();
     b.http_server(9080, &[("reviews.txt", "reviews of the app\n")]);
     b.http_server(8081, &[("outside.txt", "outside the mesh\n")]);
     b.echo_server(7000);
     b.echo_server(7001);
-    let reviews = "[inbound]\napp = \"127.0.0.1:9080\"\nmtls = \"strict\"\n\
-                   [[inbound.policy]]\nname = \"productpage-reads\"\naction = \"allow\"\n\
-                   principals = [\"spiffe://mesh.local/ns/default/sa/productpage\"]\n";
-    b.sidecar(ca, REVIEWS, reviews, &[]);
+    let reviews = format!("[inbound]\napp = \"127.0.0.1:9080\"\nmtls = \"strict\"\n{b_inbound}");
+    b.sidecar(ca, REVIEWS, &reviews, &[]);
     let productpage = format!(
-        "{outbound}\n[inbound]\napp = \"127.0.0.1:8080\"\n\
+        "{a_outbound}\n[inbound]\napp = \"127.0.0.1:8080\"\n\
          [[route]]\nname = \"reviews\"\nhosts = [\"reviews\"]\n  [[route.backend]]\n  service = \"reviews\"\n\
          [[service]]\nname = \"reviews\"\nendpoints = [\"{POD_B}:9080\"]\n  [service.tls]\n  mode = \"mesh\"\n  \
-         identities = [\"{REVIEWS}\"]\n"
+         identities = [\"{REVIEWS}\"]\n{a_routes}"
     );
-    a.sidecar(
-        ca,
-        PRODUCTPAGE,
-        &productpage,
-        &["--exclude-outbound-ports", "7001"],
-    );
+    let uncaptured = ["--exclude-outbound-ports", "7001"];
+    a.sidecar(ca, PRODUCTPAGE, &productpage, &uncaptured);
     (a, b)
 }
 
 #[test]
 fn captured_calls_go_through_the_sidecars_and_unknown_destinations_pass_through() {
     let ca = TestCa::new("mesh CA");
-    let (a, b) = mesh(&ca, "");
+    let (a, b) = mesh(&ca, "", "", PRODUCTPAGE_MAY_CALL);
     // Pod a's app calls reviews by pod b's address, in plaintext: its sidecar catches the
     // call, routes it by Host and carries it over mesh mTLS, which b's sidecar catches on the
     // app's port, checks and hands to the app. (Uncaptured, the plaintext call would hit b's
@@ -321,7 +337,8 @@ fn captured_calls_go_through_the_sidecars_and_unknown_destinations_pass_through(
 #[test]
 fn with_passthrough_off_captured_calls_only_reach_routed_services() {
     let ca = TestCa::new("mesh CA");
-    let (a, _b) = mesh(&ca, "[outbound]\npassthrough = false\n");
+    let off = "[outbound]\npassthrough = false\n";
+    let (a, _b) = mesh(&ca, off, "", PRODUCTPAGE_MAY_CALL);
     let url = format!("http://{POD_B}:9080/reviews.txt");
     assert_eq!(
         a.curl(&["-H", "Host: reviews", &url]).unwrap(),
@@ -338,6 +355,57 @@ fn with_passthrough_off_captured_calls_only_reach_routed_services() {
     assert_eq!(refused["protocol"], "TCP");
     assert_eq!(refused["flags"], "NR");
     assert_eq!(refused["bytes_received"], 0);
+}
+
+/// TCP to a mesh service, by the address the app called: mesh mTLS from a's sidecar, which b's
+/// sidecar catches on the app's TCP port, checks (the caller's identity against b's
+/// policies) and forwards to the app as bytes.
+#[test]
+fn tcp_to_a_mesh_service_goes_over_mtls_by_original_destination() {
+    let ca = TestCa::new("mesh CA");
+    let a_idle = "[outbound]\nidle_timeout = \"1s\"\n";
+    let b_inbound = format!("tcp_ports = [7000]\nidle_timeout = \"1s\"\n{PRODUCTPAGE_MAY_CALL}");
+    let (a, b) = mesh(&ca, a_idle, ECHO_ROUTE, &b_inbound);
+    let echo = format!("{POD_B}:7000");
+    assert_eq!(a.tcp_exchange(&echo, "0070696e67"), "0070696e67");
+    let out = &a.access_log(1)[0];
+    assert_eq!(out["protocol"], "TCP");
+    assert_eq!(out["route"], "echo");
+    assert_eq!(out["service"], "echo");
+    assert_eq!(out["upstream"], echo);
+    let into = &b.access_log(1)[0];
+    assert_eq!(into["listener"], "inbound");
+    assert_eq!(into["protocol"], "TCP");
+    assert_eq!(into["peer"], PRODUCTPAGE);
+    assert_eq!(into["upstream"], "127.0.0.1:7000");
+    assert_eq!(into["bytes_received"], 5);
+    assert_eq!(into["bytes_sent"], 5);
+    // Bytes that keep coming keep the connection: both listeners' idle timeouts are 1 s,
+    // and the exchange lasts 2.4 s.
+    assert_eq!(a.run_drip(&echo, "01020304", 0.6), "01020304");
+}
+
+/// A deny policy's principals refuse a TCP connection whatever its HTTP fields (paths here)
+/// say: Istio's rule, closed both ways.
+#[test]
+fn a_deny_policy_refuses_tcp_by_principal() {
+    let ca = TestCa::new("mesh CA");
+    let deny = "tcp_ports = [7000]\n[[inbound.policy]]\nname = \"no-admin\"\naction = \"deny\"\n\
+                principals = [\"spiffe://mesh.local/ns/default/sa/productpage\"]\n\
+                paths = [\"/admin*\"]\n";
+    let (a, b) = mesh(&ca, "", ECHO_ROUTE, deny);
+    assert_eq!(a.tcp_exchange(&format!("{POD_B}:7000"), "0070696e67"), "");
+    let refused = &b.access_log(1)[0];
+    assert_eq!(refused["flags"], "AD");
+    assert_eq!(refused["peer"], PRODUCTPAGE);
+    assert_eq!(
+        b.metric("weir_authz_denied_total{policy=\"no-admin\"}"),
+        1.0
+    );
+    // HTTP outside /admin is not denied.
+    let url = format!("http://{POD_B}:9080/reviews.txt");
+    let reply = a.curl(&["-H", "Host: reviews", &url]).unwrap();
+    assert_eq!(reply, "200 reviews of the app\n");
 }
 
 #[test]

@@ -192,6 +192,10 @@ pub struct Route {
     pub name: String,
     /// Empty = attached to every listener.
     pub listeners: Vec<String>,
+    /// The sidecar's: a TCP route for captured connections to these addresses (then it has
+    /// no listeners, hosts or HTTP keys).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub destinations: Vec<SocketAddr>,
     /// Empty = any host.
     pub hosts: Vec<HostPattern>,
     /// Empty = match every request.
@@ -643,6 +647,9 @@ pub enum Mtls {
     Disable,
 }
 
+/// The name of the sidecar's inbound listener, and of its route and service to the app.
+pub const INBOUND: &str = "inbound";
+
 /// The inbound side: the listener (named "inbound") in front of the app, which is reached
 /// through the route and the service both named "inbound".
 #[derive(Debug, Clone, Serialize)]
@@ -652,6 +659,9 @@ pub struct Inbound {
     /// HTTP/1.1, or h2c for gRPC apps.
     pub app_protocol: UpstreamProtocol,
     pub mtls: Mtls,
+    /// The app's ports that speak TCP other than HTTP (a database, a broker): captured
+    /// connections to them are forwarded to the app's port as bytes, after the mTLS.
+    pub tcp_ports: Vec<u16>,
     /// The inbound listener's `idle_timeout` and `max_connections` (see [`Listener`]).
     #[serde(serialize_with = "as_str")]
     pub idle_timeout: Duration,

@@ -131,6 +131,9 @@ pub struct RawRoute {
     pub name: Option<String>,
     /// Listeners this route is attached to; absent = every listener.
     pub listeners: Option<Vec<String>>,
+    /// Sidecar only: the original destinations ("10.96.0.5:6379") of captured TCP
+    /// connections this route takes.
+    pub destinations: Option<Vec<String>>,
     /// Hosts: exact names or "*.suffix"; absent = any host.
     pub hosts: Option<Vec<String>>,
     /// A fixed answer instead of backends.
@@ -413,6 +416,8 @@ pub struct RawInbound {
     /// "http1" (default) or "http2" (h2c): how the sidecar speaks to the app.
     pub app_protocol: Option<String>,
     pub mtls: Option<String>,
+    /// The app's ports that speak TCP other than HTTP, taken by traffic capture.
+    pub tcp_ports: Option<Vec<u64>>,
     pub idle_timeout: Option<String>,
     pub max_connections: Option<u64>,
     /// Authorization of the requests to the app.

@@ -195,6 +195,7 @@ impl Checker<'_> {
                 .filter_map(|s| Some((s.name.as_str(), s.tls.as_ref()?.mode)))
                 .collect(),
         };
+        let mut destinations = HashMap::new();
         let routes = self.named("route", routes, |v, at, r| {
             // The sidecar's own route alone takes the inbound listener.
             let inbound = sidecar.is_some() && r.name() != Some(INBOUND);
@@ -202,7 +203,10 @@ impl Checker<'_> {
             if inbound {
                 listeners.remove(INBOUND);
             }
-            if r.listeners
+            if r.destinations.is_some() {
+                v.destination_route(at, &r, sidecar.is_some());
+            } else if r
+                .listeners
                 .iter()
                 .flatten()
                 .any(|l| streams.listeners.contains_key(l.as_str()))
@@ -211,7 +215,17 @@ impl Checker<'_> {
             } else {
                 v.no_proxy_header(at, &r);
             }
-            v.route(at, r, &listeners, &service_names)
+            let route = v.route(at, r, &listeners, &service_names)?;
+            for (i, d) in route.destinations.iter().enumerate() {
+                match destinations.insert(*d, route.name.clone()) {
+                    Some(other) => v.fail(
+                        &at.item("destinations", i),
+                        format!("destination {d} is route {other:?}'s too; each has one route"),
+                    ),
+                    None => continue,
+                }
+            }
+            Some(route)
         });
 
         let runtime = runtime.map(|(at, r)| self.runtime(&at, r));
@@ -1061,6 +1075,19 @@ impl Checker<'_> {
         self.not_empty(at, "listeners", r.listeners.as_ref(), "every listener");
         self.not_empty(at, "hosts", r.hosts.as_ref(), "any host");
         let route_listeners = r.listeners.unwrap_or_default();
+        self.not_empty(at, "destinations", r.destinations.as_ref(), "no address");
+        let destinations = (r.destinations.iter().flatten().enumerate())
+            .filter_map(|(i, d)| match d.parse() {
+                Ok(addr) => Some(addr),
+                Err(_) => {
+                    let e = format!(
+                        "destination {d:?} is not an address and port, such as \"10.96.0.5:6379\""
+                    );
+                    self.fail(&at.item("destinations", i), e);
+                    None
+                }
+            })
+            .collect();
         for (i, name) in route_listeners.iter().enumerate() {
             if !listeners.contains(name.as_str()) {
                 self.fail(
@@ -1134,6 +1161,7 @@ impl Checker<'_> {
         (self.errors.len() == before).then(|| Route {
             name: r.name.unwrap_or_default(),
             listeners: route_listeners,
+            destinations,
             hosts,
             matches,
             action: action.expect("no error means an action"),
@@ -1169,26 +1197,7 @@ impl Checker<'_> {
                 "hosts match the SNI of tls listeners; a tcp listener has no name to match",
             );
         }
-        let http_only = [
-            ("match", !r.matches.is_empty()),
-            ("direct_response", r.direct_response.is_some()),
-            ("redirect", r.redirect.is_some()),
-            ("rewrite", r.rewrite.is_some()),
-            ("fault", r.fault.is_some()),
-            ("mirror", r.mirror.is_some()),
-            ("timeout", r.timeout.is_some()),
-            ("retry", r.retry.is_some()),
-            ("request_headers", r.request_headers.is_some()),
-            ("response_headers", r.response_headers.is_some()),
-        ];
-        for (key, given) in http_only {
-            if given {
-                self.fail(
-                    &at.key(key),
-                    format!("{key} applies to HTTP routes, not to a route on tcp or tls listeners"),
-                );
-            }
-        }
+        self.no_http_keys(at, r, "a route on tcp or tls listeners");
         // A tcp route may originate TLS; a tls route's bytes are TLS already.
         let on_tls =
             (named.clone()).any(|l| streams.listeners.get(l.as_str()) == Some(&Protocol::Tls));
@@ -1207,6 +1216,55 @@ impl Checker<'_> {
             };
             let e = format!("service {name:?} has [service.tls]: {why}");
             self.fail(&at.item("backend", i), e);
+        }
+    }
+
+    /// A route with `destinations` takes the sidecar's captured TCP connections to those
+    /// addresses: backends only, on no listener of its own.
+    fn destination_route(&mut self, at: &At, r: &RawRoute, sidecar: bool) {
+        if !sidecar {
+            self.fail(
+                &at.key("destinations"),
+                "destinations route the sidecar's captured TCP connections; a gateway routes \
+                 TCP by listener (protocol = \"tcp\")",
+            );
+        }
+        if r.listeners.is_some() {
+            self.fail(
+                &at.key("listeners"),
+                "a route with destinations takes captured connections on the outbound \
+                 listener; leave out listeners",
+            );
+        }
+        if r.hosts.is_some() {
+            self.fail(
+                &at.key("hosts"),
+                "a route with destinations matches a connection's original address; it has \
+                 no name to match hosts against",
+            );
+        }
+        self.no_http_keys(at, r, "a route with destinations");
+    }
+
+    /// `what` forwards bytes: none of the HTTP keys apply to it.
+    fn no_http_keys(&mut self, at: &At, r: &RawRoute, what: &str) {
+        let http_only = [
+            ("match", !r.matches.is_empty()),
+            ("direct_response", r.direct_response.is_some()),
+            ("redirect", r.redirect.is_some()),
+            ("rewrite", r.rewrite.is_some()),
+            ("fault", r.fault.is_some()),
+            ("mirror", r.mirror.is_some()),
+            ("timeout", r.timeout.is_some()),
+            ("retry", r.retry.is_some()),
+            ("request_headers", r.request_headers.is_some()),
+            ("response_headers", r.response_headers.is_some()),
+        ];
+        for (key, given) in http_only {
+            if given {
+                let e = format!("{key} applies to HTTP routes, not to {what}");
+                self.fail(&at.key(key), e);
+            }
         }
     }
 
@@ -1683,6 +1741,21 @@ impl Checker<'_> {
                 None
             }
         };
+        let mut tcp_ports = Vec::new();
+        for (i, port) in raw_in.tcp_ports.iter().flatten().enumerate() {
+            let at = in_at.item("tcp_ports", i);
+            match u16::try_from(*port) {
+                Ok(0) | Err(_) => self.fail(&at, format!("port {port} is not 1-65535")),
+                Ok(p) if app.is_some_and(|a| a.port() == p) => self.fail(
+                    &at,
+                    format!("port {p} is the app's HTTP port; tcp_ports are its other ones"),
+                ),
+                Ok(p) if tcp_ports.contains(&p) => {
+                    self.fail(&at, format!("port {p} is listed twice"))
+                }
+                Ok(p) => tcp_ports.push(p),
+            }
+        }
         let app_protocol = match raw_in.app_protocol.as_deref() {
             None | Some("http1") => UpstreamProtocol::Http1,
             Some("http2") => UpstreamProtocol::Http2,
@@ -1751,6 +1824,7 @@ impl Checker<'_> {
                 app: app.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8080))),
                 app_protocol,
                 mtls: mtls.unwrap_or(Mtls::Strict),
+                tcp_ports,
                 idle_timeout: in_idle,
                 max_connections: in_max,
                 policies,
@@ -1790,7 +1864,8 @@ impl Checker<'_> {
         }
         routes.retain(|(_, r)| r.name() != Some(INBOUND));
         services.retain(|(_, s)| s.name() != Some(INBOUND));
-        for (_, r) in routes.iter_mut() {
+        // A route with `destinations` is on no listener: the original address picks it.
+        for (_, r) in routes.iter_mut().filter(|(_, r)| r.destinations.is_none()) {
             r.listeners.get_or_insert_with(|| vec![OUTBOUND.into()]);
         }
         // The app is a service, and every request on the inbound listener takes one route to
@@ -2043,8 +2118,6 @@ fn clash(a: SocketAddr, b: SocketAddr) -> bool {
     a.port() == b.port() && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
-/// The sidecar's listener, route and service in front of the app.
-const INBOUND: &str = "inbound";
 /// The sidecar's listener for the app's calls, which user routes attach to.
 const OUTBOUND: &str = "outbound";
 

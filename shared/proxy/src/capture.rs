@@ -44,23 +44,30 @@ pub struct RuleOptions {
 }
 
 /// The `nat` table rules, in `iptables-restore` form, that send inbound TCP connections to the
-/// app's port to the inbound listener, and every outbound one to the outbound listener but the
+/// app's ports to the inbound listener, and every outbound one to the outbound listener but the
 /// sidecar's own (by group), loopback traffic and the excluded ports.
 ///
-/// Inbound, only the app's port: the inbound listener sends everything to `[inbound] app`,
-/// so a connection to another port of the pod (ssh, the admin port, a metrics port the app
-/// serves apart) must not reach it.
+/// Inbound, only the app's ports (`app`'s and the `tcp_ports`): a connection to another port
+/// of the pod (ssh, the admin port, a metrics port the app serves apart) stays the app's.
 pub fn rules(sidecar: &Sidecar, options: &RuleOptions) -> String {
-    let (app, inbound) = (sidecar.inbound.app.port(), sidecar.inbound.listen.port());
+    let inbound = &sidecar.inbound;
     let outbound = sidecar.outbound.listen.port();
-    let mut out = format!(
+    let mut out = String::from(
         "# weir-sidecar iptables: apply with `iptables-restore --noflush`, in the pod's network\n\
          # namespace, before the app starts.\n\
          *nat\n:WEIR_INBOUND - [0:0]\n:WEIR_OUTBOUND - [0:0]\n\
-         -A PREROUTING -p tcp -j WEIR_INBOUND\n-A OUTPUT -p tcp -j WEIR_OUTBOUND\n\
-         -A WEIR_INBOUND -p tcp --dport {app} -j REDIRECT --to-ports {inbound}\n\
-         -A WEIR_OUTBOUND -m owner --gid-owner {} -j RETURN\n\
-         -A WEIR_OUTBOUND -o lo -j RETURN\n",
+         -A PREROUTING -p tcp -j WEIR_INBOUND\n-A OUTPUT -p tcp -j WEIR_OUTBOUND\n",
+    );
+    for port in std::iter::once(&inbound.app.port()).chain(&inbound.tcp_ports) {
+        let to = inbound.listen.port();
+        let _ = writeln!(
+            out,
+            "-A WEIR_INBOUND -p tcp --dport {port} -j REDIRECT --to-ports {to}"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "-A WEIR_OUTBOUND -m owner --gid-owner {} -j RETURN\n-A WEIR_OUTBOUND -o lo -j RETURN",
         options.proxy_gid
     );
     for port in &options.exclude_outbound_ports {

@@ -62,6 +62,12 @@ pub(crate) fn multiplexed() {
     request_started();
 }
 
+/// The connection is forwarded as bytes (`stream.rs`), which time out by their own
+/// `idle_timeout`, counted from the last byte either way.
+pub(crate) fn spliced() {
+    request_started();
+}
+
 /// Runs `serve`, a client connection's whole life, until it ends or the connection has had no
 /// request in flight for `idle`.
 pub(crate) async fn serve_until_idle(serve: impl Future<Output = ()>, idle: Duration) {

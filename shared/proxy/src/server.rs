@@ -37,9 +37,9 @@ use crate::git::GitSource;
 use crate::proxy::WeirProxy;
 use crate::proxy_protocol;
 use crate::reload::{Outcome, Reloader};
-use crate::stream::{CapturedTcp, Passthrough};
+use crate::stream::{CapturedTcp, InboundTcp, Passthrough};
 use crate::tls;
-use weir_config::Protocol;
+use weir_config::{Protocol, INBOUND};
 use weir_telemetry::access_log::AccessLog;
 use weir_telemetry::otel::Tracing;
 
@@ -192,6 +192,14 @@ pub fn run(reloader: Reloader, git: Option<Arc<GitSource>>, upgrade: bool) -> an
                     in_flight: in_flight.clone(),
                 }
             }),
+            inbound_tcp: (config.sidecar.is_some() && listener.name == INBOUND).then(|| {
+                InboundTcp {
+                    reloader: reloader.clone(),
+                    idle_timeout,
+                    access_log: access_log.clone(),
+                    in_flight: in_flight.clone(),
+                }
+            }),
         };
         let mut service = Service::new(name, app);
         // No L4 read buffer on plaintext listeners: Pingora's HTTP/1 session reads into its
@@ -273,6 +281,8 @@ struct Sniffing {
     open: OpenConnections,
     /// The sidecar's outbound listener: captured connections that do not open like HTTP.
     captured_tcp: Option<CapturedTcp>,
+    /// The sidecar's inbound listener: captured connections to the app's `tcp_ports`.
+    inbound_tcp: Option<InboundTcp>,
 }
 
 /// The first byte of a TLS connection: a handshake record (RFC 8446, §5.1).
@@ -340,6 +350,20 @@ impl Sniffing {
                 Err(e) => return debug!("closing a connection: {e}"),
             };
         }
+        if let Some(tcp) = &self.captured_tcp {
+            if let Some(dst) = tcp.routed(&stream) {
+                connection::spliced();
+                // Boxed: the copy's buffers and state stay off the listener's task until used.
+                return Box::pin(tcp.forward(stream, dst)).await;
+            }
+        }
+        let tcp_port = self.inbound_tcp.as_ref().and_then(|tcp| tcp.port(&stream));
+        if let (Some(tcp), Some(port), None) = (&self.inbound_tcp, tcp_port, &self.tls) {
+            // Plaintext only (mtls = "disable"): nothing to read first; the app may speak
+            // first.
+            connection::spliced();
+            return Box::pin(tcp.forward(stream, port)).await;
+        }
         let mut first = [0u8; 1];
         let mut stopping = shutdown.clone();
         let peeked = tokio::select! {
@@ -354,7 +378,7 @@ impl Sniffing {
         {
             let digest = stream.get_socket_digest();
             if let Some(dst) = digest.as_deref().and_then(capture::original_dst) {
-                // Boxed: the copy's buffers and state stay off the listener's task until used.
+                connection::spliced();
                 return Box::pin(tcp.forward(stream, dst)).await;
             }
         }
@@ -394,6 +418,10 @@ impl Sniffing {
                 }
             }
             _ => {}
+        }
+        if let (Some(tcp), Some(port)) = (&self.inbound_tcp, tcp_port) {
+            connection::spliced();
+            return Box::pin(tcp.forward(stream, port)).await;
         }
         // The keep-alive loop Pingora's own service would run.
         let mut next = proxy.process_new(stream, shutdown).await;

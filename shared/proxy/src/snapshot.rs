@@ -1,12 +1,13 @@
 //! The compiled config that requests read: one immutable [`Snapshot`] per generation.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use pingora_core::upstreams::peer::HttpPeer;
-use weir_config::{Action, Config, Loaded, Policy, Role, Service};
+use weir_config::{Action, Config, Loaded, Policy, Role, Service, TlsMode};
 use weir_resilience::{Balancer, ConnectionGate, Limiter, RetryBudget};
 use weir_routing::{CompiledRoute, RouteTable};
 use weir_telemetry::metrics::RequestSeries;
@@ -39,6 +40,8 @@ pub struct Snapshot {
     proxy: &'static str,
     /// The sidecar's route to the app, by [`CompiledRoute::order`].
     inbound: Option<usize>,
+    /// The sidecar's TCP routes, by the original destinations they take (`destinations`).
+    pub destinations: HashMap<SocketAddr, Arc<CompiledRoute>>,
     /// The request series of requests no route took (400, 404 `NR`).
     unrouted: OnceLock<RequestSeries>,
     /// The sidecar's: requests no route took that went on to their original destination.
@@ -99,16 +102,20 @@ impl ServiceState {
         }
     }
 
-    /// With `[service.tls]`, how a `tcp` listener's connection originates TLS: the service's
-    /// CA (else the system's roots) and client certificate; the name checked is `sni`.
+    /// With `[service.tls]`, how a TCP connection (of a `tcp` listener, or captured)
+    /// originates TLS: the service's CA (else the system's roots) and client certificate, the
+    /// name checked `sni`; in mode mesh, the workload certificate, and the server's SPIFFE id
+    /// checked against `identities`.
     pub fn stream_tls(&self) -> Option<Result<&Arc<ClientConfig>, &str>> {
         let tls = self.config.tls.as_ref()?;
         let made = self.stream_tls.get_or_init(|| {
             let roots = weir_tls::trusted(&tls.roots)?;
-            Ok(Arc::new(weir_tls::client_config(
-                roots,
-                tls.client.as_ref(),
-            )?))
+            match (tls.mode, &tls.client) {
+                (TlsMode::Mesh, Some(workload)) => {
+                    weir_tls::mesh::client_config(workload, roots, &tls.identities)
+                }
+                (_, client) => Ok(Arc::new(weir_tls::client_config(roots, client.as_ref())?)),
+            }
         });
         Some(made.as_ref().map_err(String::as_str))
     }
@@ -170,6 +177,12 @@ impl Snapshot {
             .iter()
             .map(|l| (l.name.clone(), RouteTable::new(&config, &l.name)))
             .collect();
+        let destinations = (config.routes.iter().enumerate())
+            .flat_map(|(order, r)| {
+                let route = Arc::new(CompiledRoute::new(r.clone(), order));
+                r.destinations.iter().map(move |d| (*d, route.clone()))
+            })
+            .collect();
         let inbound = match role {
             Role::Gateway => None,
             Role::Sidecar => config.routes.iter().position(|r| r.name == "inbound"),
@@ -189,6 +202,7 @@ impl Snapshot {
                 Role::Sidecar => "outbound",
             },
             inbound,
+            destinations,
             unrouted: OnceLock::new(),
             passthrough: OnceLock::new(),
         }

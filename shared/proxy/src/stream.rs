@@ -30,7 +30,7 @@ use tokio_rustls::TlsConnector;
 use tracing::{debug, warn};
 use weir_config::HashOn;
 use weir_resilience::TryResult;
-use weir_routing::{HeaderList, Request};
+use weir_routing::{CompiledRoute, HeaderList, Request};
 use weir_telemetry::access_log::{AccessLog, Bytes, Entry};
 use weir_tls::rustls::pki_types::ServerName;
 
@@ -39,7 +39,7 @@ use crate::proxy::InFlight;
 use crate::proxy_protocol;
 use crate::reload::Reloader;
 use crate::server::OpenConnections;
-use crate::snapshot::ServiceState;
+use crate::snapshot::{ServiceState, Snapshot};
 
 /// A ClientHello is at most a few KiB; more without one is not TLS worth waiting for.
 const MAX_HELLO: usize = 64 * 1024;
@@ -97,6 +97,8 @@ struct Outcome {
     generation: u64,
     /// Captured, and sent on to where it was going (`capture::PASSTHROUGH`).
     passthrough: bool,
+    /// The caller's SPIFFE id (or certificate subject), on the sidecar's inbound side.
+    peer: Option<String>,
 }
 
 impl Passthrough {
@@ -134,7 +136,20 @@ impl Passthrough {
         traffic
             .received
             .fetch_add(hello.len() as u64, Ordering::Relaxed);
-        if let Some(mut upstream) = self.connect(client_addr, local_addr, &mut outcome).await {
+        let upstream = {
+            let snapshot = self.reloader.snapshot();
+            outcome.generation = snapshot.generation;
+            match self.route(&snapshot, outcome.sni.as_deref()) {
+                Some(route) => {
+                    connect(&snapshot, &route, client_addr, local_addr, &mut outcome).await
+                }
+                None => {
+                    outcome.flags = "NR";
+                    None
+                }
+            }
+        };
+        if let Some(mut upstream) = upstream {
             let replayed = upstream.io.write_all(&hello).await.is_ok();
             if replayed && splice(&mut client, &mut upstream.io, self.idle_timeout, &traffic).await
             {
@@ -144,97 +159,9 @@ impl Passthrough {
         self.record(client_ip, &outcome, &traffic, start.elapsed());
     }
 
-    /// The route, its backend and a connection to one of the service's endpoints; `None`
-    /// with the reason in `outcome.flags`.
-    /// `client` and `listener`: the two ends of the client's connection, for hashing and a
-    /// PROXY header.
-    async fn connect(
-        &self,
-        client: Option<SocketAddr>,
-        listener: Option<SocketAddr>,
-        outcome: &mut Outcome,
-    ) -> Option<Upstream> {
-        let key = client.map(|client| match client.ip() {
-            IpAddr::V4(v4) => v4.octets().to_vec(),
-            IpAddr::V6(v6) => v6.octets().to_vec(),
-        });
-        let service = self.backend(key.as_deref(), outcome)?;
-        outcome.service = Some(service.clone());
-        // Circuit breaking: a connection takes one of the service's `max_connections`.
-        let Some(place) = service.connections.try_acquire() else {
-            outcome.flags = "UO";
-            return None;
-        };
-        let key = key.filter(|_| sticky(&service));
-        // `[service.tls]` on a tcp route: Weir originates TLS, verifying `sni`.
-        let tls = match service.stream_tls() {
-            None => None,
-            Some(Ok(config)) => {
-                let sni = service.config.tls.as_ref().map_or("", |t| t.sni.as_str());
-                let name = ServerName::try_from(sni.to_owned()).ok()?;
-                Some((TlsConnector::from(config.clone()), name))
-            }
-            Some(Err(e)) => {
-                warn!(service = %service.config.name, "cannot originate TLS: {e}");
-                outcome.flags = "UF";
-                return None;
-            }
-        };
-        let proxy_header = (service.config.proxy_protocol)
-            .zip(client.zip(listener))
-            .map(|(version, (client, listener))| proxy_protocol::header(version, client, listener));
-        let timeout = service.config.connection_pool.connect_timeout;
-        let mut avoid = None;
-        for _ in 0..CONNECT_TRIES {
-            let Some(endpoint) = service.balancer.pick(key.as_deref(), avoid) else {
-                outcome.flags = "UH";
-                return None;
-            };
-            outcome.upstream = Some(endpoint.addr);
-            let active = endpoint.begin();
-            // The handshake too, as for requests (Envoy's connect_timeout).
-            let opening = open(endpoint.addr, proxy_header.as_deref(), tls.as_ref());
-            let connected = tokio::time::timeout(timeout, opening).await;
-            // A connection made counts as a success for outlier detection, a failed one as a
-            // gateway error, as for requests.
-            let result = match &connected {
-                Ok(Ok(_)) => TryResult::Status(200),
-                _ => TryResult::NoResponse,
-            };
-            if service.balancer.report(&endpoint, result).is_some() {
-                weir_telemetry::metrics()
-                    .outlier_ejections
-                    .with_label_values(&[service.config.name.as_str()])
-                    .inc();
-            }
-            match connected {
-                Ok(Ok(io)) => {
-                    outcome.flags = "";
-                    return Some(Upstream {
-                        io,
-                        _active: active,
-                        _place: place,
-                    });
-                }
-                Ok(Err(e)) => debug!(upstream = %endpoint.addr, "connect failed: {e}"),
-                Err(_) => debug!(upstream = %endpoint.addr, "connect timed out"),
-            }
-            outcome.flags = "UF";
-            avoid = Some(endpoint.addr);
-        }
-        None
-    }
-
-    /// The route for the connection (by SNI on `tls` listeners) and the backend its weights
-    /// pick; a consistent-hash service on `source_ip` keeps a client on one backend.
-    fn backend(&self, key: Option<&[u8]>, outcome: &mut Outcome) -> Option<Arc<ServiceState>> {
-        let snapshot = self.reloader.snapshot();
-        outcome.generation = snapshot.generation;
-        let host = outcome
-            .sni
-            .as_deref()
-            .unwrap_or_default()
-            .to_ascii_lowercase();
+    /// The route for the connection: by SNI on `tls` listeners.
+    fn route(&self, snapshot: &Snapshot, sni: Option<&str>) -> Option<Arc<CompiledRoute>> {
+        let host = sni.unwrap_or_default().to_ascii_lowercase();
         let request = Request {
             method: "",
             host: &host,
@@ -242,22 +169,8 @@ impl Passthrough {
             query: None,
             headers: &HeaderList(&[]),
         };
-        let Some(found) = snapshot
-            .table(&self.listener)
-            .and_then(|t| t.find(&request))
-        else {
-            outcome.flags = "NR";
-            return None;
-        };
-        let route = found.route;
-        outcome.route = Some(route.config.name.clone());
-        let services = snapshot.services_of(route);
-        let roll = match (services.backends.first(), key) {
-            (Some(first), Some(key)) if sticky(first) => weir_resilience::roll(key),
-            _ => fastrand::u64(..),
-        };
-        let split = route.split.as_ref()?;
-        services.backends.get(split.pick(roll)).cloned()
+        let found = snapshot.table(&self.listener)?.find(&request)?;
+        Some(found.route.clone())
     }
 
     fn record(&self, client: Option<IpAddr>, o: &Outcome, traffic: &Traffic, took: Duration) {
@@ -277,37 +190,64 @@ pub(crate) struct CapturedTcp {
 }
 
 impl CapturedTcp {
+    /// Where a captured connection was going, when a route takes that destination: such a
+    /// connection is forwarded before its first byte (the server may speak first).
+    pub(crate) fn routed(&self, client: &Stream) -> Option<SocketAddr> {
+        let snapshot = self.reloader.snapshot();
+        if snapshot.destinations.is_empty() {
+            return None;
+        }
+        let dst = capture::original_dst(&*client.get_socket_digest()?)?;
+        snapshot.destinations.contains_key(&dst).then_some(dst)
+    }
+
+    /// Forwards a connection the app made to `dst`: to the backend of the route that takes
+    /// `dst`, else (with `passthrough`) to `dst` itself.
     pub(crate) async fn forward(&self, mut client: Stream, dst: SocketAddr) {
         let start = Instant::now();
         let _in_flight = InFlight::begin(&self.in_flight);
-        let client_ip = client
+        let client_addr = client
             .get_socket_digest()
-            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
+            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).copied());
         let snapshot = self.reloader.snapshot();
-        let passthrough =
-            (snapshot.config.sidecar.as_ref()).is_some_and(|s| s.outbound.passthrough);
         let mut outcome = Outcome {
             generation: snapshot.generation,
             upstream: Some(dst),
-            passthrough,
             ..Outcome::default()
         };
-        drop(snapshot);
+        let route = snapshot.destinations.get(&dst).cloned();
+        let passthrough =
+            (snapshot.config.sidecar.as_ref()).is_some_and(|s| s.outbound.passthrough);
         let traffic = Traffic::default();
-        let timeout = weir_config::ConnectionPool::default().connect_timeout;
-        outcome.flags = match passthrough {
-            false => "NR",
-            true => match tokio::time::timeout(timeout, open(dst, None, None)).await {
-                Ok(Ok(mut upstream)) => {
-                    match splice(&mut client, &mut upstream, self.idle_timeout, &traffic).await {
-                        true => "SI",
-                        false => "",
+        let idle = self.idle_timeout;
+        outcome.flags = match route {
+            Some(route) => {
+                // The PROXY header, if the service asks for one, names the address called.
+                let connected = connect(&snapshot, &route, client_addr, Some(dst), &mut outcome);
+                let upstream = connected.await;
+                drop(snapshot);
+                match upstream {
+                    Some(mut upstream) => {
+                        idle_flag(splice(&mut client, &mut upstream.io, idle, &traffic).await)
                     }
+                    None => outcome.flags,
                 }
-                _ => "UF",
-            },
+            }
+            None if passthrough => {
+                drop(snapshot);
+                outcome.passthrough = true;
+                let timeout = weir_config::ConnectionPool::default().connect_timeout;
+                match tokio::time::timeout(timeout, open(dst, None, None)).await {
+                    Ok(Ok(mut upstream)) => {
+                        idle_flag(splice(&mut client, &mut upstream, idle, &traffic).await)
+                    }
+                    _ => "UF",
+                }
+            }
+            None => "NR",
         };
         let took = start.elapsed();
+        let client_ip = client_addr.map(|a| a.ip());
         record(
             &self.access_log,
             "outbound",
@@ -317,6 +257,94 @@ impl CapturedTcp {
             &traffic,
             took,
         );
+    }
+}
+
+/// The sidecar's inbound listener, for captured connections to one of the app's `tcp_ports`:
+/// after the mesh mTLS (or in plaintext, as `mtls` allows), the policies are checked against
+/// the caller's identity and the bytes go to the app's address on that port.
+pub(crate) struct InboundTcp {
+    pub reloader: Arc<Reloader>,
+    pub idle_timeout: Duration,
+    pub access_log: Arc<AccessLog>,
+    pub in_flight: Arc<AtomicUsize>,
+}
+
+impl InboundTcp {
+    /// The port a captured connection was for, when it is one of the app's `tcp_ports`.
+    pub(crate) fn port(&self, client: &Stream) -> Option<u16> {
+        let snapshot = self.reloader.snapshot();
+        let ports = &snapshot.config.sidecar.as_ref()?.inbound.tcp_ports;
+        if ports.is_empty() {
+            return None;
+        }
+        let port = capture::original_dst(&*client.get_socket_digest()?)?.port();
+        ports.contains(&port).then_some(port)
+    }
+
+    pub(crate) async fn forward(&self, mut client: Stream, port: u16) {
+        let start = Instant::now();
+        let _in_flight = InFlight::begin(&self.in_flight);
+        let client_ip = (client.get_socket_digest())
+            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
+        let ssl = client.get_ssl_digest();
+        let peer = ssl.as_deref().and_then(crate::tls::tls_peer);
+        let principal = peer.map(|p| p.identity.principal().to_owned());
+        let snapshot = self.reloader.snapshot();
+        let Some(sidecar) = &snapshot.config.sidecar else {
+            return;
+        };
+        let app = SocketAddr::new(sidecar.inbound.app.ip(), port);
+        let mut outcome = Outcome {
+            generation: snapshot.generation,
+            route: Some(weir_config::INBOUND.to_owned()),
+            service: snapshot.services.get(weir_config::INBOUND).cloned(),
+            upstream: Some(app),
+            peer: principal.clone(),
+            ..Outcome::default()
+        };
+        let verdict = weir_routing::authz::authorize_connection(
+            &sidecar.inbound.policies,
+            peer.and_then(|p| p.identity.uris.first())
+                .map(String::as_str),
+        );
+        let traffic = Traffic::default();
+        outcome.flags = match verdict {
+            Err(policy) => {
+                let metrics = weir_telemetry::metrics();
+                metrics.authz_denied.with_label_values(&[policy]).inc();
+                "AD"
+            }
+            Ok(()) => {
+                drop(snapshot);
+                let timeout = weir_config::ConnectionPool::default().connect_timeout;
+                match tokio::time::timeout(timeout, open(app, None, None)).await {
+                    Ok(Ok(mut upstream)) => {
+                        let idle = self.idle_timeout;
+                        idle_flag(splice(&mut client, &mut upstream, idle, &traffic).await)
+                    }
+                    _ => "UF",
+                }
+            }
+        };
+        let took = start.elapsed();
+        record(
+            &self.access_log,
+            "inbound",
+            "TCP",
+            client_ip,
+            &outcome,
+            &traffic,
+            took,
+        );
+    }
+}
+
+/// The flag of a connection that `splice` ended: `SI` when it went idle.
+fn idle_flag(idled: bool) -> &'static str {
+    match idled {
+        true => "SI",
+        false => "",
     }
 }
 
@@ -372,10 +400,108 @@ fn record(
         upstream: o.upstream,
         duration: took,
         generation: o.generation,
-        peer: None,
+        peer: o.peer.as_deref(),
         trace_id: None,
         bytes: Some(bytes),
     });
+}
+
+/// A connection to an endpoint of `route`'s backend; `None` with the reason in
+/// `outcome.flags`. `client` and `listener`: the two ends of the client's connection, for
+/// hashing and a PROXY header.
+async fn connect(
+    snapshot: &Snapshot,
+    route: &CompiledRoute,
+    client: Option<SocketAddr>,
+    listener: Option<SocketAddr>,
+    outcome: &mut Outcome,
+) -> Option<Upstream> {
+    outcome.route = Some(route.config.name.clone());
+    let key = client.map(|client| match client.ip() {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => v6.octets().to_vec(),
+    });
+    let service = backend(snapshot, route, key.as_deref())?;
+    outcome.service = Some(service.clone());
+    // Circuit breaking: a connection takes one of the service's `max_connections`.
+    let Some(place) = service.connections.try_acquire() else {
+        outcome.flags = "UO";
+        return None;
+    };
+    let key = key.filter(|_| sticky(&service));
+    // `[service.tls]` on a tcp route: Weir originates TLS, verifying `sni`.
+    let tls = match service.stream_tls() {
+        None => None,
+        Some(Ok(config)) => {
+            let sni = service.config.tls.as_ref().map_or("", |t| t.sni.as_str());
+            let name = ServerName::try_from(sni.to_owned()).ok()?;
+            Some((TlsConnector::from(config.clone()), name))
+        }
+        Some(Err(e)) => {
+            warn!(service = %service.config.name, "cannot originate TLS: {e}");
+            outcome.flags = "UF";
+            return None;
+        }
+    };
+    let proxy_header = (service.config.proxy_protocol)
+        .zip(client.zip(listener))
+        .map(|(version, (client, listener))| proxy_protocol::header(version, client, listener));
+    let timeout = service.config.connection_pool.connect_timeout;
+    let mut avoid = None;
+    for _ in 0..CONNECT_TRIES {
+        let Some(endpoint) = service.balancer.pick(key.as_deref(), avoid) else {
+            outcome.flags = "UH";
+            return None;
+        };
+        outcome.upstream = Some(endpoint.addr);
+        let active = endpoint.begin();
+        // The handshake too, as for requests (Envoy's connect_timeout).
+        let opening = open(endpoint.addr, proxy_header.as_deref(), tls.as_ref());
+        let connected = tokio::time::timeout(timeout, opening).await;
+        // A connection made counts as a success for outlier detection, a failed one as a
+        // gateway error, as for requests.
+        let result = match &connected {
+            Ok(Ok(_)) => TryResult::Status(200),
+            _ => TryResult::NoResponse,
+        };
+        if service.balancer.report(&endpoint, result).is_some() {
+            weir_telemetry::metrics()
+                .outlier_ejections
+                .with_label_values(&[service.config.name.as_str()])
+                .inc();
+        }
+        match connected {
+            Ok(Ok(io)) => {
+                outcome.flags = "";
+                return Some(Upstream {
+                    io,
+                    _active: active,
+                    _place: place,
+                });
+            }
+            Ok(Err(e)) => debug!(upstream = %endpoint.addr, "connect failed: {e}"),
+            Err(_) => debug!(upstream = %endpoint.addr, "connect timed out"),
+        }
+        outcome.flags = "UF";
+        avoid = Some(endpoint.addr);
+    }
+    None
+}
+
+/// The backend `route`'s weights pick; a consistent-hash service on `source_ip` keeps a client
+/// on one backend.
+fn backend(
+    snapshot: &Snapshot,
+    route: &CompiledRoute,
+    key: Option<&[u8]>,
+) -> Option<Arc<ServiceState>> {
+    let services = snapshot.services_of(route);
+    let roll = match (services.backends.first(), key) {
+        (Some(first), Some(key)) if sticky(first) => weir_resilience::roll(key),
+        _ => fastrand::u64(..),
+    };
+    let split = route.split.as_ref()?;
+    services.backends.get(split.pick(roll)).cloned()
 }
 
 fn sticky(service: &ServiceState) -> bool {

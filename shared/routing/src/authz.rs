@@ -28,10 +28,33 @@ pub fn authorize<'a>(
     }
 }
 
+/// The same for a TCP connection to one of the app's `tcp_ports`, which has no method or
+/// path. As Istio decides it, each way closed: a deny policy denies the connection when its
+/// principals match, whatever its HTTP fields say; an allow policy with HTTP fields never
+/// allows it.
+pub fn authorize_connection<'a>(policies: &'a [Policy], peer: Option<&str>) -> Result<(), &'a str> {
+    let of = |action| policies.iter().filter(move |p| p.action == action);
+    if let Some(deny) = of(PolicyAction::Deny).find(|p| principal_matches(p, peer)) {
+        return Err(&deny.name);
+    }
+    let mut allows = of(PolicyAction::Allow).peekable();
+    let allows_tcp =
+        |p: &Policy| p.methods.is_empty() && p.paths.is_empty() && principal_matches(p, peer);
+    if allows.peek().is_none() || allows.any(|p| allows_tcp(p)) {
+        Ok(())
+    } else {
+        Err(NO_ALLOW)
+    }
+}
+
+fn principal_matches(p: &Policy, peer: Option<&str>) -> bool {
+    p.principals.is_empty()
+        || peer.is_some_and(|id| p.principals.iter().any(|q| q == "*" || q == id))
+}
+
 /// Every field the policy sets matches; an unset one matches anything.
 fn matches(p: &Policy, peer: Option<&str>, method: &str, path: &str) -> bool {
-    let principal = p.principals.is_empty()
-        || peer.is_some_and(|id| p.principals.iter().any(|q| q == "*" || q == id));
+    let principal = principal_matches(p, peer);
     let method = p.methods.is_empty() || p.methods.iter().any(|m| m == method);
     let path = p.paths.is_empty() || p.paths.iter().any(|pattern| path_matches(pattern, path));
     principal && method && path
@@ -124,6 +147,32 @@ mod tests {
             authorize(&policies, Some(RATINGS), "GET", "/db.bak"),
             Err("no-admin")
         );
+    }
+
+    #[test]
+    fn a_connection_is_denied_by_principal_and_allowed_only_without_http_fields() {
+        let policies = [
+            policy(
+                "no-ratings",
+                PolicyAction::Deny,
+                &[RATINGS],
+                &[],
+                &["/admin*"],
+            ),
+            policy("reads", PolicyAction::Allow, &["*"], &["GET"], &[]),
+            policy("productpage", PolicyAction::Allow, &[PRODUCTPAGE], &[], &[]),
+        ];
+        // The deny policy's path does not narrow it for TCP: ratings is denied outright.
+        assert_eq!(
+            authorize_connection(&policies, Some(RATINGS)),
+            Err("no-ratings")
+        );
+        assert_eq!(authorize_connection(&policies, Some(PRODUCTPAGE)), Ok(()));
+        // "reads" would let any verified peer GET; it allows no connection.
+        let other = "spiffe://mesh.local/ns/default/sa/other";
+        assert_eq!(authorize_connection(&policies, Some(other)), Err(NO_ALLOW));
+        assert_eq!(authorize_connection(&policies, None), Err(NO_ALLOW));
+        assert_eq!(authorize_connection(&[], None), Ok(()));
     }
 
     #[test]

@@ -231,8 +231,11 @@ impl RouteTable {
             .routes
             .iter()
             .enumerate()
+            // A route with `destinations` (the sidecar's captured TCP) is in no listener's
+            // table: the connection's original address picks it.
             .filter(|(_, r)| {
-                (r.listeners.is_empty() && !stream) || r.listeners.iter().any(|l| l == listener)
+                (r.listeners.is_empty() && !stream && r.destinations.is_empty())
+                    || r.listeners.iter().any(|l| l == listener)
             })
             .map(|(order, r)| Arc::new(CompiledRoute::new(r.clone(), order)))
             .collect();

@@ -320,6 +320,7 @@ fn spec_route(
     let config = Route {
         name: format!("r{i}"),
         listeners: vec![],
+        destinations: vec![],
         hosts,
         matches: vec![Match {
             path,
