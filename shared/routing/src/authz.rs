@@ -40,7 +40,7 @@ pub fn authorize_connection<'a>(policies: &'a [Policy], peer: Option<&str>) -> R
     let mut allows = of(PolicyAction::Allow).peekable();
     let allows_tcp =
         |p: &Policy| p.methods.is_empty() && p.paths.is_empty() && principal_matches(p, peer);
-    if allows.peek().is_none() || allows.any(|p| allows_tcp(p)) {
+    if allows.peek().is_none() || allows.any(allows_tcp) {
         Ok(())
     } else {
         Err(NO_ALLOW)
