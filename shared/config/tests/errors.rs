@@ -894,3 +894,53 @@ fn the_app_protocol_is_http1_or_http2() {
         ["s.toml:5: [inbound]: app_protocol \"grpc\": expected \"http1\" or \"http2\""]
     );
 }
+
+#[test]
+fn sidecar_tcp_routes_take_destinations_and_the_app_tcp_ports() {
+    let redis = "[[service]]\nname = \"redis\"\nendpoints = [\"10.0.0.9:6379\"]\n";
+    let good = format!(
+        "[inbound]\napp = \"127.0.0.1:8080\"\nmtls = \"disable\"\ntcp_ports = [6379]\n\
+         [[route]]\nname = \"redis\"\ndestinations = [\"10.96.0.5:6379\"]\n  [[route.backend]]\n  service = \"redis\"\n{redis}"
+    );
+    let loaded = parse("sc.toml", &good, Role::Sidecar).unwrap_or_else(|e| panic!("{e}"));
+    let c = &loaded.config;
+    assert_eq!(c.sidecar.as_ref().unwrap().inbound.tcp_ports, [6379]);
+    let route = c.routes.iter().find(|r| r.name == "redis").unwrap();
+    assert_eq!(route.destinations, ["10.96.0.5:6379".parse().unwrap()]);
+    assert!(route.listeners.is_empty(), "{:?}", route.listeners);
+    let bad = format!(
+        "[inbound]\napp = \"127.0.0.1:8080\"\nmtls = \"disable\"\ntcp_ports = [8080, 0, 6379, 6379]\n\
+         [[route]]\nname = \"redis\"\nlisteners = [\"outbound\"]\ndestinations = [\"redis:6379\", \"10.96.0.5:6379\"]\n\
+         hosts = [\"redis\"]\ntimeout = \"1s\"\n  [[route.backend]]\n  service = \"redis\"\n{redis}"
+    );
+    let sidecar_errors = |text: &str| match parse("sc.toml", text, Role::Sidecar) {
+        Ok(_) => panic!("expected errors for:\n{text}"),
+        Err(e) => e.0.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
+    };
+    assert_eq!(
+        sidecar_errors(&bad),
+        [
+            "sc.toml:4: [inbound] tcp_ports[0]: port 8080 is the app's HTTP port; tcp_ports are its other ones",
+            "sc.toml:4: [inbound] tcp_ports[1]: port 0 is not 1-65535",
+            "sc.toml:4: [inbound] tcp_ports[3]: port 6379 is listed twice",
+            "sc.toml:7: route \"redis\": a route with destinations takes captured connections on the outbound listener; leave out listeners",
+            "sc.toml:8: route \"redis\" destinations[0]: destination \"redis:6379\" is not an address and port, such as \"10.96.0.5:6379\"",
+            "sc.toml:9: route \"redis\": a route with destinations matches a connection's original address; it has no name to match hosts against",
+            "sc.toml:10: route \"redis\": timeout applies to HTTP routes, not to a route with destinations",
+        ]
+    );
+    let twice = format!(
+        "{good}[[route]]\nname = \"cache\"\ndestinations = [\"10.96.0.5:6379\"]\n  [[route.backend]]\n  service = \"redis\"\n"
+    );
+    assert_eq!(
+        sidecar_errors(&twice),
+        ["sc.toml:15: route \"cache\" destinations[0]: destination 10.96.0.5:6379 is route \"redis\"'s too; each has one route"]
+    );
+    let on_gateway = format!(
+        "[[route]]\nname = \"redis\"\ndestinations = [\"10.96.0.5:6379\"]\n  [[route.backend]]\n  service = \"redis\"\n{redis}"
+    );
+    assert_eq!(
+        errors(&on_gateway),
+        ["gw.toml:3: route \"redis\": destinations route the sidecar's captured TCP connections; a gateway routes TCP by listener (protocol = \"tcp\")"]
+    );
+}
