@@ -37,7 +37,7 @@ use crate::git::GitSource;
 use crate::proxy::WeirProxy;
 use crate::proxy_protocol;
 use crate::reload::{Outcome, Reloader};
-use crate::stream::{CapturedTcp, InboundTcp, Passthrough};
+use crate::stream::{CapturedTcp, Passthrough};
 use crate::tls;
 use weir_config::{Protocol, INBOUND};
 use weir_telemetry::access_log::AccessLog;
@@ -176,6 +176,13 @@ pub fn run(reloader: Reloader, git: Option<Arc<GitSource>>, upgrade: bool) -> an
                 )
             })
             .clone();
+        let sidecar = config.sidecar.is_some();
+        let captured_tcp = || CapturedTcp {
+            reloader: reloader.clone(),
+            idle_timeout,
+            access_log: access_log.clone(),
+            in_flight: in_flight.clone(),
+        };
         let app = Sniffing {
             http1,
             h2c,
@@ -184,22 +191,8 @@ pub fn run(reloader: Reloader, git: Option<Arc<GitSource>>, upgrade: bool) -> an
             idle_timeout,
             tls,
             open,
-            captured_tcp: (config.sidecar.is_some() && listener.name == "outbound").then(|| {
-                CapturedTcp {
-                    reloader: reloader.clone(),
-                    idle_timeout,
-                    access_log: access_log.clone(),
-                    in_flight: in_flight.clone(),
-                }
-            }),
-            inbound_tcp: (config.sidecar.is_some() && listener.name == INBOUND).then(|| {
-                InboundTcp {
-                    reloader: reloader.clone(),
-                    idle_timeout,
-                    access_log: access_log.clone(),
-                    in_flight: in_flight.clone(),
-                }
-            }),
+            captured_tcp: (sidecar && listener.name == "outbound").then(captured_tcp),
+            inbound_tcp: (sidecar && listener.name == INBOUND).then(captured_tcp),
         };
         let mut service = Service::new(name, app);
         // No L4 read buffer on plaintext listeners: Pingora's HTTP/1 session reads into its
@@ -282,7 +275,7 @@ struct Sniffing {
     /// The sidecar's outbound listener: captured connections that do not open like HTTP.
     captured_tcp: Option<CapturedTcp>,
     /// The sidecar's inbound listener: captured connections to the app's `tcp_ports`.
-    inbound_tcp: Option<InboundTcp>,
+    inbound_tcp: Option<CapturedTcp>,
 }
 
 /// The first byte of a TLS connection: a handshake record (RFC 8446, §5.1).
@@ -357,12 +350,15 @@ impl Sniffing {
                 return Box::pin(tcp.forward(stream, dst)).await;
             }
         }
-        let tcp_port = self.inbound_tcp.as_ref().and_then(|tcp| tcp.port(&stream));
+        let tcp_port = self
+            .inbound_tcp
+            .as_ref()
+            .and_then(|tcp| tcp.app_port(&stream));
         if let (Some(tcp), Some(port), None) = (&self.inbound_tcp, tcp_port, &self.tls) {
             // Plaintext only (mtls = "disable"): nothing to read first; the app may speak
             // first.
             connection::spliced();
-            return Box::pin(tcp.forward(stream, port)).await;
+            return Box::pin(tcp.forward_to_app(stream, port)).await;
         }
         let mut first = [0u8; 1];
         let mut stopping = shutdown.clone();
@@ -421,7 +417,7 @@ impl Sniffing {
         }
         if let (Some(tcp), Some(port)) = (&self.inbound_tcp, tcp_port) {
             connection::spliced();
-            return Box::pin(tcp.forward(stream, port)).await;
+            return Box::pin(tcp.forward_to_app(stream, port)).await;
         }
         // The keep-alive loop Pingora's own service would run.
         let mut next = proxy.process_new(stream, shutdown).await;

@@ -180,8 +180,9 @@ impl Passthrough {
     }
 }
 
-/// The sidecar's outbound listener, for captured connections that do not open like HTTP
-/// (`capture`): each goes on, bytes as they come, to the address the app connected to.
+/// The sidecar's captured TCP (`capture`), forwarded as bytes: on the outbound listener, a
+/// connection to a route's `destinations`, or one that does not open like HTTP; on the inbound
+/// listener, one to the app's `tcp_ports`.
 pub(crate) struct CapturedTcp {
     pub reloader: Arc<Reloader>,
     pub idle_timeout: Duration,
@@ -190,7 +191,7 @@ pub(crate) struct CapturedTcp {
 }
 
 impl CapturedTcp {
-    /// Where a captured connection was going, when a route takes that destination: such a
+    /// Outbound: where a captured connection was going, when a route takes that destination: such a
     /// connection is forwarded before its first byte (the server may speak first).
     pub(crate) fn routed(&self, client: &Stream) -> Option<SocketAddr> {
         let snapshot = self.reloader.snapshot();
@@ -201,7 +202,7 @@ impl CapturedTcp {
         snapshot.destinations.contains_key(&dst).then_some(dst)
     }
 
-    /// Forwards a connection the app made to `dst`: to the backend of the route that takes
+    /// Outbound: forwards a connection the app made to `dst`: to the backend of the route that takes
     /// `dst`, else (with `passthrough`) to `dst` itself.
     pub(crate) async fn forward(&self, mut client: Stream, dst: SocketAddr) {
         let start = Instant::now();
@@ -260,19 +261,10 @@ impl CapturedTcp {
     }
 }
 
-/// The sidecar's inbound listener, for captured connections to one of the app's `tcp_ports`:
-/// after the mesh mTLS (or in plaintext, as `mtls` allows), the policies are checked against
-/// the caller's identity and the bytes go to the app's address on that port.
-pub(crate) struct InboundTcp {
-    pub reloader: Arc<Reloader>,
-    pub idle_timeout: Duration,
-    pub access_log: Arc<AccessLog>,
-    pub in_flight: Arc<AtomicUsize>,
-}
-
-impl InboundTcp {
-    /// The port a captured connection was for, when it is one of the app's `tcp_ports`.
-    pub(crate) fn port(&self, client: &Stream) -> Option<u16> {
+impl CapturedTcp {
+    /// Inbound: the port a captured connection was for, when it is one of the app's
+    /// `tcp_ports`.
+    pub(crate) fn app_port(&self, client: &Stream) -> Option<u16> {
         let snapshot = self.reloader.snapshot();
         let ports = &snapshot.config.sidecar.as_ref()?.inbound.tcp_ports;
         if ports.is_empty() {
@@ -282,7 +274,9 @@ impl InboundTcp {
         ports.contains(&port).then_some(port)
     }
 
-    pub(crate) async fn forward(&self, mut client: Stream, port: u16) {
+    /// Inbound: after the mesh mTLS (or in plaintext, as `mtls` allows), the policies are
+    /// checked against the caller's identity and the bytes go to the app's address on `port`.
+    pub(crate) async fn forward_to_app(&self, mut client: Stream, port: u16) {
         let start = Instant::now();
         let _in_flight = InFlight::begin(&self.in_flight);
         let client_ip = (client.get_socket_digest())
