@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use weir_tests::tls::TestCa;
-use weir_tests::{binary, run, script, wait_until};
+use weir_tests::{binary, repo_root, run, script, wait_until};
 
 const PRODUCTPAGE: &str = "spiffe://mesh.local/ns/default/sa/productpage";
 const REVIEWS: &str = "spiffe://mesh.local/ns/default/sa/reviews";
@@ -406,6 +406,44 @@ fn a_deny_policy_refuses_tcp_by_principal() {
     let url = format!("http://{POD_B}:9080/reviews.txt");
     let reply = a.curl(&["-H", "Host: reviews", &url]).unwrap();
     assert_eq!(reply, "200 reviews of the app\n");
+}
+
+/// examples/capture/run, as its README shows it: the apps' three calls get through, and each
+/// sidecar logs what its README says.
+#[test]
+fn the_capture_example_runs_as_its_readme_says() {
+    let bin = binary("weir-sidecar");
+    let out = Command::new("bash")
+        .arg(repo_root().join("examples/capture/run"))
+        .env("WEIR_BIN", bin.parent().unwrap())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out));
+    let review = "{\"reviews\": [\"an extremely entertaining play\"]}\n";
+    assert_eq!(stdout.matches(review).count(), 2, "{stdout}");
+    assert!(stdout.contains("(echoed back)\nping\n"), "{stdout}");
+    let lines: Vec<serde_json::Value> = (stdout.lines())
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|l| l.get("listener").is_some())
+        .collect();
+    let seen: Vec<(String, String, String)> = (lines.iter())
+        .map(|l| {
+            let field = |k: &str| l[k].as_str().unwrap_or("-").to_string();
+            (field("listener"), field("service"), field("peer"))
+        })
+        .collect();
+    let expected = [
+        ("outbound", "reviews", "-"),
+        ("outbound", "PassthroughCluster", "-"),
+        ("outbound", "echo", "-"),
+        ("inbound", "inbound", PRODUCTPAGE),
+        ("inbound", "inbound", PRODUCTPAGE),
+    ];
+    let expected: Vec<(String, String, String)> = (expected.iter())
+        .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()))
+        .collect();
+    assert_eq!(seen, expected, "{stdout}");
 }
 
 #[test]
