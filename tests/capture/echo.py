@@ -27,14 +27,16 @@ def send(addr, data):
     host, port = addr.rsplit(":", 1)
     got = b""
     with socket.create_connection((host, int(port)), timeout=10) as conn:
-        # A server that closes unread (a refusal) resets the connection: nothing came back.
+        # A server that closes unread (a refusal) resets the connection: nothing came back,
+        # and a send, the half-close (ENOTCONN) or a read may fail, depending on when.
         try:
             conn.sendall(bytes.fromhex(data))
             conn.shutdown(socket.SHUT_WR)
             while chunk := conn.recv(65536):
                 got += chunk
-        except (BrokenPipeError, ConnectionResetError):
-            pass
+        except OSError as e:
+            if got or isinstance(e, TimeoutError):
+                raise
     sys.stdout.write(got.hex())
 
 

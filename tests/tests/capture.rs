@@ -316,6 +316,13 @@ fn captured_calls_go_through_the_sidecars_and_unknown_destinations_pass_through(
     let requests = "weir_requests_total{code=\"200\",flags=\"\",proxy=\"outbound\",route=\"\",\
                     service=\"PassthroughCluster\"}";
     assert_eq!(a.metric(requests), 1.0);
+    // The same over h2c (HTTP/2 without TLS, as gRPC clients send it), on HTTP/1.1 onward.
+    let url = format!("http://{POD_B}:8081/outside.txt");
+    let h2c = a.curl(&["--http2-prior-knowledge", &url]).unwrap();
+    assert_eq!(h2c, "200 outside the mesh\n");
+    let passed = &a.access_log(3)[2];
+    assert_eq!(passed["protocol"], "HTTP/2");
+    assert_eq!(passed["service"], "PassthroughCluster");
 
     // An excluded port: straight there, no log line (the next line is the next call's).
     let echoed = a.tcp_exchange(&format!("{POD_B}:7001"), "0070696e67");
@@ -323,7 +330,7 @@ fn captured_calls_go_through_the_sidecars_and_unknown_destinations_pass_through(
     // Not HTTP (a 0x00 byte, then "ping"): the bytes go on as they come.
     let echoed = a.tcp_exchange(&format!("{POD_B}:7000"), "0070696e67");
     assert_eq!(echoed, "0070696e67");
-    let tcp = &a.access_log(3)[2];
+    let tcp = &a.access_log(4)[3];
     assert_eq!(tcp["protocol"], "TCP");
     assert_eq!(tcp["service"], "PassthroughCluster");
     assert_eq!(tcp["upstream"], format!("{POD_B}:7000"));
