@@ -127,23 +127,10 @@ impl Pod {
 
     /// Writes the pod's sidecar config (with `identity`'s workload certificate from `ca`),
     /// applies the capture rules `weir-sidecar iptables ARGS` prints for it, and starts the
-    /// sidecar in group [`PROXY_GID`], once its admin `/ready` answers.
+    /// sidecar (see [`Pod::proxy`]).
     fn sidecar(&mut self, ca: &TestCa, identity: &str, config: &str, args: &[&str]) {
-        let dir = self.dir.path();
-        let workload = ca.workload(identity);
-        fs::write(dir.join("bundle.pem"), ca.pem()).unwrap();
-        fs::write(dir.join("workload.pem"), &workload.cert).unwrap();
-        fs::write(dir.join("workload-key.pem"), &workload.key).unwrap();
-        let path = dir.join("sidecar.toml");
-        fs::write(
-            &path,
-            format!(
-                "[admin]\nlisten = \"127.0.0.1:15000\"\n[workload]\ncert = \"workload.pem\"\n\
-                 key = \"workload-key.pem\"\ntrust_bundle = \"bundle.pem\"\n{config}"
-            ),
-        )
-        .unwrap();
-        let config = path.to_str().unwrap();
+        let config = self.proxy_config(ca, identity, config);
+        let config = config.to_str().unwrap();
         let (code, rules, err) = run(
             "weir-sidecar",
             &[&["--config", config, "iptables"], args].concat(),
@@ -152,24 +139,43 @@ impl Pod {
         let mut restore = self.command("iptables-restore");
         restore.arg("--noflush").stdin(Stdio::piped());
         let mut restore = restore.spawn().unwrap();
-        restore
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(rules.as_bytes())
-            .unwrap();
-        assert!(
-            restore.wait().unwrap().success(),
-            "iptables-restore refused:\n{rules}"
+        let mut stdin = restore.stdin.take().unwrap();
+        stdin.write_all(rules.as_bytes()).unwrap();
+        drop(stdin);
+        let applied = restore.wait().unwrap().success();
+        assert!(applied, "iptables-restore refused:\n{rules}");
+        self.proxy("weir-sidecar", config);
+    }
+
+    /// Writes `config` after the admin listener and `identity`'s workload files (made by
+    /// `ca`) to the pod's proxy.toml.
+    fn proxy_config(&self, ca: &TestCa, identity: &str, config: &str) -> std::path::PathBuf {
+        let dir = self.dir.path();
+        let workload = ca.workload(identity);
+        fs::write(dir.join("bundle.pem"), ca.pem()).unwrap();
+        fs::write(dir.join("workload.pem"), &workload.cert).unwrap();
+        fs::write(dir.join("workload-key.pem"), &workload.key).unwrap();
+        let path = dir.join("proxy.toml");
+        let text = format!(
+            "[admin]\nlisten = \"127.0.0.1:15000\"\n[workload]\ncert = \"workload.pem\"\n\
+             key = \"workload-key.pem\"\ntrust_bundle = \"bundle.pem\"\n{config}"
         );
-        let mut sidecar = self.command(binary("weir-sidecar").to_str().unwrap());
-        std::os::unix::process::CommandExt::gid(&mut sidecar, PROXY_GID);
-        sidecar.args(["--config", config]);
+        fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// Starts `bin` (weir-sidecar or weir-gateway) on `config` in group [`PROXY_GID`], which
+    /// the capture rules leave alone, once its admin `/ready` answers.
+    fn proxy(&mut self, bin: &str, config: &str) {
+        let dir = self.dir.path();
+        let mut proxy = self.command(binary(bin).to_str().unwrap());
+        std::os::unix::process::CommandExt::gid(&mut proxy, PROXY_GID);
+        proxy.args(["--config", config]);
         let stdout = fs::File::create(dir.join("access.log")).unwrap();
-        let stderr = fs::File::create(dir.join("sidecar.err")).unwrap();
+        let stderr = fs::File::create(dir.join("proxy.err")).unwrap();
         self.children
-            .push(sidecar.stdout(stdout).stderr(stderr).spawn().unwrap());
-        wait_until("the sidecar to be ready", Duration::from_secs(20), || {
+            .push(proxy.stdout(stdout).stderr(stderr).spawn().unwrap());
+        wait_until("the proxy to be ready", Duration::from_secs(20), || {
             let ready = self.curl(&["http://127.0.0.1:15000/ready"]);
             ready.is_ok_and(|r| r.starts_with("200"))
         });
@@ -238,7 +244,7 @@ impl Drop for Pod {
             let _ = child.wait();
         }
         if std::thread::panicking() {
-            for name in ["access.log", "sidecar.err"] {
+            for name in ["access.log", "proxy.err"] {
                 let text = fs::read_to_string(self.dir.path().join(name)).unwrap_or_default();
                 println!("--- pod {} {name} ---\n{text}", self.ns);
             }
@@ -451,6 +457,61 @@ fn the_capture_example_runs_as_its_readme_says() {
         .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()))
         .collect();
     assert_eq!(seen, expected, "{stdout}");
+}
+
+/// A gateway's `tcp` route to a mesh service: mesh mTLS with the gateway's workload
+/// certificate to a sidecar's `tcp_ports` (Istio's ingress gateway with `ISTIO_MUTUAL`), and
+/// a server with another identity than the service's refused before a byte is sent.
+#[test]
+fn a_gateway_tcp_route_reaches_a_mesh_tcp_port() {
+    const GATEWAY: &str = "spiffe://mesh.local/ns/istio-system/sa/gateway";
+    const RATINGS: &str = "spiffe://mesh.local/ns/default/sa/ratings";
+    let ca = TestCa::new("mesh CA");
+    let (mut a, mut b) = pods();
+    b.echo_server(7000);
+    let reviews = format!(
+        "[inbound]\napp = \"127.0.0.1:9080\"\ntcp_ports = [7000]\n\
+         [[inbound.policy]]\nname = \"gateway\"\naction = \"allow\"\nprincipals = [\"{GATEWAY}\"]\n"
+    );
+    b.sidecar(&ca, REVIEWS, &reviews, &[]);
+    let route = |name: &str, port: u16, identity: &str| {
+        format!(
+            "[[listener]]\nname = \"{name}\"\nlisten = \"127.0.0.1:{port}\"\nprotocol = \"tcp\"\n\
+             [[route]]\nname = \"{name}\"\nlisteners = [\"{name}\"]\n  [[route.backend]]\n  service = \"{name}\"\n\
+             [[service]]\nname = \"{name}\"\nendpoints = [\"{POD_B}:7000\"]\n  [service.tls]\n  mode = \"mesh\"\n  \
+             identities = [\"{identity}\"]\n"
+        )
+    };
+    let gateway = format!(
+        "{}{}",
+        route("echo", 6000, REVIEWS),
+        route("wrong", 6001, RATINGS)
+    );
+    let config = a.proxy_config(&ca, GATEWAY, &gateway);
+    a.proxy("weir-gateway", config.to_str().unwrap());
+    assert_eq!(a.tcp_exchange("127.0.0.1:6000", "0070696e67"), "0070696e67");
+    let out = &a.access_log(1)[0];
+    assert_eq!(
+        (&out["listener"], &out["service"]),
+        (&"echo".into(), &"echo".into())
+    );
+    let into = &b.access_log(1)[0];
+    assert_eq!(into["protocol"], "TCP");
+    assert_eq!(into["peer"], GATEWAY);
+    // Reviews is not ratings: the handshake fails on the gateway's side, nothing reaches b's
+    // app.
+    assert_eq!(a.tcp_exchange("127.0.0.1:6001", "0070696e67"), "");
+    let refused = &a.access_log(2)[1];
+    assert_eq!(
+        (&refused["service"], &refused["flags"]),
+        (&"wrong".into(), &"UF".into())
+    );
+    assert_eq!(
+        b.metric(
+            "weir_tcp_bytes_total{direction=\"received\",route=\"inbound\",service=\"inbound\"}"
+        ),
+        5.0
+    );
 }
 
 #[test]

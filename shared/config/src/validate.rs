@@ -1209,9 +1209,6 @@ impl Checker<'_> {
                 Some(_) if on_tls => {
                     "a route on a tls listener passes the client's TLS through as it is"
                 }
-                Some(TlsMode::Mesh) => {
-                    "mode \"mesh\" is for HTTP; a route on a tcp listener takes mode \"simple\" or \"mutual\""
-                }
                 _ => continue,
             };
             let e = format!("service {name:?} has [service.tls]: {why}");
