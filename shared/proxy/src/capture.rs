@@ -4,9 +4,11 @@
 //!
 //! - [`rules`] writes the rules for a sidecar's config (`weir-sidecar iptables`).
 //! - A connection the rules sent to a listener keeps, in conntrack, the address it was for:
-//!   [`original_dst`]. On the outbound listener, an HTTP request no route takes goes there
-//!   (Istio's `PassthroughCluster`), and so does a connection that does not open like HTTP
-//!   (TLS to an outside host, a database protocol), bytes as they come.
+//!   [`original_dst`]. On the outbound listener, a connection to a route's `destinations`
+//!   goes to that route's backends, bytes as they come; an HTTP request no route takes goes
+//!   to the address (Istio's `PassthroughCluster`), and so does a connection that does not
+//!   open like HTTP (TLS to an outside host, a database protocol). On the inbound listener, a
+//!   connection to one of the app's `tcp_ports` goes to the app on that port (`stream.rs`).
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
