@@ -237,13 +237,7 @@ impl CapturedTcp {
             None if passthrough => {
                 drop(snapshot);
                 outcome.passthrough = true;
-                let timeout = weir_config::ConnectionPool::default().connect_timeout;
-                match tokio::time::timeout(timeout, open(dst, None, None)).await {
-                    Ok(Ok(mut upstream)) => {
-                        idle_flag(splice(&mut client, &mut upstream, idle, &traffic).await)
-                    }
-                    _ => "UF",
-                }
+                relay(&mut client, dst, idle, &traffic).await
             }
             None => "NR",
         };
@@ -294,7 +288,7 @@ impl CapturedTcp {
             route: Some(weir_config::INBOUND.to_owned()),
             service: snapshot.services.get(weir_config::INBOUND).cloned(),
             upstream: Some(app),
-            peer: principal.clone(),
+            peer: principal,
             ..Outcome::default()
         };
         let verdict = weir_routing::authz::authorize_connection(
@@ -311,14 +305,7 @@ impl CapturedTcp {
             }
             Ok(()) => {
                 drop(snapshot);
-                let timeout = weir_config::ConnectionPool::default().connect_timeout;
-                match tokio::time::timeout(timeout, open(app, None, None)).await {
-                    Ok(Ok(mut upstream)) => {
-                        let idle = self.idle_timeout;
-                        idle_flag(splice(&mut client, &mut upstream, idle, &traffic).await)
-                    }
-                    _ => "UF",
-                }
+                relay(&mut client, app, self.idle_timeout, &traffic).await
             }
         };
         let took = start.elapsed();
@@ -331,6 +318,21 @@ impl CapturedTcp {
             &traffic,
             took,
         );
+    }
+}
+
+/// Connects to `addr` in plaintext (within a service's default `connect_timeout`) and copies
+/// both ways until `splice` ends: the connection's flag, `UF`, `SI` or none.
+async fn relay(
+    client: &mut Stream,
+    addr: SocketAddr,
+    idle: Duration,
+    traffic: &Traffic,
+) -> &'static str {
+    let timeout = weir_config::ConnectionPool::default().connect_timeout;
+    match tokio::time::timeout(timeout, open(addr, None, None)).await {
+        Ok(Ok(mut upstream)) => idle_flag(splice(client, &mut upstream, idle, traffic).await),
+        _ => "UF",
     }
 }
 
