@@ -2,7 +2,12 @@
 
 use std::time::Duration;
 
-/// Parses "<integer><unit>" with unit ms, s, m or h.
+/// The longest duration a config may name: a year is past any timeout or interval, and
+/// keeps clock arithmetic (`now + timeout`, an ejection time times its count) far from
+/// overflow.
+pub const MAX: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Parses "<integer><unit>" with unit ms, s, m or h, up to [`MAX`].
 pub fn parse(text: &str) -> Result<Duration, String> {
     let split = text
         .find(|c: char| !c.is_ascii_digit())
@@ -23,7 +28,16 @@ pub fn parse(text: &str) -> Result<Duration, String> {
         }
     };
     ms.map(Duration::from_millis)
-        .ok_or_else(|| format!("bad duration {text:?}: too large"))
+        .filter(|d| *d <= MAX)
+        .ok_or_else(|| format!("bad duration {text:?}: too large (at most 8760h)"))
+}
+
+/// [`parse`], for a period, which must not be zero.
+pub fn parse_period(text: &str) -> Result<Duration, String> {
+    parse(text).and_then(|d| match d.is_zero() {
+        true => Err(format!("bad duration {text:?}: must be more than 0")),
+        false => Ok(d),
+    })
 }
 
 /// The shortest exact form: 1500ms stays "1500ms", 60s becomes "1m".
@@ -49,6 +63,7 @@ mod tests {
             ("5s", 5_000),
             ("1m", 60_000),
             ("2h", 7_200_000),
+            ("8760h", 31_536_000_000),
         ] {
             let d = parse(text).unwrap();
             assert_eq!(d, Duration::from_millis(ms));
@@ -67,8 +82,12 @@ mod tests {
             "1.5s",
             "5sec",
             "99999999999999999999h",
+            "18446744073709551615ms",
+            "8761h",
         ] {
             assert!(parse(text).is_err(), "{text:?} should be rejected");
         }
+        assert!(parse_period("0s").is_err());
+        assert_eq!(parse_period("15s"), Ok(Duration::from_secs(15)));
     }
 }

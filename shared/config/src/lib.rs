@@ -22,8 +22,12 @@ pub use watch::{watch, Watcher};
 #[derive(Debug, Clone)]
 pub struct Loaded {
     pub config: Config,
-    /// Hash of the files' contents: the same files give the same revision.
+    /// What `/config` and `weir_config_info` show: the hash of the contents, or the Git commit
+    /// the files were checked out at.
     pub revision: String,
+    /// Hash of the config's and its certificate files' contents: the same files give the same
+    /// hash, whatever the revision says (a certificate rotated under one commit).
+    pub contents: String,
     /// The files read, in merge order.
     pub files: Vec<PathBuf>,
     /// The certificate, key and CA files the config names (watched like the config).
@@ -80,9 +84,11 @@ fn finish(
                 path.hash(&mut hasher);
                 bytes.hash(&mut hasher);
             }
+            let contents = format!("{:016x}", hasher.finish());
             Ok(Loaded {
                 config,
-                revision: format!("{:016x}", hasher.finish()),
+                revision: contents.clone(),
+                contents,
                 files: sources.files.iter().map(|f| f.path.clone()).collect(),
                 material: material.into_iter().map(|(path, _)| path).collect(),
             })

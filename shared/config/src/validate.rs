@@ -320,8 +320,13 @@ impl Checker<'_> {
             .enumerate()
             .filter_map(|(i, n)| self.addr(&at.item("nameservers", i), n))
             .collect();
+        let threads = r.threads.unwrap_or(0);
+        if threads > MAX_THREADS {
+            let at = at.key("threads");
+            self.fail(&at, format!("{threads} threads: at most {MAX_THREADS}"));
+        }
         Runtime {
-            threads: r.threads.unwrap_or(0),
+            threads: threads.min(MAX_THREADS),
             grace_period,
             nameservers,
         }
@@ -331,6 +336,11 @@ impl Checker<'_> {
         let access_log = match t.access_log.as_deref() {
             None | Some("stdout") => AccessLog::Stdout,
             Some("off") => AccessLog::Off,
+            Some("") => {
+                let at = at.key("access_log");
+                self.fail(&at, "empty: \"stdout\", \"off\" or a file's path");
+                AccessLog::Off
+            }
             Some(path) => AccessLog::File(PathBuf::from(path)),
         };
         let at = At {
@@ -606,7 +616,13 @@ impl Checker<'_> {
             .and_then(|f| f.parent())
             .unwrap_or(std::path::Path::new(""));
         let full = dir.join(path);
-        match std::fs::read(&full) {
+        // Only a regular file, and not a huge one: a device or a FIFO would never end.
+        let read = std::fs::metadata(&full).and_then(|m| match m.is_file() {
+            true if m.len() <= MAX_PEM_BYTES => std::fs::read(&full),
+            true => Err(std::io::Error::other("larger than 1 MiB")),
+            false => Err(std::io::Error::other("not a regular file")),
+        });
+        match read {
             Ok(bytes) => {
                 self.material.push((full.clone(), bytes.clone()));
                 Some((full, bytes))
@@ -1155,8 +1171,9 @@ impl Checker<'_> {
                 "mirror applies only to routes with [[route.backend]]",
             );
         }
-        let request_headers = self.header_ops(&at.key("request_headers"), r.request_headers);
-        let response_headers = self.header_ops(&at.key("response_headers"), r.response_headers);
+        let request_headers = self.header_ops(&at.key("request_headers"), r.request_headers, true);
+        let response_headers =
+            self.header_ops(&at.key("response_headers"), r.response_headers, false);
         let origin = self.sources.place(at.file, &at.key);
         (self.errors.len() == before).then(|| Route {
             name: r.name.unwrap_or_default(),
@@ -1400,14 +1417,17 @@ impl Checker<'_> {
             }
         }
         if let Some(host) = &r.host {
-            let name = host.rsplit_once(':').map_or(host.as_str(), |(h, port)| {
-                if port.parse::<u16>().is_err() {
-                    ""
-                } else {
-                    h
-                }
-            });
-            self.host(&at.key("host"), name)?;
+            let at = at.key("host");
+            let (name, port) = host
+                .rsplit_once(':')
+                .map_or((host.as_str(), None), |(h, p)| (h, Some(p)));
+            if name.starts_with("*.")
+                || port.is_some_and(|p| p.parse::<u16>().map_or(true, |p| p == 0))
+            {
+                self.fail(&at, format!("bad redirect host {host:?}: expected a name, with a port or not, such as \"example.com:8443\""));
+                return None;
+            }
+            self.host(&at, name)?;
         }
         if let Some(path) = &r.path {
             self.uri_path(&at.key("path"), path);
@@ -1488,7 +1508,7 @@ impl Checker<'_> {
         p
     }
 
-    fn header_ops(&mut self, at: &At, ops: Option<RawHeaderOps>) -> HeaderOps {
+    fn header_ops(&mut self, at: &At, ops: Option<RawHeaderOps>, request: bool) -> HeaderOps {
         let Some(ops) = ops else {
             return HeaderOps::default();
         };
@@ -1499,6 +1519,8 @@ impl Checker<'_> {
                 let lower = name.to_ascii_lowercase();
                 if !http_header_name_ok(&lower) {
                     self.fail(&here, format!("bad header name {name:?}"));
+                } else if let Some(why) = not_editable(&lower, kind, request) {
+                    self.fail(&here, format!("{lower:?} cannot be changed here: {why}"));
                 } else if self.header_value(&here, &value) {
                     let list = if kind == "set" {
                         &mut out.set
@@ -1511,10 +1533,13 @@ impl Checker<'_> {
         }
         for (i, name) in ops.remove.into_iter().enumerate() {
             let lower = name.to_ascii_lowercase();
-            if http_header_name_ok(&lower) {
-                out.remove.push(lower);
-            } else {
+            if !http_header_name_ok(&lower) {
                 self.fail(&at.item("remove", i), format!("bad header name {name:?}"));
+            } else if let Some(why) = not_editable(&lower, "remove", request) {
+                let at = at.item("remove", i);
+                self.fail(&at, format!("{lower:?} cannot be changed here: {why}"));
+            } else {
+                out.remove.push(lower);
             }
         }
         out
@@ -1549,11 +1574,11 @@ impl Checker<'_> {
 
     fn direct_response(&mut self, at: &At, d: RawDirectResponse) -> Option<Action> {
         let status = match d.status {
-            Some(s @ 100..=599) => s,
+            Some(s @ 200..=599) => s,
             Some(s) => {
                 self.fail(
                     &at.key("status"),
-                    format!("status {s} is not an HTTP status (100-599)"),
+                    format!("status {s} is not a final HTTP status (200-599)"),
                 );
                 return None;
             }
@@ -1562,10 +1587,12 @@ impl Checker<'_> {
                 return None;
             }
         };
-        Some(Action::DirectResponse {
-            status,
-            body: d.body.unwrap_or_default(),
-        })
+        let body = d.body.unwrap_or_default();
+        if matches!(status, 204 | 304) && !body.is_empty() {
+            let at = at.key("body");
+            self.fail(&at, format!("a {status} response has no body"));
+        }
+        Some(Action::DirectResponse { status, body })
     }
 
     fn backends(
@@ -1815,6 +1842,18 @@ impl Checker<'_> {
             Listener::DEFAULT_IDLE_TIMEOUT,
         );
         let out_max = self.count(&out_at, "max_connections", raw_out.max_connections, 1);
+        // The app on one of the sidecar's own ports would send each request round the sidecar
+        // until its connections ran out.
+        if let Some(app) = app {
+            let own = self.listening.iter().find(|(_, _, addr)| clash(*addr, app));
+            if let Some((_, owner, _)) = own.cloned() {
+                let at = in_at.key("app");
+                self.fail(
+                    &at,
+                    format!("app {app} is the sidecar's own {owner} listener"),
+                );
+            }
+        }
         let sidecar = Sidecar {
             inbound: Inbound {
                 listen,
@@ -2096,7 +2135,11 @@ impl Checker<'_> {
     }
 
     fn addr(&mut self, at: &At, text: &str) -> Option<SocketAddr> {
-        match text.parse() {
+        match text.parse::<SocketAddr>() {
+            Ok(addr) if addr.port() == 0 => {
+                self.fail(at, format!("bad address {text:?}: port 0 names no port"));
+                None
+            }
             Ok(addr) => Some(addr),
             Err(_) => {
                 self.fail(
@@ -2108,6 +2151,27 @@ impl Checker<'_> {
         }
     }
 }
+
+/// Why a route's header changes may not touch `name` (lower case), if they may not: the
+/// message's framing is the proxy's to write, and an HTTP/1.1 request has exactly one Host.
+fn not_editable(name: &str, kind: &str, request: bool) -> Option<&'static str> {
+    match name {
+        "content-length" | "transfer-encoding" => {
+            Some("the proxy frames the body itself, and a wrong length would hang or cut it")
+        }
+        "host" if request && kind != "set" => {
+            Some("a request has exactly one Host; set it, or use rewrite.host")
+        }
+        _ => None,
+    }
+}
+
+/// The largest certificate, key or CA bundle read: a big CA bundle is a few hundred KiB.
+const MAX_PEM_BYTES: u64 = 1 << 20;
+
+/// More worker threads than any machine has cores; each holds a runtime and its file
+/// descriptors, so a typo of many more would fail at start.
+const MAX_THREADS: usize = 1024;
 
 /// Whether two listening addresses take the same port: the same address, or the same port with
 /// either one on every interface (`0.0.0.0`, `[::]`).

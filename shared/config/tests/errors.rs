@@ -108,7 +108,7 @@ direct_response = {{ status = 700 }}
     let errs = errors(&text).join("\n");
     for want in [
         "gw.toml:6: route \"r\" hosts[1]: bad host \"bad host:80\"",
-        "gw.toml:7: route \"r\": status 700 is not an HTTP status",
+        "gw.toml:7: route \"r\": status 700 is not a final HTTP status",
         "route \"r\" match[0]: bad header name \"bad header\"",
         "route \"r\" match[0]: needs exactly one of exact, prefix, regex or present",
         "route \"r\" match[0]: path \"no-slash\" must start with \"/\"",
@@ -943,4 +943,83 @@ fn sidecar_tcp_routes_take_destinations_and_the_app_tcp_ports() {
         errors(&on_gateway),
         ["gw.toml:3: route \"redis\": destinations route the sidecar's captured TCP connections; a gateway routes TCP by listener (protocol = \"tcp\")"]
     );
+}
+
+/// Values that would crash, hang or loop the proxy later are refused at load, each named.
+#[test]
+fn values_the_proxy_could_not_run_with_are_refused() {
+    let text = format!(
+        "{SERVICE}\
+[[route]]
+name = \"framing\"
+  [route.request_headers]
+  set = {{ \"content-length\" = \"5\" }}
+  remove = [\"host\"]
+  [route.response_headers]
+  add = {{ \"transfer-encoding\" = \"chunked\" }}
+  [[route.backend]]
+  service = \"reviews\"
+[[route]]
+name = \"informational\"
+direct_response = {{ status = 101 }}
+[[route]]
+name = \"no-content\"
+direct_response = {{ status = 204, body = \"x\" }}
+[[route]]
+name = \"wild\"
+redirect = {{ host = \"*.example.com\" }}
+[[route]]
+name = \"port\"
+redirect = {{ host = \"a.example.com:99999\" }}
+[[service]]
+name = \"zero\"
+endpoints = [\"127.0.0.1:0\"]
+  [service.outlier_detection]
+  base_ejection_time = \"18446744073709551615ms\"
+[runtime]
+threads = 5000
+[telemetry]
+access_log = \"\"
+[[listener]]
+name = \"web\"
+listen = \"127.0.0.1:0\"
+"
+    );
+    let errs = errors(&text).join("\n");
+    for want in [
+        "gw.toml:7: route \"framing\": \"content-length\" cannot be changed here: the proxy frames the body itself",
+        "gw.toml:8: route \"framing\" remove[0]: \"host\" cannot be changed here: a request has exactly one Host",
+        "gw.toml:10: route \"framing\": \"transfer-encoding\" cannot be changed here",
+        "gw.toml:15: route \"informational\": status 101 is not a final HTTP status (200-599)",
+        "gw.toml:18: route \"no-content\": a 204 response has no body",
+        "gw.toml:21: route \"wild\": bad redirect host \"*.example.com\"",
+        "gw.toml:24: route \"port\": bad redirect host \"a.example.com:99999\"",
+        "gw.toml:27: service \"zero\" endpoints[0]: bad address \"127.0.0.1:0\": port 0 names no port",
+        "gw.toml:29: service \"zero\": bad duration \"18446744073709551615ms\": too large (at most 8760h)",
+        "gw.toml:31: [runtime]: 5000 threads: at most 1024",
+        "gw.toml:33: [telemetry]: empty: \"stdout\", \"off\" or a file's path",
+        "gw.toml:36: listener \"web\": bad address \"127.0.0.1:0\": port 0 names no port",
+    ] {
+        assert!(errs.contains(want), "missing {want:?} in:\n{errs}");
+    }
+}
+
+#[test]
+fn a_sidecar_app_on_its_own_listener_and_a_device_as_a_file_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = "[inbound]\napp = \"127.0.0.1:15006\"\nmtls = \"disable\"\n";
+    let errs = sidecar_errors(dir.path(), text).join("\n");
+    assert!(
+        errs.contains("sc.toml:2: [inbound]: app 127.0.0.1:15006 is the sidecar's own"),
+        "{errs}"
+    );
+    // A FIFO or a device never ends; reading one would hang the load.
+    let text = "[workload]\ncert = \"/dev/zero\"\nkey = \"/dev/zero\"\ntrust_bundle = \".\"\n\
+                [inbound]\napp = \"127.0.0.1:8080\"\n";
+    let errs = sidecar_errors(dir.path(), text).join("\n");
+    assert!(
+        errs.contains("cannot read /dev/zero: not a regular file"),
+        "{errs}"
+    );
+    assert!(errs.contains(": not a regular file"), "{errs}");
 }

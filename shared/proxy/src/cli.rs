@@ -51,7 +51,7 @@ struct Cli {
     )]
     git_path: PathBuf,
     /// How often to fetch the ref, e.g. 15s or 1m.
-    #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = weir_config::duration::parse, requires = "config_git")]
+    #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = weir_config::duration::parse_period, requires = "config_git")]
     git_poll: Duration,
     /// Take the listening sockets over from the gateway running on the same admin address
     /// (Pingora's graceful upgrade): start this one, then send the old one SIGQUIT.
@@ -267,23 +267,28 @@ fn explain(
         .iter()
         .find(|(k, _)| k == "host")
         .map(|(_, v)| v.clone());
-    let host = host_header
-        .as_deref()
-        .or(uri.host())
-        .unwrap_or("")
-        .split(':')
-        .next()
-        .unwrap_or("")
-        .to_ascii_lowercase();
+    let authority = host_header.as_deref().or(uri.host()).unwrap_or("");
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(v6),
+        None => authority.split(':').next().unwrap_or(""),
+    }
+    .to_ascii_lowercase();
     let header_refs: Vec<(&str, &str)> = pairs
         .iter()
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect();
-    let method = method.to_ascii_uppercase();
+    // As the proxy sees them: the method as sent (methods are case-sensitive), the path
+    // without dot segments.
+    if http::Method::from_bytes(method.as_bytes()).is_err() {
+        eprintln!("bad method {method:?}");
+        return ExitCode::FAILURE;
+    }
+    let path = weir_routing::normalize_path(uri.path());
+    let path = path.as_deref().unwrap_or(uri.path());
     let req = Request {
-        method: &method,
+        method,
         host: &host,
-        path: uri.path(),
+        path,
         query: uri.query(),
         headers: &HeaderList(&header_refs),
     };
@@ -307,7 +312,7 @@ fn explain(
             if let (Some(sidecar), true) = (&config.sidecar, listener == "inbound") {
                 let policies = &sidecar.inbound.policies;
                 let who = peer.unwrap_or("a caller without a certificate");
-                let verdict = weir_routing::authz::authorize(policies, peer, &method, uri.path());
+                let verdict = weir_routing::authz::authorize(policies, peer, method, path);
                 match verdict {
                     Ok(()) if policies.is_empty() => say!("authz:    allowed (no policy)"),
                     Ok(()) => say!("authz:    allowed for {who}"),

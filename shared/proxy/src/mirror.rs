@@ -35,6 +35,7 @@ use weir_config::{ConnectionPool, Mirror, UpstreamProtocol};
 use weir_resilience::{Active, Permit};
 
 use crate::pipeline::Answer;
+use crate::proxy;
 use crate::snapshot::ServiceState;
 use crate::tls::{upstream_peer, UpstreamPeerTls};
 
@@ -123,29 +124,32 @@ pub fn start(
             header.set_uri(uri);
         }
     }
-    // Envoy's convention: the copy's Host names the shadow, so the mirror can tell copies
-    // from real traffic.
-    let host = header
-        .headers
-        .get("host")
-        .and_then(|h| h.to_str().ok())
-        .map(|h| match h.rsplit_once(':') {
-            Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => {
-                format!("{name}-shadow:{port}")
-            }
-            _ => format!("{h}-shadow"),
-        });
-    if let Some(host) = host {
-        // Always a valid value: built from a valid one plus ASCII.
-        let _ = header.insert_header("host", host);
-    }
-    header.remove_header("transfer-encoding");
-    // A copy goes out as HTTP/1.1 whatever the client spoke, so its connection is kept.
-    header.set_version(http::Version::HTTP_11);
     let Some(endpoint) = service.balancer.pick(key.as_deref(), None) else {
         count(name, Outcome::Failure);
         return None;
     };
+    // Envoy's convention: the copy's Host names the shadow, so the mirror can tell copies
+    // from real traffic. An HTTP/1.0 request may have none: the endpoint's address stands
+    // in, as for the primary.
+    let host = match header.headers.get("host").and_then(|h| h.to_str().ok()) {
+        Some(h) => match h.rsplit_once(':') {
+            Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => {
+                format!("{name}-shadow:{port}")
+            }
+            _ => format!("{h}-shadow"),
+        },
+        None => endpoint.addr.to_string(),
+    };
+    // Always a valid value: built from a valid one plus ASCII, or an address.
+    let _ = header.insert_header("host", host);
+    // The copy is the request as it goes to the primary, whose hop-by-hop headers Pingora
+    // drops: a copy that kept `Upgrade` could tie its lane up in a tunnel.
+    let _ = proxy::edit_request(&mut header, |parts| {
+        proxy::strip_hop_by_hop(&mut parts.headers, &proxy::REQUEST_HOP_BY_HOP);
+        Ok(())
+    });
+    // A copy goes out as HTTP/1.1 whatever the client spoke, so its connection is kept.
+    header.set_version(http::Version::HTTP_11);
     let (body, tx) = if body_empty {
         (None, None)
     } else {

@@ -21,6 +21,7 @@ use pingora_core::protocols::tls::SslDigest;
 use pingora_core::protocols::Digest;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorSource, ErrorType, OrErr, Result};
+use pingora_http::authority::raw_target_authority;
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 use tokio::sync::OwnedSemaphorePermit;
@@ -43,6 +44,31 @@ const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// Envoy's header for the client certificate of an mTLS connection.
 const X_FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// The hop-by-hop headers of a response (RFC 9110 §7.6.1) that no proxy passes on, beside
+/// those its `Connection` names. (Pingora writes the client's `Connection` and framing
+/// itself.)
+const RESPONSE_HOP_BY_HOP: [HeaderName; 4] = [
+    http::header::CONNECTION,
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
+    http::header::UPGRADE,
+];
+
+/// The same for a request Weir sends itself (a mirror's copy), as Pingora strips the primary's.
+pub(crate) const REQUEST_HOP_BY_HOP: [HeaderName; 9] = [
+    http::header::CONNECTION,
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
+    http::header::PROXY_AUTHORIZATION,
+    http::header::TE,
+    http::header::TRAILER,
+    http::header::TRANSFER_ENCODING,
+    http::header::UPGRADE,
+    HeaderName::from_static("http2-settings"),
+];
 
 pub struct WeirProxy {
     reloader: Arc<Reloader>,
@@ -565,10 +591,19 @@ impl ProxyHttp for WeirProxy {
         upstream: &mut RequestHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        // HTTP/1.0 may leave out Host, which the HTTP/1.1 request upstream needs: the
-        // endpoint's address stands in, as nginx sends its upstream's.
-        let default_host = match session.req_header().version {
-            Version::HTTP_10 => ctx.upstream,
+        // HTTP/1.0 may leave out Host, which the HTTP/1.1 request upstream needs: an
+        // absolute URI's authority, else the endpoint's address, stands in (as nginx sends its
+        // upstream's).
+        let req = session.req_header();
+        let default_host = match req.version {
+            Version::HTTP_10 if !req.headers.contains_key(http::header::HOST) => {
+                match raw_target_authority(req.raw_path()).authority() {
+                    Some(authority) => Some(HeaderValue::from_bytes(authority)),
+                    None => ctx.upstream.map(|a| HeaderValue::from_str(&a.to_string())),
+                }
+                .transpose()
+                .or_err(ErrorType::InvalidHTTPHeader, "bad host")?
+            }
             _ => None,
         };
         let tracer = self.tracer.as_ref();
@@ -626,7 +661,11 @@ impl ProxyHttp for WeirProxy {
         ctx: &mut Ctx,
     ) -> Result<()> {
         let ops = ctx.route.as_ref().map(|r| &r.config.response_headers);
+        let upgraded = response.status == http::StatusCode::SWITCHING_PROTOCOLS;
         edit_response(response, |headers| {
+            if !upgraded {
+                strip_hop_by_hop(headers, &RESPONSE_HOP_BY_HOP);
+            }
             headers.insert(X_REQUEST_ID, ctx.request_id.clone());
             ops.map_or(Ok(()), |ops| apply_header_ops(headers, ops))
         })
@@ -821,6 +860,7 @@ fn keep_timer_wheel_warm() {
 /// `Ctx`, which Pingora's futures move by value at every step.
 struct Downstream<'a> {
     client: Option<IpAddr>,
+    http2: bool,
     /// The connection's TLS: version, cipher and the client certificate's identity.
     tls: Option<&'a SslDigest>,
 }
@@ -829,6 +869,7 @@ impl Downstream<'_> {
     fn of(session: &Session) -> Downstream<'_> {
         Downstream {
             client: client_ip(session),
+            http2: session.is_http2(),
             tls: session.digest().and_then(|d| d.ssl_digest.as_deref()),
         }
     }
@@ -851,7 +892,7 @@ impl Downstream<'_> {
 fn prepare_upstream(
     upstream: &mut RequestHeader,
     downstream: Downstream<'_>,
-    default_host: Option<SocketAddr>,
+    default_host: Option<HeaderValue>,
     tracer: Option<&Tracer>,
     ctx: &Ctx,
 ) -> Result<()> {
@@ -859,8 +900,8 @@ fn prepare_upstream(
     edit_request(upstream, |parts| {
         let headers = &mut parts.headers;
         headers.reserve(3);
-        if let Some(addr) = default_host.filter(|_| !headers.contains_key(http::header::HOST)) {
-            headers.insert(http::header::HOST, header_value(&addr.to_string())?);
+        if let Some(host) = default_host {
+            headers.insert(http::header::HOST, host);
         }
         // Edge proxy: append the peer to X-Forwarded-For, say how the client reached us.
         if let Some(ip) = downstream.client {
@@ -870,10 +911,17 @@ fn prepare_upstream(
             // for the value (a `Vec` of exact size becomes `Bytes` without another).
             let entry = headers.entry(X_FORWARDED_FOR);
             let xff = match &entry {
-                HeaderEntry::Occupied(prior) if !prior.get().is_empty() => {
-                    Bytes::from([prior.get().as_bytes(), b", ", ip].concat())
+                // Repeated headers are one list (RFC 9110 §5.3): every hop so far is kept.
+                HeaderEntry::Occupied(prior) => {
+                    let mut list = Vec::with_capacity(prior.iter().map(|v| v.len() + 2).sum());
+                    for hop in prior.iter().filter(|v| !v.is_empty()) {
+                        list.extend_from_slice(hop.as_bytes());
+                        list.extend_from_slice(b", ");
+                    }
+                    list.extend_from_slice(ip);
+                    Bytes::from(list)
                 }
-                _ => Bytes::copy_from_slice(ip),
+                HeaderEntry::Vacant(_) => Bytes::copy_from_slice(ip),
             };
             let xff = HeaderValue::from_maybe_shared(xff)
                 .or_err(ErrorType::InvalidHTTPHeader, "bad x-forwarded-for")?;
@@ -885,6 +933,9 @@ fn prepare_upstream(
                     place.insert(xff);
                 }
             }
+        }
+        if downstream.http2 {
+            join_cookies(headers)?;
         }
         let proto = HeaderValue::from_static(downstream.scheme());
         headers.insert(X_FORWARDED_PROTO, proto);
@@ -921,12 +972,30 @@ fn prepare_upstream(
     Ok(())
 }
 
+/// HTTP/2 may split `Cookie` into one field per cookie; an HTTP/1.1 server may read only the
+/// first, so they go on as one, joined by "; " (RFC 9113 §8.2.3), as Envoy sends them.
+fn join_cookies(headers: &mut http::HeaderMap) -> Result<()> {
+    let HeaderEntry::Occupied(mut cookies) = headers.entry(http::header::COOKIE) else {
+        return Ok(());
+    };
+    if cookies.iter().nth(1).is_none() {
+        return Ok(());
+    }
+    let joined = (cookies.iter().map(|v| v.as_bytes()))
+        .collect::<Vec<_>>()
+        .join(&b"; "[..]);
+    let joined = HeaderValue::from_maybe_shared(Bytes::from(joined))
+        .or_err(ErrorType::InvalidHTTPHeader, "bad cookie")?;
+    cookies.insert(joined);
+    Ok(())
+}
+
 /// Edits a request's headers as plain `http` parts. Pingora's parsed headers keep a second,
 /// case-preserving map that every insert pays for (a name parse and an allocation); the
 /// parts take constant names. Header names then go out in canonical case, as Envoy sends
 /// them. Moving the parts out and back copies nothing; a target that is not UTF-8 keeps its
 /// raw bytes.
-fn edit_request(
+pub(crate) fn edit_request(
     req: &mut RequestHeader,
     edit: impl FnOnce(&mut http::request::Parts) -> Result<()>,
 ) -> Result<()> {
@@ -951,6 +1020,22 @@ fn edit_response(
     let edited = edit(&mut parts.headers);
     *resp = parts.into();
     edited
+}
+
+/// Drops the headers `Connection` names, then `also` (which names `Connection` itself).
+pub(crate) fn strip_hop_by_hop(headers: &mut http::HeaderMap, also: &[HeaderName]) {
+    if headers.contains_key(http::header::CONNECTION) {
+        let named: Vec<HeaderName> = (headers.get_all(http::header::CONNECTION).iter())
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .filter_map(|token| HeaderName::from_bytes(token.trim_ascii()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    for name in also {
+        headers.remove(name);
+    }
 }
 
 /// Applies a route's header changes: remove, then set, then add. The names and values were
@@ -1146,10 +1231,13 @@ fn set_path(req: &mut RequestHeader, path: &str) -> Result<()> {
 fn host_of(req: &RequestHeader) -> Cow<'_, str> {
     let raw = match req.uri.host() {
         Some(host) => host.as_bytes(),
-        None => req
-            .headers
-            .get(http::header::HOST)
-            .map_or(&b""[..], |h| h.as_bytes()),
+        None => match req.headers.get(http::header::HOST) {
+            Some(host) => host.as_bytes(),
+            // HTTP/1.0 with an absolute URI and no Host (Pingora keeps the authority off `uri`).
+            None => raw_target_authority(req.raw_path())
+                .authority()
+                .unwrap_or_default(),
+        },
     };
     let host = match raw.strip_prefix(b"[") {
         Some(v6) => v6.split(|&b| b == b']').next().unwrap_or(v6),

@@ -117,7 +117,7 @@ impl Reloader {
         if let Some(commit) = &*self.commit.lock().unwrap_or_else(|e| e.into_inner()) {
             loaded.revision.clone_from(commit);
         }
-        if loaded.revision == old.revision {
+        if loaded.revision == old.revision && loaded.contents == old.contents {
             self.set_error(None);
             return Outcome::Unchanged;
         }

@@ -21,6 +21,8 @@ use crate::tls::{upstream_peer, UpstreamPeerTls};
 pub struct Snapshot {
     pub generation: u64,
     pub revision: String,
+    /// The hash of the files' contents ([`weir_config::Loaded::contents`]).
+    pub contents: String,
     /// RFC 3339 time of the load.
     pub loaded_at: String,
     pub config: Arc<Config>,
@@ -191,6 +193,7 @@ impl Snapshot {
             certificates: crate::tls::certificate_tables(&config),
             generation,
             revision: loaded.revision,
+            contents: loaded.contents,
             loaded_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
             config: Arc::new(config),
             material: loaded.material,

@@ -247,9 +247,9 @@ impl Balancer {
             .saturating_sub(u32::try_from(stayed).unwrap_or(u32::MAX))
             + 1;
         e.ejections.store(times, Ordering::Release);
-        let time = (od.base_ejection_time * times).min(od.max_ejection_time);
-        e.ejected_until
-            .store(now + time.as_millis().max(1) as u64, Ordering::Release);
+        let time = (od.base_ejection_time.saturating_mul(times)).min(od.max_ejection_time);
+        let until = now.saturating_add(time.as_millis().max(1) as u64);
+        e.ejected_until.store(until, Ordering::Release);
         self.ejected.fetch_add(1, Ordering::AcqRel);
         warn!(service = %self.service, endpoint = %e.addr, reason, ejection = times,
               "outlier detection: endpoint ejected for {}", weir_config::duration::format(time));

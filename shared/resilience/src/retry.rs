@@ -129,7 +129,7 @@ impl RetryBudget {
                 .compare_exchange(last, now, Ordering::AcqRel, Ordering::Acquire)
                 .is_ok()
         {
-            let earned = (now - last) as i64 * i64::from(budget.min_per_second);
+            let earned = ((now - last) as i64).saturating_mul(i64::from(budget.min_per_second));
             let before = self.tokens.fetch_add(earned, Ordering::AcqRel);
             if before + earned > cap(budget) {
                 self.tokens.fetch_min(cap(budget), Ordering::AcqRel);
