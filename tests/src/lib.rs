@@ -221,6 +221,14 @@ impl Upstream {
             .map(|(_, v)| v.clone())
     }
 
+    /// Every value of a header of the last request received, one per field.
+    pub fn header_fields(&self, name: &str) -> Vec<String> {
+        (self.last_headers.lock().unwrap().iter())
+            .filter(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+
     /// A `[[service]]` table named after this upstream.
     pub fn service(&self) -> String {
         format!(

@@ -279,3 +279,34 @@ fn toml_files(dir: &Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// `explain` sees a request as the proxy does: the path without dot segments, the method as
+/// sent (methods are case-sensitive, so `get` is not `GET`).
+#[test]
+fn explain_normalizes_the_path_and_keeps_the_method_as_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gw.toml");
+    fs::write(
+        &path,
+        "[[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:8080\"\n\
+         [[route]]\nname = \"hello\"\ndirect_response = { status = 200 }\n  [[route.match]]\n  \
+         path = { exact = \"/hello\" }\n  methods = [\"GET\"]\n\
+         [[route]]\nname = \"default\"\ndirect_response = { status = 404 }\n",
+    )
+    .unwrap();
+    let explain = |method: &str, url: &str| {
+        let config = path.to_str().unwrap();
+        run(
+            "weir-gateway",
+            &["explain", "--config", config, method, url],
+        )
+    };
+    let (code, stdout, _) = explain("GET", "http://x/a/../hello");
+    assert_eq!(code, 0);
+    assert!(stdout.contains("route:    \"hello\""), "{stdout}");
+    let (_, stdout, _) = explain("get", "http://x/hello");
+    assert!(stdout.contains("route:    \"default\""), "{stdout}");
+    let (code, _, stderr) = explain("G ET", "http://x/hello");
+    assert_eq!(code, 1);
+    assert!(stderr.contains("bad method \"G ET\""), "{stderr}");
+}

@@ -8,6 +8,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use weir_tests::tls::{https_get, TestCa};
 use weir_tests::{free_port, run, wait_until, Gateway};
 
 /// `git daemon` serving one repository, `config.git`, which accepts pushes; killed when dropped.
@@ -161,4 +162,64 @@ fn an_unreachable_repository_is_a_clear_error_at_start() {
     let (code, _, stderr) = run("weir-gateway", &["--config-git", &url]);
     assert_eq!(code, 1, "{stderr}");
     assert!(stderr.contains(&format!("fetching {url} main")), "{stderr}");
+}
+
+/// A certificate the config names by an absolute path, outside the repository, is rotated
+/// under the same commit: the next poll serves the new one, as a file config would.
+#[test]
+fn a_certificate_rotated_outside_the_repository_is_served() {
+    let ca = TestCa::new("weir test CA");
+    let certs = tempfile::tempdir().unwrap();
+    let write_pair = |names: &[&str]| {
+        let pair = ca.server(names);
+        fs::write(certs.path().join("a.pem"), &pair.cert).unwrap();
+        fs::write(certs.path().join("a-key.pem"), &pair.key).unwrap();
+    };
+    write_pair(&["a.example"]);
+    let server = GitServer::start();
+    let (port, admin) = (free_port(), free_port());
+    let dir = certs.path().display();
+    let commit = server.push(&format!(
+        "{}protocol = \"https\"\n  [[listener.certificate]]\n  cert = \"{dir}/a.pem\"\n  \
+         key = \"{dir}/a-key.pem\"\n[[route]]\nname = \"hello\"\n\
+         direct_response = {{ status = 200, body = \"one\" }}\n",
+        Gateway::base(port, admin)
+    ));
+    let args = [
+        "--git-ref",
+        "prod",
+        "--git-path",
+        "gw",
+        "--git-poll",
+        "200ms",
+    ];
+    let gw = Gateway::start_git(&server.url, &args, port, admin);
+    let ca_pem = ca.pem();
+    let served = || https_get(port, "a.example", &ca_pem, None, "/", &[]).map(|r| r.served);
+    assert_eq!(served().unwrap(), ["a.example"]);
+
+    write_pair(&["a.example", "rotated.example"]);
+    wait_until("the rotated certificate", Duration::from_secs(10), || {
+        served().is_ok_and(|names| names.contains(&"rotated.example".to_string()))
+    });
+    let status = gw.status();
+    assert_eq!(
+        (status["generation"].as_u64(), status["revision"].as_str()),
+        (Some(2), Some(commit.as_str()))
+    );
+}
+
+#[test]
+fn a_zero_poll_period_is_refused() {
+    let (code, _, stderr) = run(
+        "weir-gateway",
+        &[
+            "--config-git",
+            "git://127.0.0.1:1/x.git",
+            "--git-poll",
+            "0s",
+        ],
+    );
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("must be more than 0"), "{stderr}");
 }

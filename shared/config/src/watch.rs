@@ -16,9 +16,9 @@ pub struct Watcher {
 }
 
 /// Calls `on_change`, on notify's thread, for every event that may change the config at `path`
-/// or one of the `material` files it names (certificates, keys, CAs).
+/// (if given) or one of the `material` files it names (certificates, keys, CAs).
 pub fn watch(
-    path: &Path,
+    path: Option<&Path>,
     material: &[PathBuf],
     on_change: impl Fn() + Send + 'static,
 ) -> notify::Result<Watcher> {
@@ -40,7 +40,9 @@ pub fn watch(
             None => dirs.push((dir, name.map(|n| vec![n]))),
         }
     };
-    add(path, path.is_dir());
+    if let Some(path) = path {
+        add(path, path.is_dir());
+    }
     for file in material {
         add(file, false);
     }

@@ -23,6 +23,11 @@ pub struct GitSource {
 }
 
 impl GitSource {
+    /// Whether `path` is in one of this source's checkouts.
+    pub fn holds(&self, path: &std::path::Path) -> bool {
+        path.starts_with(&self.root)
+    }
+
     /// Fetches `git_ref` of `url` into a fresh directory under `root` and checks it out.
     pub fn fetch_first(
         url: &str,

@@ -527,23 +527,31 @@ impl BackgroundService for Control {
 }
 
 impl Control {
-    /// Watches the config's files and the certificates and keys it names (a Git checkout
-    /// changes only when the poll swaps it, and reloads then). `current` is kept when the
-    /// files to watch are the same.
+    /// Watches the config's files and the certificates and keys it names. A Git checkout
+    /// changes only when the poll swaps it, and reloads then: with Git, only the files the
+    /// config names outside it are watched (a certificate that cert-manager rotates).
+    /// `current` is kept when the files to watch are the same.
     fn watch(
         &self,
         tx: &tokio::sync::mpsc::Sender<()>,
         current: Option<(Vec<PathBuf>, weir_config::Watcher)>,
     ) -> Option<(Vec<PathBuf>, weir_config::Watcher)> {
-        if self.git.is_some() {
+        let mut material = self.reloader.snapshot().material.clone();
+        let config = match &self.git {
+            Some(git) => {
+                material.retain(|file| !git.holds(file));
+                None
+            }
+            None => Some(self.reloader.path()),
+        };
+        if config.is_none() && material.is_empty() {
             return None;
         }
-        let material = self.reloader.snapshot().material.clone();
         if let Some(current) = current.filter(|(files, _)| *files == material) {
             return Some(current);
         }
         let tx = tx.clone();
-        match weir_config::watch(self.reloader.path(), &material, move || {
+        match weir_config::watch(config, &material, move || {
             let _ = tx.try_send(());
         }) {
             Ok(watcher) => Some((material, watcher)),

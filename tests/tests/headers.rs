@@ -1,0 +1,154 @@
+//! What the gateway passes on between client and upstream, header by header: hop-by-hop
+//! headers stay with their hop (RFC 9110 §7.6.1), lists stay whole, and the host a request
+//! names is the one it is routed by.
+#![allow(clippy::unwrap_used)]
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::process::Command;
+use std::thread;
+use std::time::Duration;
+
+use weir_tests::{raw_request, script, wait_until, Gateway, Upstream};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// An upstream that answers every request with `response`, and its `[[service]]` "raw".
+fn answering(response: &'static [u8]) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            thread::spawn(move || {
+                let mut seen = Vec::new();
+                let mut buf = [0; 4096];
+                while let Ok(n @ 1..) = conn.read(&mut buf) {
+                    seen.extend_from_slice(&buf[..n]);
+                    while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                        seen.drain(..end + 4);
+                        if conn.write_all(response).is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    format!("[[service]]\nname = \"raw\"\nendpoints = [\"{addr}\"]\n")
+}
+
+fn route_to(service: &str) -> String {
+    format!("[[route]]\nname = \"r\"\n  [[route.backend]]\n  service = \"{service}\"\n")
+}
+
+#[test]
+fn hop_by_hop_response_headers_stay_with_their_hop() {
+    let gw = Gateway::start(&format!(
+        "{}{}",
+        answering(
+            b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Secret\r\nX-Secret: s\r\n\
+              Keep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nX-Kept: yes\r\n\
+              Content-Length: 2\r\n\r\nok"
+        ),
+        route_to("raw")
+    ));
+    let reply = gw.get("/", &[]);
+    assert_eq!((reply.status, reply.body.as_str()), (200, "ok"));
+    assert_eq!(
+        reply.header("x-kept"),
+        Some("yes"),
+        "an end-to-end header is kept"
+    );
+    for hop in ["x-secret", "keep-alive", "proxy-connection"] {
+        assert_eq!(reply.header(hop), None, "{hop} passed on");
+    }
+    // The client's own connection header is Pingora's, for this hop.
+    assert_eq!(reply.header("connection"), Some("keep-alive"));
+}
+
+#[test]
+fn every_x_forwarded_for_hop_is_kept() {
+    let app = Upstream::start("app");
+    let gw = Gateway::start(&format!("{}{}", app.service(), route_to("app")));
+    let reply = raw_request(
+        gw.port,
+        b"GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 1.1.1.1\r\n\
+          X-Forwarded-For: 2.2.2.2, 3.3.3.3\r\nConnection: close\r\n\r\n",
+    );
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    assert_eq!(
+        app.header_fields("x-forwarded-for"),
+        ["1.1.1.1, 2.2.2.2, 3.3.3.3, 127.0.0.1"]
+    );
+}
+
+#[test]
+fn an_http10_absolute_uri_is_routed_by_its_host() {
+    let app = Upstream::start("app");
+    let gw = Gateway::start(&format!(
+        "[[route]]\nname = \"secret\"\nhosts = [\"secret.internal\"]\n\
+         direct_response = {{ status = 200, body = \"secret\" }}\n{}{}",
+        app.service(),
+        route_to("app")
+    ));
+    let reply = raw_request(gw.port, b"GET http://secret.internal/x HTTP/1.0\r\n\r\n");
+    assert!(reply.ends_with("secret"), "{reply}");
+    // Without an authority, the endpoint's address stands in for the missing Host.
+    let reply = raw_request(gw.port, b"GET /x HTTP/1.0\r\n\r\n");
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    assert_eq!(app.last_header("host"), Some(app.addr.to_string()));
+}
+
+#[test]
+fn http2_cookie_fields_reach_an_http1_upstream_as_one() {
+    let app = Upstream::start("app");
+    let gw = Gateway::start(&format!("{}{}", app.service(), route_to("app")));
+    let out = Command::new("/usr/bin/python3")
+        .args([&script("tests/h2/cookies.py"), &gw.port.to_string(), "/c"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        stdout.trim(),
+        "200",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(app.header_fields("cookie"), ["a=1; b=2"]);
+}
+
+#[test]
+fn a_mirror_copy_drops_hop_by_hop_headers_and_gets_a_host() {
+    let (app, shadow) = (Upstream::start("app"), Upstream::start("shadow"));
+    let gw = Gateway::start(&format!(
+        "{}{}[[route]]\nname = \"r\"\n  [[route.backend]]\n  service = \"app\"\n\
+         [route.mirror]\n  service = \"shadow\"\n",
+        app.service(),
+        shadow.service()
+    ));
+    let reply = raw_request(
+        gw.port,
+        b"GET /m HTTP/1.0\r\nConnection: X-Secret\r\nX-Secret: s\r\nKeep-Alive: 1\r\n\
+          Upgrade: websocket\r\nX-Kept: yes\r\n\r\n",
+    );
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    wait_until("the mirror's copy", WAIT, || shadow.hits() == 1);
+    for upstream in [&app, &shadow] {
+        assert_eq!(upstream.last_header("x-kept").as_deref(), Some("yes"));
+        for hop in ["x-secret", "keep-alive", "upgrade"] {
+            assert_eq!(
+                upstream.last_header(hop),
+                None,
+                "{hop} reached {}",
+                upstream.name
+            );
+        }
+        let connection = upstream.last_header("connection").unwrap_or_default();
+        assert!(
+            !connection.to_ascii_lowercase().contains("secret"),
+            "{connection}"
+        );
+    }
+    assert_eq!(shadow.last_header("host"), Some(shadow.addr.to_string()));
+}
