@@ -152,3 +152,48 @@ fn a_mirror_copy_drops_hop_by_hop_headers_and_gets_a_host() {
     }
     assert_eq!(shadow.last_header("host"), Some(shadow.addr.to_string()));
 }
+
+#[test]
+fn a_target_that_is_no_path_nor_uri_is_refused() {
+    let app = Upstream::start("app");
+    let gw = Gateway::start(&format!("{}{}", app.service(), route_to("app")));
+    let reply = raw_request(
+        gw.port,
+        b"GET secret.internal/x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    );
+    assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
+    assert!(reply.ends_with("bad request target\n"), "{reply}");
+    assert_eq!(app.hits(), 0);
+    let reply = raw_request(
+        gw.port,
+        b"OPTIONS * HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    );
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+}
+
+#[test]
+fn a_switch_of_protocols_nobody_asked_for_is_a_bad_gateway() {
+    let gw = Gateway::start(&format!(
+        "{}{}",
+        answering(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\n"),
+        route_to("raw")
+    ));
+    let reply = gw.get("/", &[]);
+    assert_eq!(reply.status, 502, "{}", reply.body);
+}
+
+#[test]
+fn an_answer_before_closing_says_close() {
+    let gw = Gateway::start(&format!(
+        "{}{}",
+        answering(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"),
+        route_to("raw")
+    ));
+    let reply = raw_request(
+        gw.port,
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nxx\r\n0\r\n\r\n",
+    );
+    assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
+    let lower = reply.to_ascii_lowercase();
+    assert!(lower.contains("connection: close\r\n"), "{reply}");
+}

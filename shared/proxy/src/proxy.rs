@@ -350,6 +350,12 @@ impl ProxyHttp for WeirProxy {
             respond(session, ctx, 400, body, None).await?;
             return Ok(true);
         }
+        if !target_is_valid(req) {
+            ctx.snapshot = Some(snapshot);
+            let body = Bytes::from_static(b"bad request target\n");
+            respond(session, ctx, 400, body, None).await?;
+            return Ok(true);
+        }
         let found = snapshot.table(listener).and_then(|table| {
             let host = match table.has_hosts() {
                 true => host_of(req),
@@ -619,6 +625,16 @@ impl ProxyHttp for WeirProxy {
     ) -> Result<()> {
         let status = response.status.as_u16();
         if status < 200 {
+            // A switch the client never asked for would leave it waiting on a tunnel that
+            // never opens: the upstream is wrong, 502 (as Envoy answers).
+            let asked = session
+                .req_header()
+                .headers
+                .contains_key(http::header::UPGRADE);
+            if status == 101 && !asked {
+                return Error::e_explain(ErrorType::InvalidHTTPHeader, "101 to no Upgrade")
+                    .map_err(|e| e.into_up());
+            }
             return Ok(());
         }
         self.report(ctx, TryResult::Status(status));
@@ -761,6 +777,8 @@ impl ProxyHttp for WeirProxy {
         };
         ctx.flags = flags;
         if code > 0 && session.response_written().is_none() {
+            // The connection closes after this answer (`can_reuse_downstream` below): say so.
+            session.set_keepalive(None);
             let _ = respond(session, ctx, code, Bytes::from_static(body), None).await;
         }
         FailToProxy {
@@ -1255,6 +1273,17 @@ fn host_of(req: &RequestHeader) -> Cow<'_, str> {
     } else {
         Cow::Borrowed(host)
     }
+}
+
+/// RFC 9112 §3.2: a request target is a path (`/x`), an absolute URI (`http://a/x`), `*` (for
+/// OPTIONS) or, for CONNECT, a host and port. Pingora would send anything else upstream as
+/// `/`, the rest of it lost; nginx answers 400, and so does Weir.
+fn target_is_valid(req: &RequestHeader) -> bool {
+    let target = req.raw_path();
+    target.first() == Some(&b'/')
+        || req.method == http::Method::CONNECT
+        || (target == b"*" && req.method == http::Method::OPTIONS)
+        || raw_target_authority(target).authority().is_some()
 }
 
 fn client_ip(session: &Session) -> Option<IpAddr> {
