@@ -446,6 +446,9 @@ impl Checker<'_> {
                 format!("sample_ratio {sample_ratio} is not between 0.0 and 1.0"),
             );
         }
+        if t.service_name.as_deref() == Some("") {
+            self.fail(&at.key("service_name"), "service_name must not be empty");
+        }
         let service_name = t.service_name.unwrap_or_else(|| {
             match role {
                 Role::Gateway => "weir-gateway",
@@ -1455,7 +1458,12 @@ impl Checker<'_> {
             }
         }
         if let Some(host) = &r.host {
-            self.header_value(&at.key("host"), host);
+            let at = at.key("host");
+            if host.is_empty() {
+                self.fail(&at, "host must not be empty");
+            } else {
+                self.header_value(&at, host);
+            }
         }
         Some(Rewrite {
             path_prefix: r.path_prefix,
@@ -1822,12 +1830,19 @@ impl Checker<'_> {
             Listener::DEFAULT_IDLE_TIMEOUT,
         );
         let in_max = self.count(&in_at, "max_connections", raw_in.max_connections, 1);
-        let policies = raw_in
-            .policy
-            .into_iter()
-            .enumerate()
-            .filter_map(|(i, p)| self.policy(&in_at.item("policy", i), i, p, mtls))
-            .collect();
+        let mut policies: Vec<Policy> = Vec::new();
+        for (i, raw) in raw_in.policy.into_iter().enumerate() {
+            let at = in_at.item("policy", i);
+            let Some(policy) = self.policy(&at, i, raw, mtls) else {
+                continue;
+            };
+            // A policy's name is its `weir_authz_denied_total` series: one per policy.
+            if policies.iter().any(|p| p.name == policy.name) {
+                let name = &policy.name;
+                self.fail(&at.key("name"), format!("policy name {name:?} is taken"));
+            }
+            policies.push(policy);
+        }
         let (out_at, raw_out) =
             outbound.unwrap_or_else(|| (absent_section("outbound"), RawOutbound::default()));
         let out_listen = self.listen_or(
@@ -2050,6 +2065,9 @@ impl Checker<'_> {
                 );
                 self.fail(&at.item("paths", i), e);
             }
+        }
+        if p.name.as_deref() == Some("") {
+            self.fail(&at.key("name"), "name must not be empty");
         }
         (self.errors.len() == before).then(|| Policy {
             name: p.name.unwrap_or_else(|| format!("inbound.policy[{index}]")),

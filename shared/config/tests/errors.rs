@@ -983,6 +983,11 @@ access_log = \"\"
 [[listener]]
 name = \"web\"
 listen = \"127.0.0.1:0\"
+[[route]]
+name = \"empty-host\"
+rewrite = {{ host = \"\" }}
+  [[route.backend]]
+  service = \"reviews\"
 "
     );
     let errs = errors(&text).join("\n");
@@ -999,6 +1004,7 @@ listen = \"127.0.0.1:0\"
         "gw.toml:31: [runtime]: 5000 threads: at most 1024",
         "gw.toml:33: [telemetry]: empty: \"stdout\", \"off\" or a file's path",
         "gw.toml:36: listener \"web\": bad address \"127.0.0.1:0\": port 0 names no port",
+        "gw.toml:39: route \"empty-host\": host must not be empty",
     ] {
         assert!(errs.contains(want), "missing {want:?} in:\n{errs}");
     }
@@ -1011,6 +1017,20 @@ fn a_sidecar_app_on_its_own_listener_and_a_device_as_a_file_are_refused() {
     let errs = sidecar_errors(dir.path(), text).join("\n");
     assert!(
         errs.contains("sc.toml:2: [inbound]: app 127.0.0.1:15006 is the sidecar's own"),
+        "{errs}"
+    );
+    // A policy's name is its metric series.
+    let text = "[inbound]\napp = \"127.0.0.1:8080\"\nmtls = \"disable\"\n\
+                [[inbound.policy]]\nname = \"p\"\naction = \"deny\"\npaths = [\"/a\"]\n\
+                [[inbound.policy]]\nname = \"p\"\naction = \"deny\"\npaths = [\"/b\"]\n\
+                [[inbound.policy]]\nname = \"\"\naction = \"deny\"\npaths = [\"/c\"]\n";
+    let errs = sidecar_errors(dir.path(), text).join("\n");
+    assert!(
+        errs.contains(":9: [inbound] policy[1]: policy name \"p\" is taken"),
+        "{errs}"
+    );
+    assert!(
+        errs.contains(":13: [inbound] policy[2]: name must not be empty"),
         "{errs}"
     );
     // A FIFO or a device never ends; reading one would hang the load.
