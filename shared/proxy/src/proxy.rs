@@ -1042,18 +1042,36 @@ fn edit_response(
 
 /// Drops the headers `Connection` names, then `also` (which names `Connection` itself).
 pub(crate) fn strip_hop_by_hop(headers: &mut http::HeaderMap, also: &[HeaderName]) {
-    if headers.contains_key(http::header::CONNECTION) {
-        let named: Vec<HeaderName> = (headers.get_all(http::header::CONNECTION).iter())
-            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-            .filter_map(|token| HeaderName::from_bytes(token.trim_ascii()).ok())
+    // Most `Connection` headers say only keep-alive or close, which name no other header
+    // (`Keep-Alive` is in `also`): those cost no allocation.
+    let connection = headers.get_all(http::header::CONNECTION);
+    if connection
+        .iter()
+        .any(|v| connection_names(v).next().is_some())
+    {
+        let names: Vec<HeaderName> = (connection.iter().flat_map(connection_names))
+            .filter_map(|token| HeaderName::from_bytes(token).ok())
             .collect();
-        for name in named {
+        for name in names {
             headers.remove(name);
         }
     }
     for name in also {
         headers.remove(name);
     }
+}
+
+/// The header names a `Connection` value lists, but for keep-alive and close.
+fn connection_names(value: &HeaderValue) -> impl Iterator<Item = &[u8]> {
+    (value
+        .as_bytes()
+        .split(|&b| b == b',')
+        .map(<[u8]>::trim_ascii))
+    .filter(|token| {
+        !token.is_empty()
+            && !token.eq_ignore_ascii_case(b"keep-alive")
+            && !token.eq_ignore_ascii_case(b"close")
+    })
 }
 
 /// Applies a route's header changes: remove, then set, then add. The names and values were
