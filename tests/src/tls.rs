@@ -124,6 +124,23 @@ pub struct TlsReply {
     pub served_ids: Vec<String>,
     /// SHA-256 of the server certificate.
     pub served_hash: String,
+    /// Whether the handshake resumed a session instead of a full one.
+    pub resumed: bool,
+}
+
+/// An HTTPS client that keeps its TLS sessions, so a connection after the first resumes one,
+/// as browsers and HTTP client libraries do.
+pub struct TlsClient(Arc<rustls::ClientConfig>);
+
+impl TlsClient {
+    pub fn new(ca_pem: &str, client: Option<&Issued>) -> TlsClient {
+        TlsClient(Arc::new(client_config(ca_pem, client)))
+    }
+
+    /// [`https_get`] with this client's sessions.
+    pub fn get(&self, port: u16, sni: &str, path: &str) -> Result<TlsReply, String> {
+        request_over(self.0.clone(), port, b"", sni, path, &[])
+    }
 }
 
 /// One HTTPS request to 127.0.0.1:`port` with `sni`, trusting only `ca_pem`, presenting
@@ -194,6 +211,7 @@ fn request_over(
             return Err(e.to_string());
         }
     }
+    let resumed = tls.conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
     let identity = tls
         .conn
         .peer_certificates()
@@ -221,6 +239,7 @@ fn request_over(
         served: identity.dns,
         served_ids: identity.uris,
         served_hash: identity.hash,
+        resumed,
     })
 }
 

@@ -23,6 +23,13 @@ fn admin_answers_live_ready_and_config() {
     );
     assert_eq!(status["config"]["routes"][0]["name"], "r");
     assert_eq!(gw.admin_get("/nope").unwrap().status, 404);
+    // A known path with another method: 405, and the method it takes.
+    let url = format!("http://127.0.0.1:{}/live", gw.admin);
+    let reply = weir_tests::send(&weir_tests::client(), "POST", &url, &[]).unwrap();
+    assert_eq!((reply.status, reply.header("allow")), (405, Some("GET")));
+    let url = format!("http://127.0.0.1:{}/shutdown", gw.admin);
+    let reply = weir_tests::send(&weir_tests::client(), "GET", &url, &[]).unwrap();
+    assert_eq!((reply.status, reply.header("allow")), (405, Some("POST")));
 }
 
 /// A request in flight when `stop` asks the gateway to stop finishes, then the gateway exits

@@ -112,6 +112,33 @@ fn a_configmap_symlink_swap_is_picked_up() {
     });
 }
 
+/// A config file that is a link to a file elsewhere (`/etc/weir/gateway.toml ->
+/// /srv/configs/prod.toml`): an edit of the target is a change of the config.
+#[test]
+fn an_edit_where_a_link_points_is_picked_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let (port, admin) = (free_port(), free_port());
+    let (etc, srv) = (dir.path().join("etc"), dir.path().join("srv"));
+    fs::create_dir(&etc).unwrap();
+    fs::create_dir(&srv).unwrap();
+    let target = srv.join("prod.toml");
+    let write = |body: &str| {
+        fs::write(
+            &target,
+            format!("{}{}", Gateway::base(port, admin), hello(body)),
+        )
+        .unwrap();
+    };
+    write("before");
+    symlink(&target, etc.join("gateway.toml")).unwrap();
+    let gw = Gateway::start_on(dir, etc.join("gateway.toml"), port, admin);
+    assert_eq!(gw.get("/", &[]).body, "before");
+    write("after");
+    wait_until("the edited target", Duration::from_secs(3), || {
+        gw.get("/", &[]).body == "after"
+    });
+}
+
 #[test]
 fn a_config_directory_reloads_when_a_file_is_added() {
     let dir = tempfile::tempdir().unwrap();

@@ -385,3 +385,68 @@ fn a_proxy_protocol_header_is_taken_off_a_tcp_connection_and_sent_on() {
         (&"2001:db8::7".into(), &8.into())
     );
 }
+
+/// A ClientHello of 20 KB (a post-quantum key share and a long list of extensions get there),
+/// in full 16 KiB records, sent in one write: routed by its SNI and forwarded whole.
+#[test]
+fn a_large_client_hello_in_full_records_passes_through() {
+    let echo = Echo::start("echo");
+    let port = free_port();
+    let _gw = Gateway::start(&format!(
+        "[[listener]]\nname = \"pass\"\nlisten = \"127.0.0.1:{port}\"\nprotocol = \"tls\"\n\
+         [[route]]\nname = \"a\"\nlisteners = [\"pass\"]\nhosts = [\"a.example\"]\n  [[route.backend]]\n  service = \"echo\"\n\
+         [[service]]\nname = \"echo\"\nendpoints = [\"{}\"]\n",
+        echo.addr
+    ));
+    let ext = |kind: u16, body: &[u8]| {
+        [
+            &kind.to_be_bytes()[..],
+            &(body.len() as u16).to_be_bytes(),
+            body,
+        ]
+        .concat()
+    };
+    let name = b"a.example";
+    let sni = [
+        &(name.len() as u16 + 3).to_be_bytes()[..],
+        &[0],
+        &(name.len() as u16).to_be_bytes(),
+        name,
+    ]
+    .concat();
+    let extensions = [
+        ext(0, &sni),
+        ext(10, &[0, 2, 0, 0x1d]),       // supported groups: x25519
+        ext(13, &[0, 2, 0x08, 0x04]),    // signature algorithms
+        ext(0xfa0a, &vec![7u8; 20_000]), // an extension the server does not know
+    ]
+    .concat();
+    let body = [
+        &[3, 3][..],
+        &[1; 32],            // random
+        &[0],                // no session id
+        &[0, 2, 0x13, 0x01], // TLS_AES_128_GCM_SHA256
+        &[1, 0],             // null compression
+        &(extensions.len() as u16).to_be_bytes(),
+        &extensions,
+    ]
+    .concat();
+    let hello = [&[1u8][..], &(body.len() as u32).to_be_bytes()[1..], &body].concat();
+    let records: Vec<u8> = (hello.chunks(16_384))
+        .flat_map(|part| [&[22, 3, 1][..], &(part.len() as u16).to_be_bytes(), part].concat())
+        .collect();
+    let mut client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    client.write_all(&records).unwrap();
+    client.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut answer = Vec::new();
+    client.read_to_end(&mut answer).unwrap();
+    assert_eq!(
+        answer.len(),
+        "echo:".len() + records.len(),
+        "forwarded whole"
+    );
+    assert!(answer.ends_with(&records));
+}

@@ -6,7 +6,7 @@ use std::fs;
 use std::path::Path;
 use std::time::Duration;
 
-use weir_tests::tls::{https_get, https_get_after, Issued, TestCa, TlsUpstream};
+use weir_tests::tls::{https_get, https_get_after, Issued, TestCa, TlsClient, TlsUpstream};
 use weir_tests::{free_port, raw_request, wait_until, Gateway, Upstream};
 
 /// Writes `issued` as `<name>.pem` and `<name>-key.pem` in `dir`.
@@ -138,6 +138,40 @@ fn a_rotated_certificate_is_served_without_a_restart() {
     );
     assert_eq!(status["generation"], 2);
     assert!(served().unwrap().contains(&"rotated.example".to_string()));
+}
+
+/// A resumed TLS session skips the client certificate's check, so a session from before a
+/// reload that turned `client_auth` on must not resume after it.
+#[test]
+fn a_session_from_before_client_auth_does_not_get_past_it() {
+    let (ca, gw) = hello_over_https();
+    let client = TlsClient::new(&ca.pem(), None);
+    assert_eq!(client.get(gw.port, "a.example", "/").unwrap().status, 200);
+    // Sessions resume while nothing changed, so the check below can fail.
+    assert!(client.get(gw.port, "a.example", "/").unwrap().resumed);
+
+    let config = fs::read_to_string(&gw.config).unwrap();
+    let dir = gw.config.parent().unwrap();
+    fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+    let with_auth = config.replace(
+        "[[route]]",
+        "  [listener.client_auth]\n  ca = \"ca.pem\"\n[[route]]",
+    );
+    fs::write(&gw.config, with_auth).unwrap();
+    wait_until("client_auth on", Duration::from_secs(5), || {
+        gw.generation() == 2
+    });
+    let refused = client.get(gw.port, "a.example", "/");
+    assert!(
+        refused.is_err(),
+        "{:?}",
+        refused.map(|r| (r.status, r.resumed))
+    );
+    // A client with a certificate gets in, and then resumes too.
+    let issued = ca.client("frontend", &["spiffe://mesh.local/ns/web/sa/frontend"]);
+    let client = TlsClient::new(&ca.pem(), Some(&issued));
+    assert_eq!(client.get(gw.port, "a.example", "/").unwrap().status, 200);
+    assert!(client.get(gw.port, "a.example", "/").unwrap().resumed);
 }
 
 #[test]

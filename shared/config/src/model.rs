@@ -185,6 +185,9 @@ pub struct ClientAuth {
     pub ca: PathBuf,
     #[serde(skip)]
     pub verifier: Arc<dyn weir_tls::rustls::server::danger::ClientCertVerifier>,
+    /// A hash of the CAs: a TLS session resumes only under the trust that verified it.
+    #[serde(skip)]
+    pub trust: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -291,7 +291,8 @@ fn config_files(path: &Path) -> Result<Vec<PathBuf>, String> {
         .filter_map(|entry| entry.ok().map(|e| e.path()))
         .filter(|p| {
             let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            !name.starts_with('.') && name.ends_with(".toml") && p.is_file()
+            // Not `is_file`: a dangling link or a directory named so is an error, not skipped.
+            !name.starts_with('.') && name.ends_with(".toml")
         })
         .collect();
     files.sort();

@@ -549,7 +549,11 @@ impl Checker<'_> {
             let (ca, pem) = self.required_pem(&at, "ca", c.ca)?;
             let verifier = weir_tls::roots(&pem).and_then(weir_tls::client_verifier);
             match verifier {
-                Ok(verifier) => Some(ClientAuth { ca, verifier }),
+                Ok(verifier) => Some(ClientAuth {
+                    ca,
+                    verifier,
+                    trust: trust(&pem),
+                }),
                 Err(e) => {
                     self.fail(&at.key("ca"), format!("{}: {e}", ca.display()));
                     None
@@ -2191,6 +2195,13 @@ const MAX_PEM_BYTES: u64 = 1 << 20;
 /// descriptors, so a typo of many more would fail at start.
 const MAX_THREADS: usize = 1024;
 
+/// A hash of the CAs that verify client certificates ([`ClientAuth::trust`]).
+fn trust(cas: &impl Hash) -> u64 {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    cas.hash(&mut hasher);
+    hasher.finish()
+}
+
 /// Whether two listening addresses take the same port: the same address, or the same port with
 /// either one on every interface (`0.0.0.0`, `[::]`).
 fn clash(a: SocketAddr, b: SocketAddr) -> bool {
@@ -2225,6 +2236,7 @@ fn sidecar_listeners(sidecar: &Sidecar, workload: Option<&Workload>) -> Vec<List
             client_auth: Some(ClientAuth {
                 ca: w.trust_bundle.clone(),
                 verifier: w.verifier.clone(),
+                trust: trust(&w.roots),
             }),
             also_plaintext: mtls == Mtls::Permissive,
         }),

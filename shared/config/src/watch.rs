@@ -40,11 +40,22 @@ pub fn watch(
             None => dirs.push((dir, name.map(|n| vec![n]))),
         }
     };
-    if let Some(path) = path {
-        add(path, path.is_dir());
+    // A link is watched where it is and where it points: an edit of its target changes the
+    // config too.
+    let mut watched: Vec<(PathBuf, bool)> = Vec::new();
+    for (file, is_dir) in path
+        .map(|p| (p, p.is_dir()))
+        .into_iter()
+        .chain(material.iter().map(|f| (f.as_path(), false)))
+    {
+        watched.push((file.to_path_buf(), is_dir));
+        let link = std::fs::symlink_metadata(file).is_ok_and(|m| m.file_type().is_symlink());
+        if let Some(target) = link.then(|| std::fs::canonicalize(file).ok()).flatten() {
+            watched.push((target, is_dir));
+        }
     }
-    for file in material {
-        add(file, false);
+    for (file, is_dir) in &watched {
+        add(file, *is_dir);
     }
     let filters = dirs.clone();
     let mut inner = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {

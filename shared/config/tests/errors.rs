@@ -263,6 +263,21 @@ fn a_broken_file_does_not_cause_false_errors_elsewhere() {
 }
 
 #[test]
+fn a_toml_entry_that_is_no_readable_file_is_an_error_not_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "a.toml", SERVICE);
+    std::os::unix::fs::symlink(dir.path().join("gone.toml"), dir.path().join("b.toml")).unwrap();
+    fs::create_dir(dir.path().join("c.toml")).unwrap();
+    let errs = load(dir.path(), Role::Gateway).unwrap_err().0;
+    let files: Vec<_> = errs.iter().map(|e| e.file.file_name().unwrap()).collect();
+    assert_eq!(files, ["b.toml", "c.toml"], "{errs:?}");
+    assert!(
+        errs.iter().all(|e| e.message.starts_with("cannot read")),
+        "{errs:?}"
+    );
+}
+
+#[test]
 fn a_missing_or_empty_source_is_an_error_not_a_panic() {
     let dir = tempfile::tempdir().unwrap();
     for role in [Role::Gateway, Role::Sidecar] {

@@ -134,6 +134,9 @@ impl Admin {
                     "shutdown is for callers on this host only\n".into(),
                 )
             }
+            // A known path asked with another method: 405 and the one it takes (RFC 9110 §15.5.6).
+            (_, "/live" | "/ready" | "/config" | "/endpoints" | "/metrics") => allow("GET"),
+            (_, "/shutdown") => allow("POST"),
             _ => text(
                 StatusCode::NOT_FOUND,
                 "not found; try GET /live, /ready, /config, /endpoints, /metrics or POST /shutdown\n"
@@ -192,6 +195,16 @@ fn reachable(addr: SocketAddr) -> SocketAddr {
         }
         _ => addr,
     }
+}
+
+fn allow(method: &'static str) -> Response<Vec<u8>> {
+    let mut resp = text(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("method not allowed; this path takes {method}\n"),
+    );
+    let allow = http::HeaderValue::from_static(method);
+    resp.headers_mut().insert(http::header::ALLOW, allow);
+    resp
 }
 
 fn text(status: StatusCode, body: String) -> Response<Vec<u8>> {

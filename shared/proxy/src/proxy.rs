@@ -49,13 +49,8 @@ const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection")
 
 /// The hop-by-hop headers of a response (RFC 9110 §7.6.1) that no proxy passes on, beside
 /// those its `Connection` names. (Pingora writes the client's `Connection` and framing
-/// itself.)
-const RESPONSE_HOP_BY_HOP: [HeaderName; 4] = [
-    http::header::CONNECTION,
-    KEEP_ALIVE,
-    PROXY_CONNECTION,
-    http::header::UPGRADE,
-];
+/// itself, over HTTP/1.1 and HTTP/2.)
+const RESPONSE_HOP_BY_HOP: [HeaderName; 3] = [KEEP_ALIVE, PROXY_CONNECTION, http::header::UPGRADE];
 
 /// The same for a request Weir sends itself (a mirror's copy), as Pingora strips the primary's.
 pub(crate) const REQUEST_HOP_BY_HOP: [HeaderName; 9] = [
@@ -1040,10 +1035,18 @@ fn edit_response(
     edited
 }
 
-/// Drops the headers `Connection` names, then `also` (which names `Connection` itself).
+/// Drops the headers `Connection` names, then `also`.
 pub(crate) fn strip_hop_by_hop(headers: &mut http::HeaderMap, also: &[HeaderName]) {
-    // Most `Connection` headers say only keep-alive or close, which name no other header
-    // (`Keep-Alive` is in `also`): those cost no allocation.
+    // One look at each of the message's few headers first: most carry none of these but a
+    // `Connection` of keep-alive or close (which names no other header), and a lookup per
+    // name would cost more than the look.
+    let any = headers.iter().any(|(name, value)| {
+        also.contains(name)
+            || (name == http::header::CONNECTION && connection_names(value).next().is_some())
+    });
+    if !any {
+        return;
+    }
     let connection = headers.get_all(http::header::CONNECTION);
     if connection
         .iter()

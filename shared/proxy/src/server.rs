@@ -146,7 +146,7 @@ pub fn run(reloader: Reloader, git: Option<Arc<GitSource>>, upgrade: bool) -> an
         let name = format!("weir-{}", listener.name);
         let endpoint = ListenerConfig::tcp(listener.listen.to_string());
         let tls = match listener.protocol {
-            Protocol::Https => Some(tls::listener_settings(&reloader, index)?.build()),
+            Protocol::Https => Some(tls::listener_acceptor(&reloader, index)?),
             Protocol::Http => None,
             Protocol::Tcp | Protocol::Tls => {
                 let app = Passthrough {

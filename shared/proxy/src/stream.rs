@@ -293,8 +293,7 @@ impl CapturedTcp {
         };
         let verdict = weir_routing::authz::authorize_connection(
             &sidecar.inbound.policies,
-            peer.and_then(|p| p.identity.uris.first())
-                .map(String::as_str),
+            peer.and_then(|p| p.identity.spiffe_id()),
         );
         let traffic = Traffic::default();
         outcome.flags = match verdict {
@@ -551,18 +550,20 @@ async fn read_sni(client: &mut Stream, seen: &mut Vec<u8>) -> Result<Option<Stri
         if seen.len() > MAX_HELLO {
             return Err("no ClientHello in its first 64 KiB".into());
         }
+        // Records are taken in as they are read: rustls buffers little more than one
+        // unprocessed record, and a ClientHello may span several full ones.
         let mut fresh = &buf[..n];
         while !fresh.is_empty() {
             acceptor
                 .read_tls(&mut fresh)
                 .map_err(|e| format!("not TLS: {e}"))?;
-        }
-        match acceptor.accept() {
-            Ok(Some(accepted)) => {
-                return Ok(accepted.client_hello().server_name().map(str::to_owned))
+            match acceptor.accept() {
+                Ok(Some(accepted)) => {
+                    return Ok(accepted.client_hello().server_name().map(str::to_owned))
+                }
+                Ok(None) => {}
+                Err((e, _)) => return Err(format!("not a TLS ClientHello: {e}")),
             }
-            Ok(None) => continue,
-            Err((e, _)) => return Err(format!("not a TLS ClientHello: {e}")),
         }
     }
 }

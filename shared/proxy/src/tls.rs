@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use http::HeaderValue;
-use pingora_core::listeners::tls::TlsSettings;
+use pingora_core::listeners::tls::{Acceptor, TlsSettings};
 use pingora_core::listeners::TlsAccept;
 use pingora_core::protocols::tls::{CaType, SslDigest, TlsRef};
 use pingora_core::protocols::ALPN;
@@ -21,17 +21,17 @@ use weir_config::{Config, TlsMode, UpstreamProtocol, UpstreamTls};
 use weir_tls::rustls::client::danger::HandshakeSignatureValid;
 use weir_tls::rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use weir_tls::rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use weir_tls::rustls::server::{ClientHello, ResolvesServerCert};
+use weir_tls::rustls::server::{ClientHello, ResolvesServerCert, StoresServerSessions};
 use weir_tls::rustls::sign::CertifiedKey;
 use weir_tls::rustls::{
-    DigitallySignedStruct, DistinguishedName, Error as TlsError, SignatureScheme,
+    DigitallySignedStruct, DistinguishedName, Error as TlsError, ServerConfig, SignatureScheme,
 };
 use weir_tls::{CertificateTable, PeerIdentity};
 
 use crate::reload::Reloader;
 
-/// Pingora's TLS settings for the https listener at `index` of the config's listeners.
-pub fn listener_settings(reloader: &Arc<Reloader>, index: usize) -> anyhow::Result<TlsSettings> {
+/// Pingora's TLS acceptor for the https listener at `index` of the config's listeners.
+pub fn listener_acceptor(reloader: &Arc<Reloader>, index: usize) -> anyhow::Result<Acceptor> {
     let mut settings = TlsSettings::with_callbacks(Box::new(KeepPeerIdentity))?;
     // HTTP/2 for clients that offer it (ALPN h2), HTTP/1.1 for the others.
     settings.enable_h2();
@@ -40,8 +40,54 @@ pub fn listener_settings(reloader: &Arc<Reloader>, index: usize) -> anyhow::Resu
         index,
     };
     settings.set_cert_resolver(Arc::new(listener.clone()));
-    settings.set_client_cert_verifier(Arc::new(listener));
-    Ok(settings)
+    settings.set_client_cert_verifier(Arc::new(listener.clone()));
+    let mut acceptor = settings.build();
+    // Pingora takes no session store; its rustls config is swapped for one that has ours.
+    let mut config = ServerConfig::clone(acceptor.acceptor.config());
+    config.session_storage = Arc::new(SessionsByTrust {
+        inner: config.session_storage.clone(),
+        listener,
+    });
+    acceptor.acceptor = Arc::new(config).into();
+    Ok(acceptor)
+}
+
+/// A listener's resumable TLS sessions, filed under the client CAs that were trusted when
+/// each was made. A resumed session skips the client certificate's check, so one made before
+/// a reload changed `client_auth` (or a sidecar's trust bundle) must not resume after it: it
+/// would let in a client the new trust refuses, with the identity the old one gave it.
+#[derive(Debug)]
+struct SessionsByTrust {
+    inner: Arc<dyn StoresServerSessions>,
+    listener: ServingListener,
+}
+
+impl SessionsByTrust {
+    fn key(&self, key: &[u8]) -> Vec<u8> {
+        let snapshot = self.listener.reloader.snapshot();
+        let listener = snapshot.config.listeners.get(self.listener.index);
+        let auth = listener.and_then(|l| l.tls.as_ref()?.client_auth.as_ref());
+        let trust = auth.map_or(0, |a| a.trust);
+        [&trust.to_le_bytes()[..], key].concat()
+    }
+}
+
+impl StoresServerSessions for SessionsByTrust {
+    fn put(&self, key: Vec<u8>, value: Vec<u8>) -> bool {
+        self.inner.put(self.key(&key), value)
+    }
+
+    fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.inner.get(&self.key(key))
+    }
+
+    fn take(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.inner.take(&self.key(key))
+    }
+
+    fn can_cache(&self) -> bool {
+        self.inner.can_cache()
+    }
 }
 
 /// The certificates of each https listener, by listener index (`None` for plain http).

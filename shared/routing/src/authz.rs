@@ -48,6 +48,8 @@ pub fn authorize_connection<'a>(policies: &'a [Policy], peer: Option<&str>) -> R
 }
 
 fn principal_matches(p: &Policy, peer: Option<&str>) -> bool {
+    // Only a SPIFFE id is a principal: a certificate's other URIs name no workload.
+    let peer = peer.filter(|id| id.starts_with("spiffe://"));
     p.principals.is_empty()
         || peer.is_some_and(|id| p.principals.iter().any(|q| q == "*" || q == id))
 }
@@ -139,6 +141,9 @@ mod tests {
         ];
         assert_eq!(authorize(&policies, Some(RATINGS), "GET", "/x"), Ok(()));
         assert_eq!(authorize(&policies, None, "GET", "/x"), Err(NO_ALLOW));
+        // A certificate whose URI is no SPIFFE id names no workload: not "*".
+        let other = Some("https://example.com/whoever");
+        assert_eq!(authorize(&policies, other, "GET", "/x"), Err(NO_ALLOW));
         assert_eq!(
             authorize(&policies, Some(RATINGS), "GET", "/admin/users"),
             Err("no-admin")

@@ -255,7 +255,16 @@ impl PeerIdentity {
                 }
             }
         }
+        // SPIFFE ids first, so the first URI is the workload's when it has one.
+        (identity.uris).sort_by_key(|uri| !uri.starts_with("spiffe://"));
         identity
+    }
+
+    /// The SPIFFE id policies match: the first URI SAN that is one (a certificate may carry
+    /// other URIs, which name no workload).
+    pub fn spiffe_id(&self) -> Option<&str> {
+        let mut ids = self.uris.iter().filter(|u| u.starts_with("spiffe://"));
+        ids.next().map(String::as_str)
     }
 
     /// The name to log and match: the first URI SAN (the SPIFFE id), else the subject.
@@ -266,21 +275,32 @@ impl PeerIdentity {
     /// The value of `x-forwarded-client-cert`, in Envoy's format:
     /// `Hash=<sha256>;Subject="<subject>";URI=<uri>;DNS=<name>`.
     pub fn forwarded_client_cert(&self) -> String {
-        let mut value = format!(
-            "Hash={};Subject=\"{}\"",
-            self.hash,
-            self.subject.replace('"', "\\\"")
-        );
+        let mut value = format!("Hash={};Subject={}", self.hash, quoted(&self.subject));
         for uri in &self.uris {
             value.push_str(";URI=");
-            value.push_str(uri);
+            value.push_str(&xfcc_value(uri));
         }
         for dns in &self.dns {
             value.push_str(";DNS=");
-            value.push_str(dns);
+            value.push_str(&xfcc_value(dns));
         }
         value
     }
+}
+
+/// An `x-forwarded-client-cert` value as Envoy writes it: quoted when it holds a `,`, `;`,
+/// `=` or `"` (which would otherwise start another field or element), so a CA-signed name
+/// cannot add a field of its own.
+fn xfcc_value(value: &str) -> std::borrow::Cow<'_, str> {
+    match value.contains([',', ';', '=', '"']) {
+        true => quoted(value).into(),
+        false => value.into(),
+    }
+}
+
+/// `value` in double quotes, its `\` and `"` escaped.
+fn quoted(value: &str) -> String {
+    format!("\"{}\"", value.replace('\\', "\\\\").replace('"', "\\\""))
 }
 
 /// SHA-256 of a certificate's DER: how Pingora's TLS digest names a peer's certificate.
@@ -380,5 +400,30 @@ mod tests {
         let xfcc = id.forwarded_client_cert();
         assert!(xfcc.starts_with(&format!("Hash={};Subject=\"CN=client\"", id.hash)));
         assert!(xfcc.ends_with(";URI=spiffe://mesh.local/ns/a/sa/b;DNS=svc.local"));
+
+        // Another URI before the SPIFFE id: the SPIFFE id still names the peer.
+        let mut params = CertificateParams::new(Vec::new()).expect("params");
+        for uri in ["https://example.com/x", "spiffe://mesh.local/ns/a/sa/c"] {
+            params
+                .subject_alt_names
+                .push(SanType::URI(uri.try_into().expect("uri")));
+        }
+        let id = PeerIdentity::of(params.self_signed(&key).expect("cert").der());
+        assert_eq!(
+            id.uris,
+            ["spiffe://mesh.local/ns/a/sa/c", "https://example.com/x"]
+        );
+        assert_eq!(id.spiffe_id(), Some("spiffe://mesh.local/ns/a/sa/c"));
+
+        // A name with the header's separators is quoted: it cannot add a field.
+        let id = PeerIdentity {
+            uris: vec!["spiffe://m/a;URI=spiffe://m/admin".into()],
+            subject: "CN=a\\\"b".into(),
+            ..PeerIdentity::default()
+        };
+        assert_eq!(
+            id.forwarded_client_cert(),
+            "Hash=;Subject=\"CN=a\\\\\\\"b\";URI=\"spiffe://m/a;URI=spiffe://m/admin\""
+        );
     }
 }
