@@ -89,6 +89,16 @@ impl Drop for GitServer {
     }
 }
 
+/// The test repository's branch and config directory, fetched every 200 ms.
+const PROD_POLLED: [&str; 6] = [
+    "--git-ref",
+    "prod",
+    "--git-path",
+    "gw",
+    "--git-poll",
+    "200ms",
+];
+
 fn hello(port: u16, admin: u16, body: &str) -> String {
     format!(
         "{}[[route]]\nname = \"hello\"\ndirect_response = {{ status = 200, body = \"{body}\" }}\n",
@@ -101,15 +111,7 @@ fn pushed_commits_are_served_and_bad_ones_kept_out() {
     let server = GitServer::start();
     let (port, admin) = (free_port(), free_port());
     let first = server.push(&hello(port, admin, "one"));
-    let args = [
-        "--git-ref",
-        "prod",
-        "--git-path",
-        "gw",
-        "--git-poll",
-        "200ms",
-    ];
-    let gw = Gateway::start_git(&server.url, &args, port, admin);
+    let gw = Gateway::start_git(&server.url, &PROD_POLLED, port, admin);
     assert_eq!(gw.get("/", &[]).body, "one");
     let status = gw.status();
     assert_eq!(status["revision"], first.as_str());
@@ -185,15 +187,7 @@ fn a_certificate_rotated_outside_the_repository_is_served() {
          direct_response = {{ status = 200, body = \"one\" }}\n",
         Gateway::base(port, admin)
     ));
-    let args = [
-        "--git-ref",
-        "prod",
-        "--git-path",
-        "gw",
-        "--git-poll",
-        "200ms",
-    ];
-    let gw = Gateway::start_git(&server.url, &args, port, admin);
+    let gw = Gateway::start_git(&server.url, &PROD_POLLED, port, admin);
     let ca_pem = ca.pem();
     let served = || https_get(port, "a.example", &ca_pem, None, "/", &[]).map(|r| r.served);
     assert_eq!(served().unwrap(), ["a.example"]);
