@@ -278,7 +278,7 @@ fn explain(
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect();
     // As the proxy sees them: the method as sent (methods are case-sensitive), the path
-    // without dot segments.
+    // normalized.
     if http::Method::from_bytes(method.as_bytes()).is_err() {
         eprintln!("bad method {method:?}");
         return ExitCode::FAILURE;

@@ -293,7 +293,8 @@ impl CapturedTcp {
         };
         let verdict = weir_routing::authz::authorize_connection(
             &sidecar.inbound.policies,
-            peer.and_then(|p| p.identity.spiffe_id()),
+            peer.and_then(|p| p.identity.uris.first())
+                .map(String::as_str),
         );
         let traffic = Traffic::default();
         outcome.flags = match verdict {

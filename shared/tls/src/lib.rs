@@ -260,13 +260,6 @@ impl PeerIdentity {
         identity
     }
 
-    /// The SPIFFE id policies match: the first URI SAN that is one (a certificate may carry
-    /// other URIs, which name no workload).
-    pub fn spiffe_id(&self) -> Option<&str> {
-        let mut ids = self.uris.iter().filter(|u| u.starts_with("spiffe://"));
-        ids.next().map(String::as_str)
-    }
-
     /// The name to log and match: the first URI SAN (the SPIFFE id), else the subject.
     pub fn principal(&self) -> &str {
         self.uris.first().unwrap_or(&self.subject)
@@ -413,7 +406,7 @@ mod tests {
             id.uris,
             ["spiffe://mesh.local/ns/a/sa/c", "https://example.com/x"]
         );
-        assert_eq!(id.spiffe_id(), Some("spiffe://mesh.local/ns/a/sa/c"));
+        assert_eq!(id.principal(), "spiffe://mesh.local/ns/a/sa/c");
 
         // A name with the header's separators is quoted: it cannot add a field.
         let id = PeerIdentity {
