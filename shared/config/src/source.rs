@@ -6,6 +6,7 @@
 
 use std::fmt;
 use std::fs;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use toml_edit::{Array, ArrayOfTables, Document, Item, TableLike, Value};
@@ -175,7 +176,7 @@ impl Sources {
                 Some(Seg::Key(k)) => k.clone(),
                 _ => String::new(),
             };
-            let label = label(raw.as_ref().ok(), &key[..key.len().saturating_sub(1)]);
+            let label = self.files[file].label(&key[..key.len().saturating_sub(1)]);
             let err = self.error(file, &key, label, format!("unknown key {name:?}"));
             self.errors.push(err);
         }
@@ -184,11 +185,14 @@ impl Sources {
             Err(e) => {
                 self.unparsed += 1;
                 let f = &self.files[file];
-                let line = e.span().map_or(0, |s| line_of(&f.text, s.start));
+                let span = e.span();
+                let line = span.as_ref().map_or(0, |s| line_of(&f.text, s.start));
+                // The TOML error gives only the span of the value; its key is found from that.
+                let key = span.map_or_else(Vec::new, |s| key_at(f.node(), s.start));
                 self.errors.push(ConfigError {
                     file: f.path.clone(),
                     line,
-                    path: String::new(),
+                    path: f.label(&key),
                     message: first_line(e.message()),
                 });
                 None
@@ -223,7 +227,7 @@ impl Sources {
 impl SourceFile {
     /// The line of the deepest part of `key` that exists in the file (1-based, 0 if none).
     fn line(&self, key: &[Seg]) -> usize {
-        let mut node = Node::Table(self.doc.as_table());
+        let mut node = self.node();
         let mut at = None;
         for seg in key {
             let next = match (seg, node) {
@@ -333,18 +337,72 @@ fn segs(path: &serde_ignored::Path<'_>) -> Vec<Seg> {
     out
 }
 
-/// A key path as people read it, naming routes, services and listeners by their names:
-/// `route "web".backend[1]`.
-fn label(raw: Option<&RawFile>, key: &[Seg]) -> String {
-    let name = match (raw, key) {
-        (Some(raw), [Seg::Key(kind), Seg::Index(i), ..]) => match kind.as_str() {
-            "route" => raw.route.get(*i).and_then(|r| r.name.clone()),
-            "service" => raw.service.get(*i).and_then(|s| s.name.clone()),
-            "listener" => raw.listener.get(*i).and_then(|l| l.name.clone()),
-            _ => None,
-        },
-        _ => None,
+/// The key path of the innermost value whose text holds byte `offset` (empty if none).
+fn key_at(node: Node<'_>, offset: usize) -> Vec<Seg> {
+    let children: Vec<(Seg, Node<'_>, Option<Range<usize>>)> = match node {
+        Node::Table(t) => t
+            .iter()
+            .map(|(k, item)| (Seg::Key(k.to_string()), Node::of_item(item), item.span()))
+            .collect(),
+        Node::Tables(a) => a
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (Seg::Index(i), Node::Table(t), None))
+            .collect(),
+        Node::Values(a) => a
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (Seg::Index(i), Node::of_value(v), v.span()))
+            .collect(),
+        Node::Leaf => Vec::new(),
     };
+    for (seg, child, span) in children {
+        let mut inner = key_at(child, offset);
+        if !inner.is_empty() || span.is_some_and(|s| s.contains(&offset)) {
+            inner.insert(0, seg);
+            return inner;
+        }
+    }
+    Vec::new()
+}
+
+impl SourceFile {
+    fn node(&self) -> Node<'_> {
+        Node::Table(self.doc.as_table())
+    }
+
+    /// A key path as people read it, naming routes, services and listeners by their names:
+    /// `route "web" backend[1]`.
+    fn label(&self, key: &[Seg]) -> String {
+        let name = match key {
+            [Seg::Key(kind), Seg::Index(i), ..]
+                if matches!(kind.as_str(), "route" | "service" | "listener") =>
+            {
+                self.doc
+                    .get(kind)
+                    .and_then(Item::as_array_of_tables)
+                    .and_then(|tables| tables.get(*i))
+                    .and_then(|t| t.get("name"))
+                    .and_then(Item::as_str)
+                    .map(str::to_string)
+            }
+            // A value directly in a section, such as `[runtime] threads`.
+            [Seg::Key(section), Seg::Key(leaf)]
+                if !self
+                    .doc
+                    .get(section)
+                    .and_then(|t| t.get(leaf))
+                    .is_some_and(Item::is_table_like) =>
+            {
+                return format!("[{section}] {leaf}");
+            }
+            _ => None,
+        };
+        label_named(name, key)
+    }
+}
+
+fn label_named(name: Option<String>, key: &[Seg]) -> String {
     match (name, key) {
         (Some(name), [Seg::Key(kind), _]) => {
             format!("{kind} {name:?}")

@@ -125,6 +125,30 @@ fn syntax_errors_give_the_line() {
 }
 
 #[test]
+fn a_value_of_the_wrong_type_names_its_key() {
+    let text = format!(
+        "{SERVICE}\
+[[route]]
+name = \"web\"
+retry = {{ attempts = -1 }}
+"
+    );
+    assert_eq!(
+        errors(&text),
+        ["gw.toml:6: route \"web\" retry.attempts: invalid value: integer `-1`, expected u32"]
+    );
+    let text = format!("{SERVICE}[[listener]]\nname = \"edge\"\nlisten = 8080\n");
+    assert_eq!(
+        errors(&text),
+        ["gw.toml:6: listener \"edge\" listen: invalid type: integer `8080`, expected a string"]
+    );
+    assert_eq!(
+        errors("[runtime]\nthreads = \"2\"\n"),
+        ["gw.toml:2: [runtime] threads: invalid type: string \"2\", expected usize"]
+    );
+}
+
+#[test]
 fn a_directory_is_merged_in_name_order_and_duplicates_name_both_files() {
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), "10-services.toml", SERVICE);
