@@ -355,6 +355,20 @@ fn a_permissive_inbound_serves_mesh_and_plaintext_callers_on_one_port() {
         .map(|l| l["peer"].as_str().unwrap_or("-").to_string())
         .collect();
     assert_eq!(peers, ["-", "-", "-", PRODUCTPAGE, PRODUCTPAGE]);
+
+    // A request no route can take is the inbound side's in the metrics too.
+    let reply = raw_request(
+        inbound,
+        b"GET /public/1 HTTP/1.1\r\nConnection: close\r\n\r\n",
+    );
+    assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
+    let series = |proxy| {
+        format!("weir_requests_total{{code=\"400\",flags=\"\",proxy=\"{proxy}\",route=\"\",service=\"\"}}")
+    };
+    wait_until("the 400 counted", Duration::from_secs(10), || {
+        reviews.metric(&series("inbound")) == 1.0
+    });
+    assert_eq!(reviews.metric(&series("outbound")), 0.0);
 }
 
 /// The gateway holds a `[workload]` too: it calls a sidecar with strict mTLS as a member of

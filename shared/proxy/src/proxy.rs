@@ -190,6 +190,12 @@ impl WeirProxy {
             })
             .unwrap_or(0)
     }
+
+    /// The name of the listener that took the request (the sidecar's are "outbound" and
+    /// "inbound").
+    fn listener_name(&self, ctx: &Ctx) -> &str {
+        (self.listeners.get(ctx.listener)).map_or("outbound", |(n, _)| n.as_str())
+    }
 }
 
 /// Per-request state. Dropping it marks the request finished (for draining).
@@ -311,10 +317,7 @@ impl ProxyHttp for WeirProxy {
         connection::request_started();
         let snapshot = self.reloader.snapshot();
         ctx.listener = self.listener(session);
-        let listener = self
-            .listeners
-            .get(ctx.listener)
-            .map_or("outbound", |(n, _)| n.as_str());
+        let listener = self.listener_name(ctx);
         if let Some(path) = weir_routing::normalize_path(session.req_header().uri.path()) {
             set_path(session.req_header_mut(), &path)?;
         }
@@ -787,16 +790,18 @@ impl ProxyHttp for WeirProxy {
         connection::request_done(now);
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let took = now - ctx.started;
+        let listener = self.listener_name(ctx);
         match &ctx.snapshot {
             Some(snapshot) if ctx.passed_through() => {
                 snapshot.record_passthrough(status, ctx.flags, took);
             }
             Some(snapshot) => {
-                let route = ctx.route.as_deref();
-                snapshot.record_request(route, ctx.service.as_ref(), status, ctx.flags, took);
+                let (route, service) = (ctx.route.as_deref(), ctx.service.as_ref());
+                snapshot.record_request(listener, route, service, status, ctx.flags, took);
             }
             // Ended before routing began (an error in an earlier phase).
-            None => (self.reloader.snapshot()).record_request(None, None, status, ctx.flags, took),
+            None => (self.reloader.snapshot())
+                .record_request(listener, None, None, status, ctx.flags, took),
         }
         let span = ctx.span.take();
         if !self.access_log.enabled() && span.is_none() {
@@ -808,10 +813,7 @@ impl ProxyHttp for WeirProxy {
         let authority = host_of(req);
         let entry = Entry {
             request_id: ctx.request_id.to_str().unwrap_or(""),
-            listener: self
-                .listeners
-                .get(ctx.listener)
-                .map_or("outbound", |(n, _)| n.as_str()),
+            listener: self.listener_name(ctx),
             client: client_ip(session),
             method: req.method.as_str(),
             protocol: match req.version {

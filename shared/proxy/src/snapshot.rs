@@ -44,8 +44,9 @@ pub struct Snapshot {
     inbound: Option<usize>,
     /// The sidecar's TCP routes, by the original destinations they take (`destinations`).
     pub destinations: HashMap<SocketAddr, Arc<CompiledRoute>>,
-    /// The request series of requests no route took (400, 404 `NR`).
-    unrouted: OnceLock<RequestSeries>,
+    /// The request series of requests no route took (400, 404 `NR`): `proxy`'s, then the
+    /// sidecar's inbound side's.
+    unrouted: [OnceLock<RequestSeries>; 2],
     /// The sidecar's: requests no route took that went on to their original destination.
     passthrough: OnceLock<RequestSeries>,
 }
@@ -206,7 +207,7 @@ impl Snapshot {
             },
             inbound,
             destinations,
-            unrouted: OnceLock::new(),
+            unrouted: Default::default(),
             passthrough: OnceLock::new(),
         }
     }
@@ -222,16 +223,20 @@ impl Snapshot {
     /// under its route and the service it went to; `code` is 0 when none was sent.
     pub fn record_request(
         &self,
+        listener: &str,
         route: Option<&CompiledRoute>,
         service: Option<&Arc<ServiceState>>,
         code: u16,
         flags: &'static str,
         took: Duration,
     ) {
+        // Counted by the side that took the request, routed or not (a 400 on the inbound side
+        // is the inbound side's).
+        let inbound = self.inbound.is_some() && listener == "inbound";
+        let proxy = if inbound { "inbound" } else { self.proxy };
         let Some(route) = route else {
-            let series = self
-                .unrouted
-                .get_or_init(|| RequestSeries::new(self.proxy, "", ""));
+            let series = self.unrouted[usize::from(inbound)]
+                .get_or_init(|| RequestSeries::new(proxy, "", ""));
             return series.record(code, flags, took);
         };
         let services = self.services_of(route);
@@ -240,10 +245,6 @@ impl Snapshot {
             None => Some(services.backends.len()),
         };
         let name = service.map_or("", |s| s.config.name.as_str());
-        let proxy = match self.inbound == Some(route.order) {
-            true => "inbound",
-            false => self.proxy,
-        };
         let new = || Box::new(RequestSeries::new(proxy, &route.config.name, name));
         match slot.and_then(|i| services.series.get(i)) {
             Some(series) => series.get_or_init(new).record(code, flags, took),
