@@ -145,6 +145,14 @@ impl Checker<'_> {
             );
         }
 
+        // Before the sidecar's ports, which must not reach it.
+        let admin = Admin {
+            listen: self.listen_or(
+                admin.and_then(|(at, a)| Some(at.key("listen")).zip(a.listen)),
+                "[admin]",
+                default_admin(),
+            ),
+        };
         // First: services with mode = "mesh" use it.
         self.workload_declared = workload.is_some();
         let workload = workload.and_then(|(at, w)| self.workload(&at, w));
@@ -229,13 +237,6 @@ impl Checker<'_> {
         });
 
         let runtime = runtime.map(|(at, r)| self.runtime(&at, r));
-        let admin = Admin {
-            listen: self.listen_or(
-                admin.and_then(|(at, a)| Some(at.key("listen")).zip(a.listen)),
-                "[admin]",
-                default_admin(),
-            ),
-        };
         let telemetry = telemetry.map(|(at, t)| self.telemetry(&at, t, role));
         Config {
             runtime: runtime.unwrap_or(Runtime {
@@ -1786,10 +1787,10 @@ impl Checker<'_> {
                     &at,
                     format!("port {p} is the app's HTTP port; tcp_ports are its other ones"),
                 ),
-                Ok(p) if tcp_ports.contains(&p) => {
+                Ok(p) if tcp_ports.iter().any(|(_, q)| *q == p) => {
                     self.fail(&at, format!("port {p} is listed twice"))
                 }
-                Ok(p) => tcp_ports.push(p),
+                Ok(p) => tcp_ports.push((at, p)),
             }
         }
         let app_protocol = match raw_in.app_protocol.as_deref() {
@@ -1863,14 +1864,24 @@ impl Checker<'_> {
         let out_max = self.count(&out_at, "max_connections", raw_out.max_connections, 1);
         // The app on one of the sidecar's own ports would send each request round the sidecar
         // until its connections ran out.
+        // A TCP port on one of them would open the admin API (and its /shutdown) to callers.
         if let Some(app) = app {
-            let own = self.listening.iter().find(|(_, _, addr)| clash(*addr, app));
-            if let Some((_, owner, _)) = own.cloned() {
+            let listening = self.listening.clone();
+            let own = |addr| listening.iter().find(|(_, _, a)| clash(*a, addr)).cloned();
+            if let Some((_, owner, _)) = own(app) {
                 let at = in_at.key("app");
                 self.fail(
                     &at,
                     format!("app {app} is the sidecar's own {owner} listener"),
                 );
+            }
+            for (at, port) in &tcp_ports {
+                if let Some((_, owner, _)) = own(SocketAddr::new(app.ip(), *port)) {
+                    self.fail(
+                        at,
+                        format!("port {port} is the sidecar's own {owner} listener"),
+                    );
+                }
             }
         }
         let sidecar = Sidecar {
@@ -1879,7 +1890,7 @@ impl Checker<'_> {
                 app: app.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8080))),
                 app_protocol,
                 mtls: mtls.unwrap_or(Mtls::Strict),
-                tcp_ports,
+                tcp_ports: tcp_ports.into_iter().map(|(_, p)| p).collect(),
                 idle_timeout: in_idle,
                 max_connections: in_max,
                 policies,

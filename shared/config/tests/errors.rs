@@ -218,7 +218,7 @@ listen = \"[::1]:8080\"
     assert_eq!(
         errors(&text),
         [
-            "gw.toml:5: [admin]: listen 127.0.0.1:8080 takes the port of 127.0.0.1:8080 of listener \"web\" (gw.toml:8); each listener needs its own",
+            "gw.toml:8: listener \"web\": listen 127.0.0.1:8080 takes the port of 127.0.0.1:8080 of [admin] (gw.toml:5); each listener needs its own",
             "gw.toml:14: listener \"local\": listen 127.0.0.1:8443 takes the port of 0.0.0.0:8443 of listener \"all\" (gw.toml:11); each listener needs its own",
         ]
     );
@@ -948,7 +948,7 @@ fn sidecar_tcp_routes_take_destinations_and_the_app_tcp_ports() {
     assert_eq!(route.destinations, ["10.96.0.5:6379".parse().unwrap()]);
     assert!(route.listeners.is_empty(), "{:?}", route.listeners);
     let bad = format!(
-        "[inbound]\napp = \"127.0.0.1:8080\"\nmtls = \"disable\"\ntcp_ports = [8080, 0, 6379, 6379]\n\
+        "[inbound]\napp = \"127.0.0.1:8080\"\nmtls = \"disable\"\ntcp_ports = [8080, 0, 6379, 6379, 9901, 15006, 15001]\n\
          [[route]]\nname = \"redis\"\nlisteners = [\"outbound\"]\ndestinations = [\"redis:6379\", \"10.96.0.5:6379\"]\n\
          hosts = [\"redis\"]\ntimeout = \"1s\"\n  [[route.backend]]\n  service = \"redis\"\n{redis}"
     );
@@ -962,6 +962,9 @@ fn sidecar_tcp_routes_take_destinations_and_the_app_tcp_ports() {
             "sc.toml:4: [inbound] tcp_ports[0]: port 8080 is the app's HTTP port; tcp_ports are its other ones",
             "sc.toml:4: [inbound] tcp_ports[1]: port 0 is not 1-65535",
             "sc.toml:4: [inbound] tcp_ports[3]: port 6379 is listed twice",
+            "sc.toml:4: [inbound] tcp_ports[4]: port 9901 is the sidecar's own [admin] listener",
+            "sc.toml:4: [inbound] tcp_ports[5]: port 15006 is the sidecar's own [inbound] listener",
+            "sc.toml:4: [inbound] tcp_ports[6]: port 15001 is the sidecar's own [outbound] listener",
             "sc.toml:7: route \"redis\": a route with destinations takes captured connections on the outbound listener; leave out listeners",
             "sc.toml:8: route \"redis\" destinations[0]: destination \"redis:6379\" is not an address and port, such as \"10.96.0.5:6379\"",
             "sc.toml:9: route \"redis\": a route with destinations matches a connection's original address; it has no name to match hosts against",
