@@ -197,3 +197,69 @@ fn an_answer_before_closing_says_close() {
     let lower = reply.to_ascii_lowercase();
     assert!(lower.contains("connection: close\r\n"), "{reply}");
 }
+
+/// The head of a raw reply, in lower case, and its body.
+fn split(reply: &str) -> (String, &str) {
+    let (head, body) = reply.split_once("\r\n\r\n").unwrap_or((reply, ""));
+    (head.to_ascii_lowercase(), body)
+}
+
+#[test]
+fn an_http10_client_gets_a_chunked_answer_as_plain_bytes() {
+    let gw = Gateway::start(&format!(
+        "{}{}",
+        answering(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n weir!\r\n0\r\n\r\n"
+        ),
+        route_to("raw")
+    ));
+    let reply = raw_request(gw.port, b"GET / HTTP/1.0\r\nHost: a\r\n\r\n");
+    let (head, body) = split(&reply);
+    assert!(head.starts_with("http/1.1 200"), "{reply}");
+    assert!(!head.contains("transfer-encoding"), "{reply}");
+    assert_eq!(body, "hello weir!");
+    // An HTTP/1.1 client still gets chunks, and keeps its connection.
+    let reply = raw_request(
+        gw.port,
+        b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    );
+    let (head, body) = split(&reply);
+    assert!(head.contains("transfer-encoding: chunked"), "{reply}");
+    assert!(body.ends_with("\r\n0\r\n\r\n"), "{reply}");
+}
+
+#[test]
+fn no_content_has_no_length_and_head_over_http2_has_no_body() {
+    let gw = Gateway::start(&format!(
+        "{}{}[[route]]\nname = \"teapot\"\ndirect_response = {{ status = 418, body = \"teapot\\n\" }}\n  \
+         [[route.match]]\n  path = {{ exact = \"/teapot\" }}\n\
+         [[route]]\nname = \"none\"\ndirect_response = {{ status = 204 }}\n  \
+         [[route.match]]\n  path = {{ exact = \"/none\" }}\n",
+        answering(b"HTTP/1.1 204 No Content\r\nContent-Length: 10\r\n\r\n"),
+        route_to("raw")
+    ));
+    let url = |path: &str| gw.url(path);
+    // Weir's own 204, and an upstream's that claimed a length: neither says one, so an HTTP/2
+    // client takes both.
+    let reply = raw_request(
+        gw.port,
+        b"GET /none HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    );
+    let (head, _) = split(&reply);
+    assert!(head.starts_with("http/1.1 204"), "{reply}");
+    assert!(!head.contains("content-length"), "{reply}");
+    for path in ["/none", "/upstream"] {
+        let out = weir_tests::curl(&["--http2-prior-knowledge", "-i", &url(path)]);
+        let out = out.unwrap_or_else(|e| panic!("{path}: {e}"));
+        assert!(out.starts_with("HTTP/2 204"), "{path}: {out}");
+        assert!(
+            !out.to_ascii_lowercase().contains("content-length"),
+            "{out}"
+        );
+    }
+    // HEAD to a direct response over HTTP/2: GET's headers, no DATA.
+    let out = weir_tests::curl(&["--http2-prior-knowledge", "-I", &url("/teapot")]);
+    let out = out.unwrap_or_else(|e| panic!("HEAD over h2: {e}"));
+    assert!(out.starts_with("HTTP/2 418"), "{out}");
+    assert!(out.contains("content-length: 7"), "{out}");
+}

@@ -670,15 +670,27 @@ impl ProxyHttp for WeirProxy {
 
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         response: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
         let ops = ctx.route.as_ref().map(|r| &r.config.response_headers);
         let upgraded = response.status == http::StatusCode::SWITCHING_PROTOCOLS;
+        // No framing where there is no content (RFC 9110 §8.6: an HTTP/2 client takes a 204's
+        // Content-Length as a malformed stream), nor chunks for an HTTP/1.0 client, which
+        // cannot read them (RFC 9112 §6.1): its body ends when the connection closes.
+        let unframed = response.status == http::StatusCode::NO_CONTENT
+            || (session.req_header().version == Version::HTTP_10
+                && response
+                    .headers
+                    .contains_key(http::header::TRANSFER_ENCODING));
         edit_response(response, |headers| {
             if !upgraded {
                 strip_hop_by_hop(headers, &RESPONSE_HOP_BY_HOP);
+            }
+            if unframed {
+                headers.remove(http::header::TRANSFER_ENCODING);
+                headers.remove(http::header::CONTENT_LENGTH);
             }
             headers.insert(X_REQUEST_ID, ctx.request_id.clone());
             ops.map_or(Ok(()), |ops| apply_header_ops(headers, ops))
@@ -1179,8 +1191,12 @@ async fn respond_now(
 ) -> Result<()> {
     let mut resp = ResponseHeader::build_no_case(status, Some(5))?;
     let ops = ctx.route.as_ref().map(|r| &r.config.response_headers);
+    // 204 and 304 carry no content, so no length either (RFC 9110 §8.6).
+    let content = !matches!(status, 204 | 304);
     edit_response(&mut resp, |headers| {
-        headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        if content {
+            headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        }
         if !body.is_empty() {
             let text = HeaderValue::from_static("text/plain; charset=utf-8");
             headers.insert(http::header::CONTENT_TYPE, text);
@@ -1191,7 +1207,9 @@ async fn respond_now(
         headers.insert(X_REQUEST_ID, ctx.request_id.clone());
         ops.map_or(Ok(()), |ops| apply_header_ops(headers, ops))
     })?;
-    let empty = body.is_empty();
+    // The answer to HEAD has the headers of GET's and no body; Pingora leaves it out on
+    // HTTP/1.1 but would send it as DATA on HTTP/2, a malformed stream (RFC 9113 §8.1.1).
+    let empty = body.is_empty() || session.req_header().method == http::Method::HEAD;
     session.write_response_header(Box::new(resp), empty).await?;
     if !empty {
         session.write_response_body(Some(body), true).await?;
