@@ -1425,17 +1425,9 @@ impl Checker<'_> {
             }
         }
         if let Some(host) = &r.host {
-            let at = at.key("host");
-            let (name, port) = host
-                .rsplit_once(':')
-                .map_or((host.as_str(), None), |(h, p)| (h, Some(p)));
-            if name.starts_with("*.")
-                || port.is_some_and(|p| p.parse::<u16>().map_or(true, |p| p == 0))
-            {
-                self.fail(&at, format!("bad redirect host {host:?}: expected a name, with a port or not, such as \"example.com:8443\""));
+            if !self.authority(&at.key("host"), "redirect", host) {
                 return None;
             }
-            self.host(&at, name)?;
         }
         if let Some(path) = &r.path {
             self.uri_path(&at.key("path"), path);
@@ -1467,7 +1459,7 @@ impl Checker<'_> {
             if host.is_empty() {
                 self.fail(&at, "host must not be empty");
             } else {
-                self.header_value(&at, host);
+                self.authority(&at, "rewrite", host);
             }
         }
         Some(Rewrite {
@@ -1637,20 +1629,27 @@ impl Checker<'_> {
         Some(Action::Backends(out))
     }
 
+    /// A host a redirect or rewrite sends, with a port or not; false, with an error, if it is
+    /// none.
+    fn authority(&mut self, at: &At, what: &str, host: &str) -> bool {
+        let (name, port) = host
+            .rsplit_once(':')
+            .map_or((host, None), |(h, p)| (h, Some(p)));
+        let port_ok = port.is_none_or(|p| p.parse::<u16>().is_ok_and(|p| p > 0));
+        if !(host_name_ok(name) && port_ok) {
+            self.fail(at, format!("bad {what} host {host:?}: expected a name, with a port or not, such as \"example.com:8443\""));
+            return false;
+        }
+        true
+    }
+
     fn host(&mut self, at: &At, h: &str) -> Option<HostPattern> {
         let h = h.to_ascii_lowercase();
         let (pattern, name) = match h.strip_prefix("*.") {
             Some(rest) => (HostPattern::Suffix(format!(".{rest}")), rest),
             None => (HostPattern::Exact(h.clone()), h.as_str()),
         };
-        let valid = !name.is_empty()
-            && name.split('.').all(|label| {
-                !label.is_empty()
-                    && label
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-            });
-        if !valid {
+        if !host_name_ok(name) {
             self.fail(at, format!("bad host {h:?}: expected a name such as \"example.com\" or \"*.example.com\" (no port)"));
             return None;
         }
@@ -2287,6 +2286,15 @@ fn grpc_code(name: &str) -> Option<u8> {
 
 fn default_admin() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 9901))
+}
+
+/// A DNS name or IPv4 address: dot-separated labels of letters, digits, `-` and `_`.
+fn host_name_ok(name: &str) -> bool {
+    !name.is_empty()
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && (label.bytes()).all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
 }
 
 fn http_header_name_ok(name: &str) -> bool {

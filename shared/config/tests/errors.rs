@@ -1030,6 +1030,11 @@ name = \"empty-host\"
 rewrite = {{ host = \"\" }}
   [[route.backend]]
   service = \"reviews\"
+[[route]]
+name = \"spaced-host\"
+rewrite = {{ host = \"a b:80\" }}
+  [[route.backend]]
+  service = \"reviews\"
 "
     );
     let errs = errors(&text).join("\n");
@@ -1047,6 +1052,7 @@ rewrite = {{ host = \"\" }}
         "gw.toml:33: [telemetry]: empty: \"stdout\", \"off\" or a file's path",
         "gw.toml:36: listener \"web\": bad address \"127.0.0.1:0\": port 0 names no port",
         "gw.toml:39: route \"empty-host\": host must not be empty",
+        "gw.toml:44: route \"spaced-host\": bad rewrite host \"a b:80\": expected a name, with a port",
     ] {
         assert!(errs.contains(want), "missing {want:?} in:\n{errs}");
     }
