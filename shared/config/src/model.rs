@@ -674,6 +674,10 @@ pub struct Inbound {
     pub policies: Vec<Policy>,
 }
 
+/// What refused a request that no allow policy matched, in `weir_authz_denied_total{policy}`;
+/// so no policy may take this name.
+pub const NO_ALLOW: &str = "no-allow-matched";
+
 /// One `[[inbound.policy]]`. A request matches when every field given matches it. Deny
 /// policies are checked first; then, if any allow policy exists, a request must match one.
 #[derive(Debug, Clone, Serialize)]

@@ -1841,7 +1841,7 @@ impl Checker<'_> {
                 continue;
             };
             // A policy's name is its `weir_authz_denied_total` series: one per policy.
-            if policies.iter().any(|p| p.name == policy.name) {
+            if policies.iter().any(|p| p.name == policy.name) || policy.name == NO_ALLOW {
                 let name = &policy.name;
                 self.fail(&at.key("name"), format!("policy name {name:?} is taken"));
             }

@@ -1071,8 +1071,13 @@ fn a_sidecar_app_on_its_own_listener_and_a_device_as_a_file_are_refused() {
     let text = "[inbound]\napp = \"127.0.0.1:8080\"\nmtls = \"disable\"\n\
                 [[inbound.policy]]\nname = \"p\"\naction = \"deny\"\npaths = [\"/a\"]\n\
                 [[inbound.policy]]\nname = \"p\"\naction = \"deny\"\npaths = [\"/b\"]\n\
-                [[inbound.policy]]\nname = \"\"\naction = \"deny\"\npaths = [\"/c\"]\n";
+                [[inbound.policy]]\nname = \"\"\naction = \"deny\"\npaths = [\"/c\"]\n\
+                [[inbound.policy]]\nname = \"no-allow-matched\"\naction = \"deny\"\npaths = [\"/d\"]\n";
     let errs = sidecar_errors(dir.path(), text).join("\n");
+    assert!(
+        errs.contains(":17: [inbound] policy[3]: policy name \"no-allow-matched\" is taken"),
+        "{errs}"
+    );
     assert!(
         errs.contains(":9: [inbound] policy[1]: policy name \"p\" is taken"),
         "{errs}"

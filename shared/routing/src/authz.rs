@@ -2,10 +2,8 @@
 //! AuthorizationPolicy: deny policies are checked first; then, if any allow policy exists,
 //! the request must match one.
 
+pub use weir_config::NO_ALLOW;
 use weir_config::{Policy, PolicyAction};
-
-/// What refused a request that no allow policy matched, in `weir_authz_denied_total{policy}`.
-pub const NO_ALLOW: &str = "no-allow-matched";
 
 /// `Ok` when the policies let `peer` (its SPIFFE id; `None` without a client certificate)
 /// send `method` to `path`; else the name of the policy that refused it.
