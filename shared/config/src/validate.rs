@@ -155,7 +155,7 @@ impl Checker<'_> {
         };
         // First: services with mode = "mesh" use it.
         self.workload_declared = workload.is_some();
-        let workload = workload.and_then(|(at, w)| self.workload(&at, w));
+        let workload = workload.and_then(|(at, w)| self.workload(&at, w, role));
         self.workload.clone_from(&workload);
         let (listeners, sidecar) = match role {
             Role::Gateway => {
@@ -772,8 +772,8 @@ impl Checker<'_> {
         self.not_empty(at, "identities", t.identities.as_ref(), "any mesh identity");
         let identities = t.identities.unwrap_or_default();
         for (i, id) in identities.iter().enumerate() {
-            if !id.starts_with("spiffe://") {
-                let e = format!("identity {id:?}: expected a spiffe:// id");
+            if !spiffe_id_ok(id) {
+                let e = format!("identity {id:?}: expected a spiffe:// id{SPIFFE_ID}");
                 self.fail(&at.item("identities", i), e);
             }
         }
@@ -1969,7 +1969,7 @@ impl Checker<'_> {
         ));
     }
 
-    fn workload(&mut self, at: &At, w: RawWorkload) -> Option<Workload> {
+    fn workload(&mut self, at: &At, w: RawWorkload, role: Role) -> Option<Workload> {
         let cert = self.required_pem(at, "cert", w.cert);
         let key = self.required_pem(at, "key", w.key);
         let bundle = self.required_pem(at, "trust_bundle", w.trust_bundle);
@@ -1981,17 +1981,52 @@ impl Checker<'_> {
             })
             .ok()?;
         let uris = weir_tls::PeerIdentity::of(&pair.chain[0]).uris;
-        let Some(identity) = uris.into_iter().find(|u| u.starts_with("spiffe://")) else {
-            self.fail(
-                &at.key("cert"),
-                format!(
-                    "{}: no spiffe:// URI SAN; a workload certificate names its workload, \
-                     such as spiffe://mesh.local/ns/default/sa/reviews",
+        let spiffe: Vec<String> = (uris.into_iter())
+            .filter(|u| u.starts_with("spiffe://"))
+            .collect();
+        // An X.509-SVID names exactly one workload (X509-SVID spec §2).
+        let identity = match &spiffe[..] {
+            [id] if spiffe_id_ok(id) => id.clone(),
+            [id] => {
+                let e = format!("{}: bad SPIFFE id {id:?}{SPIFFE_ID}", cert.display());
+                self.fail(&at.key("cert"), e);
+                return None;
+            }
+            [] => {
+                let e = format!(
+                    "{}: no spiffe:// URI SAN; a workload certificate names its workload, such \
+                     as spiffe://mesh.local/ns/default/sa/reviews",
                     cert.display()
-                ),
-            );
-            return None;
+                );
+                self.fail(&at.key("cert"), e);
+                return None;
+            }
+            ids => {
+                let e = format!(
+                    "{}: {} spiffe:// URI SANs; a workload certificate names its workload with \
+                     exactly one, such as spiffe://mesh.local/ns/default/sa/reviews",
+                    cert.display(),
+                    ids.len()
+                );
+                self.fail(&at.key("cert"), e);
+                return None;
+            }
         };
+        let serves = role == Role::Sidecar;
+        if let Some(usage) = weir_tls::mesh_usage_missing(&pair.chain[0], serves) {
+            let needs = match serves {
+                true => {
+                    "a sidecar's serves the mesh and calls it: it needs serverAuth and clientAuth"
+                }
+                false => "a gateway's calls the mesh: it needs clientAuth",
+            };
+            let e = format!(
+                "{}: its extended key usage lacks {usage}; {needs}",
+                cert.display()
+            );
+            self.fail(&at.key("cert"), e);
+            return None;
+        }
         let bundle = weir_tls::certificates(&bundle_pem).and_then(|certs| {
             let verifier = weir_tls::roots(&bundle_pem).and_then(weir_tls::client_verifier)?;
             Ok((certs.iter().map(|c| c.to_vec()).collect(), verifier))
@@ -2046,8 +2081,9 @@ impl Checker<'_> {
         self.not_empty(at, "paths", p.paths.as_ref(), "any path");
         let principals = p.principals.unwrap_or_default();
         for (i, principal) in principals.iter().enumerate() {
-            if principal != "*" && !principal.starts_with("spiffe://") {
-                let e = format!("principal {principal:?}: expected a spiffe:// id or \"*\"");
+            if principal != "*" && !spiffe_id_ok(principal) {
+                let e =
+                    format!("principal {principal:?}: expected a spiffe:// id{SPIFFE_ID} or \"*\"");
                 self.fail(&at.item("principals", i), e);
             }
         }
@@ -2286,6 +2322,32 @@ fn grpc_code(name: &str) -> Option<u8> {
 
 fn default_admin() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 9901))
+}
+
+/// What [`spiffe_id_ok`] takes, for messages.
+const SPIFFE_ID: &str =
+    " (a trust domain, then a path of letters, digits, '.', '-' and '_' segments)";
+
+/// A SPIFFE id (SPIFFE-ID spec §2): `spiffe://`, a trust domain of lower-case letters, digits,
+/// `.`, `-` and `_`, then a path, if any, of segments of letters, digits, `.`, `-` and `_`,
+/// none empty, `.` or `..`.
+fn spiffe_id_ok(id: &str) -> bool {
+    let Some(rest) = id.strip_prefix("spiffe://") else {
+        return false;
+    };
+    let (domain, path) = rest
+        .split_once('/')
+        .map_or((rest, None), |(d, p)| (d, Some(p)));
+    let plain = |b: u8| b.is_ascii_digit() || b"._-".contains(&b);
+    let domain_ok =
+        !domain.is_empty() && domain.bytes().all(|b| b.is_ascii_lowercase() || plain(b));
+    let path_ok = path.is_none_or(|path| {
+        path.split('/').all(|seg| {
+            !matches!(seg, "" | "." | "..")
+                && seg.bytes().all(|b| b.is_ascii_alphabetic() || plain(b))
+        })
+    });
+    domain_ok && path_ok
 }
 
 /// A DNS name or IPv4 address: dot-separated labels of letters, digits, `-` and `_`.

@@ -496,7 +496,13 @@ fn tls_settings_are_checked_and_their_files_read_relative_to_the_config() {
 }
 
 /// A mesh CA and a workload certificate under it, as PEM files in `dir`.
-fn mesh_files(dir: &Path, spiffe: &str) {
+fn mesh_files(dir: &Path, spiffe: &[&str]) {
+    mesh_files_for(dir, spiffe, Vec::new());
+}
+
+/// The workload files, the certificate with `spiffe` URIs and the extended key usage `eku`
+/// (none: no extension).
+fn mesh_files_for(dir: &Path, spiffe: &[&str], eku: Vec<rcgen::ExtendedKeyUsagePurpose>) {
     use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
     let ca_key = KeyPair::generate().unwrap();
     let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -504,9 +510,10 @@ fn mesh_files(dir: &Path, spiffe: &str) {
     let ca_cert = ca.self_signed(&ca_key).unwrap();
     let key = KeyPair::generate().unwrap();
     let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    if !spiffe.is_empty() {
-        params.subject_alt_names = vec![SanType::URI(spiffe.try_into().unwrap())];
-    }
+    params.subject_alt_names = (spiffe.iter())
+        .map(|uri| SanType::URI((*uri).try_into().unwrap()))
+        .collect();
+    params.extended_key_usages = eku;
     let cert = params.signed_by(&key, &ca_cert, &ca_key).unwrap();
     write(dir, "bundle.pem", &ca_cert.pem());
     write(dir, "workload.pem", &cert.pem());
@@ -526,7 +533,10 @@ fn sidecar_errors(dir: &Path, text: &str) -> Vec<String> {
 #[test]
 fn a_sidecar_is_two_listeners_a_route_to_the_app_and_mesh_services() {
     let dir = tempfile::tempdir().unwrap();
-    mesh_files(dir.path(), "spiffe://mesh.local/ns/default/sa/productpage");
+    mesh_files(
+        dir.path(),
+        &["spiffe://mesh.local/ns/default/sa/productpage"],
+    );
     let text = format!(
         "{WORKLOAD}\
 [inbound]
@@ -605,9 +615,62 @@ endpoints = [\"10.0.0.7:15006\"]
 }
 
 #[test]
+fn a_workload_and_its_peers_are_named_by_one_well_formed_spiffe_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let workload = dir.path().join("workload.pem").display().to_string();
+    let base = format!("{WORKLOAD}[inbound]\napp = \"127.0.0.1:8080\"\n");
+    let two = ["spiffe://mesh.local/sa/a", "spiffe://mesh.local/sa/b"];
+    mesh_files(dir.path(), &two);
+    let errs = sidecar_errors(dir.path(), &base).join("\n");
+    assert!(
+        errs.contains(&format!("{workload}: 2 spiffe:// URI SANs; a workload certificate names its workload with exactly one")),
+        "{errs}"
+    );
+    mesh_files(dir.path(), &["spiffe://Mesh.local/sa/a/"]);
+    let errs = sidecar_errors(dir.path(), &base).join("\n");
+    assert!(
+        errs.contains(&format!(
+            "{workload}: bad SPIFFE id \"spiffe://Mesh.local/sa/a/\""
+        )),
+        "{errs}"
+    );
+    use rcgen::ExtendedKeyUsagePurpose::{ClientAuth, ServerAuth};
+    for (eku, lacks) in [
+        (vec![ServerAuth], "clientAuth"),
+        (vec![ClientAuth], "serverAuth"),
+    ] {
+        mesh_files_for(dir.path(), &["spiffe://mesh.local/sa/a"], eku);
+        let errs = sidecar_errors(dir.path(), &base).join("\n");
+        let want = format!("{workload}: its extended key usage lacks {lacks}");
+        assert!(errs.contains(&want), "missing {want:?} in:\n{errs}");
+    }
+    mesh_files_for(
+        dir.path(),
+        &["spiffe://mesh.local/sa/a"],
+        vec![ServerAuth, ClientAuth],
+    );
+    let loaded = load(&dir.path().join("sc.toml"), Role::Sidecar);
+    assert!(loaded.is_ok(), "{:?}", loaded.err());
+    mesh_files(dir.path(), &["spiffe://mesh.local/sa/a"]);
+    let text = format!(
+        "{base}  [[inbound.policy]]\n  action = \"allow\"\n  principals = [\"spiffe://\", \"spiffe://mesh.local/ns/../sa\"]\n\
+         [[service]]\nname = \"peer\"\nendpoints = [\"127.0.0.1:1\"]\n  [service.tls]\n  mode = \"mesh\"\n  identities = [\"spiffe://mesh.local/sa/b\", \"spiffe://\"]\n"
+    );
+    let errs = sidecar_errors(dir.path(), &text).join("\n");
+    for bad in [
+        "principals[0]: principal \"spiffe://\": expected a spiffe:// id",
+        "principals[1]: principal \"spiffe://mesh.local/ns/../sa\": expected a spiffe:// id",
+        "identities[1]: identity \"spiffe://\": expected a spiffe:// id",
+    ] {
+        assert!(errs.contains(bad), "missing {bad:?} in:\n{errs}");
+    }
+    assert!(!errs.contains("identities[0]"), "{errs}");
+}
+
+#[test]
 fn sidecar_mistakes_are_named_with_their_place() {
     let dir = tempfile::tempdir().unwrap();
-    mesh_files(dir.path(), "");
+    mesh_files(dir.path(), &[]);
     let file = dir.path().join("sc.toml").display().to_string();
     let workload = dir.path().join("workload.pem").display().to_string();
     let errs = sidecar_errors(
@@ -641,7 +704,7 @@ endpoints = [\"127.0.0.1:1\"]
             format!("{file}:8: [[listener]] is weir-gateway's; weir-sidecar listens on [inbound] and [outbound]"),
             format!("{file}:12: the name \"inbound\" is the sidecar's own (its route and service to the app); choose another"),
             format!("{file}:20: service \"app\": mode \"mesh\" uses [workload]'s certificate and trust bundle; leave out ca"),
-            format!("{file}:21: service \"app\" identities[0]: identity \"reviews\": expected a spiffe:// id"),
+            format!("{file}:21: service \"app\" identities[0]: identity \"reviews\": expected a spiffe:// id (a trust domain, then a path of letters, digits, '.', '-' and '_' segments)"),
         ]
     );
     // Strict (the default) without [workload].
@@ -681,7 +744,7 @@ mtls = \"disable\"
         errs,
         [
             format!("{f}:5: [inbound] policy[0]: action \"permit\": expected \"allow\" or \"deny\""),
-            format!("{f}:6: [inbound] policy[0] principals[0]: principal \"productpage\": expected a spiffe:// id or \"*\""),
+            format!("{f}:6: [inbound] policy[0] principals[0]: principal \"productpage\": expected a spiffe:// id (a trust domain, then a path of letters, digits, '.', '-' and '_' segments) or \"*\""),
             format!("{f}:6: [inbound] policy[0]: principals need mtls = \"strict\" or \"permissive\": over plaintext no caller has an identity"),
             format!("{f}:7: [inbound] policy[0] paths[0]: path \"/a*b\": expected an exact path \"/a\", a prefix \"/a/*\", a suffix \"*.json\" or \"*\""),
             format!("{f}:7: [inbound] policy[0] paths[1]: path \"reviews\": expected an exact path \"/a\", a prefix \"/a/*\", a suffix \"*.json\" or \"*\""),

@@ -231,6 +231,18 @@ pub struct PeerIdentity {
     pub hash: String,
 }
 
+/// What a workload certificate lacks to call the mesh, and to serve it if it `serves` (a
+/// sidecar does both): with an extended key usage extension, it must allow `clientAuth`, and
+/// `serverAuth` to serve, or the peers' TLS refuses it at the handshake.
+pub fn mesh_usage_missing(der: &[u8], serves: bool) -> Option<&'static str> {
+    let (_, cert) = X509Certificate::from_der(der).ok()?;
+    let eku = cert.extended_key_usage().ok()??.value;
+    if serves && !(eku.any || eku.server_auth) {
+        return Some("serverAuth");
+    }
+    (!(eku.any || eku.client_auth)).then_some("clientAuth")
+}
+
 impl PeerIdentity {
     /// Reads the identity of a verified leaf certificate.
     pub fn of(der: &[u8]) -> PeerIdentity {
