@@ -191,9 +191,14 @@ impl Checker<'_> {
                 )
             }
         };
+        // Every service declared, valid or not: a route to one with errors of its own (or
+        // whose [workload] is broken) is not also an "unknown service".
+        let declared: HashSet<String> = (services.iter())
+            .filter_map(|(_, s)| s.name.clone())
+            .collect();
         let services = self.named("service", services, |v, at, s| v.service(at, s));
         let listener_names: HashSet<&str> = listeners.iter().map(|l| l.name.as_str()).collect();
-        let service_names: HashSet<&str> = services.iter().map(|s| s.name.as_str()).collect();
+        let service_names: HashSet<&str> = declared.iter().map(String::as_str).collect();
         let streams = Streams {
             listeners: (listeners.iter())
                 .filter(|l| l.protocol.is_stream())

@@ -125,6 +125,20 @@ fn syntax_errors_give_the_line() {
 }
 
 #[test]
+fn a_route_to_a_service_with_errors_is_no_unknown_service() {
+    let text = "[[service]]\nname = \"bad\"\nendpoints = [\"nowhere\"]\n\
+                [[route]]\nname = \"r\"\n  [[route.backend]]\n  service = \"bad\"\n  \
+                [[route.backend]]\n  service = \"none\"\n";
+    assert_eq!(
+        errors(text),
+        [
+            "gw.toml:3: service \"bad\" endpoints[0]: bad address \"nowhere\": expected ip:port, such as \"127.0.0.1:8080\"",
+            "gw.toml:9: route \"r\" backend[1]: unknown service \"none\"",
+        ]
+    );
+}
+
+#[test]
 fn a_value_of_the_wrong_type_names_its_key() {
     let text = format!(
         "{SERVICE}\
