@@ -155,7 +155,7 @@ fn direct_response_answers_without_upstream() {
 }
 
 #[test]
-fn dead_upstream_is_a_fast_503_with_flag_uf() {
+fn dead_upstream_is_a_fast_503_with_flags_uf_urx() {
     let dead = weir_tests::free_port();
     let gw = Gateway::start(&format!(
         "[[service]]\nname = \"dead\"\nendpoints = [\"127.0.0.1:{dead}\"]\n[[route]]\nname = \"r\"\n{}",
@@ -170,12 +170,12 @@ fn dead_upstream_is_a_fast_503_with_flag_uf() {
         start.elapsed()
     );
     weir_tests::wait_until(
-        "UF in access log",
+        "UF,URX in access log",
         std::time::Duration::from_secs(5),
         || {
             gw.access_log()
                 .iter()
-                .any(|l| l["status"] == 503 && l["flags"] == "UF")
+                .any(|l| l["status"] == 503 && l["flags"] == "UF,URX")
         },
     );
 }

@@ -125,14 +125,15 @@ fn a_call_crosses_the_mesh_with_mtls_identity_and_policy() {
     assert_eq!(flags, ["", "AD", "AD"]);
     assert_eq!(log[0]["peer"], PRODUCTPAGE);
 
-    // A server whose identity is not the service's: the handshake fails, 503 UF.
+    // A server whose identity is not the service's: the handshake fails, 503 UF, and the
+    // retries (on connect failures by default) fail the same way.
     let impostor = productpage.get("/reviews/1", &[("host", "impostor")]);
     assert_eq!(impostor.status, 503, "{}", impostor.body);
     assert_eq!(app.hits(), 1);
     let last = logged(&productpage, 4).pop().unwrap();
     assert_eq!(
         (last["route"].as_str(), last["flags"].as_str()),
-        (Some("impostor"), Some("UF"))
+        (Some("impostor"), Some("UF,URX"))
     );
 
     // Metrics name each side.

@@ -119,8 +119,8 @@ fn spans_go_to_an_otlp_http_collector_and_the_trace_goes_upstream() {
         s.attribute("url.path") == Some("/down")
     });
     assert_eq!(span.status_code, 2, "error");
-    assert_eq!(span.status_message, "status 503 (UF)");
-    assert_eq!(span.attribute("weir.flags"), Some("UF"));
+    assert_eq!(span.status_message, "status 503 (UF,URX)");
+    assert_eq!(span.attribute("weir.flags"), Some("UF,URX"));
     wait_until(
         "three access log lines",
         std::time::Duration::from_secs(10),

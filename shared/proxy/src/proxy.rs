@@ -713,7 +713,7 @@ impl ProxyHttp for WeirProxy {
         let retry = self.should_retry(session, ctx, Failure::ConnectFailure);
         // A connect failure that a retry recovers from is no flag of the request's.
         if !retry {
-            ctx.flags = "UF";
+            ctx.flags = with_exhausted("UF", ctx.flags);
         }
         e.set_retry(retry);
         e
@@ -785,7 +785,7 @@ impl ProxyHttp for WeirProxy {
                 _ => (500, "", b"internal error\n"),
             },
         };
-        ctx.flags = flags;
+        ctx.flags = with_exhausted(flags, ctx.flags);
         if code > 0 && session.response_written().is_none() {
             // The connection closes after this answer (`can_reuse_downstream` below): say so.
             session.set_keepalive(None);
@@ -997,6 +997,20 @@ fn prepare_upstream(
         set_path(upstream, &path)?;
     }
     Ok(())
+}
+
+/// The flags of a failure that used up the retries: its own flag and `URX`, as Envoy logs
+/// `UF,URX`.
+fn with_exhausted(flag: &'static str, so_far: &str) -> &'static str {
+    if !so_far.ends_with("URX") {
+        return flag;
+    }
+    match flag {
+        "UF" => "UF,URX",
+        "UC" => "UC,URX",
+        "UT" => "UT,URX",
+        _ => flag,
+    }
 }
 
 /// HTTP/2 may split `Cookie` into one field per cookie; an HTTP/1.1 server may read only the
