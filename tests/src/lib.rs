@@ -717,6 +717,32 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// An address where a connect hangs: a listener that never accepts, its queue filled, so the
+/// kernel drops further SYNs (as a host behind a firewall that drops them would).
+pub struct BlackHole {
+    pub addr: SocketAddr,
+    _listener: TcpListener,
+    _queued: Vec<std::net::TcpStream>,
+}
+
+impl BlackHole {
+    pub fn start() -> BlackHole {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut queued = Vec::new();
+        while let Ok(conn) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200))
+        {
+            queued.push(conn);
+            assert!(queued.len() < 10_000, "the accept queue never filled");
+        }
+        BlackHole {
+            addr,
+            _listener: listener,
+            _queued: queued,
+        }
+    }
+}
+
 /// How a `RawUpstream` ends its connections.
 #[derive(Clone, Copy)]
 pub enum Closes {

@@ -1,6 +1,8 @@
 //! Resilience through the real gateway: circuit breaking, against real upstreams.
 #![allow(clippy::unwrap_used)]
 
+use std::io::{Read, Write};
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -503,4 +505,113 @@ fn least_request_sends_a_slow_endpoint_less_traffic_than_round_robin() {
         lr < rr * 0.6,
         "slow endpoint's share: least_request {lr:.2}, round_robin {rr:.2}"
     );
+}
+
+#[test]
+fn a_try_s_timeout_and_the_deadline_bound_the_connect() {
+    let hole = weir_tests::BlackHole::start();
+    // Each try gives up on the connect at its per-try timeout, not at connect_timeout (5s).
+    let gw = Gateway::start(&format!(
+        "{}{}  [route.retry]\n  attempts = 1\n  per_try_timeout = \"300ms\"\n{AMPLE}",
+        service("app", &[hole.addr.to_string()], ""),
+        route("")
+    ));
+    let start = Instant::now();
+    assert_eq!(gw.get("/", &[]).status, 503);
+    let took = start.elapsed();
+    assert!(took < Duration::from_secs(3), "took {took:?}");
+    wait_until("UF,URX in the access log", Duration::from_secs(5), || {
+        gw.access_log().iter().any(|l| l["flags"] == "UF,URX")
+    });
+    // The route's timeout running out during a connect is the request's deadline: 504 DT.
+    let gw = Gateway::start(&format!(
+        "{}{}",
+        service("app", &[hole.addr.to_string()], ""),
+        route("timeout = \"500ms\"")
+    ));
+    let start = Instant::now();
+    assert_eq!(gw.get("/", &[]).status, 504);
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
+    wait_until("DT in the access log", Duration::from_secs(5), || {
+        gw.access_log().iter().any(|l| l["flags"] == "DT")
+    });
+}
+
+/// An upstream that reads a request's head and answers with `response`, a byte at a time,
+/// `gap` apart.
+fn trickling(response: &'static [u8], gap: Duration) -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            thread::spawn(move || {
+                let mut seen = Vec::new();
+                let mut buf = [0; 4096];
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf) {
+                        Ok(n @ 1..) => seen.extend_from_slice(&buf[..n]),
+                        _ => return,
+                    }
+                }
+                for byte in response {
+                    thread::sleep(gap);
+                    if conn.write_all(&[*byte]).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn a_head_or_an_upload_that_outlasts_the_deadline_is_504_dt() {
+    // The head comes a byte every 20ms, each read well inside the timeout: about 1s in all.
+    let head = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nX-Padding: 0123456789\r\n\r\nabc";
+    let slow_head = trickling(head, Duration::from_millis(20));
+    let gw = Gateway::start(&format!(
+        "{}{}",
+        service("app", &[slow_head.to_string()], ""),
+        route("timeout = \"300ms\"")
+    ));
+    let r = gw.get("/", &[]);
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (504, "request deadline exceeded\n")
+    );
+    wait_until("DT in the access log", Duration::from_secs(5), || {
+        gw.access_log().iter().any(|l| l["flags"] == "DT")
+    });
+    // An upload a byte every 100ms: the upstream answers once it has it all, after the deadline.
+    let app = Upstream::start("app");
+    let gw = Gateway::start(&format!(
+        "{}{}",
+        app.service(),
+        route("timeout = \"500ms\"")
+    ));
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", gw.port)).unwrap();
+    conn.write_all(
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    for _ in 0..10 {
+        thread::sleep(Duration::from_millis(100));
+        conn.write_all(b"x").unwrap();
+    }
+    let mut reply = String::new();
+    conn.read_to_string(&mut reply).unwrap();
+    assert!(reply.starts_with("HTTP/1.1 504"), "{reply}");
+    wait_until("DT in the access log", Duration::from_secs(5), || {
+        let log = gw.access_log();
+        log.iter()
+            .filter(|l| l["flags"] == "DT" && l["status"] == 504)
+            .count()
+            == 1
+    });
 }

@@ -219,9 +219,6 @@ pub struct Ctx {
     tries: u32,
     /// When `route.timeout` runs out.
     deadline: Option<Clock>,
-    /// The current try's timeout is what was left of the deadline (so running out is `DT`,
-    /// not `UT`).
-    deadline_bound: bool,
     /// upstream_response_filter turned a response into a retry.
     status_retry: bool,
     /// Response flag for the access log: "NR", "UF", ... or "" when none.
@@ -300,7 +297,6 @@ impl ProxyHttp for WeirProxy {
             upstream: None,
             tries: 0,
             deadline: None,
-            deadline_bound: false,
             status_retry: false,
             flags: "",
             request_id: HeaderValue::from_static(""),
@@ -536,9 +532,9 @@ impl ProxyHttp for WeirProxy {
             (Some(p), Some(l)) => Some(p.min(l)),
             (p, l) => p.or(l),
         };
-        ctx.deadline_bound = left.is_some() && try_timeout == left;
-        let connect_timeout = match left {
-            Some(l) => pool.connect_timeout.min(l),
+        // The connect is part of the try: bounded by its timeout too.
+        let connect_timeout = match try_timeout {
+            Some(t) => pool.connect_timeout.min(t),
             None => pool.connect_timeout,
         };
         // The TCP connect, and with the TLS handshake the whole of it (as Envoy's
@@ -635,6 +631,10 @@ impl ProxyHttp for WeirProxy {
             }
             return Ok(());
         }
+        // An upstream may send its head a byte at a time, each read inside its timeout.
+        if past(ctx.deadline) {
+            return Err(Error::explain(ErrorType::ReadTimedout, "request deadline"));
+        }
         self.report(ctx, TryResult::Status(status));
         let on = ctx.route.as_ref().map(|r| &r.config.retry.on);
         // A failed gRPC call is an HTTP 200 with its status in `grpc-status`: in the headers
@@ -661,8 +661,7 @@ impl ProxyHttp for WeirProxy {
         _end_of_stream: bool,
         ctx: &mut Ctx,
     ) -> Result<Option<Duration>> {
-        if ctx.deadline.is_some_and(|d| Clock::now() >= d) {
-            ctx.flags = "DT";
+        if past(ctx.deadline) {
             return Err(Error::explain(ErrorType::ReadTimedout, "request deadline"));
         }
         Ok(None)
@@ -763,14 +762,16 @@ impl ProxyHttp for WeirProxy {
         use ErrorType::*;
         let (code, flags, body): (u16, &'static str, &'static [u8]) = match e.etype() {
             HTTPStatus(code) => (*code, ctx.flags, flag_body(ctx.flags)),
-            ConnectTimedout | ConnectRefused | ConnectNoRoute | ConnectError | BindError
-            | SocketError | TLSHandshakeFailure | TLSHandshakeTimedout | InvalidCert
-            | HandshakeError => (503, "UF", b"upstream connect error\n"),
-            ReadTimedout | WriteTimedout
-                if e.esource() == &ErrorSource::Upstream && ctx.deadline_bound =>
+            // Whichever wait ran out (a connect, a read, a write), it ran out with the route's
+            // timeout: the whole request is late.
+            ConnectTimedout | TLSHandshakeTimedout | ReadTimedout | WriteTimedout
+                if past(ctx.deadline) =>
             {
                 (504, "DT", b"request deadline exceeded\n")
             }
+            ConnectTimedout | ConnectRefused | ConnectNoRoute | ConnectError | BindError
+            | SocketError | TLSHandshakeFailure | TLSHandshakeTimedout | InvalidCert
+            | HandshakeError => (503, "UF", b"upstream connect error\n"),
             ReadTimedout | WriteTimedout if e.esource() == &ErrorSource::Upstream => {
                 (504, "UT", b"upstream timeout\n")
             }
@@ -999,6 +1000,11 @@ fn prepare_upstream(
     Ok(())
 }
 
+/// Whether the route's timeout has run out.
+fn past(deadline: Option<Clock>) -> bool {
+    deadline.is_some_and(|d| Clock::now() >= d)
+}
+
 /// The flags of a failure that used up the retries: its own flag and `URX`, as Envoy logs
 /// `UF,URX`.
 fn with_exhausted(flag: &'static str, so_far: &str) -> &'static str {
@@ -1223,7 +1229,7 @@ async fn respond_now(
     })?;
     // The answer to HEAD has the headers of GET's and no body; Pingora leaves it out on
     // HTTP/1.1 but would send it as DATA on HTTP/2, a malformed stream (RFC 9113 §8.1.1).
-    let empty = body.is_empty() || session.req_header().method == http::Method::HEAD;
+    let empty = body.is_empty() || !content || session.req_header().method == http::Method::HEAD;
     session.write_response_header(Box::new(resp), empty).await?;
     if !empty {
         session.write_response_body(Some(body), true).await?;
