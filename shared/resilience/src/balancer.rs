@@ -173,7 +173,9 @@ impl Balancer {
             .compare_exchange(until, 0, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
         {
-            e.returned_at.store(now, Ordering::Release);
+            // Back in since its time ran out, not since the first pick after that: the
+            // multiplier decays for intervals without traffic too (as Envoy's).
+            e.returned_at.store(until, Ordering::Release);
             e.consecutive_5xx.store(0, Ordering::Relaxed);
             e.consecutive_gateway_errors.store(0, Ordering::Relaxed);
             self.ejected.fetch_sub(1, Ordering::AcqRel);

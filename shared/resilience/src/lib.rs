@@ -184,6 +184,27 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn the_multiplier_decays_while_back_in_without_traffic() {
+        let od = OutlierDetection {
+            consecutive_5xx: 1,
+            interval: Duration::from_secs(10),
+            base_ejection_time: Duration::from_secs(30),
+            max_ejection_time: Duration::from_secs(300),
+            max_ejection_percent: 50,
+            ..OutlierDetection::default()
+        };
+        let b = with_outliers(2, od);
+        let bad = b.endpoints().endpoints[0].clone();
+        let first = b.report(&bad, TryResult::Status(503));
+        assert_eq!(first, Some(Duration::from_secs(30)));
+        // Back in at 30 s; two intervals later, with no request meanwhile, the multiplier has
+        // dropped from 1 by two (to no less than 0): the next ejection is the base time again.
+        tokio::time::advance(Duration::from_secs(56)).await;
+        let next = b.report(&bad, TryResult::Status(503));
+        assert_eq!(next, Some(Duration::from_secs(30)));
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn ejection_respects_max_percent_and_keeps_one_endpoint() {
         let od = OutlierDetection {
             consecutive_5xx: 1,
