@@ -143,6 +143,9 @@ fn no_route_is_404_with_flag_nr() {
             .any(|l| l["status"] == 404 && l["flags"] == "NR" && l["path"] == "/nothing-here")
     });
     assert_eq!(up.hits(), 0);
+    // The authority as the client sent it, port and all.
+    let log = gw.access_log();
+    assert_eq!(log[0]["authority"], format!("127.0.0.1:{}", gw.port));
 }
 
 #[test]

@@ -823,7 +823,7 @@ impl ProxyHttp for WeirProxy {
         let trace_id = span.as_ref().and_then(RequestSpan::trace_id);
         let downstream = Downstream::of(session);
         let req = session.req_header();
-        let authority = host_of(req);
+        let authority = authority_of(req);
         let entry = Entry {
             request_id: ctx.request_id.to_str().unwrap_or(""),
             listener: self.listener_name(ctx),
@@ -836,7 +836,7 @@ impl ProxyHttp for WeirProxy {
                 Version::HTTP_3 => "HTTP/3",
                 _ => "HTTP/1.1",
             },
-            authority: &authority,
+            authority,
             path: req.uri.path(),
             status,
             flags: ctx.flags,
@@ -1307,6 +1307,19 @@ fn set_path(req: &mut RequestHeader, path: &str) -> Result<()> {
 
 /// The request's host, lower case, without port: from the URI (HTTP/2, absolute form) or Host.
 /// Borrowed unless it has upper-case letters; empty when it is not visible ASCII.
+/// The authority as the client sent it, port and all (the URI's, else `Host`), for the
+/// access log: Envoy's `%REQ(:AUTHORITY)%`.
+fn authority_of(req: &RequestHeader) -> &str {
+    let sent = match req.uri.authority() {
+        Some(authority) => Some(authority.as_str().as_bytes()),
+        None => match req.headers.get(http::header::HOST) {
+            Some(host) => Some(host.as_bytes()),
+            None => raw_target_authority(req.raw_path()).authority(),
+        },
+    };
+    sent.and_then(|a| std::str::from_utf8(a).ok()).unwrap_or("")
+}
+
 fn host_of(req: &RequestHeader) -> Cow<'_, str> {
     let raw = match req.uri.host() {
         Some(host) => host.as_bytes(),

@@ -237,7 +237,7 @@ impl RequestSpan {
         let mut attributes = vec![
             KeyValue::new("http.request.method", entry.method.to_string()),
             KeyValue::new("url.path", entry.path.to_string()),
-            KeyValue::new("server.address", entry.authority.to_string()),
+            KeyValue::new("server.address", host_part(entry.authority).to_string()),
             KeyValue::new(
                 "network.protocol.version",
                 entry.protocol.trim_start_matches("HTTP/"),
@@ -319,5 +319,34 @@ impl Extractor for Headers<'_> {
 
     fn keys(&self) -> Vec<&str> {
         self.0.keys().map(HeaderName::as_str).collect()
+    }
+}
+
+/// The host of an authority, for `server.address` (OpenTelemetry keeps the port apart, and an
+/// IPv6 address without its brackets).
+fn host_part(authority: &str) -> &str {
+    if let Some(v6) = authority.strip_prefix('[') {
+        return v6.split(']').next().unwrap_or(v6);
+    }
+    match authority.rsplit_once(':') {
+        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
+        _ => authority,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_part;
+
+    #[test]
+    fn the_server_address_is_the_host_without_its_port() {
+        for (authority, host) in [
+            ("localhost:8080", "localhost"),
+            ("example.com", "example.com"),
+            ("[::1]:443", "::1"),
+            ("10.0.0.1", "10.0.0.1"),
+        ] {
+            assert_eq!(host_part(authority), host);
+        }
     }
 }
