@@ -26,7 +26,21 @@ fn admin_answers_live_ready_and_config() {
     // A known path with another method: 405, and the method it takes.
     let url = format!("http://127.0.0.1:{}/live", gw.admin);
     let reply = weir_tests::send(&weir_tests::client(), "POST", &url, &[]).unwrap();
-    assert_eq!((reply.status, reply.header("allow")), (405, Some("GET")));
+    assert_eq!(
+        (reply.status, reply.header("allow")),
+        (405, Some("GET, HEAD"))
+    );
+    // HEAD is GET without the body.
+    let head = weir_tests::raw_request(
+        gw.admin,
+        b"HEAD /ready HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    );
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("content-length: 6\r\n"),
+        "{head}"
+    );
+    assert!(head.ends_with("\r\n\r\n"), "{head}");
     let url = format!("http://127.0.0.1:{}/shutdown", gw.admin);
     let reply = weir_tests::send(&weir_tests::client(), "GET", &url, &[]).unwrap();
     assert_eq!((reply.status, reply.header("allow")), (405, Some("POST")));

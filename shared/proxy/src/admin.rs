@@ -90,7 +90,12 @@ enum Ask {
 impl Admin {
     async fn ask(&self, session: &ServerSession) -> Ask {
         let req = session.req_header();
-        let answer = match (&req.method, req.uri.path()) {
+        // HEAD is GET without the body (RFC 9110 §9.3.2), which Pingora leaves out.
+        let method = match req.method {
+            Method::HEAD => &Method::GET,
+            ref other => other,
+        };
+        let answer = match (method, req.uri.path()) {
             (&Method::GET, "/live") => text(StatusCode::OK, "live\n".into()),
             (&Method::GET, "/ready") => match self.not_ready().await {
                 None => text(StatusCode::OK, "ready\n".into()),
@@ -135,7 +140,7 @@ impl Admin {
                 )
             }
             // A known path asked with another method: 405 and the one it takes (RFC 9110 §15.5.6).
-            (_, "/live" | "/ready" | "/config" | "/endpoints" | "/metrics") => allow("GET"),
+            (_, "/live" | "/ready" | "/config" | "/endpoints" | "/metrics") => allow("GET, HEAD"),
             (_, "/shutdown") => allow("POST"),
             _ => text(
                 StatusCode::NOT_FOUND,
