@@ -263,3 +263,59 @@ fn no_content_has_no_length_and_head_over_http2_has_no_body() {
     assert!(out.starts_with("HTTP/2 418"), "{out}");
     assert!(out.contains("content-length: 7"), "{out}");
 }
+
+/// An upstream that answers with a body far longer than any client here reads, and its
+/// `[[service]]` "endless".
+fn endless() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            thread::spawn(move || {
+                let mut buf = [0; 4096];
+                let _ = conn.read(&mut buf);
+                let head = b"HTTP/1.1 200 OK\r\nContent-Length: 1000000000\r\n\r\n";
+                let chunk = [b'x'; 65536];
+                if conn.write_all(head).is_ok() {
+                    while conn.write_all(&chunk).is_ok() {}
+                }
+            });
+        }
+    });
+    format!("[[service]]\nname = \"endless\"\nendpoints = [\"{addr}\"]\n")
+}
+
+#[test]
+fn a_client_that_leaves_mid_download_is_dc_on_http1_and_http2() {
+    let gw = Gateway::start(&format!("{}{}", endless(), route_to("endless")));
+    for protocol in ["--http1.1", "--http2-prior-knowledge"] {
+        let out = Command::new("curl")
+            .args([
+                "-s",
+                "-o",
+                "/dev/null",
+                protocol,
+                "--limit-rate",
+                "1M",
+                "-m",
+                "1",
+            ])
+            .arg(gw.url("/"))
+            .status()
+            .unwrap();
+        assert_eq!(
+            out.code(),
+            Some(28),
+            "{protocol}: curl gave up at its time limit"
+        );
+    }
+    wait_until("both downloads logged DC", WAIT, || {
+        let log = gw.access_log();
+        let dc = |protocol: &str| {
+            log.iter()
+                .any(|l| l["protocol"] == protocol && l["status"] == 200 && l["flags"] == "DC")
+        };
+        dc("HTTP/1.1") && dc("HTTP/2")
+    });
+}

@@ -775,7 +775,8 @@ impl ProxyHttp for WeirProxy {
             ReadTimedout | WriteTimedout if e.esource() == &ErrorSource::Upstream => {
                 (504, "UT", b"upstream timeout\n")
             }
-            ReadError | WriteError | ConnectionClosed
+            // An HTTP/2 client that resets its stream fails the write as an H2Error.
+            ReadError | WriteError | ConnectionClosed | H2Error
                 if e.esource() == &ErrorSource::Downstream =>
             {
                 (0, "DC", b"")
