@@ -615,3 +615,27 @@ fn a_head_or_an_upload_that_outlasts_the_deadline_is_504_dt() {
             == 1
     });
 }
+
+#[test]
+fn a_retry_with_no_time_left_is_504_dt_at_once_and_not_counted() {
+    let bad = Upstream::failing("bad", 503);
+    let gw = Gateway::start(&format!(
+        "{}{}  [route.retry]\n  backoff = \"2s\"\n{AMPLE}",
+        service("app", &[bad.addr.to_string()], ""),
+        route("timeout = \"300ms\"")
+    ));
+    // A first retry waits a random time up to 2s: most would end past the deadline, and those
+    // are not waited.
+    let (n, mut late) = (12, 0);
+    for _ in 0..n {
+        let start = Instant::now();
+        let status = gw.get("/", &[]).status;
+        if status == 504 && start.elapsed() < Duration::from_millis(250) {
+            late += 1;
+        }
+    }
+    assert!(late >= 4, "{late} of {n} answered 504 DT at once");
+    // Only the retries made are counted.
+    let counted = gw.metric("weir_upstream_retries_total{reason=\"503\",service=\"app\"}");
+    assert_eq!(counted as usize, bad.hits() - n, "{} hits", bad.hits());
+}

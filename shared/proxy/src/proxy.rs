@@ -118,10 +118,15 @@ impl WeirProxy {
         {
             return false;
         }
-        if session.as_ref().retry_buffer_truncated()
-            || ctx.deadline.is_some_and(|d| Clock::now() >= d)
-        {
+        if session.as_ref().retry_buffer_truncated() || past(ctx.deadline) {
             return false;
+        }
+        let wait = backoff(policy.backoff, ctx.tries);
+        ctx.backoff = Some(wait);
+        if ctx.deadline.is_some_and(|d| Clock::now() + wait >= d) {
+            // No time for it: `upstream_peer` answers 504 DT at once, and a retry never made
+            // neither spends the budget nor counts.
+            return true;
         }
         if !service.budget.try_withdraw(&policy.budget) {
             ctx.flags = "URX";
@@ -219,6 +224,8 @@ pub struct Ctx {
     tries: u32,
     /// When `route.timeout` runs out.
     deadline: Option<Clock>,
+    /// The wait before the retry `should_retry` granted.
+    backoff: Option<Duration>,
     /// upstream_response_filter turned a response into a retry.
     status_retry: bool,
     /// Response flag for the access log: "NR", "UF", ... or "" when none.
@@ -297,6 +304,7 @@ impl ProxyHttp for WeirProxy {
             upstream: None,
             tries: 0,
             deadline: None,
+            backoff: None,
             status_retry: false,
             flags: "",
             request_id: HeaderValue::from_static(""),
@@ -494,7 +502,9 @@ impl ProxyHttp for WeirProxy {
         };
         ctx.tries += 1;
         if ctx.tries > 1 {
-            let wait = backoff(route.config.retry.backoff, ctx.tries - 1);
+            // Pingora's own retry of a stale pooled connection has no wait granted: its own.
+            let wait = (ctx.backoff.take())
+                .unwrap_or_else(|| backoff(route.config.retry.backoff, ctx.tries - 1));
             if ctx.deadline.is_some_and(|d| Clock::now() + wait >= d) {
                 return Err(fail_with(ctx, 504, "DT"));
             }
