@@ -64,6 +64,18 @@ fn finishes_requests_in_flight_then_exits(stop: impl FnOnce(&Gateway)) {
     );
     let sent = Instant::now();
     stop(&gw);
+    // Through the drain the admin listener stays open, as Envoy's: not ready, still scraped.
+    wait_until("/ready to say draining", Duration::from_secs(5), || {
+        gw.admin_get("/ready")
+            .is_ok_and(|r| (r.status, r.body.as_str()) == (503, "not ready: draining\n"))
+    });
+    let metrics = gw.admin_get("/metrics").unwrap();
+    assert_eq!(metrics.status, 200);
+    assert!(
+        metrics.body.contains("weir_config_generation"),
+        "{}",
+        metrics.body
+    );
     let reply = in_flight.join().unwrap().unwrap();
     assert_eq!((reply.status, reply.body.as_str()), (200, "slow"));
     let status = gw

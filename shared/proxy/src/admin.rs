@@ -3,6 +3,7 @@
 //! `POST /shutdown`.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,7 +11,8 @@ use async_trait::async_trait;
 use http::{Method, Response, StatusCode};
 use pingora_core::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream};
 use pingora_core::protocols::http::ServerSession;
-use pingora_core::server::ShutdownWatch;
+use pingora_core::server::{ListenFds, ShutdownWatch};
+use pingora_core::services::listening;
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
@@ -22,6 +24,8 @@ pub struct Admin {
     listeners: Vec<(String, SocketAddr)>,
     /// Told by `POST /shutdown`, once its answer is sent: the server then drains as on SIGTERM.
     shutdown: Arc<Notify>,
+    /// Set when the drain begins; `/ready` then answers 503.
+    draining: Arc<AtomicBool>,
 }
 
 impl Admin {
@@ -34,6 +38,7 @@ impl Admin {
             reloader,
             listeners,
             shutdown,
+            draining: Arc::default(),
         }
     }
 
@@ -97,6 +102,10 @@ impl Admin {
         };
         let answer = match (method, req.uri.path()) {
             (&Method::GET, "/live") => text(StatusCode::OK, "live\n".into()),
+            (&Method::GET, "/ready") if self.draining.load(Ordering::Relaxed) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not ready: draining\n".into(),
+            ),
             (&Method::GET, "/ready") => match self.not_ready().await {
                 None => text(StatusCode::OK, "ready\n".into()),
                 Some(why) => text(
@@ -149,6 +158,67 @@ impl Admin {
             ),
         };
         Ask::Answer(answer)
+    }
+}
+
+/// The admin listener as a Pingora service that stays open through a drain, as Envoy's admin
+/// does: `/metrics` can still be scraped and `/ready` answers 503 until the process ends. An
+/// upgrade (SIGQUIT, `upgrading` set) closes it at once, so the new process answers alone.
+pub struct AdminService {
+    inner: listening::Service<Admin>,
+    draining: Arc<AtomicBool>,
+    upgrading: Arc<AtomicBool>,
+}
+
+impl AdminService {
+    pub fn new(admin: Admin, listen: SocketAddr, upgrading: Arc<AtomicBool>) -> AdminService {
+        let draining = admin.draining.clone();
+        let mut inner = listening::Service::new("weir-admin".to_string(), admin);
+        inner.add_tcp(&listen.to_string());
+        inner.threads = Some(1);
+        AdminService {
+            inner,
+            draining,
+            upgrading,
+        }
+    }
+}
+
+#[async_trait]
+impl pingora_core::services::Service for AdminService {
+    async fn start_service(
+        &mut self,
+        fds: Option<ListenFds>,
+        mut shutdown: ShutdownWatch,
+        listeners_per_fd: usize,
+    ) {
+        // The listener follows this watch instead of the server's.
+        let (close, closed) = tokio::sync::watch::channel(false);
+        let (draining, upgrading) = (self.draining.clone(), self.upgrading.clone());
+        tokio::spawn(async move {
+            let _ = shutdown.wait_for(|&down| down).await;
+            draining.store(true, Ordering::Relaxed);
+            if upgrading.load(Ordering::Relaxed) {
+                let _ = close.send(true);
+            }
+            // Holds `close`: were it dropped, the listener would take that as a shutdown.
+            std::future::pending::<()>().await
+        });
+        self.inner
+            .start_service(fds, closed, listeners_per_fd)
+            .await;
+    }
+
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    fn threads(&self) -> Option<usize> {
+        self.inner.threads()
+    }
+
+    fn listen_addresses(&self) -> Option<Vec<String>> {
+        self.inner.listen_addresses()
     }
 }
 

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,7 +29,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::Notify;
 use tracing::{debug, error, info, warn};
 
-use crate::admin::Admin;
+use crate::admin::{Admin, AdminService};
 use crate::capture;
 use crate::connection;
 use crate::discovery::Discovery;
@@ -211,12 +211,12 @@ pub fn run(reloader: Reloader, git: Option<Arc<GitSource>>, upgrade: bool) -> an
         .map(|l| (l.name.clone(), l.listen))
         .collect();
     let shutdown = Arc::new(Notify::new());
-    let mut admin = Service::new(
-        "weir-admin".to_string(),
+    let upgrading = Arc::new(AtomicBool::new(false));
+    let admin = AdminService::new(
         Admin::new(reloader.clone(), probed, shutdown.clone()),
+        config.admin.listen,
+        upgrading.clone(),
     );
-    admin.add_tcp(&config.admin.listen.to_string());
-    admin.threads = Some(1);
 
     let control = server.add_service(background_service(
         "control",
@@ -242,7 +242,10 @@ pub fn run(reloader: Reloader, git: Option<Arc<GitSource>>, upgrade: bool) -> an
     info!(generation = snapshot.generation, revision = %snapshot.revision, threads, "starting");
     drop(snapshot);
     server.run(RunArgs {
-        shutdown_signal: Box::new(ShutdownRequests { admin: shutdown }),
+        shutdown_signal: Box::new(ShutdownRequests {
+            admin: shutdown,
+            upgrading,
+        }),
     });
     if let Some(tracing) = tracing {
         tracing.shutdown();
@@ -438,15 +441,21 @@ fn upgrade_socket(admin: SocketAddr) -> PathBuf {
 /// an upgrade), and admin `POST /shutdown`, which drains as SIGTERM does.
 struct ShutdownRequests {
     admin: Arc<Notify>,
+    /// Set on SIGQUIT, for the admin listener, which a drain leaves open but an upgrade does not.
+    upgrading: Arc<AtomicBool>,
 }
 
 #[async_trait]
 impl ShutdownSignalWatch for ShutdownRequests {
     async fn recv(&self) -> ShutdownSignal {
-        tokio::select! {
+        let signal = tokio::select! {
             signal = UnixShutdownSignalWatch.recv() => signal,
             () = self.admin.notified() => ShutdownSignal::GracefulTerminate,
+        };
+        if matches!(signal, ShutdownSignal::GracefulUpgrade) {
+            self.upgrading.store(true, Ordering::Relaxed);
         }
+        signal
     }
 }
 
