@@ -127,6 +127,38 @@ fn delays_hold_the_request_then_proxy_it() {
     );
 }
 
+#[test]
+fn a_client_that_leaves_during_a_delay_takes_its_request_with_it() {
+    use std::io::Write;
+    let up = Upstream::start("app");
+    let gw = Gateway::start(&format!(
+        "{}{}",
+        up.service(),
+        route_to(
+            "app",
+            "[route.fault]\ndelay = { fixed = \"1s\", percent = 100.0 }"
+        )
+    ));
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", gw.port)).unwrap();
+    conn.write_all(b"GET /gone HTTP/1.1\r\nHost: a\r\n\r\n")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    drop(conn);
+    wait_until("DC in the access log", Duration::from_secs(5), || {
+        gw.access_log()
+            .iter()
+            .any(|l| l["flags"] == "DC" && l["path"] == "/gone")
+    });
+    // Logged once the client left, not at the end of the delay; and nothing went upstream.
+    let log = gw.access_log();
+    assert!(
+        log[0]["duration_ms"].as_f64().unwrap() < 900.0,
+        "{}",
+        log[0]
+    );
+    assert_eq!(up.hits(), 0);
+}
+
 fn hashed_service(name: &str, endpoints: &[&Upstream], hash_on: &str) -> String {
     let eps: Vec<String> = endpoints
         .iter()

@@ -416,7 +416,7 @@ impl ProxyHttp for WeirProxy {
                 ctx.flags = "FI";
                 count_fault(&route, "delay");
                 // Boxed, as `respond` is.
-                Box::pin(tokio::time::sleep(delay.fixed)).await;
+                Box::pin(fault_delay(session, delay.fixed)).await?;
             }
             if let Some(abort) = fault
                 .abort
@@ -1009,6 +1009,26 @@ fn prepare_upstream(
         set_path(upstream, &path)?;
     }
     Ok(())
+}
+
+/// An injected delay, cut short when the client leaves: its request goes no further (as with
+/// Envoy's fault filter). Only a body-less HTTP/1 request is watched, as its socket can be read
+/// without taking body bytes (a pipelined next request's are kept for it).
+async fn fault_delay(session: &mut Session, delay: Duration) -> Result<()> {
+    let sleep = tokio::time::sleep(delay);
+    let downstream = session.as_mut();
+    if downstream.as_http1().is_none() || !downstream.is_body_empty() {
+        sleep.await;
+        return Ok(());
+    }
+    tokio::select! {
+        () = sleep => Ok(()),
+        gone = downstream.read_body_or_idle(true) => match gone {
+            Err(e) => Err(e.into_down()),
+            // Only a close ends the idle read; nothing else comes here.
+            Ok(_) => Ok(()),
+        },
+    }
 }
 
 /// Whether the route's timeout has run out.
