@@ -260,6 +260,20 @@ fn tls_passes_through_by_sni() {
     // Plain bytes on a tls listener are not TLS: closed, nothing forwarded.
     assert_eq!(exchange(port, "GET / HTTP/1.1\r\n\r\n"), "");
     assert_eq!(a.hits() + b.hits(), 2);
+    // Both are logged and counted as connections: the silent one idle (SI), the plain one
+    // with nothing to route (NR, its bytes counted).
+    wait_until(
+        "the SI and plaintext lines",
+        Duration::from_secs(10),
+        || {
+            let log = gw.access_log();
+            let plain = |l: &&serde_json::Value| l["flags"] == "NR" && l["bytes_received"] == 18;
+            log.iter().any(|l| l["flags"] == "SI") && log.iter().any(|l| plain(&l))
+        },
+    );
+    let unrouted =
+        "weir_tcp_connections_total{flags=\"NR\",listener=\"pass\",route=\"\",service=\"\"}";
+    assert_eq!(gw.metric(unrouted), 2.0, "c.example and the plaintext");
 }
 
 /// SIGTERM: the listener stops taking connections, an open one carries on to its end (within

@@ -120,22 +120,23 @@ impl Passthrough {
         let mut hello = Vec::new();
         if self.sni {
             let wait = self.idle_timeout.min(HELLO_WAIT);
-            let read = tokio::time::timeout(wait, read_sni(&mut client, &mut hello));
-            match read.await {
-                Ok(Ok(sni)) => outcome.sni = sni,
-                Ok(Err(e)) => {
+            let read = tokio::time::timeout(wait, read_sni(&mut client, &mut hello)).await;
+            let read = read.unwrap_or_else(|_| Err(("SI", format!("no ClientHello in {wait:?}"))));
+            traffic
+                .received
+                .fetch_add(hello.len() as u64, Ordering::Relaxed);
+            match read {
+                Ok(sni) => outcome.sni = sni,
+                // Logged and counted like any connection, so a client speaking plain HTTP to
+                // this port shows up.
+                Err((flags, e)) => {
                     debug!(listener = %self.listener, "closing a connection: {e}");
-                    return;
-                }
-                Err(_) => {
-                    debug!(listener = %self.listener, "no ClientHello in {wait:?}");
-                    return;
+                    outcome.flags = flags;
+                    outcome.generation = self.reloader.snapshot().generation;
+                    return self.record(client_ip, &outcome, &traffic, start.elapsed());
                 }
             }
         }
-        traffic
-            .received
-            .fetch_add(hello.len() as u64, Ordering::Relaxed);
         let upstream = {
             let snapshot = self.reloader.snapshot();
             outcome.generation = snapshot.generation;
@@ -538,18 +539,22 @@ struct Upstream {
 }
 
 /// Reads the client's first TLS records until they hold its ClientHello, keeping every byte
-/// in `seen` to replay upstream; the SNI, if the client sent one.
-async fn read_sni(client: &mut Stream, seen: &mut Vec<u8>) -> Result<Option<String>, String> {
+/// in `seen` to replay upstream; the SNI, if the client sent one. Else the connection's flag
+/// (`DC` the client left, `NR` no TLS to route) and why.
+async fn read_sni(
+    client: &mut Stream,
+    seen: &mut Vec<u8>,
+) -> Result<Option<String>, (&'static str, String)> {
     let mut acceptor = weir_tls::rustls::server::Acceptor::default();
     let mut buf = [0u8; 4096];
     loop {
-        let n = client.read(&mut buf).await.map_err(|e| e.to_string())?;
+        let n = (client.read(&mut buf).await).map_err(|e| ("DC", e.to_string()))?;
         if n == 0 {
-            return Err("closed before its ClientHello".into());
+            return Err(("DC", "closed before its ClientHello".into()));
         }
         seen.extend_from_slice(&buf[..n]);
         if seen.len() > MAX_HELLO {
-            return Err("no ClientHello in its first 64 KiB".into());
+            return Err(("NR", "no ClientHello in its first 64 KiB".into()));
         }
         // Records are taken in as they are read: rustls buffers little more than one
         // unprocessed record, and a ClientHello may span several full ones.
@@ -557,13 +562,13 @@ async fn read_sni(client: &mut Stream, seen: &mut Vec<u8>) -> Result<Option<Stri
         while !fresh.is_empty() {
             acceptor
                 .read_tls(&mut fresh)
-                .map_err(|e| format!("not TLS: {e}"))?;
+                .map_err(|e| ("NR", format!("not TLS: {e}")))?;
             match acceptor.accept() {
                 Ok(Some(accepted)) => {
                     return Ok(accepted.client_hello().server_name().map(str::to_owned))
                 }
                 Ok(None) => {}
-                Err((e, _)) => return Err(format!("not a TLS ClientHello: {e}")),
+                Err((e, _)) => return Err(("NR", format!("not a TLS ClientHello: {e}"))),
             }
         }
     }

@@ -81,7 +81,9 @@ impl Sampler {
         if percent <= 0.0 {
             return false;
         }
-        let n = self
+        // From n = 1: at n = 0 every sampler would pick, so the first request after each
+        // start or reload would get every fault and a mirror copy.
+        let n = 1 + self
             .calls
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         (n as f64 * self.step).fract() * 100.0 < percent

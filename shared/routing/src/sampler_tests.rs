@@ -20,3 +20,14 @@ fn two_samplers_are_not_in_lockstep() {
     // Independent halves overlap on about a quarter of the calls.
     assert!((400..600).contains(&both), "{both}");
 }
+
+#[test]
+fn the_first_call_is_no_pick_of_a_small_share() {
+    for step in [
+        0.618_033_988_749_895,
+        0.414_213_562_373_095,
+        0.732_050_807_568_877,
+    ] {
+        assert!(!Sampler::new(step).pick(10.0), "{step}");
+    }
+}
