@@ -717,6 +717,36 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// A server on a raw socket, for answers no real server gives (a trickled head, a body that
+/// never ends, a header it should not send): each connection goes to `serve` on a thread of
+/// its own. Its address.
+pub fn raw_server(serve: impl Fn(std::net::TcpStream) + Clone + Send + 'static) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { return };
+            let serve = serve.clone();
+            thread::spawn(move || serve(conn));
+        }
+    });
+    addr
+}
+
+/// Reads one request head off `conn`, a byte at a time so that nothing of the next request is
+/// taken: false once the connection ends first.
+pub fn read_head(conn: &mut std::net::TcpStream) -> bool {
+    let mut head = Vec::new();
+    let mut byte = [0; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match conn.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            _ => return false,
+        }
+    }
+    true
+}
+
 /// An address where a connect hangs: a listener that never accepts, its queue filled, so the
 /// kernel drops further SYNs (as a host behind a firewall that drops them would).
 pub struct BlackHole {

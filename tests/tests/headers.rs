@@ -3,38 +3,21 @@
 //! names is the one it is routed by.
 #![allow(clippy::unwrap_used)]
 
-use std::io::{Read, Write};
-use std::net::TcpListener;
+use std::io::Write;
 use std::process::Command;
-use std::thread;
 use std::time::Duration;
 
-use weir_tests::{raw_request, script, wait_until, Gateway, Upstream};
+use weir_tests::{raw_request, raw_server, read_head, script, wait_until, Gateway, Upstream};
 
 const WAIT: Duration = Duration::from_secs(10);
 
 /// An upstream that answers every request with `response`, and its `[[service]]` "raw".
 fn answering(response: &'static [u8]) -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { return };
-            thread::spawn(move || {
-                let mut seen = Vec::new();
-                let mut buf = [0; 4096];
-                while let Ok(n @ 1..) = conn.read(&mut buf) {
-                    seen.extend_from_slice(&buf[..n]);
-                    while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
-                        seen.drain(..end + 4);
-                        if conn.write_all(response).is_err() {
-                            return;
-                        }
-                    }
-                }
-            });
-        }
-    });
+    let addr = raw_server(
+        move |mut conn| {
+            while read_head(&mut conn) && conn.write_all(response).is_ok() {}
+        },
+    );
     format!("[[service]]\nname = \"raw\"\nendpoints = [\"{addr}\"]\n")
 }
 
@@ -267,20 +250,10 @@ fn no_content_has_no_length_and_head_over_http2_has_no_body() {
 /// An upstream that answers with a body far longer than any client here reads, and its
 /// `[[service]]` "endless".
 fn endless() -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { return };
-            thread::spawn(move || {
-                let mut buf = [0; 4096];
-                let _ = conn.read(&mut buf);
-                let head = b"HTTP/1.1 200 OK\r\nContent-Length: 1000000000\r\n\r\n";
-                let chunk = [b'x'; 65536];
-                if conn.write_all(head).is_ok() {
-                    while conn.write_all(&chunk).is_ok() {}
-                }
-            });
+    let addr = raw_server(|mut conn| {
+        let head = b"HTTP/1.1 200 OK\r\nContent-Length: 1000000000\r\n\r\n";
+        if read_head(&mut conn) && conn.write_all(head).is_ok() {
+            while conn.write_all(&[b'x'; 65536]).is_ok() {}
         }
     });
     format!("[[service]]\nname = \"endless\"\nendpoints = [\"{addr}\"]\n")

@@ -544,30 +544,17 @@ fn a_try_s_timeout_and_the_deadline_bound_the_connect() {
 /// An upstream that reads a request's head and answers with `response`, a byte at a time,
 /// `gap` apart.
 fn trickling(response: &'static [u8], gap: Duration) -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { return };
-            thread::spawn(move || {
-                let mut seen = Vec::new();
-                let mut buf = [0; 4096];
-                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match conn.read(&mut buf) {
-                        Ok(n @ 1..) => seen.extend_from_slice(&buf[..n]),
-                        _ => return,
-                    }
-                }
-                for byte in response {
-                    thread::sleep(gap);
-                    if conn.write_all(&[*byte]).is_err() {
-                        return;
-                    }
-                }
-            });
+    weir_tests::raw_server(move |mut conn| {
+        if !weir_tests::read_head(&mut conn) {
+            return;
         }
-    });
-    addr
+        for byte in response {
+            thread::sleep(gap);
+            if conn.write_all(&[*byte]).is_err() {
+                return;
+            }
+        }
+    })
 }
 
 #[test]
