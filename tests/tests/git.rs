@@ -201,6 +201,89 @@ fn a_certificate_rotated_outside_the_repository_is_served() {
         (status["generation"].as_u64(), status["revision"].as_str()),
         (Some(2), Some(commit.as_str()))
     );
+
+    // A refused commit on the branch does not hold a rotation up: it reloads under the commit
+    // serving.
+    server.push("colour = \"blue\"\n");
+    wait_until("the bad commit reported", Duration::from_secs(10), || {
+        gw.status()["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("unknown key \"colour\""))
+    });
+    write_pair(&["a.example", "again.example"]);
+    wait_until(
+        "the certificate rotated again",
+        Duration::from_secs(10),
+        || served().is_ok_and(|names| names.contains(&"again.example".to_string())),
+    );
+    assert_eq!(gw.status()["revision"], commit.as_str());
+}
+
+/// A Git server that accepts and then never answers: each fetch gives up after the poll
+/// period (here the least, 5 s), and the next one, the server back, serves the new commit.
+#[test]
+fn a_git_server_that_stops_answering_holds_nothing_up() {
+    use std::io::{Read, Write};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let server = GitServer::start();
+    let daemon = server
+        .url
+        .trim_start_matches("git://")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    // A relay in front of the daemon, which can be told to swallow connections instead.
+    let hang = Arc::new(AtomicBool::new(false));
+    let relay = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let relay_port = relay.local_addr().unwrap().port();
+    let swallowing = hang.clone();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for client in relay.incoming() {
+            let Ok(client) = client else { return };
+            if swallowing.load(Ordering::SeqCst) {
+                held.push(client);
+                continue;
+            }
+            let Ok(daemon) = TcpStream::connect(&daemon) else {
+                continue;
+            };
+            for (mut from, mut to) in [
+                (client.try_clone().unwrap(), daemon.try_clone().unwrap()),
+                (daemon, client),
+            ] {
+                std::thread::spawn(move || {
+                    let mut buf = [0; 8192];
+                    while let Ok(n @ 1..) = from.read(&mut buf) {
+                        if to.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = to.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        }
+    });
+    let (port, admin) = (free_port(), free_port());
+    server.push(&hello(port, admin, "one"));
+    let url = format!("git://127.0.0.1:{relay_port}/config.git");
+    let gw = Gateway::start_git(&url, &PROD_POLLED, port, admin);
+    assert_eq!(gw.get("/", &[]).body, "one");
+
+    hang.store(true, Ordering::SeqCst);
+    server.push(&hello(port, admin, "two"));
+    wait_until("a fetch given up", Duration::from_secs(15), || {
+        gw.stderr().contains("no answer in 5s")
+    });
+    assert_eq!(gw.get("/", &[]).body, "one");
+    hang.store(false, Ordering::SeqCst);
+    wait_until(
+        "the new commit, the server back",
+        Duration::from_secs(15),
+        || gw.get("/", &[]).body == "two",
+    );
 }
 
 #[test]

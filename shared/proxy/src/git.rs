@@ -4,12 +4,18 @@
 //! symlink) is renamed onto it, so a reload never reads half a checkout; the reload then reads
 //! `current/<git-path>` like any config directory or file.
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+
+/// How long one git command may take: the poll period, within these bounds. A config
+/// repository is small: a fetch that takes longer has a server that stopped answering, and it
+/// is killed so that polls, SIGHUP, certificate rotations and the drain go on.
+const GIT_TIMEOUT: (Duration, Duration) = (Duration::from_secs(5), Duration::from_secs(30));
 
 pub struct GitSource {
     url: String,
@@ -19,7 +25,18 @@ pub struct GitSource {
     pub poll: Duration,
     /// Holds `repo/` (a bare repository, one commit deep), `<commit>/` checkouts and `current`.
     root: PathBuf,
-    commit: Mutex<String>,
+    commits: Mutex<Commits>,
+}
+
+/// The commits of the ref this source has seen.
+#[derive(Default)]
+struct Commits {
+    /// The one the serving config was loaded from.
+    serving: String,
+    /// The one `current` points at: `serving`, or a newer one whose reload is under way.
+    current: String,
+    /// The last one whose config the reload refused: not checked out again until the ref moves.
+    refused: String,
 }
 
 impl GitSource {
@@ -47,14 +64,19 @@ impl GitSource {
             path: path.to_path_buf(),
             poll,
             root: root.to_path_buf(),
-            commit: Mutex::new(String::new()),
+            commits: Mutex::default(),
         };
-        let first = git(root, &["init", "--quiet", "--bare", "repo"]).and_then(|_| source.sync());
-        if let Err(e) = first {
-            source.remove_checkout();
-            return Err(e);
+        let first = source.git(root, &["init", "--quiet", "--bare", "repo"]);
+        match first.and_then(|_| source.sync()) {
+            Ok(commit) => {
+                source.settle(&commit.unwrap_or_default(), true);
+                Ok(source)
+            }
+            Err(e) => {
+                source.remove_checkout();
+                Err(e)
+            }
         }
-        Ok(source)
     }
 
     /// Where the config is: `current/<git-path>` of the checkout.
@@ -67,11 +89,13 @@ impl GitSource {
         format!("{} {} {}", self.url, self.git_ref, self.path.display())
     }
 
+    /// The commit the serving config was loaded from.
     pub fn commit(&self) -> String {
-        self.commit
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.commits().serving.clone()
+    }
+
+    fn commits(&self) -> std::sync::MutexGuard<'_, Commits> {
+        self.commits.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Deletes the repository and checkouts, when the process ends.
@@ -79,8 +103,9 @@ impl GitSource {
         let _ = std::fs::remove_dir_all(&self.root);
     }
 
-    /// Fetches the ref; when it moved, checks the new commit out, swaps it in and returns it.
-    /// On an error (the server is down, the ref is gone) the checkout in place is kept.
+    /// Fetches the ref; when it moved, checks the new commit out, swaps it in and returns it,
+    /// for a reload and then [`GitSource::settle`]. On an error (the server is down or does not
+    /// answer, the ref is gone) the checkout in place is kept.
     pub fn sync(&self) -> anyhow::Result<Option<String>> {
         let repo = self.root.join("repo");
         let fetch = [
@@ -91,10 +116,11 @@ impl GitSource {
             &self.url,
             &self.git_ref,
         ];
-        git(&repo, &fetch).with_context(|| format!("fetching {} {}", self.url, self.git_ref))?;
-        let commit = git(&repo, &["rev-parse", "FETCH_HEAD^{commit}"])?;
-        let mut current = self.commit.lock().unwrap_or_else(|e| e.into_inner());
-        if *current == commit {
+        self.git(&repo, &fetch)
+            .with_context(|| format!("fetching {} {}", self.url, self.git_ref))?;
+        let commit = self.git(&repo, &["rev-parse", "FETCH_HEAD^{commit}"])?;
+        let mut commits = self.commits();
+        if commit == commits.current || commit == commits.refused {
             return Ok(None);
         }
         let tree = self.root.join(&commit);
@@ -103,40 +129,93 @@ impl GitSource {
         }
         std::fs::create_dir(&tree)?;
         let work_tree = format!("--work-tree={}", tree.display());
-        git(
+        self.git(
             &repo,
             &[
                 &work_tree, "checkout", "--quiet", "--force", &commit, "--", ".",
             ],
         )
         .with_context(|| format!("checking out {commit}"))?;
+        self.point_current_at(&commit)?;
+        commits.current.clone_from(&commit);
+        Ok(Some(commit))
+    }
+
+    /// After the reload of `commit` (from [`GitSource::sync`]): when it was `applied`, the
+    /// checkout of the commit before it goes; when refused, `current` goes back to the commit
+    /// serving, so that a certificate rotation reloads under it, and the refused commit is not
+    /// tried again until the ref moves.
+    pub fn settle(&self, commit: &str, applied: bool) {
+        let mut commits = self.commits();
+        let gone = match applied {
+            true => std::mem::replace(&mut commits.serving, commit.to_string()),
+            false => match self.point_current_at(&commits.serving) {
+                Ok(()) => {
+                    commits.refused = commit.to_string();
+                    commit.to_string()
+                }
+                Err(_) => return,
+            },
+        };
+        commits.current = commits.serving.clone();
+        if !gone.is_empty() && gone != commits.serving {
+            let _ = std::fs::remove_dir_all(self.root.join(gone));
+        }
+    }
+
+    fn git(&self, dir: &Path, args: &[&str]) -> anyhow::Result<String> {
+        git(dir, args, self.poll.clamp(GIT_TIMEOUT.0, GIT_TIMEOUT.1))
+    }
+
+    /// Renames a new `current` link onto the old one: a reload reads one checkout or the other.
+    fn point_current_at(&self, commit: &str) -> std::io::Result<()> {
         let link = self.root.join("current.new");
         let _ = std::fs::remove_file(&link);
-        std::os::unix::fs::symlink(&commit, &link)?;
-        std::fs::rename(&link, self.root.join("current"))?;
-        if !current.is_empty() {
-            let _ = std::fs::remove_dir_all(self.root.join(&*current));
-        }
-        current.clone_from(&commit);
-        Ok(Some(commit))
+        std::os::unix::fs::symlink(commit, &link)?;
+        std::fs::rename(&link, self.root.join("current"))
     }
 }
 
-/// Runs `git ARGS` in `dir`; its trimmed stdout, or an error with its stderr.
-fn git(dir: &Path, args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new("git")
+/// Runs `git ARGS` in `dir` for at most `timeout`; its trimmed stdout, or an error with its
+/// stderr.
+fn git(dir: &Path, args: &[&str], timeout: Duration) -> anyhow::Result<String> {
+    let mut child = Command::new("git")
         .current_dir(dir)
         .args(args)
         // Never wait on a prompt for credentials: fail instead, and try again at the next poll.
         .env("GIT_TERMINAL_PROMPT", "0")
-        .output()
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .context("running git (is it installed?)")?;
-    if !out.status.success() {
-        bail!(
-            "git {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut text = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut text);
+            }
+            String::from_utf8_lossy(&text).trim().to_string()
+        })
+    };
+    let stdout = drain(child.stdout.take().map(|p| Box::new(p) as _));
+    let stderr = drain(child.stderr.take().map(|p| Box::new(p) as _));
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            // Its readers end when the last process holding the pipes does; not waited for.
+            bail!("git {}: no answer in {timeout:?}", args.join(" "));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let (stdout, stderr) = (stdout.join(), stderr.join());
+    if !status.success() {
+        bail!("git {}: {}", args.join(" "), stderr.unwrap_or_default());
     }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    Ok(stdout.unwrap_or_default())
 }

@@ -501,6 +501,8 @@ impl BackgroundService for Control {
         let mut poll = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            // A new commit checked out for this reload.
+            let mut fetched = None;
             let why = tokio::select! {
                 Some(()) = changed.recv() => {
                     // Editors and ConfigMap swaps come in bursts: wait for quiet.
@@ -508,11 +510,12 @@ impl BackgroundService for Control {
                     "file change"
                 }
                 Some(()) = hangup.recv() => {
-                    self.fetch().await;
+                    fetched = self.fetch().await;
                     "SIGHUP"
                 }
                 _ = poll.tick(), if self.git.is_some() => {
-                    if !self.fetch().await {
+                    fetched = self.fetch().await;
+                    if fetched.is_none() {
                         continue;
                     }
                     "git commit"
@@ -521,15 +524,24 @@ impl BackgroundService for Control {
             };
             // Reading and compiling the config blocks; keep it off this runtime's thread.
             let reloader = self.reloader.clone();
-            match tokio::task::spawn_blocking(move || reloader.reload()).await {
-                Ok(Outcome::Applied { generation }) => {
+            let outcome = match tokio::task::spawn_blocking(move || reloader.reload()).await {
+                Ok(outcome) => outcome,
+                Err(e) => {
+                    error!("reload task failed: {e}");
+                    Outcome::Failed
+                }
+            };
+            match outcome {
+                Outcome::Applied { generation } => {
                     info!(trigger = why, generation, "reload applied");
                     discovery.start(&self.reloader.snapshot());
                     watcher = self.watch(&tx, watcher);
                 }
-                Ok(Outcome::Unchanged) => info!(trigger = why, "reload: config unchanged"),
-                Ok(Outcome::Failed) => {}
-                Err(e) => error!("reload task failed: {e}"),
+                Outcome::Unchanged => info!(trigger = why, "reload: config unchanged"),
+                Outcome::Failed => {}
+            }
+            if let Some(commit) = fetched {
+                self.settle(&commit, &outcome);
             }
         }
     }
@@ -574,26 +586,36 @@ impl Control {
 
     /// With `--config-git`, fetches the ref: true when a new commit is checked out for the
     /// reload. A failed fetch keeps the checkout and the config serving.
-    async fn fetch(&self) -> bool {
-        let Some(git) = &self.git else {
-            return false;
-        };
-        let git = git.clone();
+    /// Fetches the Git ref: the new commit checked out, if it moved.
+    async fn fetch(&self) -> Option<String> {
+        let git = self.git.clone()?;
         match tokio::task::spawn_blocking(move || git.sync()).await {
             Ok(Ok(Some(commit))) => {
                 info!(commit, "git: new commit checked out");
-                self.reloader.set_commit(commit);
-                true
+                self.reloader.set_commit(commit.clone());
+                Some(commit)
             }
-            Ok(Ok(None)) => false,
+            Ok(Ok(None)) => None,
             Ok(Err(e)) => {
                 warn!("git: {e:#}; still serving the last good config");
-                false
+                None
             }
             Err(e) => {
                 error!("git fetch task failed: {e}");
-                false
+                None
             }
+        }
+    }
+
+    /// After the reload of a fetched commit: a refused one is put aside, and the config
+    /// serving is read from its own commit again.
+    fn settle(&self, commit: &str, outcome: &Outcome) {
+        let Some(git) = &self.git else { return };
+        let applied = !matches!(outcome, Outcome::Failed);
+        git.settle(commit, applied);
+        if !applied {
+            warn!(commit, "git: this commit's config was refused; serving the last good one until the ref moves");
+            self.reloader.set_commit(git.commit());
         }
     }
 
