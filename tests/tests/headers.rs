@@ -292,3 +292,24 @@ fn a_client_that_leaves_mid_download_is_dc_on_http1_and_http2() {
         dc("HTTP/1.1") && dc("HTTP/2")
     });
 }
+
+#[test]
+fn a_body_in_a_coding_other_than_chunked_is_501() {
+    let app = Upstream::start("app");
+    let gw = Gateway::start(&format!("{}{}", app.service(), route_to("app")));
+    let reply = raw_request(
+        gw.port,
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\nConnection: close\r\n\r\n\
+          5\r\nxxxxx\r\n0\r\n\r\n",
+    );
+    assert!(reply.starts_with("HTTP/1.1 501"), "{reply}");
+    assert_eq!(app.hits(), 0);
+    // chunked alone passes.
+    let reply = raw_request(
+        gw.port,
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: Chunked\r\nConnection: close\r\n\r\n\
+          5\r\nxxxxx\r\n0\r\n\r\n",
+    );
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    assert_eq!(app.hits(), 1);
+}

@@ -558,7 +558,7 @@ fn trickling(response: &'static [u8], gap: Duration) -> SocketAddr {
 }
 
 #[test]
-fn a_head_or_an_upload_that_outlasts_the_deadline_is_504_dt() {
+fn a_trickled_head_is_504_dt_and_a_slow_upload_is_not_the_upstream_s_delay() {
     // The head comes a byte every 20ms, each read well inside the timeout: about 1s in all.
     let head = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nX-Padding: 0123456789\r\n\r\nabc";
     let slow_head = trickling(head, Duration::from_millis(20));
@@ -575,7 +575,8 @@ fn a_head_or_an_upload_that_outlasts_the_deadline_is_504_dt() {
     wait_until("DT in the access log", Duration::from_secs(5), || {
         gw.access_log().iter().any(|l| l["flags"] == "DT")
     });
-    // An upload a byte every 100ms: the upstream answers once it has it all, after the deadline.
+    // An upload a byte every 100ms, 1s in all: the timeout starts once it is complete (as
+    // Envoy's), and the upstream's prompt answer goes through.
     let app = Upstream::start("app");
     let gw = Gateway::start(&format!(
         "{}{}",
@@ -593,14 +594,7 @@ fn a_head_or_an_upload_that_outlasts_the_deadline_is_504_dt() {
     }
     let mut reply = String::new();
     conn.read_to_string(&mut reply).unwrap();
-    assert!(reply.starts_with("HTTP/1.1 504"), "{reply}");
-    wait_until("DT in the access log", Duration::from_secs(5), || {
-        let log = gw.access_log();
-        log.iter()
-            .filter(|l| l["flags"] == "DT" && l["status"] == 504)
-            .count()
-            == 1
-    });
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
 }
 
 #[test]

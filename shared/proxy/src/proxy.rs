@@ -358,6 +358,13 @@ impl ProxyHttp for WeirProxy {
             respond(session, ctx, 400, body, None).await?;
             return Ok(true);
         }
+        if !session.as_mut().is_body_empty() && !transfer_coding_known(session.req_header()) {
+            ctx.snapshot = Some(snapshot);
+            let body = Bytes::from_static(b"transfer coding not implemented\n");
+            respond(session, ctx, 501, body, None).await?;
+            return Ok(true);
+        }
+        let req = session.req_header();
         let found = snapshot.table(listener).and_then(|table| {
             let host = match table.has_hosts() {
                 true => host_of(req),
@@ -477,7 +484,12 @@ impl ProxyHttp for WeirProxy {
                 if policy.attempts > 0 {
                     service.budget.deposit(&policy.budget);
                 }
-                ctx.deadline = route.config.timeout.map(|t| Clock::now() + t);
+                // The route's timeout starts once the request is complete (Envoy's): now, or at
+                // the end of its body (`request_body_filter`), so a slow upload is not counted
+                // against the upstream, nor its prompt answer thrown away.
+                if session.as_mut().is_body_empty() {
+                    ctx.deadline = route.config.timeout.map(|t| Clock::now() + t);
+                }
                 ctx.service = Some(service);
                 if let (Some(m), Some(shadow)) = (&route.config.mirror, &services.mirror) {
                     if route.mirror_sampler.pick(m.percent) {
@@ -552,7 +564,9 @@ impl ProxyHttp for WeirProxy {
         peer.options.connection_timeout = Some(connect_timeout);
         peer.options.total_connection_timeout = Some(connect_timeout);
         peer.options.read_timeout = try_timeout;
-        peer.options.write_timeout = try_timeout;
+        // An upstream that stops reading the request would otherwise hold both connections,
+        // the client's gone or not, for good (Envoy's stream_idle_timeout bounds it too).
+        peer.options.write_timeout = try_timeout.or(Some(STALLED_WRITE));
         peer.options.idle_timeout = Some(pool.idle_timeout);
         Ok(Box::new(peer))
     }
@@ -568,6 +582,10 @@ impl ProxyHttp for WeirProxy {
             if !mirror.feed(body.as_ref(), end_of_stream) {
                 ctx.mirror = None;
             }
+        }
+        if end_of_stream && ctx.deadline.is_none() {
+            let timeout = ctx.route.as_ref().and_then(|r| r.config.timeout);
+            ctx.deadline = timeout.map(|t| Clock::now() + t);
         }
         Ok(())
     }
@@ -1030,6 +1048,17 @@ async fn fault_delay(session: &mut Session, delay: Duration) -> Result<()> {
         },
     }
 }
+
+/// Whether the request's body comes in a transfer coding Weir can pass on: none, or `chunked`
+/// alone. Pingora would take `gzip, chunked` apart, drop the gzip and send the body on as if
+/// plain: corrupted. Such a request gets 501 (RFC 9112 §6.1), as from nginx and Envoy.
+fn transfer_coding_known(req: &RequestHeader) -> bool {
+    (req.headers.get_all(http::header::TRANSFER_ENCODING).iter())
+        .all(|v| v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked"))
+}
+
+/// How long a write upstream may wait for the upstream to read, when no timeout is tighter.
+const STALLED_WRITE: Duration = Duration::from_secs(300);
 
 /// Whether the route's timeout has run out.
 fn past(deadline: Option<Clock>) -> bool {
