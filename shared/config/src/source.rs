@@ -121,7 +121,7 @@ impl Sources {
             }
         };
         for file in paths {
-            match fs::read_to_string(&file) {
+            match read_regular(&file) {
                 Ok(text) => {
                     if let Some(raw) = sources.parse(file, text) {
                         raws.push(raw);
@@ -304,6 +304,15 @@ fn config_files(path: &Path) -> Result<Vec<PathBuf>, String> {
         return Err("no *.toml files in this directory".into());
     }
     Ok(files)
+}
+
+/// A config file's text. Only a regular file (or a link to one) is read: a FIFO or a device
+/// would never end, and the load would hang with it.
+fn read_regular(file: &Path) -> std::io::Result<String> {
+    match fs::metadata(file)?.is_file() {
+        true => fs::read_to_string(file),
+        false => Err(std::io::Error::other("not a regular file")),
+    }
 }
 
 fn line_of(text: &str, offset: usize) -> usize {

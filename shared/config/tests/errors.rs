@@ -306,9 +306,15 @@ fn a_toml_entry_that_is_no_readable_file_is_an_error_not_skipped() {
     write(dir.path(), "a.toml", SERVICE);
     std::os::unix::fs::symlink(dir.path().join("gone.toml"), dir.path().join("b.toml")).unwrap();
     fs::create_dir(dir.path().join("c.toml")).unwrap();
+    // A FIFO would never end: not read (the load would hang).
+    let fifo = std::process::Command::new("mkfifo")
+        .arg(dir.path().join("d.toml"))
+        .status()
+        .unwrap();
+    assert!(fifo.success());
     let errs = load(dir.path(), Role::Gateway).unwrap_err().0;
     let files: Vec<_> = errs.iter().map(|e| e.file.file_name().unwrap()).collect();
-    assert_eq!(files, ["b.toml", "c.toml"], "{errs:?}");
+    assert_eq!(files, ["b.toml", "c.toml", "d.toml"], "{errs:?}");
     assert!(
         errs.iter().all(|e| e.message.starts_with("cannot read")),
         "{errs:?}"
