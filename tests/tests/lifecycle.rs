@@ -95,6 +95,35 @@ fn sigterm_finishes_requests_in_flight_then_exits() {
 }
 
 #[test]
+fn sigint_cuts_a_drain_short() {
+    let up = Upstream::start("slow");
+    let mut gw = Gateway::start(&format!(
+        "{}[[route]]\nname = \"r\"\n  [[route.backend]]\n  service = \"slow\"\n",
+        up.service()
+    ));
+    let url = gw.url("/slow/4000");
+    let in_flight =
+        thread::spawn(move || weir_tests::send(&weir_tests::client(), "GET", &url, &[]));
+    wait_until(
+        "the request to reach the upstream",
+        Duration::from_secs(5),
+        || up.hits() == 1,
+    );
+    gw.signal("TERM");
+    wait_until("the drain", Duration::from_secs(5), || {
+        gw.admin_get("/ready").is_ok_and(|r| r.status == 503)
+    });
+    let asked = Instant::now();
+    gw.signal("INT");
+    let status = gw
+        .wait_exit(Duration::from_secs(2))
+        .expect("exits at once, not after the request in flight");
+    assert!(status.success(), "{status}");
+    assert!(asked.elapsed() < Duration::from_secs(2));
+    assert!(in_flight.join().unwrap().is_err(), "the request was cut");
+}
+
+#[test]
 fn post_shutdown_finishes_requests_in_flight_then_exits() {
     finishes_requests_in_flight_then_exits(|gw| {
         let admin = format!("http://127.0.0.1:{}/shutdown", gw.admin);

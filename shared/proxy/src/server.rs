@@ -621,8 +621,23 @@ impl Control {
 
     async fn drain(&self) {
         info!(in_flight = self.in_flight.load(Ordering::Acquire), grace = ?self.grace, "draining");
+        // SIGINT still exits at once, as nginx's stop cuts its graceful quit short.
+        let mut interrupt = signal(SignalKind::interrupt()).ok();
+        let interrupted = async {
+            match &mut interrupt {
+                Some(sigint) => sigint.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(interrupted);
         while self.in_flight.load(Ordering::Acquire) > 0 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(10)) => {}
+                _ = &mut interrupted => {
+                    warn!(in_flight = self.in_flight.load(Ordering::Acquire), "SIGINT: exiting without waiting for the requests in flight");
+                    break;
+                }
+            }
         }
         self.access_log.wait_written(Duration::from_secs(1));
         if let Some(tracing) = &self.tracing {
