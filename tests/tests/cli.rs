@@ -310,3 +310,56 @@ fn explain_normalizes_the_path_and_keeps_the_method_as_sent() {
     assert_eq!(code, 1);
     assert!(stderr.contains("bad method \"G ET\""), "{stderr}");
 }
+
+#[test]
+fn git_options_without_a_repository_are_refused() {
+    let (code, _, stderr) = run(
+        "weir-gateway",
+        &[
+            "--config",
+            "config/gateway.toml",
+            "--git-ref",
+            "prod",
+            "validate",
+        ],
+    );
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("cannot be used with '--git-ref"),
+        "{stderr}"
+    );
+}
+
+/// SIGHUP while a new process waits for its predecessor's sockets (here there is none) is
+/// no end of it: it goes on to give up on the upgrade as it would have.
+#[test]
+fn sighup_before_the_server_runs_ends_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (port, admin) = (weir_tests::free_port(), weir_tests::free_port());
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(&config, weir_tests::Gateway::base(port, admin)).unwrap();
+    let mut child = std::process::Command::new(weir_tests::binary("weir-gateway"))
+        .arg("--config")
+        .arg(&config)
+        .arg("--upgrade")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    // Once it says it is waiting for the sockets, it has long taken SIGHUP over.
+    let mut seen = String::new();
+    let mut buf = [0; 4096];
+    while !seen.contains("transfer") {
+        let n = std::io::Read::read(&mut stderr, &mut buf).unwrap();
+        assert!(n > 0, "{seen}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    let hup = std::process::Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(1), "{status}: not ended by the signal");
+}

@@ -34,25 +34,28 @@ struct Cli {
     /// for new commits.
     #[arg(long, value_name = "URL", conflicts_with = "config")]
     config_git: Option<String>,
-    /// The branch or tag of --config-git to serve.
+    // The --git-* options mean nothing without a repository. Their defaults are applied in
+    // `serve`, not by clap, which does not hold an option with a default to its `requires`;
+    // and `conflicts_with` too, as clap waives a requirement whose arg conflicts with one given.
+    /// The branch or tag of --config-git to serve [default: main].
     #[arg(
         long,
         value_name = "REF",
-        default_value = "main",
-        requires = "config_git"
+        requires = "config_git",
+        conflicts_with = "config"
     )]
-    git_ref: String,
-    /// The config file or directory inside the repository.
+    git_ref: Option<String>,
+    /// The config file or directory inside the repository [default: .].
     #[arg(
         long,
         value_name = "PATH",
-        default_value = ".",
-        requires = "config_git"
+        requires = "config_git",
+        conflicts_with = "config"
     )]
-    git_path: PathBuf,
-    /// How often to fetch the ref, e.g. 15s or 1m.
-    #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = weir_config::duration::parse_period, requires = "config_git")]
-    git_poll: Duration,
+    git_path: Option<PathBuf>,
+    /// How often to fetch the ref, e.g. 15s or 1m [default: 15s].
+    #[arg(long, value_name = "DURATION", value_parser = weir_config::duration::parse_period, requires = "config_git", conflicts_with = "config")]
+    git_poll: Option<Duration>,
     /// Take the listening sockets over from the gateway running on the same admin address
     /// (Pingora's graceful upgrade): start this one, then send the old one SIGQUIT.
     #[arg(long)]
@@ -150,13 +153,17 @@ fn iptables(path: &Path, role: Role, options: &crate::capture::RuleOptions) -> E
 }
 
 fn serve(cli: &Cli, path: &Path, role: Role) -> ExitCode {
+    hold_sighup();
     crate::init_tracing();
     let git = match &cli.config_git {
         None => None,
         // One checkout per process: an upgrade's new process must not pull the old one's away.
         Some(url) => {
             let root = std::env::temp_dir().join(format!("weir-git-{}", std::process::id()));
-            match GitSource::fetch_first(url, &cli.git_ref, &cli.git_path, cli.git_poll, &root) {
+            let git_ref = cli.git_ref.as_deref().unwrap_or("main");
+            let git_path = cli.git_path.as_deref().unwrap_or(Path::new("."));
+            let poll = cli.git_poll.unwrap_or(Duration::from_secs(15));
+            match GitSource::fetch_first(url, git_ref, git_path, poll, &root) {
                 Ok(source) => Some(Arc::new(source)),
                 Err(e) => {
                     eprintln!("error: {e:#}; not starting");
@@ -176,6 +183,9 @@ fn serve(cli: &Cli, path: &Path, role: Role) -> ExitCode {
         Ok(r) => r,
         Err(errors) => {
             eprintln!("{errors}");
+            if let Some(git) = &git {
+                git.remove_checkout();
+            }
             let source = git.map_or_else(|| path.display().to_string(), |g| g.describe());
             eprintln!("{source}: {} error(s); not starting", errors.0.len());
             return ExitCode::FAILURE;
@@ -187,6 +197,24 @@ fn serve(cli: &Cli, path: &Path, role: Role) -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// SIGHUP's default action ends the process, and the control task listens for it only once
+/// the server runs: a reloader's `kill -HUP` during a start, a first Git fetch or an upgrade's
+/// wait for the sockets would kill it. Taken over first thing, it is a reload, or nothing yet
+/// (tokio keeps a signal's handler for the life of the process once it has one).
+fn hold_sighup() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build();
+    match runtime {
+        Ok(runtime) => runtime.block_on(async {
+            if let Err(e) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+                eprintln!("warning: cannot take SIGHUP over: {e}");
+            }
+        }),
+        Err(e) => eprintln!("warning: cannot take SIGHUP over: {e}"),
     }
 }
 
