@@ -157,6 +157,22 @@ fn a_config_directory_reloads_when_a_file_is_added() {
     wait_until("the added file", Duration::from_secs(3), || {
         gw.get("/more", &[]).body == "two files"
     });
+
+    // The directory replaced whole (as a deploy tool renames a new one in): seen, and edits
+    // in the new one are seen after it.
+    let next = conf.with_file_name("conf.next");
+    fs::create_dir(&next).unwrap();
+    fs::write(next.join("00-base.toml"), Gateway::base(port, admin)).unwrap();
+    fs::write(next.join("10-hello.toml"), hello("new directory")).unwrap();
+    fs::rename(&conf, conf.with_file_name("conf.old")).unwrap();
+    fs::rename(&next, &conf).unwrap();
+    wait_until("the new directory", Duration::from_secs(3), || {
+        gw.get("/", &[]).body == "new directory"
+    });
+    fs::write(conf.join("10-hello.toml"), hello("edited in it")).unwrap();
+    wait_until("an edit in the new directory", Duration::from_secs(3), || {
+        gw.get("/", &[]).body == "edited in it"
+    });
 }
 
 #[test]

@@ -2,7 +2,8 @@
 //!
 //! The parent directory is watched, not the file: editors save by writing a temporary file and
 //! renaming it over the old one, and Kubernetes swaps a ConfigMap by re-pointing the `..data`
-//! symlink, and neither is seen by a watch on the old file's inode. Events arrive in bursts;
+//! symlink, and neither is seen by a watch on the old file's inode. A config directory is
+//! watched itself and in its parent, for when it is replaced whole. Events arrive in bursts;
 //! the caller debounces them (weir-proxy does, on its control task, with no thread of its own).
 
 use std::ffi::OsString;
@@ -56,6 +57,10 @@ pub fn watch(
     }
     for (file, is_dir) in &watched {
         add(file, *is_dir);
+        // A config directory replaced whole, or its link re-pointed, shows in its parent.
+        if *is_dir {
+            add(file, false);
+        }
     }
     let filters = dirs.clone();
     let mut inner = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {

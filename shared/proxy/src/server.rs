@@ -491,7 +491,8 @@ impl BackgroundService for Control {
             }
         };
         let (tx, mut changed) = tokio::sync::mpsc::channel::<()>(1);
-        let mut watcher = self.watch(&tx, None);
+        // Held, not read: dropping it stops the watch.
+        let mut _watcher = self.watch(&tx);
         // Health checks and DNS lookups run on this runtime, beside the reloads.
         let discovery = Discovery::new(&self.nameservers);
         discovery.start(&self.reloader.snapshot());
@@ -535,11 +536,13 @@ impl BackgroundService for Control {
                 Outcome::Applied { generation } => {
                     info!(trigger = why, generation, "reload applied");
                     discovery.start(&self.reloader.snapshot());
-                    watcher = self.watch(&tx, watcher);
                 }
                 Outcome::Unchanged => info!(trigger = why, "reload: config unchanged"),
                 Outcome::Failed => {}
             }
+            // Anew after every reload, whatever came of it: what triggered it may be a config
+            // directory replaced whole, which the old watch no longer sees.
+            _watcher = self.watch(&tx);
             if let Some(commit) = fetched {
                 self.settle(&commit, &outcome);
             }
@@ -551,12 +554,7 @@ impl Control {
     /// Watches the config's files and the certificates and keys it names. A Git checkout
     /// changes only when the poll swaps it, and reloads then: with Git, only the files the
     /// config names outside it are watched (a certificate that cert-manager rotates).
-    /// `current` is kept when the files to watch are the same.
-    fn watch(
-        &self,
-        tx: &tokio::sync::mpsc::Sender<()>,
-        current: Option<(Vec<PathBuf>, weir_config::Watcher)>,
-    ) -> Option<(Vec<PathBuf>, weir_config::Watcher)> {
+    fn watch(&self, tx: &tokio::sync::mpsc::Sender<()>) -> Option<weir_config::Watcher> {
         let mut material = self.reloader.snapshot().material.clone();
         let config = match &self.git {
             Some(git) => {
@@ -568,14 +566,11 @@ impl Control {
         if config.is_none() && material.is_empty() {
             return None;
         }
-        if let Some(current) = current.filter(|(files, _)| *files == material) {
-            return Some(current);
-        }
         let tx = tx.clone();
         match weir_config::watch(config, &material, move || {
             let _ = tx.try_send(());
         }) {
-            Ok(watcher) => Some((material, watcher)),
+            Ok(watcher) => Some(watcher),
             Err(e) => {
                 let path = self.reloader.path().display();
                 warn!("cannot watch {path} or the files it names: {e}; reload with SIGHUP");
@@ -584,9 +579,8 @@ impl Control {
         }
     }
 
-    /// With `--config-git`, fetches the ref: true when a new commit is checked out for the
-    /// reload. A failed fetch keeps the checkout and the config serving.
-    /// Fetches the Git ref: the new commit checked out, if it moved.
+    /// With `--config-git`, fetches the ref: the new commit checked out for the reload, if it
+    /// moved. A failed fetch keeps the checkout and the config serving.
     async fn fetch(&self) -> Option<String> {
         let git = self.git.clone()?;
         match tokio::task::spawn_blocking(move || git.sync()).await {
