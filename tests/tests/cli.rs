@@ -363,3 +363,46 @@ fn sighup_before_the_server_runs_ends_nothing() {
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(1), "{status}: not ended by the signal");
 }
+
+#[test]
+fn explain_speaks_of_the_handshake_and_of_bytes_where_they_decide() {
+    let mesh = repo_root().join("examples/mesh/reviews.toml");
+    let mesh = mesh.to_str().unwrap();
+    let (code, stdout, stderr) = run(
+        "weir-sidecar",
+        &[
+            "explain",
+            "--config",
+            mesh,
+            "GET",
+            "http://reviews:15106/reviews/1",
+        ],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("a caller without a certificate is refused in the TLS handshake"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("403"), "{stdout}");
+    let tcp = repo_root().join("examples/passthrough/gateway.toml");
+    let tcp = tcp.to_str().unwrap();
+    let (code, stdout, stderr) = run(
+        "weir-gateway",
+        &["explain", "--config", tcp, "GET", "http://x:9000/"],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("connect:  a tcp/tls listener"), "{stdout}");
+    assert!(!stdout.contains("retry:"), "{stdout}");
+    let (_, stdout, _) = run(
+        "weir-gateway",
+        &["explain", "--config", tcp, "GET", "https://nobody:9443/"],
+    );
+    assert!(
+        stdout.contains("none -> the connection is closed, flag NR"),
+        "{stdout}"
+    );
+    // A loopback inbound listener cannot take what the capture redirects: said, not hidden.
+    let (code, _, stderr) = run("weir-sidecar", &["iptables", "--config", mesh]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("is on loopback"), "{stderr}");
+}

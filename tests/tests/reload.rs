@@ -170,9 +170,11 @@ fn a_config_directory_reloads_when_a_file_is_added() {
         gw.get("/", &[]).body == "new directory"
     });
     fs::write(conf.join("10-hello.toml"), hello("edited in it")).unwrap();
-    wait_until("an edit in the new directory", Duration::from_secs(3), || {
-        gw.get("/", &[]).body == "edited in it"
-    });
+    wait_until(
+        "an edit in the new directory",
+        Duration::from_secs(3),
+        || gw.get("/", &[]).body == "edited in it",
+    );
 }
 
 #[test]

@@ -148,6 +148,14 @@ fn iptables(path: &Path, role: Role, options: &crate::capture::RuleOptions) -> E
         eprintln!("traffic capture is the sidecar's: run `weir-sidecar iptables`");
         return ExitCode::from(2);
     };
+    let inbound = sidecar.inbound.listen;
+    if inbound.ip().is_loopback() {
+        eprintln!(
+            "warning: [inbound] listen = \"{inbound}\" is on loopback: REDIRECT delivers the \
+             pod's inbound connections to its own address, which this listener never takes; \
+             listen on 0.0.0.0 (sidecar.md)"
+        );
+    }
     say!("{}", crate::capture::rules(sidecar, options).trim_end());
     ExitCode::SUCCESS
 }
@@ -322,8 +330,13 @@ fn explain(
     };
 
     say!("request:  {method} {url}  (listener {listener:?}, host {host:?})");
+    // A tcp or tls listener forwards bytes: only the host (a tls listener's SNI) counts.
+    let stream = (config.listeners.iter())
+        .find(|l| l.name == listener)
+        .is_some_and(|l| l.protocol.is_stream());
     let candidates = table.explain(&req);
     match table.find(&req) {
+        None if stream => say!("route:    none -> the connection is closed, flag NR"),
         None => match &config.sidecar {
             Some(s) if listener == "outbound" && s.outbound.passthrough => say!(
                 "route:    none -> a captured call goes on to the address the app called \
@@ -337,11 +350,18 @@ fn explain(
                 .block
                 .map_or("no match blocks".to_string(), |b| format!("match[{b}]"));
             say!("route:    {:?} ({}), {block}", r.name, r.origin);
+            let peer = peer.filter(|p| !p.is_empty());
+            let strict = |s: &weir_config::Sidecar| s.inbound.mtls == weir_config::Mtls::Strict;
             if let (Some(sidecar), true) = (&config.sidecar, listener == "inbound") {
                 let policies = &sidecar.inbound.policies;
                 let who = peer.unwrap_or("a caller without a certificate");
                 let verdict = weir_routing::authz::authorize(policies, peer, method, path);
                 match verdict {
+                    // The handshake refuses it before any policy is looked at.
+                    _ if peer.is_none() && strict(sidecar) => say!(
+                        "authz:    a caller without a certificate is refused in the TLS \
+                         handshake (mtls = \"strict\"); name one with --peer SPIFFE_ID"
+                    ),
                     Ok(()) if policies.is_empty() => say!("authz:    allowed (no policy)"),
                     Ok(()) => say!("authz:    allowed for {who}"),
                     Err(policy) => {
@@ -382,7 +402,14 @@ fn explain(
                     }
                 }
             }
-            describe_policies(r);
+            match stream {
+                // Bytes, not requests: the method and path play no part, nor HTTP's policies.
+                true => say!(
+                    "connect:  a tcp/tls listener: the connection's bytes go to the backend; a \
+                     failed connect tries another endpoint, up to three"
+                ),
+                false => describe_policies(r),
+            }
         }
     }
     say!("candidates, in precedence order:");
