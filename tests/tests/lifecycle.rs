@@ -257,3 +257,36 @@ fn a_taken_port_is_a_clear_error() {
         "{stderr}"
     );
 }
+
+/// Its stderr gone (a log shipper that died, a closed pipe): it logs nowhere and serves on, as
+/// nginx does. tracing-subscriber's report of the failed write used to panic it.
+#[test]
+fn a_closed_stderr_is_no_end_of_the_gateway() {
+    let dir = tempfile::tempdir().unwrap();
+    let (port, admin) = (weir_tests::free_port(), weir_tests::free_port());
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(&config, Gateway::base(port, admin)).unwrap();
+    let mut child = std::process::Command::new(weir_tests::binary("weir-gateway"))
+        .arg("--config")
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stderr.take());
+    let ready = format!("http://127.0.0.1:{admin}/ready");
+    wait_until("ready", Duration::from_secs(10), || {
+        assert!(child.try_wait().unwrap().is_none(), "it exited");
+        weir_tests::send(&weir_tests::client(), "GET", &ready, &[]).is_ok_and(|r| r.status == 200)
+    });
+    let url = format!("http://127.0.0.1:{port}/nothing");
+    let reply = weir_tests::send(&weir_tests::client(), "GET", &url, &[]).unwrap();
+    assert_eq!(reply.status, 404);
+    assert!(child.try_wait().unwrap().is_none(), "it exited");
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}
