@@ -137,8 +137,9 @@ fn pushed_commits_are_served_and_bad_ones_kept_out() {
         1.0
     );
 
-    // A commit that does not validate is reported and kept out.
-    server.push(&format!(
+    // A commit that does not validate is reported, by commit and path in the repository,
+    // and kept out.
+    let bad = server.push(&format!(
         "{}colour = \"blue\"\n",
         hello(port, admin, "three")
     ));
@@ -147,6 +148,11 @@ fn pushed_commits_are_served_and_bad_ones_kept_out() {
             .as_str()
             .is_some_and(|e| e.contains("unknown key \"colour\""))
     });
+    let reported = gw.status()["last_error"].as_str().unwrap().to_string();
+    assert!(
+        reported.starts_with(&format!("{}:gw/gateway.toml:", &bad[..12])),
+        "{reported}"
+    );
     assert_eq!(gw.get("/", &[]).body, "two");
     assert_eq!(gw.status()["revision"], second.as_str());
 

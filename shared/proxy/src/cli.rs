@@ -184,15 +184,25 @@ fn serve(cli: &Cli, path: &Path, role: Role) -> ExitCode {
         None => Reloader::new(path, role),
         Some(git) => {
             let path = git.config_path();
-            Reloader::from_source(&path, role, git.describe(), Some(git.commit()))
+            let checkout = git.checkout();
+            Reloader::from_source(&path, role, git.describe(), Some((&checkout, git.commit())))
         }
     };
     let reloader = match loaded {
         Ok(r) => r,
         Err(errors) => {
-            eprintln!("{errors}");
-            if let Some(git) = &git {
-                git.remove_checkout();
+            match &git {
+                Some(git) => {
+                    let checkout = format!("{}/", git.checkout().display());
+                    let commit = git.commit();
+                    let at = &commit[..commit.len().min(12)];
+                    eprintln!(
+                        "{}",
+                        errors.to_string().replace(&checkout, &format!("{at}:"))
+                    );
+                    git.remove_checkout();
+                }
+                None => eprintln!("{errors}"),
             }
             let source = git.map_or_else(|| path.display().to_string(), |g| g.describe());
             eprintln!("{source}: {} error(s); not starting", errors.0.len());

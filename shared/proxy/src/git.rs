@@ -81,7 +81,12 @@ impl GitSource {
 
     /// Where the config is: `current/<git-path>` of the checkout.
     pub fn config_path(&self) -> PathBuf {
-        self.root.join("current").join(&self.path)
+        self.checkout().join(&self.path)
+    }
+
+    /// The checkout of the commit being loaded (`current`).
+    pub fn checkout(&self) -> PathBuf {
+        self.root.join("current")
     }
 
     /// What admin `/config` names as the source.

@@ -29,6 +29,9 @@ pub struct Reloader {
     /// The Git commit checked out at `path`, which is then the revision; `None` for plain
     /// files, whose revision is a hash of their contents.
     commit: Mutex<Option<String>>,
+    /// With Git, the checkout's directory, which errors name as `<commit>:` instead (a
+    /// temporary path means nothing to whoever reads `/config`).
+    checkout: Option<String>,
     current: ArcSwap<Snapshot>,
     /// Every error of the last failed reload, cleared by a good one. Admin only, never on
     /// the request path.
@@ -55,13 +58,17 @@ impl Reloader {
     }
 
     /// Loads the config for the first time from files at `path` that come from `source`, at
-    /// Git `commit` if they are a checkout.
+    /// Git `commit` of the checkout in `checkout` if they are one.
     pub fn from_source(
         path: &Path,
         role: Role,
         source: String,
-        commit: Option<String>,
+        git: Option<(&Path, String)>,
     ) -> Result<Reloader, ConfigErrors> {
+        let (checkout, commit) = match git {
+            Some((dir, commit)) => (Some(format!("{}/", dir.display())), Some(commit)),
+            None => (None, None),
+        };
         let mut loaded = weir_config::load(path, role)?;
         if let Some(commit) = &commit {
             loaded.revision.clone_from(commit);
@@ -74,6 +81,7 @@ impl Reloader {
             role,
             source,
             commit: Mutex::new(commit),
+            checkout,
             current: ArcSwap::from_pointee(snapshot),
             last_error: Mutex::new(None),
             reloading: Mutex::new(()),
@@ -108,9 +116,9 @@ impl Reloader {
             Ok(loaded) => loaded,
             Err(errors) => {
                 for e in &errors.0 {
-                    error!(file = %e.file.display(), line = e.line, "config error: {e}");
+                    error!("config error: {}", self.shown(e.to_string()));
                 }
-                self.fail(old.generation, errors.to_string());
+                self.fail(old.generation, self.shown(errors.to_string()));
                 return Outcome::Failed;
             }
         };
@@ -139,6 +147,20 @@ impl Reloader {
         self.current.store(Arc::new(snapshot));
         self.set_error(None);
         Outcome::Applied { generation }
+    }
+
+    /// `text` with the Git checkout's files named `<commit>:<path in the repository>`.
+    fn shown(&self, text: String) -> String {
+        let Some(checkout) = &self.checkout else {
+            return text;
+        };
+        let commit = self
+            .commit
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let commit = commit.unwrap_or_default();
+        text.replace(checkout, &format!("{}:", &commit[..commit.len().min(12)]))
     }
 
     fn fail(&self, generation: u64, message: String) {
