@@ -406,3 +406,12 @@ fn explain_speaks_of_the_handshake_and_of_bytes_where_they_decide() {
     assert_eq!(code, 0, "{stderr}");
     assert!(stderr.contains("is on loopback"), "{stderr}");
 }
+
+#[test]
+fn each_binary_says_its_own_name() {
+    for bin in ["weir-gateway", "weir-sidecar"] {
+        let (code, stdout, _) = run(bin, &["--version"]);
+        assert_eq!(code, 0);
+        assert!(stdout.starts_with(&format!("{bin} ")), "{stdout}");
+    }
+}

@@ -41,8 +41,10 @@ impl GitServer {
         fs::create_dir(&served).unwrap();
         git(&served, &["init", "--quiet", "--bare", "config.git"]);
         let port = free_port();
-        let daemon = Command::new("git")
-            .arg("daemon")
+        // git-daemon itself, not `git daemon`, which runs it as a child of its own: killing
+        // that wrapper would leave the daemon running.
+        let exec_path = git(Path::new("."), &["--exec-path"]);
+        let daemon = Command::new(Path::new(&exec_path).join("git-daemon"))
             .arg("--reuseaddr")
             .arg("--export-all")
             .arg("--enable=receive-pack")

@@ -245,6 +245,15 @@ fn no_content_has_no_length_and_head_over_http2_has_no_body() {
     let out = out.unwrap_or_else(|e| panic!("HEAD over h2: {e}"));
     assert!(out.starts_with("HTTP/2 418"), "{out}");
     assert!(out.contains("content-length: 7"), "{out}");
+    // And to an answer of the error path (an upstream that is not there).
+    let dead = weir_tests::free_port();
+    let gw = Gateway::start(&format!(
+        "[[service]]\nname = \"dead\"\nendpoints = [\"127.0.0.1:{dead}\"]\n{}",
+        route_to("dead")
+    ));
+    let out = weir_tests::curl(&["--http2-prior-knowledge", "-I", &gw.url("/")]);
+    let out = out.unwrap_or_else(|e| panic!("HEAD over h2 to a 503: {e}"));
+    assert!(out.starts_with("HTTP/2 503"), "{out}");
 }
 
 /// An upstream that answers with a body far longer than any client here reads, and its

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use weir_config::{Action, Role};
 use weir_routing::{HeaderList, Request, RouteTable, Verdict};
 
@@ -100,7 +100,13 @@ enum Command {
 
 /// Entry point of `weir-gateway` and `weir-sidecar`.
 pub fn main(role: Role) -> ExitCode {
-    let cli = Cli::parse();
+    // Named for the binary (`--version` said weir-proxy, the crate this is in).
+    let name = match role {
+        Role::Gateway => "weir-gateway",
+        Role::Sidecar => "weir-sidecar",
+    };
+    let matches = Cli::command().name(name).get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let default = match role {
         Role::Gateway => "config/gateway.toml",
         Role::Sidecar => "config/sidecar.toml",

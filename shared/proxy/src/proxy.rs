@@ -1290,11 +1290,11 @@ async fn respond_now(
     // The answer to HEAD has the headers of GET's and no body; Pingora leaves it out on
     // HTTP/1.1 but would send it as DATA on HTTP/2, a malformed stream (RFC 9113 §8.1.1).
     let empty = body.is_empty() || !content || session.req_header().method == http::Method::HEAD;
-    session.write_response_header(Box::new(resp), empty).await?;
-    if !empty {
-        session.write_response_body(Some(body), true).await?;
-    }
-    Ok(())
+    session.write_response_header(Box::new(resp), false).await?;
+    // A body write always ends it, empty or not: Pingora's header write never ends an
+    // HTTP/2 stream, and on the error path (`fail_to_proxy`) a stream not ended is reset.
+    let body = if empty { Bytes::new() } else { body };
+    session.write_response_body(Some(body), true).await
 }
 
 /// The Location of a redirect: each part from the config, else from the request; the query
