@@ -46,15 +46,15 @@ fn admin_answers_live_ready_and_config() {
     assert_eq!((reply.status, reply.header("allow")), (405, Some("POST")));
 }
 
-/// A request in flight when `stop` asks the gateway to stop finishes, then the gateway exits
-/// with status 0, well within its grace period, and its listener is closed.
-fn finishes_requests_in_flight_then_exits(stop: impl FnOnce(&Gateway)) {
+/// A gateway with a request in flight, which its upstream answers after `ms` milliseconds:
+/// the upstream, the gateway and the request's answer to come.
+fn with_a_slow_request(ms: u64) -> (Upstream, Gateway, InFlight) {
     let up = Upstream::start("slow");
-    let mut gw = Gateway::start(&format!(
+    let gw = Gateway::start(&format!(
         "{}[[route]]\nname = \"r\"\n  [[route.backend]]\n  service = \"slow\"\n",
         up.service()
     ));
-    let url = gw.url("/slow/1000");
+    let url = gw.url(&format!("/slow/{ms}"));
     let in_flight =
         thread::spawn(move || weir_tests::send(&weir_tests::client(), "GET", &url, &[]));
     wait_until(
@@ -62,6 +62,15 @@ fn finishes_requests_in_flight_then_exits(stop: impl FnOnce(&Gateway)) {
         Duration::from_secs(5),
         || up.hits() == 1,
     );
+    (up, gw, in_flight)
+}
+
+type InFlight = thread::JoinHandle<Result<weir_tests::Reply, String>>;
+
+/// A request in flight when `stop` asks the gateway to stop finishes, then the gateway exits
+/// with status 0, well within its grace period, and its listener is closed.
+fn finishes_requests_in_flight_then_exits(stop: impl FnOnce(&Gateway)) {
+    let (_up, mut gw, in_flight) = with_a_slow_request(1000);
     let sent = Instant::now();
     stop(&gw);
     // Through the drain the admin listener stays open, as Envoy's: not ready, still scraped.
@@ -96,19 +105,7 @@ fn sigterm_finishes_requests_in_flight_then_exits() {
 
 #[test]
 fn sigint_cuts_a_drain_short() {
-    let up = Upstream::start("slow");
-    let mut gw = Gateway::start(&format!(
-        "{}[[route]]\nname = \"r\"\n  [[route.backend]]\n  service = \"slow\"\n",
-        up.service()
-    ));
-    let url = gw.url("/slow/4000");
-    let in_flight =
-        thread::spawn(move || weir_tests::send(&weir_tests::client(), "GET", &url, &[]));
-    wait_until(
-        "the request to reach the upstream",
-        Duration::from_secs(5),
-        || up.hits() == 1,
-    );
+    let (_up, mut gw, in_flight) = with_a_slow_request(4000);
     gw.signal("TERM");
     wait_until("the drain", Duration::from_secs(5), || {
         gw.admin_get("/ready").is_ok_and(|r| r.status == 503)
