@@ -66,9 +66,12 @@ pub struct Sampler {
 }
 
 impl Sampler {
+    /// Starts at a random place in the sequence: every reload makes new samplers, and a fixed
+    /// start would give every route the same first picks after each one (with 1%, none in the
+    /// first 89 calls; a route whose config changes often would never see its fault or mirror).
     pub fn new(step: f64) -> Sampler {
         Sampler {
-            calls: std::sync::atomic::AtomicU64::new(0),
+            calls: std::sync::atomic::AtomicU64::new(fastrand::u64(1..1 << 24)),
             step,
         }
     }
@@ -81,9 +84,7 @@ impl Sampler {
         if percent <= 0.0 {
             return false;
         }
-        // From n = 1: at n = 0 every sampler would pick, so the first request after each
-        // start or reload would get every fault and a mirror copy.
-        let n = 1 + self
+        let n = self
             .calls
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         (n as f64 * self.step).fract() * 100.0 < percent
@@ -393,11 +394,13 @@ impl Split {
         self.cumulative.last().copied().unwrap_or(0)
     }
 
-    /// The backend index for a roll drawn uniformly from `0..total()`: backend i is picked for
-    /// exactly `weight[i]` of the possible rolls.
+    /// The backend index for a roll drawn uniformly from all of `u64`: the roll's place in its
+    /// range, scaled to `0..total()`, where backend i has `weight[i]` of the places. A place
+    /// (a sticky user's) keeps its fraction of the range whatever the total, so growing the
+    /// last backend's share only ever moves users onto it (`roll % total` would not).
     pub fn pick(&self, roll: u64) -> usize {
-        let roll = roll % self.total().max(1);
-        self.cumulative.partition_point(|&c| c <= roll)
+        let place = (u128::from(roll) * u128::from(self.total())) >> 64;
+        self.cumulative.partition_point(|&c| u128::from(c) <= place)
     }
 }
 

@@ -21,13 +21,17 @@ fn two_samplers_are_not_in_lockstep() {
     assert!((400..600).contains(&both), "{both}");
 }
 
+/// Each sampler starts at a random place: over many new ones (each reload makes them anew),
+/// the first call is picked in about the share asked, neither always (n = 0 picks for every
+/// percentage) nor never.
 #[test]
-fn the_first_call_is_no_pick_of_a_small_share() {
+fn the_first_calls_of_new_samplers_are_picked_in_the_share() {
     for step in [
         0.618_033_988_749_895,
         0.414_213_562_373_095,
         0.732_050_807_568_877,
     ] {
-        assert!(!Sampler::new(step).pick(10.0), "{step}");
+        let first = (0..2_000).filter(|_| Sampler::new(step).pick(10.0)).count();
+        assert!((100..300).contains(&first), "{step}: {first} of 2000");
     }
 }

@@ -192,17 +192,31 @@ fn routes_attach_to_their_listeners() {
 }
 
 proptest! {
-    /// Every roll in 0..total picks backend i exactly weight[i] times, so a uniform roll
-    /// converges to the weights.
+    /// The first roll of each of the total's equal parts of the range picks backend i exactly
+    /// weight[i] times, so a uniform roll converges to the weights.
     #[test]
     fn split_picks_each_backend_in_proportion(weights in prop::collection::vec(0u32..50, 1..6)) {
         prop_assume!(weights.iter().any(|&w| w > 0));
         let split = Split::new(weights.iter().copied());
+        let total = u128::from(split.total());
         let mut counts = vec![0u32; weights.len()];
-        for roll in 0..split.total() {
+        for part in 0..total {
+            let roll = u64::try_from((part << 64).div_ceil(total)).unwrap();
             counts[split.pick(roll)] += 1;
         }
         prop_assert_eq!(counts, weights);
+    }
+
+    /// Growing the last backend's share, whatever the totals before and after (4/1 to 1/1),
+    /// never moves a sticky user off it.
+    #[test]
+    fn a_growing_last_share_keeps_its_users(
+        (a, b, c, d) in (0u32..100, 1u32..100, 0u32..100, 1u32..100),
+        roll in any::<u64>(),
+    ) {
+        prop_assume!(u64::from(d) * u64::from(a + b) >= u64::from(b) * u64::from(c + d));
+        let (before, after) = (Split::new([a, b]).pick(roll), Split::new([c, d]).pick(roll));
+        prop_assert!(before == 0 || after == 1, "{a}/{b} -> {c}/{d}: {before} -> {after}");
     }
 
     /// Shuffling the declaration order of routes that are not tied changes no decision.
