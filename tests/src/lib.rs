@@ -784,6 +784,9 @@ pub enum Closes {
     /// After this many answers, the last with `Connection: close`, leaving the requests after
     /// it unprocessed (RFC 9112 §9.6), as nginx does at its `keepalive_requests`.
     After(usize),
+    /// On the second request, unanswered: counted (acted on), then the connection closed, as
+    /// a server that crashed after the work.
+    Unanswered,
 }
 
 /// An HTTP/1.1 server on a raw socket that answers `200 ok` to requests without bodies and
@@ -837,8 +840,11 @@ impl RawUpstream {
                             answered += 1;
                             most.fetch_max(in_this_read, Ordering::SeqCst);
                             requests.fetch_add(1, Ordering::SeqCst);
+                            if matches!(closes, Closes::Unanswered) && answered == 2 {
+                                return;
+                            }
                             let last = match closes {
-                                Closes::Never => false,
+                                Closes::Never | Closes::Unanswered => false,
                                 Closes::Silently => true,
                                 Closes::After(n) => answered == n,
                             };

@@ -269,6 +269,57 @@ fn copies_after_the_mirror_hung_up_still_arrive() {
     assert_eq!(mirror_count(&gw, "shadow", "failure"), 0.0);
 }
 
+/// A shadow that took a copy and closed without answering may have acted on it: a POST's
+/// copy is not sent again (the shadow would act twice), a GET's is, on a new connection.
+#[test]
+fn an_unanswered_copy_is_sent_again_only_when_idempotent() {
+    for (method, copies) in [("POST", 2), ("GET", 3)] {
+        let app = Upstream::start("app");
+        let shadow = RawUpstream::start(Closes::Unanswered);
+        let gw = Gateway::start(&format!(
+            "{}{}",
+            mirrored(&app, "shadow", ""),
+            shadow.service("shadow", "")
+        ));
+        let agent = client();
+        for i in 1..=2 {
+            let r = weir_tests::send(&agent, method, &gw.url("/"), &[]).unwrap();
+            assert_eq!(r.status, 200, "{method}");
+            // The first copy is answered and its connection kept for the second.
+            wait_until("the copy counted", WAIT, || {
+                mirror_count(&gw, "shadow", "success") + mirror_count(&gw, "shadow", "failure")
+                    == f64::from(i)
+            });
+        }
+        assert_eq!(shadow.requests.load(Ordering::SeqCst), copies, "{method}");
+        let failed = if method == "POST" { 1.0 } else { 0.0 };
+        assert_eq!(mirror_count(&gw, "shadow", "failure"), failed, "{method}");
+    }
+}
+
+/// A POST's copy is not sent twice, so a kept connection the shadow closed (its keep-alive
+/// ran out) is found out before the copy is written to it.
+#[test]
+fn a_post_copy_after_the_mirror_hung_up_still_arrives() {
+    let app = Upstream::start("app");
+    let shadow = RawUpstream::start(Closes::Silently);
+    let gw = Gateway::start(&format!(
+        "{}{}",
+        mirrored(&app, "shadow", ""),
+        shadow.service("shadow", "")
+    ));
+    let agent = client();
+    for i in 1..=5 {
+        let r = weir_tests::send(&agent, "POST", &gw.url("/"), &[]).unwrap();
+        assert_eq!(r.status, 200);
+        wait_until("the copy", WAIT, || {
+            mirror_count(&gw, "shadow", "success") == f64::from(i)
+        });
+    }
+    assert_eq!(shadow.requests.load(Ordering::SeqCst), 5);
+    assert_eq!(mirror_count(&gw, "shadow", "failure"), 0.0);
+}
+
 #[test]
 fn copies_share_connections_that_close_when_idle_or_unconfigured() {
     let app = Upstream::start("app");

@@ -410,8 +410,8 @@ enum Resend {
 }
 
 /// Writes `wire` and reads an answer per copy in `sent`, counting each as it comes
-/// (`answered` of them). A kept connection the shadow closed meanwhile fails before the shadow
-/// saw anything: then the copies go once more on a new connection.
+/// (`answered` of them). A kept connection the shadow closed meanwhile fails before any
+/// answer: then copies of idempotent requests go once more on a new connection.
 async fn exchange(
     shared: &Shared,
     connector: &TransportConnector,
@@ -421,7 +421,12 @@ async fn exchange(
     sent: &[Copy],
     answered: &mut usize,
 ) -> Resend {
-    let kept = conn.take().filter(|c| c.addr == addr);
+    let mut kept = conn.take().filter(|c| c.addr == addr);
+    if let Some(c) = &mut kept {
+        if !still_open(c).await {
+            kept = None;
+        }
+    }
     let fresh_try = kept.is_none();
     let mut c = match kept {
         Some(c) => c,
@@ -431,7 +436,10 @@ async fn exchange(
         },
     };
     let mut first = write_and_read_first(&mut c, wire, sent).await;
-    if first == Err(Failed::Unseen) && !fresh_try {
+    // No answer may also be a shadow that acted and then died: sent again only when that
+    // would be harmless (RFC 9110 §9.2.2), as Pingora and Envoy repeat a request.
+    let repeatable = sent.iter().all(|copy| copy.header.method.is_idempotent());
+    if first == Err(Failed::Unseen) && !fresh_try && repeatable {
         c = match connect(shared, connector, addr).await {
             Some(c) => c,
             None => return Resend::No,
@@ -467,8 +475,19 @@ async fn exchange(
     }
 }
 
-/// The first answer failed; `Unseen`: before the shadow sent a byte back, so it saw nothing
-/// (a kept connection it had closed).
+/// Whether a kept connection is still good for copies: the shadow has neither closed it (its
+/// keep-alive ran out) nor sent anything unasked. Checked before writing, so that copies of
+/// POSTs, which are not sent twice, seldom meet a closed connection.
+async fn still_open(c: &mut Conn) -> bool {
+    tokio::select! {
+        biased;
+        _ = c.stream.read_buf(&mut c.buf) => false,
+        () = std::future::ready(()) => true,
+    }
+}
+
+/// The first answer failed; `Unseen`: before the shadow sent a byte back (most often a kept
+/// connection it had closed, though it may have acted on the copies).
 #[derive(PartialEq)]
 enum Failed {
     Unseen,
