@@ -190,6 +190,14 @@ fn explain_says_when_nothing_matches() {
         ),
         "{stdout}"
     );
+    // Neither a URL nor a path (a forgotten scheme): said, not routed as host "www.example.com".
+    let args = [&args[..4], &["www.example.com"]].concat();
+    let (code, _, stderr) = run("weir-gateway", &args);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("bad URL \"www.example.com\": expected a full URL"),
+        "{stderr}"
+    );
 }
 
 /// `explain ... | head -1`: a reader that stops early ends the command quietly, with the

@@ -189,12 +189,15 @@ fn a_certificate_rotated_outside_the_repository_is_served() {
     let server = GitServer::start();
     let (port, admin) = (free_port(), free_port());
     let dir = certs.path().display();
-    let commit = server.push(&format!(
-        "{}protocol = \"https\"\n  [[listener.certificate]]\n  cert = \"{dir}/a.pem\"\n  \
-         key = \"{dir}/a-key.pem\"\n[[route]]\nname = \"hello\"\n\
-         direct_response = {{ status = 200, body = \"one\" }}\n",
-        Gateway::base(port, admin)
-    ));
+    let config = |body: &str| {
+        format!(
+            "{}protocol = \"https\"\n  [[listener.certificate]]\n  cert = \"{dir}/a.pem\"\n  \
+             key = \"{dir}/a-key.pem\"\n[[route]]\nname = \"hello\"\n\
+             direct_response = {{ status = 200, body = \"{body}\" }}\n",
+            Gateway::base(port, admin)
+        )
+    };
+    let commit = server.push(&config("one"));
     let gw = Gateway::start_git(&server.url, &PROD_POLLED, port, admin);
     let ca_pem = ca.pem();
     let served = || https_get(port, "a.example", &ca_pem, None, "/", &[]).map(|r| r.served);
@@ -224,7 +227,21 @@ fn a_certificate_rotated_outside_the_repository_is_served() {
         Duration::from_secs(10),
         || served().is_ok_and(|names| names.contains(&"again.example".to_string())),
     );
-    assert_eq!(gw.status()["revision"], commit.as_str());
+    let status = gw.status();
+    assert_eq!(status["revision"], commit.as_str());
+    // The ref still names the refused commit: `/config` still says why it does not serve.
+    let refused = |status: &serde_json::Value| {
+        status["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("unknown key \"colour\""))
+    };
+    assert!(refused(&status), "{status}");
+    // Until the ref moves on to a good commit.
+    let good = server.push(&config("two"));
+    wait_until("the good commit", Duration::from_secs(10), || {
+        gw.status()["revision"] == good.as_str()
+    });
+    assert!(!refused(&gw.status()), "{}", gw.status());
 }
 
 /// A Git server that accepts and then never answers: each fetch gives up after the poll
@@ -232,7 +249,7 @@ fn a_certificate_rotated_outside_the_repository_is_served() {
 #[test]
 fn a_git_server_that_stops_answering_holds_nothing_up() {
     use std::io::{Read, Write};
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::sync::Arc;
     let server = GitServer::start();
     let daemon = server
@@ -244,6 +261,8 @@ fn a_git_server_that_stops_answering_holds_nothing_up() {
         .to_string();
     // A relay in front of the daemon, which can be told to swallow connections instead.
     let hang = Arc::new(AtomicBool::new(false));
+    let swallowed = Arc::new(AtomicUsize::new(0));
+    let counting = swallowed.clone();
     let relay = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let relay_port = relay.local_addr().unwrap().port();
     let swallowing = hang.clone();
@@ -253,6 +272,7 @@ fn a_git_server_that_stops_answering_holds_nothing_up() {
             let Ok(client) = client else { return };
             if swallowing.load(Ordering::SeqCst) {
                 held.push(client);
+                counting.fetch_add(1, Ordering::SeqCst);
                 continue;
             }
             let Ok(daemon) = TcpStream::connect(&daemon) else {
@@ -277,7 +297,7 @@ fn a_git_server_that_stops_answering_holds_nothing_up() {
     let (port, admin) = (free_port(), free_port());
     server.push(&hello(port, admin, "one"));
     let url = format!("git://127.0.0.1:{relay_port}/config.git");
-    let gw = Gateway::start_git(&url, &PROD_POLLED, port, admin);
+    let mut gw = Gateway::start_git(&url, &PROD_POLLED, port, admin);
     assert_eq!(gw.get("/", &[]).body, "one");
 
     hang.store(true, Ordering::SeqCst);
@@ -291,6 +311,24 @@ fn a_git_server_that_stops_answering_holds_nothing_up() {
         "the new commit, the server back",
         Duration::from_secs(15),
         || gw.get("/", &[]).body == "two",
+    );
+
+    // A SIGTERM while a fetch hangs drains at once: the fetch does not give up first.
+    hang.store(true, Ordering::SeqCst);
+    let before = swallowed.load(Ordering::SeqCst);
+    wait_until("a fetch hanging", Duration::from_secs(5), || {
+        swallowed.load(Ordering::SeqCst) > before
+    });
+    let given_up = gw.stderr().matches("no answer in 5s").count();
+    gw.signal("TERM");
+    let status = gw.wait_exit(Duration::from_secs(15));
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    let stderr = gw.stderr();
+    assert!(stderr.contains("drained; exiting"), "{stderr}");
+    assert_eq!(
+        stderr.matches("no answer in 5s").count(),
+        given_up,
+        "{stderr}"
     );
 }
 

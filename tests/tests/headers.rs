@@ -201,6 +201,14 @@ fn an_http10_client_gets_a_chunked_answer_as_plain_bytes() {
     assert!(head.starts_with("http/1.1 200"), "{reply}");
     assert!(!head.contains("transfer-encoding"), "{reply}");
     assert_eq!(body, "hello weir!");
+    // Its body ends with the connection, so one that asked to keep it is told it closes.
+    let reply = raw_request(
+        gw.port,
+        b"GET / HTTP/1.0\r\nHost: a\r\nConnection: keep-alive\r\n\r\n",
+    );
+    let (head, body) = split(&reply);
+    assert!(head.lines().any(|l| l == "connection: close"), "{reply}");
+    assert_eq!(body, "hello weir!");
     // An HTTP/1.1 client still gets chunks, and keeps its connection.
     let reply = raw_request(
         gw.port,

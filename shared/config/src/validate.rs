@@ -1637,12 +1637,21 @@ impl Checker<'_> {
     /// A host a redirect or rewrite sends, with a port or not; false, with an error, if it is
     /// none.
     fn authority(&mut self, at: &At, what: &str, host: &str) -> bool {
-        let (name, port) = host
-            .rsplit_once(':')
-            .map_or((host, None), |(h, p)| (h, Some(p)));
+        // A name, or an IPv6 address in brackets as in a URL (RFC 3986 §3.2.2).
+        let (name_ok, port) = match host.strip_prefix('[').and_then(|h| h.split_once(']')) {
+            Some((ip, rest)) => (
+                ip.parse::<std::net::Ipv6Addr>().is_ok()
+                    && (rest.is_empty() || rest.starts_with(':')),
+                rest.strip_prefix(':'),
+            ),
+            None => match host.rsplit_once(':') {
+                Some((name, port)) => (host_name_ok(name), Some(port)),
+                None => (host_name_ok(host), None),
+            },
+        };
         let port_ok = port.is_none_or(|p| p.parse::<u16>().is_ok_and(|p| p > 0));
-        if !(host_name_ok(name) && port_ok) {
-            self.fail(at, format!("bad {what} host {host:?}: expected a name, with a port or not, such as \"example.com:8443\""));
+        if !(name_ok && port_ok) {
+            self.fail(at, format!("bad {what} host {host:?}: expected a name or [IPv6 address], with a port or not, such as \"example.com:8443\""));
             return false;
         }
         true
@@ -1746,10 +1755,15 @@ impl Checker<'_> {
             return Some(ValueMatch::Present(p));
         }
         let source = m.regex?;
-        match regex::Regex::new(&format!("^(?:{source})$")) {
+        // Parsed alone first: wrapped, "/a)|(/b" would pass as `^(?:/a)|(/b)$`, which matches
+        // every path that starts with "/a".
+        let alone = regex_syntax::Parser::new()
+            .parse(&source)
+            .map_err(|e| e.to_string());
+        let wrapped = |_| regex::Regex::new(&format!("^(?:{source})$")).map_err(|e| e.to_string());
+        match alone.and_then(wrapped) {
             Ok(regex) => Some(ValueMatch::Regex(Pattern { source, regex })),
-            Err(e) => {
-                let detail = e.to_string();
+            Err(detail) => {
                 let detail = detail.lines().last().unwrap_or("").trim();
                 let detail = detail.strip_prefix("error: ").unwrap_or(detail);
                 self.fail(&at.key("regex"), format!("bad regex {source:?}: {detail}"));

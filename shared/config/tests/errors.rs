@@ -24,6 +24,8 @@ fn every_error_is_reported_with_file_line_and_path() {
 name = \"web\"
   [[route.match]]
   path = {{ regex = \"/api/(\" }}
+  [[route.match]]
+  path = {{ regex = \"/a)|(/b\" }}
   [[route.backend]]
   service = \"reviews\"
   [[route.backend]]
@@ -45,12 +47,13 @@ max_connections = 0
         errs,
         [
             "gw.toml:7: route \"web\" match[0]: bad regex \"/api/(\": unclosed group",
-            "gw.toml:11: route \"web\" backend[1]: unknown service \"paymnts\"",
-            "gw.toml:14: [runtime]: bad duration \"10 seconds\": unknown unit \" seconds\" (ms, s, m, h)",
-            "gw.toml:15: [runtime]: unknown key \"colour\"",
-            "gw.toml:19: listener \"web\": bad address \"localhost:80\": expected ip:port, such as \"127.0.0.1:8080\"",
-            "gw.toml:20: listener \"web\": idle_timeout must be more than 0",
-            "gw.toml:21: listener \"web\": max_connections must be at least 1",
+            "gw.toml:9: route \"web\" match[1]: bad regex \"/a)|(/b\": unopened group",
+            "gw.toml:13: route \"web\" backend[1]: unknown service \"paymnts\"",
+            "gw.toml:16: [runtime]: bad duration \"10 seconds\": unknown unit \" seconds\" (ms, s, m, h)",
+            "gw.toml:17: [runtime]: unknown key \"colour\"",
+            "gw.toml:21: listener \"web\": bad address \"localhost:80\": expected ip:port, such as \"127.0.0.1:8080\"",
+            "gw.toml:22: listener \"web\": idle_timeout must be more than 0",
+            "gw.toml:23: listener \"web\": max_connections must be at least 1",
         ]
     );
 }
@@ -1118,6 +1121,14 @@ name = \"spaced-host\"
 rewrite = {{ host = \"a b:80\" }}
   [[route.backend]]
   service = \"reviews\"
+[[route]]
+name = \"v6\"
+redirect = {{ host = \"[2001:db8::1]:8443\" }}
+[[route]]
+name = \"bad-v6\"
+rewrite = {{ host = \"[2001:db8::g]\" }}
+  [[route.backend]]
+  service = \"reviews\"
 "
     );
     let errs = errors(&text).join("\n");
@@ -1135,10 +1146,12 @@ rewrite = {{ host = \"a b:80\" }}
         "gw.toml:33: [telemetry]: empty: \"stdout\", \"off\" or a file's path",
         "gw.toml:36: listener \"web\": bad address \"127.0.0.1:0\": port 0 names no port",
         "gw.toml:39: route \"empty-host\": host must not be empty",
-        "gw.toml:44: route \"spaced-host\": bad rewrite host \"a b:80\": expected a name, with a port",
+        "gw.toml:44: route \"spaced-host\": bad rewrite host \"a b:80\": expected a name or [IPv6 address], with a port",
+        "gw.toml:52: route \"bad-v6\": bad rewrite host \"[2001:db8::g]\"",
     ] {
         assert!(errs.contains(want), "missing {want:?} in:\n{errs}");
     }
+    assert!(!errs.contains("route \"v6\""), "{errs}");
 }
 
 #[test]

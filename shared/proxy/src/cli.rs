@@ -280,8 +280,12 @@ fn explain(
         }
     };
     let config = &loaded.config;
-    let uri: http::Uri = match url.parse() {
-        Ok(u) => u,
+    let uri: http::Uri = match url.parse::<http::Uri>() {
+        Ok(u) if u.scheme().is_some() || url.starts_with('/') => u,
+        Ok(_) => {
+            eprintln!("bad URL {url:?}: expected a full URL (http://host/path) or a path (/path)");
+            return ExitCode::FAILURE;
+        }
         Err(e) => {
             eprintln!("bad URL {url:?}: {e}");
             return ExitCode::FAILURE;

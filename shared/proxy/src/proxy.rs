@@ -706,11 +706,15 @@ impl ProxyHttp for WeirProxy {
         // No framing where there is no content (RFC 9110 §8.6: an HTTP/2 client takes a 204's
         // Content-Length as a malformed stream), nor chunks for an HTTP/1.0 client, which
         // cannot read them (RFC 9112 §6.1): its body ends when the connection closes.
-        let unframed = response.status == http::StatusCode::NO_CONTENT
-            || (session.req_header().version == Version::HTTP_10
-                && response
-                    .headers
-                    .contains_key(http::header::TRANSFER_ENCODING));
+        let close_delimited = session.req_header().version == Version::HTTP_10
+            && response
+                .headers
+                .contains_key(http::header::TRANSFER_ENCODING);
+        if close_delimited {
+            // Pingora says keep-alive or close before it frames the body: say close.
+            session.set_keepalive(None);
+        }
+        let unframed = response.status == http::StatusCode::NO_CONTENT || close_delimited;
         edit_response(response, |headers| {
             if !upgraded {
                 strip_hop_by_hop(headers, &RESPONSE_HOP_BY_HOP);

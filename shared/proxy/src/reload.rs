@@ -36,6 +36,9 @@ pub struct Reloader {
     /// Every error of the last failed reload, cleared by a good one. Admin only, never on
     /// the request path.
     last_error: Mutex<Option<String>>,
+    /// With Git, the errors of the refused commit at the ref's head, shown until the ref moves:
+    /// a good reload meanwhile (a certificate rotated) is one of the commit serving.
+    refused: Mutex<Option<String>>,
     /// Held for a whole reload, so a file event and SIGHUP never race to swap.
     reloading: Mutex<()>,
 }
@@ -84,6 +87,7 @@ impl Reloader {
             checkout,
             current: ArcSwap::from_pointee(snapshot),
             last_error: Mutex::new(None),
+            refused: Mutex::new(None),
             reloading: Mutex::new(()),
         })
     }
@@ -176,16 +180,20 @@ impl Reloader {
     }
 
     fn set_error(&self, error: Option<String>) {
-        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = error;
+        *locked(&self.last_error) = error;
+    }
+
+    /// With Git, after the reload of a fetched commit: whether it was refused, so that its
+    /// errors stay in `/config` until the ref moves.
+    pub fn set_refused(&self, refused: bool) {
+        let errors = refused.then(|| locked(&self.last_error).clone()).flatten();
+        *locked(&self.refused) = errors;
     }
 
     /// The body of admin `/config`.
     pub fn status(&self) -> serde_json::Value {
-        let last_error = self
-            .last_error
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let last_error = locked(&self.last_error).clone();
+        let last_error = last_error.or_else(|| locked(&self.refused).clone());
         let s = self.snapshot();
         serde_json::json!({
             "generation": s.generation,
@@ -196,6 +204,10 @@ impl Reloader {
             "config": *s.config,
         })
     }
+}
+
+fn locked<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Sets the metrics that describe the serving config.

@@ -511,11 +511,19 @@ impl BackgroundService for Control {
                     "file change"
                 }
                 Some(()) = hangup.recv() => {
-                    fetched = self.fetch().await;
+                    fetched = tokio::select! {
+                        fetched = self.fetch() => fetched,
+                        _ = shutdown.changed() => return self.drain().await,
+                    };
                     "SIGHUP"
                 }
                 _ = poll.tick(), if self.git.is_some() => {
-                    fetched = self.fetch().await;
+                    // A Git server that does not answer holds a fetch up to its timeout; a
+                    // SIGTERM meanwhile drains at once, leaving the fetch behind.
+                    fetched = tokio::select! {
+                        fetched = self.fetch() => fetched,
+                        _ = shutdown.changed() => return self.drain().await,
+                    };
                     if fetched.is_none() {
                         continue;
                     }
@@ -607,6 +615,7 @@ impl Control {
         let Some(git) = &self.git else { return };
         let applied = !matches!(outcome, Outcome::Failed);
         git.settle(commit, applied);
+        self.reloader.set_refused(!applied);
         if !applied {
             warn!(commit, "git: this commit's config was refused; serving the last good one until the ref moves");
             self.reloader.set_commit(git.commit());
