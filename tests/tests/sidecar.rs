@@ -25,6 +25,10 @@ const POLICIES: &str = "\
   action = \"deny\"
   paths = [\"/reviews/secret\"]
   [[inbound.policy]]
+  name = \"no-deletes\"
+  action = \"deny\"
+  methods = [\"DELETE\"]
+  [[inbound.policy]]
   name = \"productpage-reads\"
   action = \"allow\"
   principals = [\"spiffe://mesh.local/ns/default/sa/productpage\"]
@@ -169,6 +173,18 @@ fn a_call_crosses_the_mesh_with_mtls_identity_and_policy() {
     let reply = mesh_get(inbound, Some(&ca.workload(PRODUCTPAGE)), "/reviews/1").unwrap();
     assert_eq!(reply.status, 200);
     assert_eq!(app.hits(), 2);
+
+    // A method in lower case is the same method to a deny policy (an app may take it so).
+    let reply = raw_request(
+        productpage.port,
+        b"delete /reviews/1 HTTP/1.1\r\nHost: reviews\r\nConnection: close\r\n\r\n",
+    );
+    assert!(reply.starts_with("HTTP/1.1 403"), "{reply}");
+    assert_eq!(app.hits(), 2);
+    assert_eq!(
+        reviews.metric("weir_authz_denied_total{policy=\"no-deletes\"}"),
+        1.0
+    );
 }
 
 #[test]

@@ -55,7 +55,9 @@ fn principal_matches(p: &Policy, peer: Option<&str>) -> bool {
 /// Every field the policy sets matches; an unset one matches anything.
 fn matches(p: &Policy, peer: Option<&str>, method: &str, path: &str) -> bool {
     let principal = principal_matches(p, peer);
-    let method = p.methods.is_empty() || p.methods.iter().any(|m| m == method);
+    // Methods are case-sensitive (RFC 9110 §9.1), but an app may not be: "get" must not slip
+    // past a deny of GET. The policy's are upper-case already.
+    let method = p.methods.is_empty() || p.methods.iter().any(|m| m.eq_ignore_ascii_case(method));
     let path = p.paths.is_empty() || p.paths.iter().any(|pattern| path_matches(pattern, path));
     principal && method && path
 }
@@ -92,6 +94,21 @@ mod tests {
 
     const PRODUCTPAGE: &str = "spiffe://mesh.local/ns/default/sa/productpage";
     const RATINGS: &str = "spiffe://mesh.local/ns/default/sa/ratings";
+
+    #[test]
+    fn a_method_in_lower_case_is_no_way_past_a_deny() {
+        let deny = [policy(
+            "no-deletes",
+            PolicyAction::Deny,
+            &[],
+            &["DELETE"],
+            &[],
+        )];
+        for method in ["DELETE", "delete", "Delete"] {
+            assert_eq!(authorize(&deny, None, method, "/"), Err("no-deletes"));
+        }
+        assert_eq!(authorize(&deny, None, "GET", "/"), Ok(()));
+    }
 
     #[test]
     fn no_policy_allows_everything() {
