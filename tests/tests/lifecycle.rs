@@ -2,6 +2,7 @@
 //! real binary.
 #![allow(clippy::unwrap_used)]
 
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -71,8 +72,20 @@ type InFlight = thread::JoinHandle<Result<weir_tests::Reply, String>>;
 /// with status 0, well within its grace period, and its listener is closed.
 fn finishes_requests_in_flight_then_exits(stop: impl FnOnce(&Gateway)) {
     let (_up, mut gw, in_flight) = with_a_slow_request(1000);
+    // A keep-alive connection waiting for its next request.
+    let mut idle = TcpStream::connect(("127.0.0.1", gw.port)).unwrap();
+    idle.write_all(b"GET /fast HTTP/1.1\r\nHost: a\r\n\r\n")
+        .unwrap();
+    assert!(weir_tests::read_head(&mut idle));
+    idle.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
     let sent = Instant::now();
     stop(&gw);
+    // It is closed at once, before the request in flight is done; that one's answer says
+    // `Connection: close`, so its client sends nothing into the close either.
+    let mut rest = Vec::new();
+    idle.read_to_end(&mut rest)
+        .expect("the idle connection closed at the drain");
+    assert!(!in_flight.is_finished(), "closed only when the drain ended");
     // Through the drain the admin listener stays open, as Envoy's: not ready, still scraped.
     wait_until("/ready to say draining", Duration::from_secs(5), || {
         gw.admin_get("/ready")
@@ -87,6 +100,7 @@ fn finishes_requests_in_flight_then_exits(stop: impl FnOnce(&Gateway)) {
     );
     let reply = in_flight.join().unwrap().unwrap();
     assert_eq!((reply.status, reply.body.as_str()), (200, "slow"));
+    assert_eq!(reply.header("connection"), Some("close"));
     let status = gw
         .wait_exit(Duration::from_secs(4))
         .expect("exits well within the 5s grace period");

@@ -710,8 +710,11 @@ impl ProxyHttp for WeirProxy {
             && response
                 .headers
                 .contains_key(http::header::TRANSFER_ENCODING);
-        if close_delimited {
-            // Pingora says keep-alive or close before it frames the body: say close.
+        if close_delimited || session.is_process_shutting_down() {
+            // Pingora says keep-alive or close before it frames the body: say close. And
+            // once the process drains, the connection closes after this answer: a client told
+            // so sends no request into the close (Pingora tells only requests that start
+            // after the drain began).
             session.set_keepalive(None);
         }
         let unframed = response.status == http::StatusCode::NO_CONTENT || close_delimited;
@@ -1294,6 +1297,9 @@ async fn respond_now(
     // The answer to HEAD has the headers of GET's and no body; Pingora leaves it out on
     // HTTP/1.1 but would send it as DATA on HTTP/2, a malformed stream (RFC 9113 §8.1.1).
     let empty = body.is_empty() || !content || session.req_header().method == http::Method::HEAD;
+    if session.is_process_shutting_down() {
+        session.set_keepalive(None); // as in `response_filter`
+    }
     session.write_response_header(Box::new(resp), false).await?;
     // A body write always ends it, empty or not: Pingora's header write never ends an
     // HTTP/2 stream, and on the error path (`fail_to_proxy`) a stream not ended is reset.

@@ -302,6 +302,14 @@ impl ServerApp for Sniffing {
         connection::serve_until_idle(self.serve(stream, shutdown), self.idle_timeout).await;
         None
     }
+
+    /// At the drain, once the listener has stopped, as Pingora's own HTTP services do:
+    /// keep-alive connections waiting for their next request close, and the answers still to
+    /// come say `Connection: close`.
+    async fn cleanup(&self) {
+        self.http1.cleanup().await;
+        self.h2c.cleanup().await;
+    }
 }
 
 /// A listener's open client connections (`weir_downstream_connections_active`), held under its
