@@ -134,6 +134,46 @@ fn sigint_cuts_a_drain_short() {
     assert!(in_flight.join().unwrap().is_err(), "the request was cut");
 }
 
+/// A request still in flight when the grace period is over is cut, and the gateway says so.
+#[test]
+fn the_end_of_the_grace_period_says_what_it_cut() {
+    let up = Upstream::start("slow");
+    let (port, admin) = (weir_tests::free_port(), weir_tests::free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gateway.toml");
+    let base =
+        Gateway::base(port, admin).replace("grace_period = \"5s\"", "grace_period = \"300ms\"");
+    std::fs::write(
+        &config,
+        format!(
+            "{base}{}[[route]]\nname = \"r\"\n  [[route.backend]]\n  service = \"slow\"\n",
+            up.service()
+        ),
+    )
+    .unwrap();
+    let mut gw = Gateway::start_on(dir, config, port, admin);
+    let url = gw.url("/slow/4000");
+    let in_flight =
+        thread::spawn(move || weir_tests::send(&weir_tests::client(), "GET", &url, &[]));
+    wait_until(
+        "the request to reach the upstream",
+        Duration::from_secs(5),
+        || up.hits() == 1,
+    );
+    gw.signal("TERM");
+    let status = gw
+        .wait_exit(Duration::from_secs(3))
+        .expect("exits at the end of the grace period");
+    assert!(status.success(), "{status}");
+    assert!(in_flight.join().unwrap().is_err(), "the request was cut");
+    let stderr = gw.stderr();
+    assert!(
+        stderr.contains("grace period over: exiting, cutting the requests in flight")
+            && stderr.contains("in_flight=1"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn post_shutdown_finishes_requests_in_flight_then_exits() {
     finishes_requests_in_flight_then_exits(|gw| {

@@ -81,8 +81,9 @@ pub fn run(reloader: Reloader, git: Option<Arc<GitSource>>, upgrade: bool) -> an
         threads,
         // One single-threaded runtime per thread: measured ~15% faster (PERF-NOTES.md).
         work_stealing: false,
-        // Pingora sleeps this long after SIGTERM; the drain service exits earlier once idle.
-        grace_period_seconds: Some(grace.as_secs_f64().ceil() as u64),
+        // Pingora sleeps this long after SIGTERM, a backstop: the drain (`Control::drain`)
+        // exits once idle, or at `grace` saying what it cut.
+        grace_period_seconds: Some(grace.as_secs_f64().ceil() as u64 + 1),
         graceful_shutdown_timeout_seconds: Some(1),
         // Timers of a second or more on tokio's wheel, not Pingora's "fast" timer manager.
         // Each upstream connection's idle timer is armed at every release and almost always
@@ -641,9 +642,15 @@ impl Control {
             }
         };
         tokio::pin!(interrupted);
+        let over = tokio::time::sleep(self.grace);
+        tokio::pin!(over);
         while self.in_flight.load(Ordering::Acquire) > 0 {
             tokio::select! {
                 () = tokio::time::sleep(Duration::from_millis(10)) => {}
+                () = &mut over => {
+                    warn!(in_flight = self.in_flight.load(Ordering::Acquire), grace = ?self.grace, "grace period over: exiting, cutting the requests in flight (raise runtime.grace_period if they should finish)");
+                    break;
+                }
                 _ = &mut interrupted => {
                     warn!(in_flight = self.in_flight.load(Ordering::Acquire), "SIGINT: exiting without waiting for the requests in flight");
                     break;
