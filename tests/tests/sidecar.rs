@@ -187,6 +187,60 @@ fn a_call_crosses_the_mesh_with_mtls_identity_and_policy() {
     );
 }
 
+/// Mid-way through a CA rotation: reviews trusts only the new CA, productpage's certificate
+/// is still the old one's. Reviews refuses it in the handshake, which TLS 1.3 tells the caller
+/// only at its first read: still a connect failure (503 UF, retried, the reason logged), not
+/// the 502 of an upstream that broke off its answer.
+#[test]
+fn a_server_refusing_the_callers_certificate_is_a_connect_failure() {
+    let (old_ca, new_ca) = (TestCa::new("old mesh CA"), TestCa::new("new mesh CA"));
+    let app = Upstream::start("reviews-app");
+    let inbound = free_port();
+    let app_addr = app.addr.to_string();
+    let _reviews = sidecar(&new_ca, REVIEWS, |admin, outbound| {
+        sidecar_config(admin, inbound, &app_addr, outbound, "")
+    });
+    let dir = tempfile::tempdir().unwrap();
+    write_workload(dir.path(), &old_ca, &old_ca.workload(PRODUCTPAGE));
+    fs::write(
+        dir.path().join("bundle.pem"),
+        format!("{}{}", old_ca.pem(), new_ca.pem()),
+    )
+    .unwrap();
+    let (admin, outbound) = (free_port(), free_port());
+    let path = dir.path().join("sidecar.toml");
+    let routes = productpage_routes(inbound);
+    fs::write(
+        &path,
+        sidecar_config(admin, free_port(), "127.0.0.1:1", outbound, &routes),
+    )
+    .unwrap();
+    let productpage = Gateway::start_sidecar(dir, path, outbound, admin);
+
+    let reply = productpage.get("/reviews/1?token=s3cr3t", &[("host", "reviews")]);
+    assert_eq!(
+        (reply.status, reply.body.as_str()),
+        (503, "upstream connect error\n")
+    );
+    assert_eq!(app.hits(), 0);
+    wait_until("the access log", Duration::from_secs(10), || {
+        !productpage.access_log().is_empty()
+    });
+    let last = productpage.access_log().pop().unwrap();
+    assert_eq!(last["flags"], "UF,URX");
+    let stderr = productpage.stderr();
+    // Each failed try is logged with its reason, and without the query string.
+    assert!(stderr.contains("UnknownCA"), "{stderr}");
+    let id = last["request_id"].as_str().unwrap();
+    assert!(
+        stderr.contains(&format!(
+            "GET /reviews/1, Host: reviews, x-request-id: {id}"
+        )),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("s3cr3t"), "{stderr}");
+}
+
 #[test]
 fn policies_and_the_workload_certificate_reload_without_a_restart() {
     let ca = TestCa::new("mesh CA");

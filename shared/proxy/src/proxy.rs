@@ -736,6 +736,25 @@ impl ProxyHttp for WeirProxy {
         !ctx.flags.is_empty()
     }
 
+    /// The request in Pingora's error log (a failed try): as the access log has it, without
+    /// the query string, which may carry secrets, and with the request id that finds its
+    /// access log line.
+    fn request_summary(&self, session: &Session, ctx: &Ctx) -> String {
+        let req = session.req_header();
+        let host = (req
+            .headers
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok()))
+        .or_else(|| req.uri.authority().map(|a| a.as_str()))
+        .unwrap_or("");
+        let id = ctx.request_id.to_str().unwrap_or("");
+        format!(
+            "{} {}, Host: {host}, x-request-id: {id}",
+            req.method,
+            req.uri.path()
+        )
+    }
+
     fn fail_to_connect(
         &self,
         session: &mut Session,
@@ -769,6 +788,7 @@ impl ProxyHttp for WeirProxy {
             return e;
         }
         let failure = match e.etype() {
+            _ if certificate_refused(&e) => Failure::ConnectFailure,
             ErrorType::ReadTimedout | ErrorType::WriteTimedout => Failure::Timeout,
             // A mesh identity check: the request was not sent.
             ErrorType::TLSHandshakeFailure | ErrorType::ConnectTimedout => Failure::ConnectFailure,
@@ -807,6 +827,9 @@ impl ProxyHttp for WeirProxy {
             ConnectTimedout | ConnectRefused | ConnectNoRoute | ConnectError | BindError
             | SocketError | TLSHandshakeFailure | TLSHandshakeTimedout | InvalidCert
             | HandshakeError => (503, "UF", b"upstream connect error\n"),
+            _ if e.esource() == &ErrorSource::Upstream && certificate_refused(e) => {
+                (503, "UF", b"upstream connect error\n")
+            }
             ReadTimedout | WriteTimedout if e.esource() == &ErrorSource::Upstream => {
                 (504, "UT", b"upstream timeout\n")
             }
@@ -1054,6 +1077,29 @@ async fn fault_delay(session: &mut Session, delay: Duration) -> Result<()> {
             Ok(_) => Ok(()),
         },
     }
+}
+
+/// Whether the upstream refused this proxy's certificate: TLS 1.3 finishes the client's side
+/// of the handshake before the server checks its certificate (RFC 8446 §4.4.2), so the
+/// server's alert arrives at the first read, after the request was written, which the
+/// upstream never took. A connect failure all the same, as Envoy counts it.
+fn certificate_refused(e: &Error) -> bool {
+    use weir_tls::rustls::Error as Tls;
+    let mut cause = e
+        .cause
+        .as_deref()
+        .map(|c| c as &(dyn std::error::Error + 'static));
+    while let Some(c) = cause {
+        let tls = c.downcast_ref::<Tls>().or_else(|| {
+            let io = c.downcast_ref::<std::io::Error>()?;
+            io.get_ref()?.downcast_ref::<Tls>()
+        });
+        if matches!(tls, Some(Tls::AlertReceived(_))) {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
 }
 
 /// Whether the request's body comes in a transfer coding Weir can pass on: none, or `chunked`
