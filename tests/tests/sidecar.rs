@@ -241,6 +241,68 @@ fn a_server_refusing_the_callers_certificate_is_a_connect_failure() {
     assert!(!stderr.contains("s3cr3t"), "{stderr}");
 }
 
+/// The mesh CA also vouches for another trust domain's workloads (a root shared between
+/// meshes): neither side takes them unless `trust_domains` names it, and a certificate with no
+/// SPIFFE id is refused too, as Istio's sidecars do.
+#[test]
+fn peers_of_another_trust_domain_are_refused_unless_named() {
+    let ca = TestCa::new("shared root");
+    let foreign = "spiffe://other.mesh/ns/default/sa/reviews";
+    let app = Upstream::start("reviews-app");
+    let inbound = free_port();
+    let app_addr = app.addr.to_string();
+    let reviews = sidecar(&ca, REVIEWS, |admin, outbound| {
+        sidecar_config(admin, inbound, &app_addr, outbound, "")
+    });
+    // Inbound: refused in the handshake.
+    let stranger = ca.workload("spiffe://other.mesh/ns/default/sa/productpage");
+    let err = mesh_get(inbound, Some(&stranger), "/reviews/1")
+        .err()
+        .unwrap();
+    assert!(err.contains("CertificateUnknown"), "{err}");
+    let nameless = ca.client("productpage", &[]);
+    assert!(mesh_get(inbound, Some(&nameless), "/reviews/1").is_err());
+    assert_eq!(app.hits(), 0);
+    // Named in trust_domains, it is a peer.
+    let generation = reviews.generation();
+    let text = fs::read_to_string(&reviews.config).unwrap().replace(
+        "trust_bundle = \"bundle.pem\"\n",
+        "trust_bundle = \"bundle.pem\"\ntrust_domains = [\"other.mesh\"]\n",
+    );
+    let tmp = reviews.config.with_extension("tmp");
+    fs::write(&tmp, text).unwrap();
+    fs::rename(&tmp, &reviews.config).unwrap();
+    wait_until("the reload", Duration::from_secs(10), || {
+        reviews.generation() > generation
+    });
+    let reply = mesh_get(inbound, Some(&stranger), "/reviews/1").unwrap();
+    assert_eq!(reply.status, 200);
+
+    // Outbound: a service without identities takes only the trust domain's servers.
+    let other_inbound = free_port();
+    let _other = sidecar(&ca, foreign, |admin, outbound| {
+        sidecar_config(admin, other_inbound, &app_addr, outbound, "")
+    });
+    let productpage = sidecar(&ca, PRODUCTPAGE, |admin, outbound| {
+        let routes = format!(
+            "[[route]]\nname = \"other\"\n  [[route.backend]]\n  service = \"other\"\n\
+             [[service]]\nname = \"other\"\nendpoints = [\"127.0.0.1:{other_inbound}\"]\n\
+             \x20 [service.tls]\n  mode = \"mesh\"\n"
+        );
+        sidecar_config(admin, free_port(), "127.0.0.1:1", outbound, &routes)
+    });
+    let reply = productpage.get("/reviews/1", &[]);
+    assert_eq!(reply.status, 503, "{}", reply.body);
+    assert!(
+        productpage
+            .stderr()
+            .contains("not in the trust domains [\"mesh.local\"]"),
+        "{}",
+        productpage.stderr()
+    );
+    assert_eq!(app.hits(), 1);
+}
+
 #[test]
 fn policies_and_the_workload_certificate_reload_without_a_restart() {
     let ca = TestCa::new("mesh CA");
@@ -365,6 +427,24 @@ fn the_mesh_example_works_as_its_readme_says() {
         stdout.contains(&format!(
             "authz:    denied for {PRODUCTPAGE} by \"no-allow-matched\" -> 403, flag AD"
         )),
+        "{stdout}"
+    );
+    // A caller of another trust domain never reaches the policies.
+    let explain = |peer: &str| {
+        let args = [
+            "explain",
+            "--config",
+            config.to_str().unwrap(),
+            "--listener",
+            "inbound",
+        ];
+        let request = ["--peer", peer, "GET", "http://reviews/reviews/1"];
+        weir_tests::run("weir-sidecar", &[&args[..], &request].concat())
+    };
+    let (code, stdout, _) = explain("spiffe://other.mesh/ns/default/sa/productpage");
+    assert_eq!(code, 0);
+    assert!(
+        stdout.contains("authz:    refused in the TLS handshake: peer identity spiffe://other.mesh/ns/default/sa/productpage is not in the trust domains [\"mesh.local\"]"),
         "{stdout}"
     );
 }

@@ -481,9 +481,12 @@ pub struct UpstreamTls {
     pub key: Option<PathBuf>,
     /// Sent as SNI and (but in mode mesh) verified in the server's certificate; never empty.
     pub sni: String,
-    /// mesh only: the SPIFFE ids accepted from the server; empty = any the bundle vouches for.
+    /// mesh only: the SPIFFE ids accepted from the server; empty = any of `trust_domains`.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub identities: Vec<String>,
+    /// mesh only: [`Workload::trust_domains`].
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub trust_domains: Vec<String>,
     /// The CA certificates in DER.
     #[serde(skip)]
     pub roots: Vec<Vec<u8>>,
@@ -626,6 +629,8 @@ pub struct Workload {
     pub trust_bundle: PathBuf,
     /// The certificate's SPIFFE id.
     pub identity: String,
+    /// Whose peers are accepted: the identity's trust domain, then `trust_domains`' others.
+    pub trust_domains: Vec<String>,
     /// When the certificate expires, RFC 3339.
     pub not_after: String,
     #[serde(skip)]

@@ -406,6 +406,7 @@ pub struct RawWorkload {
     pub cert: Option<String>,
     pub key: Option<String>,
     pub trust_bundle: Option<String>,
+    pub trust_domains: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -756,6 +756,7 @@ impl Checker<'_> {
             key,
             sni,
             identities: Vec::new(),
+            trust_domains: Vec::new(),
             roots,
             client,
             fingerprint: fingerprint.finish(),
@@ -803,6 +804,7 @@ impl Checker<'_> {
             key: Some(workload.key),
             sni,
             identities,
+            trust_domains: workload.trust_domains,
             roots: workload.roots,
             client: Some(workload.pair),
             fingerprint: fingerprint.finish(),
@@ -2046,23 +2048,50 @@ impl Checker<'_> {
             self.fail(&at.key("cert"), e);
             return None;
         }
+        // The workload's own trust domain, then any others whose peers it accepts (Istio's
+        // trust domain aliases, for a mesh that shares its CA with another).
+        let own = weir_tls::mesh::trust_domain(&identity).unwrap_or_default();
+        let mut trust_domains = vec![own.to_string()];
+        for (i, domain) in w.trust_domains.into_iter().flatten().enumerate() {
+            if !trust_domain_ok(&domain) {
+                let e = format!(
+                    "bad trust domain {domain:?}: expected a name in lower case, such as \"mesh.local\""
+                );
+                self.fail(&at.item("trust_domains", i), e);
+            } else if !trust_domains.contains(&domain) {
+                trust_domains.push(domain);
+            }
+        }
         let bundle = weir_tls::certificates(&bundle_pem).and_then(|certs| {
-            let verifier = weir_tls::roots(&bundle_pem).and_then(weir_tls::client_verifier)?;
-            Ok((certs.iter().map(|c| c.to_vec()).collect(), verifier))
+            let roots = weir_tls::roots(&bundle_pem)?;
+            let verifier = weir_tls::mesh::client_verifier(roots.clone(), trust_domains.clone())?;
+            Ok((certs.iter().map(|c| c.to_vec()).collect(), roots, verifier))
         });
-        let (roots, verifier) = bundle
+        let (roots, store, verifier) = bundle
             .map_err(|e| {
                 let e = format!("{}: {e}", trust_bundle.display());
                 self.fail(&at.key("trust_bundle"), e);
             })
             .ok()?;
+        // Peers check the certificate against the same bundle: one it does not vouch for
+        // (a new CA's certificate written before the new bundle) would fail every handshake.
+        if let Err(e) = weir_tls::chains_to(&pair.chain, store) {
+            let e = format!(
+                "{}: not vouched for by the trust bundle {}: {e}",
+                cert.display(),
+                trust_bundle.display()
+            );
+            self.fail(&at.key("cert"), e);
+            return None;
+        }
         let mut fingerprint = std::collections::hash_map::DefaultHasher::new();
-        (&cert_pem, &key_pem, &bundle_pem).hash(&mut fingerprint);
+        (&cert_pem, &key_pem, &bundle_pem, &trust_domains).hash(&mut fingerprint);
         Some(Workload {
             cert,
             key,
             trust_bundle,
             identity,
+            trust_domains,
             not_after: timestamp(pair.not_after),
             pair,
             roots,
@@ -2376,6 +2405,13 @@ fn host_name_ok(name: &str) -> bool {
             !label.is_empty()
                 && (label.bytes()).all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         })
+}
+
+/// A SPIFFE trust domain: lower-case letters, digits, `.`, `-` and `_` (SPIFFE-ID §2.1).
+fn trust_domain_ok(domain: &str) -> bool {
+    !domain.is_empty()
+        && (domain.bytes())
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
 }
 
 fn http_header_name_ok(name: &str) -> bool {

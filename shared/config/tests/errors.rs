@@ -690,6 +690,52 @@ fn a_workload_and_its_peers_are_named_by_one_well_formed_spiffe_id() {
     assert!(!errs.contains("identities[0]"), "{errs}");
 }
 
+/// The certificate must be one the bundle vouches for, as the peers check it; the trust
+/// domains accepted are the workload's own and those listed.
+#[test]
+fn a_workload_is_vouched_for_by_its_bundle_and_names_its_trust_domains() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = format!("{WORKLOAD}[inbound]\napp = \"127.0.0.1:8080\"\n");
+    mesh_files(dir.path(), &["spiffe://mesh.local/sa/a"]);
+    let bundle = fs::read_to_string(dir.path().join("bundle.pem")).unwrap();
+    // A new CA's certificate, written before the new bundle.
+    let other = tempfile::tempdir().unwrap();
+    mesh_files(other.path(), &["spiffe://mesh.local/sa/a"]);
+    for file in ["workload.pem", "workload-key.pem"] {
+        fs::copy(other.path().join(file), dir.path().join(file)).unwrap();
+    }
+    let errs = sidecar_errors(dir.path(), &base).join("\n");
+    let want = format!(
+        "{}: not vouched for by the trust bundle {}: invalid peer certificate: ",
+        dir.path().join("workload.pem").display(),
+        dir.path().join("bundle.pem").display()
+    );
+    assert!(errs.contains(&want), "missing {want:?} in:\n{errs}");
+    // Both CAs in the bundle, as mid-way through a rotation: fine.
+    let both = format!(
+        "{bundle}{}",
+        fs::read_to_string(other.path().join("bundle.pem")).unwrap()
+    );
+    write(dir.path(), "bundle.pem", &both);
+    let text = base.replace(
+        "trust_bundle = \"bundle.pem\"\n",
+        "trust_bundle = \"bundle.pem\"\ntrust_domains = [\"other.mesh\", \"Bad Domain\"]\n",
+    );
+    let errs = sidecar_errors(dir.path(), &text).join("\n");
+    assert_eq!(
+        errs,
+        format!(
+            "{}:5: [workload] trust_domains[1]: bad trust domain \"Bad Domain\": expected a name in lower case, such as \"mesh.local\"",
+            dir.path().join("sc.toml").display()
+        )
+    );
+    let text = text.replace(", \"Bad Domain\"", "");
+    write(dir.path(), "sc.toml", &text);
+    let loaded = load(&dir.path().join("sc.toml"), Role::Sidecar).unwrap();
+    let workload = loaded.config.workload.as_ref().unwrap();
+    assert_eq!(workload.trust_domains, ["mesh.local", "other.mesh"]);
+}
+
 #[test]
 fn sidecar_mistakes_are_named_with_their_place() {
     let dir = tempfile::tempdir().unwrap();

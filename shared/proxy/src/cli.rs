@@ -376,11 +376,24 @@ fn explain(
                 let policies = &sidecar.inbound.policies;
                 let who = peer.unwrap_or("a caller without a certificate");
                 let verdict = weir_routing::authz::authorize(policies, peer, method, path);
+                // A caller of another trust domain (or with no SPIFFE id) is refused in the
+                // handshake, as one without a certificate is under strict mTLS.
+                let foreign = peer.zip(config.workload.as_ref()).and_then(|(id, w)| {
+                    let identity = weir_tls::PeerIdentity {
+                        uris: vec![id.to_string()],
+                        ..Default::default()
+                    };
+                    weir_tls::mesh::peer_id(&identity, &w.trust_domains).err()
+                });
                 match verdict {
                     // The handshake refuses it before any policy is looked at.
                     _ if peer.is_none() && strict(sidecar) => say!(
                         "authz:    a caller without a certificate is refused in the TLS \
                          handshake (mtls = \"strict\"); name one with --peer SPIFFE_ID"
+                    ),
+                    _ if foreign.is_some() => say!(
+                        "authz:    refused in the TLS handshake: {}",
+                        foreign.unwrap_or_default()
                     ),
                     Ok(()) if policies.is_empty() => say!("authz:    allowed (no policy)"),
                     Ok(()) => say!("authz:    allowed for {who}"),

@@ -114,9 +114,12 @@ impl ServiceState {
         let made = self.stream_tls.get_or_init(|| {
             let roots = weir_tls::trusted(&tls.roots)?;
             match (tls.mode, &tls.client) {
-                (TlsMode::Mesh, Some(workload)) => {
-                    weir_tls::mesh::client_config(workload, roots, &tls.identities)
-                }
+                (TlsMode::Mesh, Some(workload)) => weir_tls::mesh::client_config(
+                    workload,
+                    roots,
+                    &tls.identities,
+                    &tls.trust_domains,
+                ),
                 (_, client) => Ok(Arc::new(weir_tls::client_config(roots, client.as_ref())?)),
             }
         });

@@ -359,8 +359,13 @@ impl MeshIdentity {
             .client
             .as_ref()
             .expect("mode mesh always has the workload");
-        let config = weir_tls::mesh::client_config(workload, Arc::new(roots), &tls.identities)
-            .expect("the trust bundle was checked at load");
+        let config = weir_tls::mesh::client_config(
+            workload,
+            Arc::new(roots),
+            &tls.identities,
+            &tls.trust_domains,
+        )
+        .expect("the trust bundle was checked at load");
         MeshIdentity {
             connector: tokio_rustls::TlsConnector::from(config),
             // Validation checked it is a host name.

@@ -166,6 +166,31 @@ pub fn client_verifier(roots: Arc<RootCertStore>) -> Result<Arc<dyn ClientCertVe
         .map_err(|e| format!("cannot verify client certificates with this CA: {e}"))
 }
 
+/// Whether `chain` (DER, leaf first) chains to `roots`, its dates aside: a certificate that
+/// has expired or is not valid yet is another matter, which a clock may settle.
+pub fn chains_to(chain: &[Vec<u8>], roots: Arc<RootCertStore>) -> Result<(), String> {
+    use rustls::{CertificateError as Cert, Error};
+    let Some((leaf, rest)) = chain.split_first() else {
+        return Err("no certificate".into());
+    };
+    let intermediates: Vec<_> = rest
+        .iter()
+        .map(|c| CertificateDer::from(c.as_slice()))
+        .collect();
+    let leaf = CertificateDer::from(leaf.as_slice());
+    let now = rustls::pki_types::UnixTime::now();
+    match client_verifier(roots)?.verify_client_cert(&leaf, &intermediates, now) {
+        Ok(_) => Ok(()),
+        Err(Error::InvalidCertificate(
+            Cert::Expired
+            | Cert::ExpiredContext { .. }
+            | Cert::NotValidYet
+            | Cert::NotValidYetContext { .. },
+        )) => Ok(()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 fn parse<'a>(der: &'a CertificateDer<'_>) -> Result<X509Certificate<'a>, String> {
     X509Certificate::from_der(der)
         .map(|(_, cert)| cert)

@@ -7,19 +7,53 @@ use std::sync::Arc;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{
-    CertificateError, ClientConfig, DigitallySignedStruct, Error, RootCertStore, SignatureScheme,
+    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, Error, OtherError,
+    RootCertStore, SignatureScheme,
 };
 
 use crate::{provider, KeyPair, PeerIdentity, Presents};
 
+/// The trust domain of a SPIFFE id: `mesh.local` of `spiffe://mesh.local/ns/a/sa/b`.
+pub fn trust_domain(id: &str) -> Option<&str> {
+    let domain = id.strip_prefix("spiffe://")?.split('/').next()?;
+    (!domain.is_empty()).then_some(domain)
+}
+
+/// A mesh peer's SPIFFE id: its certificate must name exactly one (X509-SVID §2), in one of
+/// `trust_domains`, as Istio's sidecars require by default (a CA shared with another mesh or
+/// cluster vouches for its workloads too). Else why not.
+pub fn peer_id<'a>(
+    identity: &'a PeerIdentity,
+    trust_domains: &[String],
+) -> Result<&'a str, String> {
+    let ids: Vec<&str> = (identity.uris.iter())
+        .filter(|uri| uri.starts_with("spiffe://"))
+        .map(String::as_str)
+        .collect();
+    match ids[..] {
+        [id] if trust_domain(id).is_some_and(|td| trust_domains.iter().any(|t| t == td)) => Ok(id),
+        [id] => Err(format!(
+            "peer identity {id} is not in the trust domains {trust_domains:?}"
+        )),
+        [] => Err("the peer's certificate names no SPIFFE id (no spiffe:// URI SAN)".into()),
+        _ => Err(format!(
+            "the peer's certificate names {} SPIFFE ids ({}); an X.509-SVID names one",
+            ids.len(),
+            ids.join(", ")
+        )),
+    }
+}
+
 /// A client config that presents `workload` and accepts a server whose certificate chains to
 /// `roots` (the trust bundle) and carries one of `identities` as a URI SAN; with no
-/// `identities`, any `spiffe://` id the bundle vouches for.
+/// `identities`, any SPIFFE id of `trust_domains` ([`peer_id`]).
 pub fn client_config(
     workload: &KeyPair,
     roots: Arc<RootCertStore>,
     identities: &[String],
+    trust_domains: &[String],
 ) -> Result<Arc<ClientConfig>, String> {
     let chain = WebPkiServerVerifier::builder_with_provider(roots, provider())
         .build()
@@ -27,6 +61,7 @@ pub fn client_config(
     let verifier = Arc::new(MeshServerVerifier {
         chain,
         identities: identities.to_vec(),
+        trust_domains: trust_domains.to_vec(),
     });
     let config = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
@@ -37,12 +72,39 @@ pub fn client_config(
     Ok(Arc::new(config))
 }
 
-/// Whether `identity` is one the caller accepts: listed, or any SPIFFE id when none is.
-pub fn accepts(identities: &[String], identity: &PeerIdentity) -> bool {
-    identity.uris.iter().any(|uri| match identities.is_empty() {
-        true => uri.starts_with("spiffe://"),
-        false => identities.contains(uri),
-    })
+/// Whether the server's `identity` is one the caller accepts: one of `identities`, or with
+/// none, any SPIFFE id of `trust_domains`; else why not.
+pub fn accepts(
+    identities: &[String],
+    trust_domains: &[String],
+    identity: &PeerIdentity,
+) -> Result<(), String> {
+    if identities.is_empty() {
+        return peer_id(identity, trust_domains).map(|_| ());
+    }
+    if identity.uris.iter().any(|uri| identities.contains(uri)) {
+        return Ok(());
+    }
+    let shown = match identity.uris.is_empty() {
+        true => "no URI SAN".to_string(),
+        false => identity.uris.join(", "),
+    };
+    Err(format!(
+        "peer identity {shown} is not one of the service's identities {identities:?}"
+    ))
+}
+
+/// Inbound mesh mTLS: requires a client certificate that chains to `roots` (the trust bundle)
+/// and names one SPIFFE id of `trust_domains` ([`peer_id`]).
+pub fn client_verifier(
+    roots: Arc<RootCertStore>,
+    trust_domains: Vec<String>,
+) -> Result<Arc<dyn ClientCertVerifier>, String> {
+    let chain = crate::client_verifier(roots)?;
+    Ok(Arc::new(MeshClientVerifier {
+        chain,
+        trust_domains,
+    }))
 }
 
 #[derive(Debug)]
@@ -50,6 +112,78 @@ struct MeshServerVerifier {
     /// Checks the chain up to the trust bundle, the validity dates and the signatures.
     chain: Arc<WebPkiServerVerifier>,
     identities: Vec<String>,
+    trust_domains: Vec<String>,
+}
+
+#[derive(Debug)]
+struct MeshClientVerifier {
+    /// Checks the chain up to the trust bundle, the validity dates and the signatures.
+    chain: Arc<dyn ClientCertVerifier>,
+    trust_domains: Vec<String>,
+}
+
+/// Why a peer's certificate was refused, for the log; the peer gets `certificate_unknown`.
+#[derive(Debug)]
+struct Refused(String);
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Refused {}
+
+impl ClientCertVerifier for MeshClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.chain.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.chain.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.chain.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, Error> {
+        self.chain
+            .verify_client_cert(end_entity, intermediates, now)?;
+        match peer_id(&PeerIdentity::of(end_entity), &self.trust_domains) {
+            Ok(_) => Ok(ClientCertVerified::assertion()),
+            Err(why) => Err(Error::InvalidCertificate(CertificateError::Other(
+                OtherError(Arc::new(Refused(why))),
+            ))),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        self.chain.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        self.chain.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.chain.supported_verify_schemes()
+    }
 }
 
 impl ServerCertVerifier for MeshServerVerifier {
@@ -73,17 +207,9 @@ impl ServerCertVerifier for MeshServerVerifier {
             Err(e) => return Err(e),
         }
         let identity = PeerIdentity::of(end_entity);
-        if accepts(&self.identities, &identity) {
-            return Ok(ServerCertVerified::assertion());
-        }
-        let shown = match identity.uris.is_empty() {
-            true => "no URI SAN".to_string(),
-            false => identity.uris.join(", "),
-        };
-        Err(Error::General(format!(
-            "peer identity {shown} is not one of the service's identities {:?}",
-            self.identities
-        )))
+        accepts(&self.identities, &self.trust_domains, &identity)
+            .map(|()| ServerCertVerified::assertion())
+            .map_err(Error::General)
     }
 
     fn verify_tls12_signature(
@@ -160,12 +286,33 @@ mod tests {
                 .build()
                 .expect("verifier"),
             identities: identities.iter().map(|s| s.to_string()).collect(),
+            trust_domains: vec!["mesh.local".into()],
         };
         let name = ServerName::try_from("reviews").expect("name");
         verifier
             .verify_server_cert(&workload(ca, spiffe), &[], &name, &[], UnixTime::now())
             .map(|_| ())
             .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_client_names_one_spiffe_id_of_the_trust_domains() {
+        let mesh = ca("mesh");
+        let verifier =
+            client_verifier(mesh.roots.clone(), vec!["mesh.local".into()]).expect("verifier");
+        let check = |spiffe| {
+            (verifier.verify_client_cert(&workload(&mesh, spiffe), &[], UnixTime::now()))
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(
+            check(Some("spiffe://mesh.local/ns/default/sa/productpage")),
+            Ok(())
+        );
+        let err = check(Some("spiffe://other.mesh/ns/default/sa/productpage")).unwrap_err();
+        assert!(err.contains("not in the trust domains"), "{err}");
+        let err = check(None).unwrap_err();
+        assert!(err.contains("names no SPIFFE id"), "{err}");
     }
 
     #[test]
@@ -183,7 +330,16 @@ mod tests {
         .unwrap_err();
         assert!(err.contains("sa/evil is not one of"), "{err}");
         let err = verify(&mesh, &mesh, &[], None).unwrap_err();
-        assert!(err.contains("no URI SAN"), "{err}");
+        assert!(err.contains("names no SPIFFE id"), "{err}");
+        // Without identities, only the trust domain's: the CA may serve other meshes too.
+        let foreign = "spiffe://other.mesh/ns/default/sa/reviews";
+        let err = verify(&mesh, &mesh, &[], Some(foreign)).unwrap_err();
+        assert!(
+            err.contains("not in the trust domains [\"mesh.local\"]"),
+            "{err}"
+        );
+        // Named, it is accepted.
+        assert_eq!(verify(&mesh, &mesh, &[foreign], Some(foreign)), Ok(()));
         let err = verify(&other, &mesh, &[reviews], Some(reviews)).unwrap_err();
         assert!(err.contains("UnknownIssuer"), "{err}");
     }
