@@ -140,6 +140,52 @@ fn a_rotated_certificate_is_served_without_a_restart() {
     assert!(served().unwrap().contains(&"rotated.example".to_string()));
 }
 
+/// Two https listeners declared the other way round: the same listeners, so the reload
+/// applies, and each serves its own certificate on (they are served by their place in the
+/// list, which the reload keeps).
+#[test]
+fn listeners_declared_in_another_order_reload_and_keep_their_certificates() {
+    let ca = TestCa::new("weir test CA");
+    let dir = tempfile::tempdir().unwrap();
+    write_pair(dir.path(), "a", &ca.server(&["a.example"]));
+    write_pair(dir.path(), "b", &ca.server(&["b.example"]));
+    let (port_a, port_b, admin) = (free_port(), free_port(), free_port());
+    let listener = |name: &str, port: u16| {
+        format!(
+            "[[listener]]\nname = \"{name}\"\nlisten = \"127.0.0.1:{port}\"\nprotocol = \"https\"\n\
+             \x20 [[listener.certificate]]\n  cert = \"{name}.pem\"\n  key = \"{name}-key.pem\"\n"
+        )
+    };
+    let config = |first: &str, second: &str, body: &str| {
+        format!(
+            "[runtime]\nthreads = 2\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n{first}{second}\
+             [[route]]\nname = \"hello\"\ndirect_response = {{ status = 200, body = \"{body}\" }}\n"
+        )
+    };
+    let (a, b) = (listener("a", port_a), listener("b", port_b));
+    let path = dir.path().join("gateway.toml");
+    fs::write(&path, config(&a, &b, "one")).unwrap();
+    let gw = Gateway::start_on(dir, path, port_a, admin);
+    let ca_pem = ca.pem();
+    let get = |port, name| https_get(port, name, &ca_pem, None, "/", &[]).unwrap();
+    assert_eq!(get(port_b, "b.example").served, ["b.example"]);
+
+    let tmp = gw.config.with_extension("tmp");
+    fs::write(&tmp, config(&b, &a, "two")).unwrap();
+    fs::rename(&tmp, &gw.config).unwrap();
+    wait_until("the reload", Duration::from_secs(10), || {
+        gw.generation() == 2
+    });
+    assert!(gw.status()["last_error"].is_null(), "{}", gw.status());
+    for (port, name) in [(port_a, "a.example"), (port_b, "b.example")] {
+        let reply = get(port, name);
+        assert_eq!(
+            (reply.served, reply.body.as_str()),
+            (vec![name.to_string()], "two")
+        );
+    }
+}
+
 /// A resumed TLS session skips the client certificate's check, so a session from before a
 /// reload that turned `client_auth` on must not resume after it.
 #[test]

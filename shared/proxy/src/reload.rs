@@ -142,6 +142,10 @@ impl Reloader {
             self.fail(old.generation, message);
             return Outcome::Failed;
         }
+        // The same listeners, maybe declared in another order: each is served by its place
+        // in the list (its certificates, its limits), so they keep the places they started in.
+        let place = |name: &str| (old.config.listeners.iter()).position(|l| l.name == name);
+        loaded.config.listeners.sort_by_key(|l| place(&l.name));
         let generation = old.generation + 1;
         let snapshot = Snapshot::compile(loaded, self.role, generation, Some(&old));
         info!(generation, revision = %snapshot.revision, "config reloaded");
@@ -226,18 +230,19 @@ fn start_only_change(old: &Config, new: &Config) -> Option<&'static str> {
     // A listener's certificates and client CA are read at each handshake, so they reload;
     // its socket, protocol (plaintext too, for the sidecar's permissive mTLS) and idle timeout
     // (Pingora's HTTP/2 server takes it at start) do not.
-    let sockets = |c: &Config| -> Vec<_> {
+    // By name: the order listeners are declared in (or files merged in) changes nothing.
+    let sockets = |c: &Config| -> std::collections::BTreeMap<_, _> {
         (c.listeners.iter())
             .map(|l| {
                 let also_plaintext = l.tls.as_ref().is_some_and(|t| t.also_plaintext);
-                (
-                    l.name.clone(),
+                let socket = (
                     l.listen,
                     l.protocol,
                     also_plaintext,
                     l.idle_timeout,
                     l.proxy_protocol,
-                )
+                );
+                (l.name.clone(), socket)
             })
             .collect()
     };
