@@ -157,6 +157,11 @@ impl Checker<'_> {
         self.workload_declared = workload.is_some();
         let workload = workload.and_then(|(at, w)| self.workload(&at, w, role));
         self.workload.clone_from(&workload);
+        // Every listener declared, valid or not: a route naming one with errors of its own is
+        // not also told of an "unknown listener".
+        let declared_listeners: HashSet<String> = (listeners.iter())
+            .filter_map(|(_, l)| l.name.clone())
+            .collect();
         let (listeners, sidecar) = match role {
             Role::Gateway => {
                 let places = [
@@ -197,7 +202,9 @@ impl Checker<'_> {
             .filter_map(|(_, s)| s.name.clone())
             .collect();
         let services = self.named("service", services, |v, at, s| v.service(at, s));
-        let listener_names: HashSet<&str> = listeners.iter().map(|l| l.name.as_str()).collect();
+        let listener_names: HashSet<&str> = (listeners.iter().map(|l| l.name.as_str()))
+            .chain(declared_listeners.iter().map(String::as_str))
+            .collect();
         let service_names: HashSet<&str> = declared.iter().map(String::as_str).collect();
         let streams = Streams {
             listeners: (listeners.iter())

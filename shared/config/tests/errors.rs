@@ -1238,3 +1238,20 @@ fn a_sidecar_app_on_its_own_listener_and_a_device_as_a_file_are_refused() {
     );
     assert!(errs.contains(": not a regular file"), "{errs}");
 }
+
+/// A listener with errors of its own still counts as declared: the routes naming it are not
+/// also told of an unknown listener (a certificate missing mid-rotation would say so of each).
+#[test]
+fn a_broken_listener_is_no_unknown_listener() {
+    let text = "[[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:99999\"\n\
+                [[route]]\nname = \"r\"\nlisteners = [\"web\", \"nowhere\"]\n\
+                direct_response = { status = 200 }\n";
+    let errs = errors(text);
+    assert_eq!(
+        errs,
+        [
+            "gw.toml:3: listener \"web\": bad address \"127.0.0.1:99999\": expected ip:port, such as \"127.0.0.1:8080\"",
+            "gw.toml:6: route \"r\" listeners[1]: unknown listener \"nowhere\"",
+        ]
+    );
+}
