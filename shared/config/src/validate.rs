@@ -1183,15 +1183,25 @@ impl Checker<'_> {
         let timeout = r
             .timeout
             .map(|t| self.positive(at, "timeout", Some(t), Duration::ZERO));
+        let retry_given = r.retry.is_some();
         let retry = r
             .retry
             .map(|rt| self.retry(&at.key("retry"), rt))
             .unwrap_or_default();
-        if mirror.is_some() && !matches!(action, Some(Action::Backends(_))) {
-            self.fail(
-                &at.key("mirror"),
-                "mirror applies only to routes with [[route.backend]]",
-            );
+        // What concerns the request sent upstream; Weir itself answers the others.
+        let upstream_only = [
+            ("mirror", mirror.is_some()),
+            ("timeout", timeout.is_some()),
+            ("retry", retry_given),
+            ("request_headers", r.request_headers.is_some()),
+        ];
+        for (key, given) in upstream_only {
+            if given && action.is_some() && !matches!(action, Some(Action::Backends(_))) {
+                self.fail(
+                    &at.key(key),
+                    format!("{key} applies only to routes with [[route.backend]]"),
+                );
+            }
         }
         let request_headers = self.header_ops(&at.key("request_headers"), r.request_headers, true);
         let response_headers =

@@ -1255,3 +1255,22 @@ fn a_broken_listener_is_no_unknown_listener() {
         ]
     );
 }
+
+/// Weir answers a direct response or a redirect itself: what concerns the request sent
+/// upstream would silently do nothing there.
+#[test]
+fn upstream_keys_on_a_route_weir_answers_are_errors() {
+    let text = "[[route]]\nname = \"r\"\ntimeout = \"100ms\"\n\
+                direct_response = { status = 200 }\n\
+                  [route.retry]\n  attempts = 5\n\
+                  [route.request_headers]\n  set = { x-a = \"b\" }\n\
+                  [route.response_headers]\n  set = { x-c = \"d\" }\n";
+    assert_eq!(
+        errors(text),
+        [
+            "gw.toml:3: route \"r\": timeout applies only to routes with [[route.backend]]",
+            "gw.toml:5: route \"r\": retry applies only to routes with [[route.backend]]",
+            "gw.toml:7: route \"r\": request_headers applies only to routes with [[route.backend]]",
+        ]
+    );
+}
