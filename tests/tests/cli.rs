@@ -190,6 +190,19 @@ fn explain_says_when_nothing_matches() {
         ),
         "{stdout}"
     );
+    // The URL's host is the Host header a match sees, as the proxy sees an HTTP/2 request's
+    // `:authority` (and an HTTP/1.1 client sends it).
+    fs::write(
+        &path,
+        "[[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:8080\"\n\
+         [[route]]\nname = \"h1\"\ndirect_response = { status = 200 }\n\
+         \x20 [[route.match]]\n  headers = { host = { regex = \"h[0-9]+\\\\.example\" } }\n",
+    )
+    .unwrap();
+    let h1 = [&args[..4], &["http://h1.example/"]].concat();
+    let (code, stdout, stderr) = run("weir-gateway", &h1);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("route:    \"h1\""), "{stdout}");
     // Neither a URL nor a path (a forgotten scheme): said, not routed as host "www.example.com".
     let args = [&args[..4], &["www.example.com"]].concat();
     let (code, _, stderr) = run("weir-gateway", &args);

@@ -99,6 +99,27 @@ fn http2_cookie_fields_reach_an_http1_upstream_as_one() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(app.header_fields("cookie"), ["a=1; b=2"]);
+
+    // A match sees them joined too, and the `:authority` as the Host, as over HTTP/1.1.
+    let gw = Gateway::start(&format!(
+        "{}{}[[route]]\nname = \"by-cookie\"\ndirect_response = {{ status = 201 }}\n\
+         \x20 [[route.match]]\n  path = {{ prefix = \"/c\" }}\n  headers = {{ cookie = {{ regex = \".*b=2.*\" }} }}\n\
+         [[route]]\nname = \"by-host\"\ndirect_response = {{ status = 202 }}\n\
+         \x20 [[route.match]]\n  path = {{ prefix = \"/h\" }}\n  headers = {{ host = {{ exact = \"cookies.test\" }} }}\n",
+        app.service(),
+        route_to("app")
+    ));
+    for (path, status) in [("/c", "201"), ("/h", "202")] {
+        let out = Command::new("/usr/bin/python3")
+            .args([&script("tests/h2/cookies.py"), &gw.port.to_string(), path])
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            status,
+            "{path}"
+        );
+    }
 }
 
 #[test]

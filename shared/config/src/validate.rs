@@ -1719,7 +1719,15 @@ impl Checker<'_> {
             let here = at.key("headers").key(name.as_str());
             let lower = name.to_ascii_lowercase();
             if http_header_name_ok(&lower) {
-                if let Some(v) = self.value_match(&here, cond, true) {
+                // A request's value that is not visible ASCII (with spaces) counts as absent,
+                // so such a pattern could never match.
+                let text = [&cond.exact, &cond.prefix].into_iter().flatten().next();
+                if let Some(text) = text.filter(|t| {
+                    !t.bytes()
+                        .all(|b| b == b' ' || b == b'\t' || b.is_ascii_graphic())
+                }) {
+                    self.fail(&here, format!("header {name:?} value {text:?}: a header value matched must be visible ASCII (a request's other values count as absent)"));
+                } else if let Some(v) = self.value_match(&here, cond, true) {
                     headers.push((lower, v));
                 }
             } else {

@@ -1274,3 +1274,15 @@ fn upstream_keys_on_a_route_weir_answers_are_errors() {
         ]
     );
 }
+
+/// A request's header value that is not visible ASCII counts as absent to a match, so a
+/// pattern that is not could never match.
+#[test]
+fn a_header_match_on_a_value_no_request_can_have_is_an_error() {
+    let text = "[[route]]\nname = \"r\"\ndirect_response = { status = 200 }\n\
+                  [[route.match]]\n  headers = { x-v = { exact = \"café\" }, x-w = { prefix = \"a b\" } }\n";
+    assert_eq!(
+        errors(text),
+        ["gw.toml:5: route \"r\" match[0]: header \"x-v\" value \"café\": a header value matched must be visible ASCII (a request's other values count as absent)"]
+    );
+}

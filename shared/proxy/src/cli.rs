@@ -319,6 +319,11 @@ fn explain(
         return ExitCode::FAILURE;
     }
     let table = RouteTable::new(config, &listener);
+    // As the proxy sees it: the URL's authority is the Host (an HTTP/2 request's
+    // `:authority` is too), unless a Host header is given.
+    if let (Some(authority), false) = (uri.authority(), pairs.iter().any(|(k, _)| k == "host")) {
+        pairs.push(("host".into(), authority.to_string()));
+    }
     let host_header = pairs
         .iter()
         .find(|(k, _)| k == "host")

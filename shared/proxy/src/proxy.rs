@@ -364,13 +364,21 @@ impl ProxyHttp for WeirProxy {
             respond(session, ctx, 501, body, None).await?;
             return Ok(true);
         }
+        let cookies = session.req_header().headers.get_all(http::header::COOKIE);
+        if session.is_http2() && cookies.iter().nth(1).is_some() {
+            // Cookie fields an HTTP/2 client split (RFC 9113 §8.2.3) are one header to a
+            // match, as Envoy joins them before routing, and to the upstream.
+            edit_request(session.req_header_mut(), |parts| {
+                join_cookies(&mut parts.headers)
+            })?;
+        }
         let req = session.req_header();
         let found = snapshot.table(listener).and_then(|table| {
             let host = match table.has_hosts() {
                 true => host_of(req),
                 false => Cow::Borrowed(""),
             };
-            let view = HeaderView(&req.headers);
+            let view = HeaderView(req);
             let request = Request {
                 method: req.method.as_str(),
                 host: &host,
@@ -947,7 +955,6 @@ fn keep_timer_wheel_warm() {
 /// `Ctx`, which Pingora's futures move by value at every step.
 struct Downstream<'a> {
     client: Option<IpAddr>,
-    http2: bool,
     /// The connection's TLS: version, cipher and the client certificate's identity.
     tls: Option<&'a SslDigest>,
 }
@@ -956,7 +963,6 @@ impl Downstream<'_> {
     fn of(session: &Session) -> Downstream<'_> {
         Downstream {
             client: client_ip(session),
-            http2: session.is_http2(),
             tls: session.digest().and_then(|d| d.ssl_digest.as_deref()),
         }
     }
@@ -1020,9 +1026,6 @@ fn prepare_upstream(
                     place.insert(xff);
                 }
             }
-        }
-        if downstream.http2 {
-            join_cookies(headers)?;
         }
         let proto = HeaderValue::from_static(downstream.scheme());
         headers.insert(X_FORWARDED_PROTO, proto);
@@ -1537,21 +1540,27 @@ fn ip_text(ip: IpAddr, buf: &mut [u8; IP_TEXT_MAX]) -> &[u8] {
     &buf[..len]
 }
 
-struct HeaderView<'a>(&'a http::HeaderMap);
+struct HeaderView<'a>(&'a RequestHeader);
 
 impl weir_routing::Headers for HeaderView<'_> {
     fn get(&self, name: &str) -> Option<&str> {
+        let headers = &self.0.headers;
         // A lookup by `&str` parses and hashes the name; a request's few headers are
         // cheaper to scan (in order, so the first value wins as with `get`).
-        let value = if self.0.len() <= 8 {
-            self.0
+        let value = if headers.len() <= 8 {
+            headers
                 .iter()
                 .find(|(k, _)| k.as_str() == name)
                 .map(|(_, v)| v)
         } else {
-            self.0.get(name)
+            headers.get(name)
         };
-        value.and_then(|v| v.to_str().ok())
+        match value {
+            Some(v) => v.to_str().ok(),
+            // An HTTP/2 request's Host is its `:authority`, which Pingora keeps in the URI.
+            None if name == "host" => self.0.uri.authority().map(|a| a.as_str()),
+            None => None,
+        }
     }
 }
 
