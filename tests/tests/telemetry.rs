@@ -156,4 +156,19 @@ fn prometheus_scrapes_the_request_metrics() {
         .unwrap();
     let p99: f64 = p99.parse().unwrap();
     assert!(p99 > 0.0 && p99 <= 60.0, "p99 {p99} s");
+
+    // Failed reloads are counted from 0, so the first one is an increase an alert sees.
+    let failures = r#"weir_config_reloads_total{result="failure"}"#;
+    wait_until("failed reloads at 0", Duration::from_secs(30), || {
+        prometheus.query(failures).as_deref() == Some("0")
+    });
+    gw.write_config(&format!("{}colour = \"blue\"\n", routes(&up)));
+    wait_until(
+        "an increase of failed reloads",
+        Duration::from_secs(30),
+        || {
+            let increase = prometheus.query(&format!("increase({failures}[5m])"));
+            increase.is_some_and(|v| v.parse::<f64>().is_ok_and(|v| v > 0.0))
+        },
+    );
 }

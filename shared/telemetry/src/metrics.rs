@@ -163,6 +163,11 @@ impl Metrics {
             "Config reloads by result.",
             &["result"],
         );
+        // At 0 from the start: the first failed reload then counts as an increase, which
+        // `increase()` and `rate()` alerts see (a series born at 1 they do not).
+        for result in ["success", "failure"] {
+            config_reloads.with_label_values(&[result]);
+        }
         let config_generation = IntGauge::new(
             "weir_config_generation",
             "Generation of the serving config.",
