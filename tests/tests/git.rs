@@ -172,6 +172,12 @@ fn an_unreachable_repository_is_a_clear_error_at_start() {
     let (code, _, stderr) = run("weir-gateway", &["--config-git", &url]);
     assert_eq!(code, 1, "{stderr}");
     assert!(stderr.contains(&format!("fetching {url} main")), "{stderr}");
+    // A URL's credentials are never shown.
+    let url = url.replace("git://", "git://deploy:s3cr3t@");
+    let (code, _, stderr) = run("weir-gateway", &["--config-git", &url]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("fetching git://***@127.0.0.1:"), "{stderr}");
+    assert!(!stderr.contains("s3cr3t"), "{stderr}");
 }
 
 /// A certificate the config names by an absolute path, outside the repository, is rotated

@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::{anyhow, bail, Context};
 
 /// How long one git command may take: the poll period, within these bounds. A config
 /// repository is small: a fetch that takes longer has a server that stopped answering, and it
@@ -19,6 +19,10 @@ const GIT_TIMEOUT: (Duration, Duration) = (Duration::from_secs(5), Duration::fro
 
 pub struct GitSource {
     url: String,
+    /// `url` as logs, `/config` and `weir_config_info` show it: without credentials.
+    shown_url: String,
+    /// The user and password (or token) `url` carries, never shown.
+    credentials: Option<String>,
     git_ref: String,
     path: PathBuf,
     /// How often the control task calls [`GitSource::sync`].
@@ -60,6 +64,8 @@ impl GitSource {
         std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
         let source = GitSource {
             url: url.to_string(),
+            shown_url: without_credentials(url),
+            credentials: credentials(url).map(str::to_string),
             git_ref: git_ref.to_string(),
             path: path.to_path_buf(),
             poll,
@@ -91,7 +97,12 @@ impl GitSource {
 
     /// What admin `/config` names as the source.
     pub fn describe(&self) -> String {
-        format!("{} {} {}", self.url, self.git_ref, self.path.display())
+        format!(
+            "{} {} {}",
+            self.shown_url,
+            self.git_ref,
+            self.path.display()
+        )
     }
 
     /// The commit the serving config was loaded from.
@@ -122,7 +133,7 @@ impl GitSource {
             &self.git_ref,
         ];
         self.git(&repo, &fetch)
-            .with_context(|| format!("fetching {} {}", self.url, self.git_ref))?;
+            .with_context(|| format!("fetching {} {}", self.shown_url, self.git_ref))?;
         let commit = self.git(&repo, &["rev-parse", "FETCH_HEAD^{commit}"])?;
         let mut commits = self.commits();
         if commit == commits.current || commit == commits.refused {
@@ -169,7 +180,12 @@ impl GitSource {
     }
 
     fn git(&self, dir: &Path, args: &[&str]) -> anyhow::Result<String> {
-        git(dir, args, self.poll.clamp(GIT_TIMEOUT.0, GIT_TIMEOUT.1))
+        let timeout = self.poll.clamp(GIT_TIMEOUT.0, GIT_TIMEOUT.1);
+        // The command line and git's own words repeat them.
+        git(dir, args, timeout).map_err(|e| match &self.credentials {
+            Some(secret) => anyhow!(e.to_string().replace(secret.as_str(), "***")),
+            None => e,
+        })
     }
 
     /// Renames a new `current` link onto the old one: a reload reads one checkout or the other.
@@ -179,6 +195,23 @@ impl GitSource {
         std::os::unix::fs::symlink(commit, &link)?;
         std::fs::rename(&link, self.root.join("current"))
     }
+}
+
+/// A repository URL without the user and password (or token) it may carry,
+/// `https://deploy:TOKEN@git.example.com/config.git`: `https://***@git.example.com/config.git`.
+fn without_credentials(url: &str) -> String {
+    match credentials(url) {
+        Some(secret) => url.replacen(secret, "***", 1),
+        None => url.to_string(),
+    }
+}
+
+/// The `user:password` of `scheme://user:password@host/...`; none in an scp-like
+/// `git@host:path`, whose user is no secret.
+fn credentials(url: &str) -> Option<&str> {
+    let (_, rest) = url.split_once("://")?;
+    let authority = &rest[..rest.find('/').unwrap_or(rest.len())];
+    authority.rfind('@').map(|at| &authority[..at])
 }
 
 /// Runs `git ARGS` in `dir` for at most `timeout`; its trimmed stdout, or an error with its
@@ -223,4 +256,30 @@ fn git(dir: &Path, args: &[&str], timeout: Duration) -> anyhow::Result<String> {
         bail!("git {}: {}", args.join(" "), stderr.unwrap_or_default());
     }
     Ok(stdout.unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::without_credentials;
+
+    #[test]
+    fn credentials_are_left_out_of_a_url_shown() {
+        for (url, shown) in [
+            (
+                "https://deploy:s3cr3t@git.example.com/config.git",
+                "https://***@git.example.com/config.git",
+            ),
+            ("https://oauth2:t@ok@host/a@b", "https://***@host/a@b"),
+            (
+                "https://git.example.com/a@b.git",
+                "https://git.example.com/a@b.git",
+            ),
+            (
+                "git@github.com:org/config.git",
+                "git@github.com:org/config.git",
+            ),
+        ] {
+            assert_eq!(without_credentials(url), shown);
+        }
+    }
 }
