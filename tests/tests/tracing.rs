@@ -113,6 +113,14 @@ fn spans_go_to_an_otlp_http_collector_and_the_trace_goes_upstream() {
     let span = collector.wait_for_span("the span of /reviews/3", |s| s.trace_id == deferred);
     assert_eq!(span.parent_span_id, CALLER_SPAN);
 
+    // B3's "do not sample" sent alone, without ids: kept for the new trace, whatever the
+    // ratio, and passed on.
+    for deny in [("b3", "0"), ("x-b3-sampled", "0")] {
+        assert_eq!(gw.get("/reviews/declined", &[deny]).status, 200);
+        assert_eq!(traceparent(&upstream).2, "00", "{deny:?}");
+        assert_eq!(upstream.last_header("x-b3-sampled").as_deref(), Some("0"));
+    }
+
     // A failure is an error span, its flags in the description; the access log names the trace.
     assert_eq!(gw.get("/down", &[]).status, 503);
     let span = collector.wait_for_span("the span of /down", |s| {
@@ -121,14 +129,18 @@ fn spans_go_to_an_otlp_http_collector_and_the_trace_goes_upstream() {
     assert_eq!(span.status_code, 2, "error");
     assert_eq!(span.status_message, "status 503 (UF,URX)");
     assert_eq!(span.attribute("weir.flags"), Some("UF,URX"));
+    // Spans are exported in the order they end: the declined ones would have come first.
+    let declined =
+        |s: &weir_tests::otlp::SpanSeen| s.attribute("url.path") == Some("/reviews/declined");
+    assert!(!collector.spans().iter().any(declined));
     wait_until(
-        "three access log lines",
+        "seven access log lines",
         std::time::Duration::from_secs(10),
-        || gw.access_log().len() == 5,
+        || gw.access_log().len() == 7,
     );
     let log = gw.access_log();
     assert_eq!(log[0]["trace_id"], TRACE);
-    assert_eq!(log[4]["trace_id"], span.trace_id.as_str());
+    assert_eq!(log[6]["trace_id"], span.trace_id.as_str());
 }
 
 #[test]
@@ -443,8 +455,25 @@ fn b3_headers_name_the_parent_and_go_upstream() {
     assert_eq!(b3("x-b3-flags").as_deref(), Some("1"));
     assert_eq!(traceparent(&upstream).2, "01");
     collector.wait_for_span("the span of /reviews/debug", |s| s.trace_id == debug);
+    // The single header's debug flag `d` too.
+    let single_debug = "4bf92f3577b34da6a3ce929d0e0e4739";
+    let header = format!("{single_debug}-{CALLER_SPAN}-d");
+    assert_eq!(gw.get("/reviews/d", &[("b3", &header)]).status, 200);
+    assert_eq!(
+        traceparent(&upstream),
+        (
+            single_debug.to_string(),
+            traceparent(&upstream).1,
+            "01".to_string()
+        )
+    );
+    collector.wait_for_span("the span of /reviews/d", |s| s.trace_id == single_debug);
 
     // Spans are exported in the order they end: the deferred one would have come first.
     let traces: Vec<String> = collector.spans().into_iter().map(|s| s.trace_id).collect();
-    assert_eq!(traces, [TRACE, padded, w3c, debug], "not {deferred}");
+    assert_eq!(
+        traces,
+        [TRACE, padded, w3c, debug, single_debug],
+        "not {deferred}"
+    );
 }

@@ -27,8 +27,8 @@ use opentelemetry_otlp::SpanExporter as OtlpExporter;
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{
-    Sampler, SamplingDecision, SdkTracer, SdkTracerProvider, ShouldSample, Span, SpanData,
-    SpanExporter,
+    IdGenerator, RandomIdGenerator, Sampler, SamplingDecision, SdkTracer, SdkTracerProvider,
+    ShouldSample, Span, SpanData, SpanExporter,
 };
 use opentelemetry_sdk::Resource;
 use tracing::{info, warn};
@@ -83,7 +83,10 @@ pub fn start(config: &Config) -> Result<(Tracing, Tracer), String> {
     let tracer = Tracer {
         tracer: opentelemetry::trace::TracerProvider::tracer(&provider, "weir"),
         propagator: Arc::new(TextMapCompositePropagator::new(vec![
-            Box::new(opentelemetry_propagator_b3::Propagator::new()),
+            // Both forms read (`b3` single and `x-b3-*`), and the single form's debug `d`.
+            Box::new(opentelemetry_propagator_b3::Propagator::with_encoding(
+                opentelemetry_propagator_b3::B3Encoding::SingleAndMultiHeader,
+            )),
             Box::new(TraceContextPropagator::new()),
         ])),
         ratio: Sampler::TraceIdRatioBased(config.sample_ratio),
@@ -114,7 +117,7 @@ impl Tracer {
     /// The span of a request that came with `headers`. `client`: the sidecar's outbound
     /// side, which calls out for its app (Envoy's egress span); elsewhere Weir serves.
     pub fn request_span(&self, headers: &HeaderMap, client: bool) -> RequestSpan {
-        let parent = self.decide_deferred(self.propagator.extract(&Headers(headers)));
+        let parent = self.decide(self.propagator.extract(&Headers(headers)), headers);
         let kind = match client {
             true => SpanKind::Client,
             false => SpanKind::Server,
@@ -127,27 +130,41 @@ impl Tracer {
         RequestSpan(Box::new(span))
     }
 
-    /// A B3 parent may leave sampling to the callee (no `x-b3-sampled`: the propagator marks
-    /// it "deferred"). The parent-based sampler would read that as "not sampled", so Weir
-    /// decides here, by the trace id at `sample_ratio`, as Envoy does.
-    fn decide_deferred(&self, parent: Context) -> Context {
+    /// The B3 decisions the parent-based sampler would misread, made here as Envoy makes
+    /// them: a parent that leaves sampling to the callee (no `x-b3-sampled`: the propagator
+    /// marks it "deferred") is decided by the trace id at `sample_ratio`; one with the debug
+    /// flag is sampled; and a "do not sample" sent alone, without ids (`b3: 0`,
+    /// `x-b3-sampled: 0`), which the propagator drops, holds for the new trace.
+    fn decide(&self, parent: Context, headers: &HeaderMap) -> Context {
         let remote = parent.span().span_context().clone();
-        if remote.trace_flags() & B3_DEFERRED != B3_DEFERRED {
+        let flags = remote.trace_flags();
+        let (trace, span, sampled) = if !remote.is_valid() {
+            if !b3_deny_only(headers) {
+                return parent;
+            }
+            let ids = RandomIdGenerator::default();
+            (ids.new_trace_id(), ids.new_span_id(), false)
+        } else if flags & B3_DEBUG == B3_DEBUG {
+            (remote.trace_id(), remote.span_id(), true)
+        } else if flags & B3_DEFERRED == B3_DEFERRED {
+            let decision = self.ratio.should_sample(
+                None,
+                remote.trace_id(),
+                "request",
+                &SpanKind::Server,
+                &[],
+                &[],
+            );
+            let sampled = decision.decision == SamplingDecision::RecordAndSample;
+            (remote.trace_id(), remote.span_id(), sampled)
+        } else {
             return parent;
-        }
-        let decision = self.ratio.should_sample(
-            None,
-            remote.trace_id(),
-            "request",
-            &SpanKind::Server,
-            &[],
-            &[],
-        );
-        let sampled = decision.decision == SamplingDecision::RecordAndSample;
+        };
+        let flags = (flags & B3_DEBUG).with_sampled(sampled);
         Context::new().with_remote_span_context(SpanContext::new(
-            remote.trace_id(),
-            remote.span_id(),
-            TraceFlags::default().with_sampled(sampled),
+            trace,
+            span,
+            flags,
             true,
             remote.trace_state().clone(),
         ))
@@ -183,6 +200,14 @@ impl Tracer {
             headers.insert(X_B3_SAMPLED, sampled);
         }
     }
+}
+
+/// B3's "do not sample" sent without trace ids: `b3: 0`, or `x-b3-sampled: 0` alone.
+fn b3_deny_only(headers: &HeaderMap) -> bool {
+    let is = |name: &str, values: &[&str]| {
+        (headers.get(name)).is_some_and(|v| values.iter().any(|x| v.as_bytes() == x.as_bytes()))
+    };
+    is("b3", &["0"]) || (is("x-b3-sampled", &["0", "false"]) && !headers.contains_key(X_B3_TRACEID))
 }
 
 /// Inserts a header whose value Weir formatted (hex digits and dashes, or a `tracestate` that
