@@ -121,6 +121,16 @@ fn spans_go_to_an_otlp_http_collector_and_the_trace_goes_upstream() {
         assert_eq!(upstream.last_header("x-b3-sampled").as_deref(), Some("0"));
     }
 
+    // A method a client made up is no span name of its own (OTel's `_OTHER`).
+    let reply = weir_tests::send(&weir_tests::client(), "FOO", &gw.url("/reviews/foo"), &[]);
+    assert_eq!(reply.unwrap().status, 200);
+    let span = collector.wait_for_span("the span of FOO", |s| {
+        s.attribute("url.path") == Some("/reviews/foo")
+    });
+    assert_eq!(span.name, "HTTP reviews");
+    assert_eq!(span.attribute("http.request.method"), Some("_OTHER"));
+    assert_eq!(span.attribute("http.request.method_original"), Some("FOO"));
+
     // A failure is an error span, its flags in the description; the access log names the trace.
     assert_eq!(gw.get("/down", &[]).status, 503);
     let span = collector.wait_for_span("the span of /down", |s| {
@@ -134,13 +144,13 @@ fn spans_go_to_an_otlp_http_collector_and_the_trace_goes_upstream() {
         |s: &weir_tests::otlp::SpanSeen| s.attribute("url.path") == Some("/reviews/declined");
     assert!(!collector.spans().iter().any(declined));
     wait_until(
-        "seven access log lines",
+        "eight access log lines",
         std::time::Duration::from_secs(10),
-        || gw.access_log().len() == 7,
+        || gw.access_log().len() == 8,
     );
     let log = gw.access_log();
     assert_eq!(log[0]["trace_id"], TRACE);
-    assert_eq!(log[6]["trace_id"], span.trace_id.as_str());
+    assert_eq!(log[7]["trace_id"], span.trace_id.as_str());
 }
 
 #[test]

@@ -225,6 +225,11 @@ const X_B3_SPANID: HeaderName = HeaderName::from_static("x-b3-spanid");
 const X_B3_SAMPLED: HeaderName = HeaderName::from_static("x-b3-sampled");
 const X_B3_FLAGS: HeaderName = HeaderName::from_static("x-b3-flags");
 
+/// The methods of RFC 9110 and PATCH (RFC 5789), as OTel's HTTP conventions know them.
+const KNOWN_METHODS: [&str; 9] = [
+    "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+];
+
 /// B3's debug flag ("sampled, and record everything"), as its propagator marks it.
 const B3_DEBUG: TraceFlags = TraceFlags::new(0x04);
 
@@ -255,12 +260,19 @@ impl RequestSpan {
         if !span.is_recording() {
             return;
         }
+        // A method a client made up is `_OTHER` (span name `HTTP`), as OTel's HTTP conventions
+        // say: a name for each would have no bound.
+        let known = KNOWN_METHODS.contains(&entry.method);
+        let method = if known { entry.method } else { "HTTP" };
         span.update_name(match entry.route {
-            Some(route) => Cow::Owned(format!("{} {route}", entry.method)),
-            None => Cow::Owned(entry.method.to_string()),
+            Some(route) => Cow::Owned(format!("{method} {route}")),
+            None => Cow::Owned(method.to_string()),
         });
         let mut attributes = vec![
-            KeyValue::new("http.request.method", entry.method.to_string()),
+            KeyValue::new(
+                "http.request.method",
+                if known { entry.method } else { "_OTHER" }.to_string(),
+            ),
             KeyValue::new("url.path", entry.path.to_string()),
             KeyValue::new("server.address", host_part(entry.authority).to_string()),
             KeyValue::new(
@@ -278,6 +290,7 @@ impl RequestSpan {
             entry.upstream.map(|a| ("weir.upstream", a.to_string())),
             entry.peer.map(|p| ("weir.peer", p.to_string())),
             (!entry.flags.is_empty()).then(|| ("weir.flags", entry.flags.to_string())),
+            (!known).then(|| ("http.request.method_original", entry.method.to_string())),
         ];
         attributes.extend(
             optional
