@@ -172,3 +172,22 @@ fn prometheus_scrapes_the_request_metrics() {
         },
     );
 }
+
+/// Access log lines that cannot be written (here a full disk: `/dev/full`) are lost without
+/// holding a request up, and counted, and the log says so once.
+#[test]
+fn lost_access_log_lines_are_counted() {
+    let up = Upstream::start("api");
+    let gw = Gateway::start(&format!(
+        "[telemetry]\naccess_log = \"/dev/full\"\n{}",
+        routes(&up)
+    ));
+    for _ in 0..3 {
+        assert_eq!(gw.get("/api/x", &[]).status, 200);
+    }
+    wait_until("the lines counted lost", Duration::from_secs(10), || {
+        gw.metric("weir_access_log_dropped_total") >= 1.0
+    });
+    let stderr = gw.stderr();
+    assert_eq!(stderr.matches("access log: lines lost").count(), 1, "{stderr}");
+}

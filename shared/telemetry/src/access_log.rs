@@ -19,7 +19,6 @@ const BACKLOG: usize = 16 * 1024;
 /// path.
 pub struct AccessLog {
     lines: Option<SyncSender<Vec<u8>>>,
-    dropped: AtomicU64,
     /// Lines queued but not yet written and flushed.
     pending: Arc<AtomicU64>,
 }
@@ -75,7 +74,6 @@ impl AccessLog {
             Target::Off => {
                 return Ok(AccessLog {
                     lines: None,
-                    dropped: AtomicU64::new(0),
                     pending: Arc::default(),
                 })
             }
@@ -92,18 +90,12 @@ impl AccessLog {
             .spawn(move || write_lines(rx, BufWriter::with_capacity(64 * 1024, out), &written))?;
         Ok(AccessLog {
             lines: Some(tx),
-            dropped: AtomicU64::new(0),
             pending,
         })
     }
 
     pub fn enabled(&self) -> bool {
         self.lines.is_some()
-    }
-
-    /// Lines dropped because the writer could not keep up.
-    pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
     }
 
     pub fn write(&self, entry: &Entry<'_>) {
@@ -115,7 +107,7 @@ impl AccessLog {
         self.pending.fetch_add(1, Ordering::AcqRel);
         if lines.try_send(line).is_err() {
             self.pending.fetch_sub(1, Ordering::AcqRel);
-            self.dropped.fetch_add(1, Ordering::Relaxed);
+            lost(1);
         }
     }
 
@@ -137,23 +129,39 @@ fn write_lines(
 ) {
     while let Ok(line) = rx.recv() {
         let mut n = 1;
-        let _ = out.write_all(&line);
+        let mut failed = out.write_all(&line).is_err();
         let open = loop {
             match rx.try_recv() {
                 Ok(line) => {
                     n += 1;
-                    let _ = out.write_all(&line);
+                    failed |= out.write_all(&line).is_err();
                 }
                 Err(TryRecvError::Empty) => break true,
                 Err(TryRecvError::Disconnected) => break false,
             }
         };
-        // A full disk or a closed stdout must not stop the proxy: the lines are lost.
-        let _ = out.flush();
+        // A full disk or a closed stdout must not stop the proxy: the lines are lost, and
+        // counted (those of a batch that failed: which of them got out is not known).
+        failed |= out.flush().is_err();
+        if failed {
+            lost(n);
+        }
         pending.fetch_sub(n, Ordering::AcqRel);
         if !open {
             return;
         }
+    }
+}
+
+/// Counts lost lines (`weir_access_log_dropped_total`), and says so once in the log.
+fn lost(lines: u64) {
+    static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    crate::metrics().access_log_dropped.inc_by(lines);
+    if !SAID.swap(true, Ordering::Relaxed) {
+        tracing::warn!(
+            "access log: lines lost (its writer cannot keep up, or cannot write); counted in \
+             weir_access_log_dropped_total"
+        );
     }
 }
 

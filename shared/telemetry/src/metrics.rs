@@ -56,6 +56,7 @@ pub struct Metrics {
     /// `result`: success, failure.
     pub config_reloads: IntCounterVec,
     pub config_generation: IntGauge,
+    pub access_log_dropped: IntCounter,
     /// `source`, `revision`; one series, replaced on every reload.
     pub config_info: IntGaugeVec,
     /// `cert`: the certificate file as the config names it; when its leaf expires.
@@ -168,6 +169,15 @@ impl Metrics {
         for result in ["success", "failure"] {
             config_reloads.with_label_values(&[result]);
         }
+        let access_log_dropped = IntCounter::new(
+            "weir_access_log_dropped_total",
+            "Access log lines lost: the writer could not keep up, or writing failed (a full \
+             disk, a closed stdout).",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(access_log_dropped.clone()))
+            .expect("unique metric");
         let config_generation = IntGauge::new(
             "weir_config_generation",
             "Generation of the serving config.",
@@ -203,6 +213,7 @@ impl Metrics {
             tcp_bytes,
             config_reloads,
             config_generation,
+            access_log_dropped,
             config_info,
             tls_cert_expiry,
         }
