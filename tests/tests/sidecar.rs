@@ -167,6 +167,16 @@ fn a_call_crosses_the_mesh_with_mtls_identity_and_policy() {
     );
     let err = mesh_get(inbound, None, "/reviews/1").err().unwrap();
     assert!(err.contains("CertificateRequired"), "{err}");
+    // Each refusal counted, by why.
+    let refused = |reason: &str| {
+        reviews.metric(&format!(
+            "weir_downstream_tls_handshake_failures_total{{listener=\"inbound\",reason=\"{reason}\"}}"
+        ))
+    };
+    wait_until("the refusals counted", Duration::from_secs(5), || {
+        refused("no_certificate") == 1.0
+    });
+    assert_eq!((refused("not_tls"), refused("bad_certificate")), (1.0, 1.0));
     let reply = mesh_get(inbound, Some(&ca.workload(RATINGS)), "/reviews/1").unwrap();
     assert_eq!(reply.status, 403);
     assert_eq!(reply.served_ids, [REVIEWS]);

@@ -189,5 +189,9 @@ fn lost_access_log_lines_are_counted() {
         gw.metric("weir_access_log_dropped_total") >= 1.0
     });
     let stderr = gw.stderr();
-    assert_eq!(stderr.matches("access log: lines lost").count(), 1, "{stderr}");
+    assert_eq!(
+        stderr.matches("access log: lines lost").count(),
+        1,
+        "{stderr}"
+    );
 }

@@ -1087,22 +1087,10 @@ async fn fault_delay(session: &mut Session, delay: Duration) -> Result<()> {
 /// server's alert arrives at the first read, after the request was written, which the
 /// upstream never took. A connect failure all the same, as Envoy counts it.
 fn certificate_refused(e: &Error) -> bool {
-    use weir_tls::rustls::Error as Tls;
-    let mut cause = e
-        .cause
-        .as_deref()
-        .map(|c| c as &(dyn std::error::Error + 'static));
-    while let Some(c) = cause {
-        let tls = c.downcast_ref::<Tls>().or_else(|| {
-            let io = c.downcast_ref::<std::io::Error>()?;
-            io.get_ref()?.downcast_ref::<Tls>()
-        });
-        if matches!(tls, Some(Tls::AlertReceived(_))) {
-            return true;
-        }
-        cause = c.source();
-    }
-    false
+    matches!(
+        crate::tls::rustls_error(e),
+        Some(weir_tls::rustls::Error::AlertReceived(_))
+    )
 }
 
 /// Whether the request's body comes in a transfer coding Weir can pass on: none, or `chunked`

@@ -185,6 +185,7 @@ pub fn run(reloader: Reloader, git: Option<Arc<GitSource>>, upgrade: bool) -> an
             in_flight: in_flight.clone(),
         };
         let app = Sniffing {
+            listener: listener.name.clone(),
             http1,
             h2c,
             plaintext,
@@ -268,6 +269,8 @@ pub fn run(reloader: Reloader, git: Option<Arc<GitSource>>, upgrade: bool) -> an
 /// meets (slowloris); so each listener is a service of its own that hands the connection to
 /// the proxy that speaks its protocol.
 struct Sniffing {
+    /// The listener's name.
+    listener: String,
     http1: Arc<HttpProxy<WeirProxy>>,
     h2c: Arc<HttpProxy<WeirProxy>>,
     tls: Option<Acceptor>,
@@ -403,7 +406,13 @@ impl Sniffing {
                 stream = match Box::pin(tls.tls_handshake(*tcp)).await {
                     Ok(tls) => Box::new(tls),
                     Err(e) => {
-                        debug!("TLS handshake failed: {e}");
+                        // Counted, not logged above debug: a port open to the world sees
+                        // scanners all day.
+                        let reason = tls::handshake_failure(&e);
+                        (weir_telemetry::metrics().downstream_tls_handshake_failures)
+                            .with_label_values(&[&self.listener, reason])
+                            .inc();
+                        debug!(listener = %self.listener, reason, "TLS handshake failed: {e}");
                         return;
                     }
                 };
@@ -412,6 +421,9 @@ impl Sniffing {
                 }
             }
             Some(_) if !self.plaintext => {
+                (weir_telemetry::metrics().downstream_tls_handshake_failures)
+                    .with_label_values(&[&self.listener, "not_tls"])
+                    .inc();
                 debug!("closing a connection that did not open with a TLS handshake");
                 return;
             }

@@ -422,3 +422,37 @@ impl MeshIdentity {
         Ok(hash)
     }
 }
+
+/// The rustls error under a Pingora error, if any (an I/O error carries it as its inner one).
+pub(crate) fn rustls_error(e: &Error) -> Option<&TlsError> {
+    let mut cause = e
+        .cause
+        .as_deref()
+        .map(|c| c as &(dyn std::error::Error + 'static));
+    while let Some(c) = cause {
+        let tls = c.downcast_ref::<TlsError>().or_else(|| {
+            let io = c.downcast_ref::<std::io::Error>()?;
+            io.get_ref()?.downcast_ref::<TlsError>()
+        });
+        if tls.is_some() {
+            return tls;
+        }
+        cause = c.source();
+    }
+    None
+}
+
+/// Why a client's TLS handshake failed, as `weir_downstream_tls_handshake_failures_total`
+/// says it (after Envoy's `ssl.fail_verify_no_cert`, `ssl.fail_verify_error`,
+/// `ssl.connection_error`).
+pub(crate) fn handshake_failure(e: &Error) -> &'static str {
+    // Pingora's acceptor keeps the rustls error only as text, rustls's own wording.
+    let text = e.to_string();
+    if text.contains(&TlsError::NoCertificatesPresented.to_string()) {
+        "no_certificate"
+    } else if text.contains("invalid peer certificate") {
+        "bad_certificate"
+    } else {
+        "other"
+    }
+}

@@ -57,6 +57,7 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     pub config_generation: IntGauge,
     pub access_log_dropped: IntCounter,
+    pub downstream_tls_handshake_failures: IntCounterVec,
     /// `source`, `revision`; one series, replaced on every reload.
     pub config_info: IntGaugeVec,
     /// `cert`: the certificate file as the config names it; when its leaf expires.
@@ -169,6 +170,13 @@ impl Metrics {
         for result in ["success", "failure"] {
             config_reloads.with_label_values(&[result]);
         }
+        let downstream_tls_handshake_failures = counter(
+            "weir_downstream_tls_handshake_failures_total",
+            "Client TLS handshakes that failed: no_certificate (one required), bad_certificate \
+             (it did not verify: CA, dates, SPIFFE id), not_tls (plaintext where TLS is \
+             required), other.",
+            &["listener", "reason"],
+        );
         let access_log_dropped = IntCounter::new(
             "weir_access_log_dropped_total",
             "Access log lines lost: the writer could not keep up, or writing failed (a full \
@@ -214,6 +222,7 @@ impl Metrics {
             config_reloads,
             config_generation,
             access_log_dropped,
+            downstream_tls_handshake_failures,
             config_info,
             tls_cert_expiry,
         }
