@@ -436,3 +436,25 @@ fn each_binary_says_its_own_name() {
         assert!(stdout.starts_with(&format!("{bin} ")), "{stdout}");
     }
 }
+
+/// The retry line names every condition, gRPC statuses too.
+#[test]
+fn explain_names_the_retry_conditions() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gw.toml");
+    fs::write(
+        &path,
+        "[[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:8080\"\n\
+         [[service]]\nname = \"grpc\"\nendpoints = [\"127.0.0.1:9090\"]\n\
+         [[route]]\nname = \"r\"\n  [[route.backend]]\n  service = \"grpc\"\n\
+         \x20 [route.retry]\n  on = [\"unavailable\", 503, \"reset\"]\n",
+    )
+    .unwrap();
+    let args = ["explain", "--config", path.to_str().unwrap(), "POST", "/x"];
+    let (code, stdout, stderr) = run("weir-gateway", &args);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("retry:    up to 2 on reset, 503, grpc unavailable;"),
+        "{stdout}"
+    );
+}

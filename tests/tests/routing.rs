@@ -270,6 +270,14 @@ fn dot_segments_cannot_escape_a_prefix() {
     );
     assert!(reply.ends_with("admin"), "{reply}");
     assert_eq!(admin.last_header(":path").as_deref(), Some("/admin/~y%2Fz"));
+    // A backslash is a slash, as an app written for Windows takes it.
+    let reply = weir_tests::raw_request(
+        gw.port,
+        b"GET /public\\..\\admin\\y HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+    );
+    assert!(reply.ends_with("admin"), "{reply}");
+    assert_eq!(admin.last_header(":path").as_deref(), Some("/admin/y"));
+    assert_eq!(public.hits(), 0);
 }
 
 #[test]

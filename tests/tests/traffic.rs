@@ -64,6 +64,15 @@ fn redirects_keep_what_they_do_not_change() {
             .contains("location: https://shop.example.com/new?q=1\r\n"),
         "{reply}"
     );
+    // HTTP/1.0 may name no host: then a reference relative to the request's, not `https:///new`.
+    let reply = weir_tests::raw_request(gw.port, b"GET /old?q=1 HTTP/1.0\r\n\r\n");
+    assert!(reply.starts_with("HTTP/1.1 308"), "{reply}");
+    assert!(
+        reply
+            .to_ascii_lowercase()
+            .contains("location: /new?q=1\r\n"),
+        "{reply}"
+    );
 }
 
 #[test]

@@ -1204,6 +1204,13 @@ impl Checker<'_> {
             }
         }
         let request_headers = self.header_ops(&at.key("request_headers"), r.request_headers, true);
+        let sets_host = request_headers.set.iter().any(|(name, _)| name == "host");
+        if sets_host && rewrite.as_ref().is_some_and(|rw| rw.host.is_some()) {
+            self.fail(
+                &at.key("request_headers"),
+                "host is set here and by rewrite.host: set it in one place",
+            );
+        }
         let response_headers =
             self.header_ops(&at.key("response_headers"), r.response_headers, false);
         let origin = self.sources.place(at.file, &at.key);
@@ -1701,8 +1708,17 @@ impl Checker<'_> {
             }
         });
         if let Some(PathMatch::Exact(p) | PathMatch::Prefix(p)) = &path {
+            let part = match path {
+                Some(PathMatch::Prefix(_)) => PathPart::Start,
+                _ => PathPart::Whole,
+            };
             if !p.starts_with('/') {
                 self.fail(&at.key("path"), format!("path {p:?} must start with \"/\""));
+            } else if let Some(why) = unmatchable_path(p, part) {
+                self.fail(
+                    &at.key("path"),
+                    format!("path {p:?} can never match: {why}"),
+                );
             }
         }
         self.not_empty(at, "methods", m.methods.as_ref(), "any method");
@@ -2187,6 +2203,16 @@ impl Checker<'_> {
                      \"*.json\" or \"*\""
                 );
                 self.fail(&at.item("paths", i), e);
+                continue;
+            }
+            let (text, part) = match (path.strip_prefix('*'), path.strip_suffix('*')) {
+                (Some(suffix), _) => (suffix, PathPart::End),
+                (None, Some(prefix)) => (prefix, PathPart::Start),
+                (None, None) => (path.as_str(), PathPart::Whole),
+            };
+            if let Some(why) = unmatchable_path(text, part) {
+                let e = format!("path {path:?} can never match: {why}");
+                self.fail(&at.item("paths", i), e);
             }
         }
         if p.name.as_deref() == Some("") {
@@ -2430,6 +2456,51 @@ fn host_name_ok(name: &str) -> bool {
             !label.is_empty()
                 && (label.bytes()).all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         })
+}
+
+/// Which part of a request's path a pattern is.
+#[derive(Clone, Copy, PartialEq)]
+enum PathPart {
+    Whole,
+    Start,
+    End,
+}
+
+/// Why no request's path could ever be `p` (or start or end with it, as `part` says): a
+/// request's path is matched as the proxy forwards it, normalized (escaped unreserved
+/// characters decoded, dot segments removed, backslashes as slashes), without its query, and
+/// with spaces and non-ASCII characters percent-encoded. A route or policy that cannot match
+/// is a mistake that would pass unseen, worst in a deny policy.
+fn unmatchable_path(p: &str, part: PathPart) -> Option<&'static str> {
+    if p.bytes().any(|b| !(b'!'..=b'~').contains(&b)) {
+        return Some("a request sends spaces and non-ASCII characters percent-encoded (\"%20\", \"%C3%BC\"): write them so");
+    }
+    if p.contains(['?', '#']) {
+        return Some("the query is no part of the path: match it with `query`");
+    }
+    if p.contains('\\') {
+        return Some("a backslash is matched as a slash: write \"/\"");
+    }
+    let bytes = p.as_bytes();
+    let escaped_unreserved = (0..bytes.len()).any(|i| {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok());
+        let byte = hex.and_then(|h| u8::from_str_radix(h, 16).ok());
+        bytes[i] == b'%' && byte.is_some_and(|b| b.is_ascii_alphanumeric() || b"-._~".contains(&b))
+    });
+    if escaped_unreserved {
+        return Some("escaped letters, digits and \"-._~\" are matched decoded (\"%7E\" as \"~\"): write them so");
+    }
+    // A segment cut by the pattern's open end may be the start (or end) of a longer one.
+    let segments: Vec<&str> = p.split('/').collect();
+    let whole = |i: usize| match part {
+        PathPart::Whole => true,
+        PathPart::Start => i + 1 < segments.len(),
+        PathPart::End => i > 0,
+    };
+    let dots = (segments.iter().enumerate()).any(|(i, s)| (*s == "." || *s == "..") && whole(i));
+    dots.then_some("\".\" and \"..\" segments are removed before matching")
 }
 
 /// A SPIFFE trust domain: lower-case letters, digits, `.`, `-` and `_` (SPIFFE-ID §2.1).

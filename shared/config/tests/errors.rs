@@ -1286,3 +1286,82 @@ fn a_header_match_on_a_value_no_request_can_have_is_an_error() {
         ["gw.toml:5: route \"r\" match[0]: header \"x-v\" value \"café\": a header value matched must be visible ASCII (a request's other values count as absent)"]
     );
 }
+
+/// Two places setting the Host upstream: one would silently win.
+#[test]
+fn a_host_set_twice_is_an_error() {
+    let text = format!(
+        "{SERVICE}[[route]]\nname = \"r\"\nrewrite = {{ host = \"a.internal\" }}\n\
+           [[route.backend]]\n  service = \"reviews\"\n\
+           [route.request_headers]\n  set = {{ Host = \"b.internal\" }}\n"
+    );
+    assert_eq!(
+        errors(&text),
+        ["gw.toml:9: route \"r\": host is set here and by rewrite.host: set it in one place"]
+    );
+}
+
+/// A path is matched as the proxy forwards it: normalized, without its query, percent-encoded.
+/// A pattern no such path can meet is an error, not a route (or a deny policy) that never
+/// applies.
+#[test]
+fn a_path_no_request_can_have_is_an_error() {
+    let route = |name: &str, path: &str| {
+        format!(
+            "[[route]]\nname = \"{name}\"\ndirect_response = {{ status = 200 }}\n  [[route.match]]\n  path = {path}\n"
+        )
+    };
+    let text = [
+        route("tilde", r#"{ exact = "/%7Euser" }"#),
+        route("dots", r#"{ prefix = "/a/../b" }"#),
+        route("query", r#"{ exact = "/q?b=1" }"#),
+        route("space", r#"{ exact = "/sp ace" }"#),
+        route("utf8", r#"{ prefix = "/zürich" }"#),
+        route("open-end", r#"{ prefix = "/a/." }"#),
+        route("encoded", r#"{ prefix = "/z%C3%BCrich/%2F" }"#),
+    ]
+    .concat();
+    let errs = errors(&text);
+    assert_eq!(errs.len(), 5, "{errs:#?}");
+    for (name, why) in [
+        (
+            "tilde",
+            "escaped letters, digits and \"-._~\" are matched decoded",
+        ),
+        (
+            "dots",
+            "\".\" and \"..\" segments are removed before matching",
+        ),
+        ("query", "the query is no part of the path"),
+        (
+            "space",
+            "a request sends spaces and non-ASCII characters percent-encoded",
+        ),
+        (
+            "utf8",
+            "a request sends spaces and non-ASCII characters percent-encoded",
+        ),
+    ] {
+        assert!(
+            errs.iter().any(|e| e.contains(&format!("route \"{name}\" match[0]: path ")) && e.contains(why)),
+            "{name}: {errs:#?}"
+        );
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    mesh_files(dir.path(), &["spiffe://mesh.local/sa/a"]);
+    let text = format!(
+        "{WORKLOAD}[inbound]\napp = \"127.0.0.1:8080\"\n  [[inbound.policy]]\n  action = \"deny\"\n  \
+         paths = [\"/admin/*\", \"/a/../admin*\", \"*/./x\"]\n"
+    );
+    let errs = sidecar_errors(dir.path(), &text).join("\n");
+    assert!(
+        errs.contains("paths[1]: path \"/a/../admin*\" can never match"),
+        "{errs}"
+    );
+    assert!(
+        errs.contains("paths[2]: path \"*/./x\" can never match"),
+        "{errs}"
+    );
+    assert!(!errs.contains("paths[0]"), "{errs}");
+}

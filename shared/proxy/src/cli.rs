@@ -542,6 +542,10 @@ fn describe_policies(r: &weir_config::Route) {
             .map(|(_, name)| name.to_string())
             .collect();
             conds.extend(on.statuses.iter().map(|c| c.to_string()));
+            let grpc = weir_config::GRPC_RETRY_ON
+                .iter()
+                .filter(|(_, code)| on.grpc.contains(code));
+            conds.extend(grpc.map(|(name, _)| format!("grpc {name}")));
             let per_try = rt
                 .per_try_timeout
                 .map(|t| format!(", {} per try", format(t)))

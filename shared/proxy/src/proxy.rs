@@ -1372,9 +1372,15 @@ fn redirect_location(req: &RequestHeader, r: &Redirect, request_scheme: &str) ->
         }
     });
     let path = r.path.as_deref().unwrap_or(req.uri.path());
+    // No host at all (HTTP/1.0 may send none): a reference relative to the request's own,
+    // since `https:///new` is no URL.
+    let origin = match host.is_empty() {
+        true => String::new(),
+        false => format!("{scheme}://{host}"),
+    };
     match req.uri.query() {
-        Some(q) => format!("{scheme}://{host}{path}?{q}"),
-        None => format!("{scheme}://{host}{path}"),
+        Some(q) => format!("{origin}{path}?{q}"),
+        None => format!("{origin}{path}"),
     }
 }
 

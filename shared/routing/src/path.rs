@@ -8,14 +8,18 @@
 /// normalized path too.
 pub fn normalize_path(path: &str) -> Option<String> {
     // A dot segment needs a '.' (or its escape, "%2e"); most paths have neither.
-    if !path.contains(['.', '%']) {
+    if !path.contains(['.', '%', '\\']) {
         return None;
     }
+    // A backslash is a slash, as Envoy's canonical path has it and as apps written for
+    // Windows take it: `/public\..\admin` must not pass a policy on `/public/*`.
+    let slashed = path.contains('\\').then(|| path.replace('\\', "/"));
+    let path = slashed.as_deref().unwrap_or(path);
     let decoded = decode_unreserved(path);
     let path = decoded.as_deref().unwrap_or(path);
     let has_dots = path.split('/').any(|s| is_dot(s) || is_dotdot(s));
     if !has_dots {
-        return decoded;
+        return decoded.or(slashed);
     }
     let mut out: Vec<&str> = Vec::new();
     let segments: Vec<&str> = path.split('/').skip(1).collect();
@@ -100,6 +104,8 @@ mod tests {
             ("/reviews/%61dmin", "/reviews/admin"),
             ("/%7Euser/%2Fkept%20too", "/~user/%2Fkept%20too"),
             ("/a/%2E%2e/%62", "/b"),
+            ("/public\\..\\admin", "/admin"),
+            ("/a\\b", "/a/b"),
         ] {
             assert_eq!(normalize_path(raw).as_deref(), Some(want), "{raw}");
         }
