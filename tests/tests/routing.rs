@@ -63,6 +63,8 @@ name = \"default\"
     assert_eq!(gw.get("/?variant=b", &[]).body, "by-query");
     assert_eq!(gw.get("/?variant=a", &[]).body, "default");
     assert_eq!(gw.get("/", &[("host", "shop.example.com")]).body, "by-host");
+    // A fully qualified name, root dot and all, is the same host.
+    assert_eq!(gw.get("/", &[("host", "shop.example.com.")]).body, "by-host");
     assert_eq!(gw.get("/", &[("host", "example.org")]).body, "default");
 }
 

@@ -354,7 +354,23 @@ impl Checker<'_> {
                 self.fail(&at, "empty: \"stdout\", \"off\" or a file's path");
                 AccessLog::Off
             }
-            Some(path) => AccessLog::File(PathBuf::from(path)),
+            Some(path) => {
+                // Opened at start, from the working directory (a Git checkout is temporary):
+                // `validate` says now what the start would.
+                let file = PathBuf::from(path);
+                let dir = file.parent().filter(|d| !d.as_os_str().is_empty());
+                let why = if file.is_dir() {
+                    Some("is a directory")
+                } else if dir.is_some_and(|d| !d.is_dir()) {
+                    Some("its directory does not exist")
+                } else {
+                    None
+                };
+                if let Some(why) = why {
+                    self.fail(&at.key("access_log"), format!("access log {path:?} {why}"));
+                }
+                AccessLog::File(file)
+            }
         };
         let at = At {
             label: "[telemetry.tracing]".to_string(),

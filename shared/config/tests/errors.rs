@@ -1365,3 +1365,22 @@ fn a_path_no_request_can_have_is_an_error() {
     );
     assert!(!errs.contains("paths[0]"), "{errs}");
 }
+
+/// The access log is opened at start: `validate` says now what the start would.
+#[test]
+fn an_access_log_that_cannot_be_opened_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    for (path, why) in [
+        (dir.path().display().to_string(), "is a directory"),
+        (
+            dir.path().join("no/such/dir/access.log").display().to_string(),
+            "its directory does not exist",
+        ),
+    ] {
+        let text = format!("[telemetry]\naccess_log = \"{path}\"\n");
+        assert_eq!(
+            errors(&text),
+            [format!("gw.toml:2: [telemetry]: access log {path:?} {why}")]
+        );
+    }
+}

@@ -1454,6 +1454,9 @@ fn host_of(req: &RequestHeader) -> Cow<'_, str> {
     if !host.iter().all(u8::is_ascii_graphic) {
         return Cow::Borrowed("");
     }
+    // A fully qualified name's root dot (`api.example.com.`) names the same host, as nginx
+    // takes it.
+    let host = host.strip_suffix(b".").unwrap_or(host);
     let host = std::str::from_utf8(host).unwrap_or_default();
     if host.bytes().any(|b| b.is_ascii_uppercase()) {
         Cow::Owned(host.to_ascii_lowercase())

@@ -63,13 +63,12 @@ pub fn run(reloader: Reloader, git: Option<Arc<GitSource>>, upgrade: bool) -> an
     }
     // Pingora panics in a service thread when it cannot bind; check first and say which. (An
     // upgrade is handed the sockets, which its predecessor holds.)
-    for (name, addr) in listeners
-        .iter()
-        .chain([&("admin".to_string(), config.admin.listen)])
+    let named = listeners.iter().map(|(name, addr)| (format!("listener {name:?}"), *addr));
+    for (what, addr) in named
+        .chain([("[admin]".to_string(), config.admin.listen)])
         .filter(|_| !upgrade)
     {
-        std::net::TcpListener::bind(addr)
-            .with_context(|| format!("listener {name:?}: cannot bind {addr}"))?;
+        std::net::TcpListener::bind(addr).with_context(|| format!("{what}: cannot bind {addr}"))?;
     }
 
     let threads = match config.runtime.threads {
@@ -104,7 +103,14 @@ pub fn run(reloader: Reloader, git: Option<Arc<GitSource>>, upgrade: bool) -> an
 
     let in_flight = Arc::new(AtomicUsize::new(0));
     let access_log =
-        Arc::new(AccessLog::open(&config.telemetry.access_log).context("opening the access log")?);
+        Arc::new(AccessLog::open(&config.telemetry.access_log).with_context(|| {
+            match &config.telemetry.access_log {
+                weir_config::AccessLog::File(path) => {
+                    format!("opening the access log {}", path.display())
+                }
+                _ => "opening the access log".to_string(),
+            }
+        })?);
     let (tracing, tracer) = match &config.telemetry.tracing {
         Some(c) => weir_telemetry::otel::start(c)
             .map(|(tracing, tracer)| (Some(Arc::new(tracing)), Some(tracer)))
