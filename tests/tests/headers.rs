@@ -187,6 +187,20 @@ fn a_switch_of_protocols_nobody_asked_for_is_a_bad_gateway() {
 }
 
 #[test]
+fn a_status_over_599_is_a_bad_gateway() {
+    let gw = Gateway::start(&format!(
+        "{}{}",
+        answering(b"HTTP/1.1 999 Whatever\r\nContent-Length: 2\r\n\r\nok"),
+        route_to("raw")
+    ));
+    let reply = raw_request(
+        gw.port,
+        b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    );
+    assert!(reply.starts_with("HTTP/1.1 502"), "{reply}");
+}
+
+#[test]
 fn an_answer_before_closing_says_close() {
     let gw = Gateway::start(&format!(
         "{}{}",

@@ -64,7 +64,10 @@ name = \"default\"
     assert_eq!(gw.get("/?variant=a", &[]).body, "default");
     assert_eq!(gw.get("/", &[("host", "shop.example.com")]).body, "by-host");
     // A fully qualified name, root dot and all, is the same host.
-    assert_eq!(gw.get("/", &[("host", "shop.example.com.")]).body, "by-host");
+    assert_eq!(
+        gw.get("/", &[("host", "shop.example.com.")]).body,
+        "by-host"
+    );
     assert_eq!(gw.get("/", &[("host", "example.org")]).body, "default");
 }
 

@@ -1343,7 +1343,9 @@ fn a_path_no_request_can_have_is_an_error() {
         ),
     ] {
         assert!(
-            errs.iter().any(|e| e.contains(&format!("route \"{name}\" match[0]: path ")) && e.contains(why)),
+            errs.iter().any(
+                |e| e.contains(&format!("route \"{name}\" match[0]: path ")) && e.contains(why)
+            ),
             "{name}: {errs:#?}"
         );
     }
@@ -1373,7 +1375,10 @@ fn an_access_log_that_cannot_be_opened_is_an_error() {
     for (path, why) in [
         (dir.path().display().to_string(), "is a directory"),
         (
-            dir.path().join("no/such/dir/access.log").display().to_string(),
+            dir.path()
+                .join("no/such/dir/access.log")
+                .display()
+                .to_string(),
             "its directory does not exist",
         ),
     ] {

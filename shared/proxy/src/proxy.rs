@@ -667,6 +667,11 @@ impl ProxyHttp for WeirProxy {
             }
             return Ok(());
         }
+        if status > 599 {
+            // No HTTP status (RFC 9110 §15): the upstream is broken, 502 as Envoy answers.
+            return Error::e_explain(ErrorType::InvalidHTTPHeader, "status over 599")
+                .map_err(|e| e.into_up());
+        }
         // An upstream may send its head a byte at a time, each read inside its timeout.
         if past(ctx.deadline) {
             return Err(Error::explain(ErrorType::ReadTimedout, "request deadline"));

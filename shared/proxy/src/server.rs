@@ -63,7 +63,9 @@ pub fn run(reloader: Reloader, git: Option<Arc<GitSource>>, upgrade: bool) -> an
     }
     // Pingora panics in a service thread when it cannot bind; check first and say which. (An
     // upgrade is handed the sockets, which its predecessor holds.)
-    let named = listeners.iter().map(|(name, addr)| (format!("listener {name:?}"), *addr));
+    let named = listeners
+        .iter()
+        .map(|(name, addr)| (format!("listener {name:?}"), *addr));
     for (what, addr) in named
         .chain([("[admin]".to_string(), config.admin.listen)])
         .filter(|_| !upgrade)
@@ -102,15 +104,14 @@ pub fn run(reloader: Reloader, git: Option<Arc<GitSource>>, upgrade: bool) -> an
     server.bootstrap();
 
     let in_flight = Arc::new(AtomicUsize::new(0));
-    let access_log =
-        Arc::new(AccessLog::open(&config.telemetry.access_log).with_context(|| {
-            match &config.telemetry.access_log {
-                weir_config::AccessLog::File(path) => {
-                    format!("opening the access log {}", path.display())
-                }
-                _ => "opening the access log".to_string(),
+    let access_log = Arc::new(AccessLog::open(&config.telemetry.access_log).with_context(
+        || match &config.telemetry.access_log {
+            weir_config::AccessLog::File(path) => {
+                format!("opening the access log {}", path.display())
             }
-        })?);
+            _ => "opening the access log".to_string(),
+        },
+    )?);
     let (tracing, tracer) = match &config.telemetry.tracing {
         Some(c) => weir_telemetry::otel::start(c)
             .map(|(tracing, tracer)| (Some(Arc::new(tracing)), Some(tracer)))
