@@ -683,6 +683,10 @@ pub struct Inbound {
 /// so no policy may take this name.
 pub const NO_ALLOW: &str = "no-allow-matched";
 
+/// The `service` label and log field of the sidecar's captured calls that went on to their
+/// original destination: Istio's name for it, which its dashboards know. Reserved.
+pub const PASSTHROUGH: &str = "PassthroughCluster";
+
 /// One `[[inbound.policy]]`. A request matches when every field given matches it. Deny
 /// policies are checked first; then, if any allow policy exists, a request must match one.
 #[derive(Debug, Clone, Serialize)]

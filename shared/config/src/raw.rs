@@ -211,7 +211,10 @@ pub struct RawRetry {
 
 /// A retry condition: a name ("5xx", ...) or a status code.
 #[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "expected a retry condition: a name such as \"5xx\" or \"unavailable\", or a status code such as 503"
+)]
 pub enum RawRetryOn {
     Status(u16),
     Name(String),
@@ -387,7 +390,10 @@ pub struct RawConnectionPool {
 
 /// `hash_on = { header = "x-user" }`, `{ cookie = "user" }` or `"source_ip"`.
 #[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "expected \"source_ip\", { header = \"x-user\" } or { cookie = \"user\" }"
+)]
 pub enum RawHashOn {
     Name(String),
     Table(RawHashOnTable),

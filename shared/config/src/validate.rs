@@ -1494,7 +1494,13 @@ impl Checker<'_> {
             self.uri_path(&at.key("path_prefix"), prefix);
             let by_prefix =
                 |m: &Match| matches!(m.path, Some(PathMatch::Prefix(_) | PathMatch::Exact(_)));
-            if matches.is_empty() || !matches.iter().all(by_prefix) {
+            if matches.is_empty() {
+                self.fail(
+                    &at.key("path_prefix"),
+                    "path_prefix replaces what the route's [[route.match]] matched by prefix or \
+                     exact path, and the route has no [[route.match]]",
+                );
+            } else if !matches.iter().all(by_prefix) {
                 self.fail(
                     &at.key("path_prefix"),
                     "path_prefix needs every [[route.match]] to match the path by prefix or exact",
@@ -2003,6 +2009,18 @@ impl Checker<'_> {
                 &at,
                 "the name \"inbound\" is the sidecar's own (its route and service to the \
                  app); choose another",
+            );
+        }
+        // The service label of captured calls that went on to where the app called.
+        let passthrough = services
+            .iter()
+            .filter(|(_, s)| s.name() == Some(PASSTHROUGH));
+        let taken: Vec<At> = passthrough.map(|(at, _)| at.key("name")).collect();
+        for at in taken {
+            self.fail(
+                &at,
+                "the name \"PassthroughCluster\" names the calls the sidecar passes through \
+                 in its metrics and log; choose another",
             );
         }
         routes.retain(|(_, r)| r.name() != Some(INBOUND));

@@ -353,11 +353,17 @@ rewrite = {{ path_prefix = \"/v2/\" }}
 [[route]]
 name = \"moved\"
 redirect = {{ status = 200 }}
+[[route]]
+name = \"all\"
+rewrite = {{ path_prefix = \"/v2/\" }}
+  [[route.backend]]
+  service = \"reviews\"
 "
     );
     let errs = errors(&text).join("\n");
     for want in [
         "route \"r\": path_prefix needs every [[route.match]] to match the path by prefix or exact",
+        "route \"all\": path_prefix replaces what the route's [[route.match]] matched by prefix or exact path, and the route has no [[route.match]]",
         "route \"r\": bad header value \"line\\nbreak\"",
         "route \"r\": bad header name \"bad name\"",
         "route \"r\": percent 150 is not between 0 and 100",
@@ -776,6 +782,13 @@ endpoints = [\"127.0.0.1:1\"]
             format!("{file}:21: service \"app\" identities[0]: identity \"reviews\": expected a spiffe:// id (a trust domain, then a path of letters, digits, '.', '-' and '_' segments)"),
         ]
     );
+    // The name of the calls passed through is the sidecar's too.
+    let errs = sidecar_errors(
+        dir.path(),
+        "[inbound]\napp = \"127.0.0.1:8080\"\nmtls = \"disable\"\n\
+         [[service]]\nname = \"PassthroughCluster\"\nendpoints = [\"127.0.0.1:1\"]\n",
+    );
+    assert_eq!(errs, [format!("{file}:5: the name \"PassthroughCluster\" names the calls the sidecar passes through in its metrics and log; choose another")]);
     // Strict (the default) without [workload].
     let errs = sidecar_errors(dir.path(), "[inbound]\napp = \"127.0.0.1:8080\"\n");
     assert_eq!(errs, [format!("{file}:1: [inbound]: mtls = \"strict\" (the default) needs [workload], the mesh certificate to serve and the trust bundle to check callers with; or set mtls = \"disable\"")]);
@@ -1388,4 +1401,23 @@ fn an_access_log_that_cannot_be_opened_is_an_error() {
             [format!("gw.toml:2: [telemetry]: access log {path:?} {why}")]
         );
     }
+}
+
+/// A value of neither accepted form says what the forms are, not serde's enum name.
+#[test]
+fn a_value_of_no_accepted_form_says_the_forms() {
+    let text = format!("{SERVICE}hash_on = 5\n");
+    assert_eq!(
+        errors(&text),
+        ["gw.toml:4: service \"reviews\" hash_on: expected \"source_ip\", { header = \"x-user\" } or { cookie = \"user\" }"]
+    );
+    let text = format!(
+        "{SERVICE}[[route]]\nname = \"r\"\n  [[route.backend]]\n  service = \"reviews\"\n  [route.retry]\n  on = [true]\n"
+    );
+    let errs = errors(&text);
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(
+        errs[0].ends_with("route \"r\" retry.on: expected a retry condition: a name such as \"5xx\" or \"unavailable\", or a status code such as 503"),
+        "{errs:?}"
+    );
 }

@@ -17,9 +17,7 @@ use pingora_core::protocols::l4::socket::SocketAddr as PeerAddr;
 use pingora_core::protocols::SocketDigest;
 use weir_config::Sidecar;
 
-/// The `service` label and log field of calls that went on to their original destination:
-/// Istio's name for it, which its dashboards know.
-pub const PASSTHROUGH: &str = "PassthroughCluster";
+pub use weir_config::PASSTHROUGH;
 
 /// Where a connection was going before the rules redirected it here; `None` when it was not
 /// redirected (the app called the listener itself).
