@@ -435,6 +435,10 @@ fn each_binary_says_its_own_name() {
         assert_eq!(code, 0);
         assert!(stdout.starts_with(&format!("{bin} ")), "{stdout}");
     }
+    // And offers only its own subcommands: traffic capture is the sidecar's.
+    let offers_iptables = |bin| run(bin, &["--help"]).1.contains("iptables");
+    assert!(!offers_iptables("weir-gateway"));
+    assert!(offers_iptables("weir-sidecar"));
 }
 
 /// The retry line names every condition, gRPC statuses too.

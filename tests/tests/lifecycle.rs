@@ -248,6 +248,31 @@ fn an_upgrade_under_load_loses_no_request() {
     assert_eq!(new.admin_get("/ready").unwrap().status, 200);
 }
 
+/// `--upgrade` with no gateway to take over from says so at once.
+#[test]
+fn an_upgrade_with_nothing_to_take_over_says_so() {
+    let (port, admin) = (weir_tests::free_port(), weir_tests::free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "{}[[route]]\nname = \"r\"\ndirect_response = {{ status = 200 }}\n",
+            Gateway::base(port, admin)
+        ),
+    )
+    .unwrap();
+    let args = ["--upgrade", "--config", config.to_str().unwrap()];
+    let (code, _, stderr) = weir_tests::run("weir-gateway", &args);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "--upgrade: nothing answers on the admin address 127.0.0.1:{admin}"
+        )),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn an_upgrade_applies_a_listener_change() {
     let route = "[[route]]\nname = \"r\"\ndirect_response = { status = 200, body = \"up\" }\n";

@@ -260,7 +260,7 @@ impl HttpServerApp for Admin {
 }
 
 /// A listener bound to 0.0.0.0 or [::] is probed on loopback.
-fn reachable(addr: SocketAddr) -> SocketAddr {
+pub(crate) fn reachable(addr: SocketAddr) -> SocketAddr {
     match addr.ip() {
         IpAddr::V4(ip) if ip.is_unspecified() => {
             SocketAddr::new(Ipv4Addr::LOCALHOST.into(), addr.port())

@@ -105,7 +105,12 @@ pub fn main(role: Role) -> ExitCode {
         Role::Gateway => "weir-gateway",
         Role::Sidecar => "weir-sidecar",
     };
-    let matches = Cli::command().name(name).get_matches();
+    let mut command = Cli::command().name(name);
+    if role == Role::Gateway {
+        // Traffic capture is the sidecar's.
+        command = command.mut_subcommand("iptables", |c| c.hide(true));
+    }
+    let matches = command.get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let default = match role {
         Role::Gateway => "config/gateway.toml",

@@ -61,6 +61,15 @@ pub fn run(reloader: Reloader, git: Option<Arc<GitSource>>, upgrade: bool) -> an
     if listeners.is_empty() {
         bail!("the config has no [[listener]]; nothing to serve");
     }
+    // An upgrade takes its sockets from the gateway serving on the same admin address; with
+    // none there, Pingora would wait 5 s and say only "EAGAIN".
+    let admin = crate::admin::reachable(config.admin.listen);
+    if upgrade && std::net::TcpStream::connect_timeout(&admin, Duration::from_secs(1)).is_err() {
+        bail!(
+            "--upgrade: nothing answers on the admin address {admin}, so there is no gateway \
+             to take the listening sockets over from; start without --upgrade"
+        );
+    }
     // Pingora panics in a service thread when it cannot bind; check first and say which. (An
     // upgrade is handed the sockets, which its predecessor holds.)
     let named = listeners
