@@ -101,7 +101,8 @@ fn endpoints_follow_dns_answers_without_a_reload_and_survive_a_dead_server() {
     fs::write(
         &config,
         format!(
-            "{base}[[service]]\nname = \"app\"\ndns = \"app.weir.test:{port}\"\n\
+            // With the root dot Kubernetes users write to skip the search domains.
+            "{base}[[service]]\nname = \"app\"\ndns = \"app.weir.test.:{port}\"\n\
              [[route]]\nname = \"r\"\n  [[route.backend]]\n  service = \"app\"\n"
         ),
     )

@@ -736,7 +736,8 @@ impl Checker<'_> {
                 }
                 sni.to_ascii_lowercase()
             }
-            (None, Some(dns)) => dns.name.clone(),
+            // SNI is the name without its root dot (RFC 6066 §3).
+            (None, Some(dns)) => dns.name.trim_end_matches('.').to_string(),
             (None, None) => {
                 self.fail(
                     at,
@@ -928,10 +929,19 @@ impl Checker<'_> {
             .rsplit_once(':')
             .and_then(|(name, port)| Some((name, port.parse::<u16>().ok()?)));
         match parsed {
-            Some((name, port)) if port > 0 && self.host(at, name).is_some() => Some(Dns {
-                name: name.to_ascii_lowercase(),
-                port,
-            }),
+            // A root dot (`name.svc.cluster.local.`) asks the resolver for that name alone,
+            // without the search domains: Kubernetes users write it to save lookups.
+            Some((name, port))
+                if port > 0
+                    && self
+                        .host(at, name.strip_suffix('.').unwrap_or(name))
+                        .is_some() =>
+            {
+                Some(Dns {
+                    name: name.to_ascii_lowercase(),
+                    port,
+                })
+            }
             _ => {
                 self.fail(
                     at,

@@ -1421,3 +1421,15 @@ fn a_value_of_no_accepted_form_says_the_forms() {
         "{errs:?}"
     );
 }
+
+/// A DNS name with its root dot (`name.svc.cluster.local.`) is a name; the SNI sent is the
+/// name without it (RFC 6066 §3).
+#[test]
+fn a_dns_name_may_end_with_its_root_dot() {
+    let text = "[[service]]\nname = \"s\"\ndns = \"reviews.default.svc.cluster.local.:443\"\n\
+                  [service.tls]\n  mode = \"simple\"\n";
+    let loaded = parse("gw.toml", text, Role::Gateway).unwrap();
+    let service = &loaded.config.services[0];
+    let tls = service.tls.as_ref().unwrap();
+    assert_eq!(tls.sni, "reviews.default.svc.cluster.local");
+}
