@@ -285,7 +285,8 @@ fn an_upgrade_applies_a_listener_change() {
     wait_until("the reload refused", Duration::from_secs(5), || {
         old.status()["last_error"].as_str().is_some_and(|e| {
             e.contains(
-                "[[listener]] (name, listen, protocol, idle_timeout or proxy_protocol) changed",
+                "[[listener]] (name, listen, protocol, idle_timeout or proxy_protocol) changed \
+                 (listener \"second\" added)",
             )
         })
     });

@@ -206,7 +206,8 @@ fn a_listener_change_is_refused_until_restart() {
     let err = gw.last_error();
     assert!(
         err.starts_with(
-            "[[listener]] (name, listen, protocol, idle_timeout or proxy_protocol) changed"
+            "[[listener]] (name, listen, protocol, idle_timeout or proxy_protocol) changed \
+             (listener \"web\"); it applies only at start"
         ),
         "{err}"
     );

@@ -133,9 +133,9 @@ impl Reloader {
             self.set_error(None);
             return Outcome::Unchanged;
         }
-        if let Some(section) = start_only_change(&old.config, &loaded.config) {
+        if let Some(change) = start_only_change(&old.config, &loaded.config) {
             let message = format!(
-                "{section} changed; it applies only at start: restart (or upgrade) to apply it. \
+                "{change}; it applies only at start: restart (or upgrade) to apply it. \
                  Nothing of this change was applied."
             );
             error!("{message}");
@@ -223,7 +223,7 @@ fn applied(source: &str, snapshot: &Snapshot) {
 }
 
 /// The first section that a reload cannot apply because the process reads it at start only.
-fn start_only_change(old: &Config, new: &Config) -> Option<&'static str> {
+fn start_only_change(old: &Config, new: &Config) -> Option<String> {
     fn json<T: serde::Serialize>(value: &T) -> Option<serde_json::Value> {
         serde_json::to_value(value).ok()
     }
@@ -246,17 +246,28 @@ fn start_only_change(old: &Config, new: &Config) -> Option<&'static str> {
             })
             .collect()
     };
-    if sockets(old) != sockets(new) {
-        Some(match new.sidecar {
+    let (before, after) = (sockets(old), sockets(new));
+    if before != after {
+        let section = match new.sidecar {
             Some(_) => "[inbound] or [outbound] (listen, mtls or idle_timeout)",
             None => "[[listener]] (name, listen, protocol, idle_timeout or proxy_protocol)",
-        })
+        };
+        // Which one, to find it in a config of many.
+        let which = (before.keys().chain(after.keys()))
+            .find(|name| before.get(*name) != after.get(*name))
+            .map(|name| match (before.get(name), after.get(name)) {
+                (Some(_), None) => format!("listener {name:?} gone"),
+                (None, Some(_)) => format!("listener {name:?} added"),
+                _ => format!("listener {name:?}"),
+            })
+            .unwrap_or_default();
+        Some(format!("{section} changed ({which})"))
     } else if json(&old.runtime) != json(&new.runtime) {
-        Some("[runtime]")
+        Some("[runtime] changed".into())
     } else if json(&old.admin) != json(&new.admin) {
-        Some("[admin]")
+        Some("[admin] changed".into())
     } else if json(&old.telemetry) != json(&new.telemetry) {
-        Some("[telemetry]")
+        Some("[telemetry] changed".into())
     } else {
         None
     }
