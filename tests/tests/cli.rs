@@ -351,14 +351,16 @@ fn git_options_without_a_repository_are_refused() {
     );
 }
 
-/// SIGHUP while a new process waits for its predecessor's sockets (here there is none) is
-/// no end of it: it goes on to give up on the upgrade as it would have.
+/// SIGHUP while a new process waits for its predecessor's sockets (here a stand-in answers
+/// on the admin address, and never sends them) is no end of it: it goes on to give up on the
+/// upgrade as it would have.
 #[test]
 fn sighup_before_the_server_runs_ends_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let (port, admin) = (weir_tests::free_port(), weir_tests::free_port());
     let config = dir.path().join("gateway.toml");
     std::fs::write(&config, weir_tests::Gateway::base(port, admin)).unwrap();
+    let _predecessor = std::net::TcpListener::bind(("127.0.0.1", admin)).unwrap();
     let mut child = std::process::Command::new(weir_tests::binary("weir-gateway"))
         .arg("--config")
         .arg(&config)

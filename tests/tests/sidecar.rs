@@ -500,14 +500,24 @@ fn a_permissive_inbound_serves_mesh_and_plaintext_callers_on_one_port() {
         assert_eq!(reply.status, 200, "{}", reply.body);
         let xfcc = app.last_header("x-forwarded-client-cert").unwrap();
         assert!(xfcc.contains(&format!(";URI={PRODUCTPAGE}")), "{xfcc}");
+        // How the caller came in: productpage's app called its sidecar in plain HTTP, and
+        // the mTLS hop after does not change that.
+        let proto = app.last_header("x-forwarded-proto");
+        assert_eq!(proto.as_deref(), Some("http"));
     }
+    // The edge's word on how the client came is kept across the mesh.
+    let edge = [("host", "reviews"), ("x-forwarded-proto", "https")];
+    let reply = productpage.get("/reviews/1", &edge);
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let proto = app.last_header("x-forwarded-proto");
+    assert_eq!(proto.as_deref(), Some("https"));
     // A foreign certificate is still refused in the handshake.
     let foreign = TestCa::new("foreign CA").workload(PRODUCTPAGE);
     assert!(mesh_get(inbound, Some(&foreign), "/public/1").is_err());
-    assert_eq!(app.hits(), 4);
+    assert_eq!(app.hits(), 5);
     let log = {
         wait_until("the access log", Duration::from_secs(10), || {
-            reviews.access_log().len() >= 5
+            reviews.access_log().len() >= 6
         });
         reviews.access_log()
     };
@@ -515,7 +525,10 @@ fn a_permissive_inbound_serves_mesh_and_plaintext_callers_on_one_port() {
         .iter()
         .map(|l| l["peer"].as_str().unwrap_or("-").to_string())
         .collect();
-    assert_eq!(peers, ["-", "-", "-", PRODUCTPAGE, PRODUCTPAGE]);
+    assert_eq!(
+        peers,
+        ["-", "-", "-", PRODUCTPAGE, PRODUCTPAGE, PRODUCTPAGE]
+    );
 
     // A request no route can take is the inbound side's in the metrics too.
     let reply = raw_request(

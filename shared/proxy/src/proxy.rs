@@ -364,8 +364,11 @@ impl ProxyHttp for WeirProxy {
             respond(session, ctx, 501, body, None).await?;
             return Ok(true);
         }
-        let cookies = session.req_header().headers.get_all(http::header::COOKIE);
-        if session.is_http2() && cookies.iter().nth(1).is_some() {
+        let split_cookies = |s: &Session| {
+            let cookies = s.req_header().headers.get_all(http::header::COOKIE);
+            cookies.iter().nth(1).is_some()
+        };
+        if session.is_http2() && split_cookies(session) {
             // Cookie fields an HTTP/2 client split (RFC 9113 §8.2.3) are one header to a
             // match, as Envoy joins them before routing, and to the upstream.
             edit_request(session.req_header_mut(), |parts| {
@@ -1032,8 +1035,17 @@ fn prepare_upstream(
                 }
             }
         }
-        let proto = HeaderValue::from_static(downstream.scheme());
-        headers.insert(X_FORWARDED_PROTO, proto);
+        // The edge says how the client reached it. Inside the mesh a sidecar keeps what the
+        // edge said (its own hop is mTLS whatever the client used), as Istio's do; an app
+        // that redirects http to https must see the client's scheme.
+        let sidecar = ctx
+            .snapshot
+            .as_ref()
+            .is_some_and(|s| s.config.sidecar.is_some());
+        if !(sidecar && headers.contains_key(X_FORWARDED_PROTO)) {
+            let proto = HeaderValue::from_static(downstream.scheme());
+            headers.insert(X_FORWARDED_PROTO, proto);
+        }
         headers.insert(X_REQUEST_ID, ctx.request_id.clone());
         // Only Weir says who the client certificate named: a client's own claim is dropped
         // (Envoy's SANITIZE_SET).
