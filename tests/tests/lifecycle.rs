@@ -248,20 +248,21 @@ fn an_upgrade_under_load_loses_no_request() {
     assert_eq!(new.admin_get("/ready").unwrap().status, 200);
 }
 
+/// A gateway config on `port` and `admin` that answers 200 to everything, in a directory of
+/// its own: the directory, and the file.
+fn answering_config(port: u16, admin: u16) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gateway.toml");
+    let route = "[[route]]\nname = \"r\"\ndirect_response = { status = 200 }\n";
+    std::fs::write(&config, format!("{}{route}", Gateway::base(port, admin))).unwrap();
+    (dir, config)
+}
+
 /// `--upgrade` with no gateway to take over from says so at once.
 #[test]
 fn an_upgrade_with_nothing_to_take_over_says_so() {
     let (port, admin) = (weir_tests::free_port(), weir_tests::free_port());
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("gateway.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "{}[[route]]\nname = \"r\"\ndirect_response = {{ status = 200 }}\n",
-            Gateway::base(port, admin)
-        ),
-    )
-    .unwrap();
+    let (_dir, config) = answering_config(port, admin);
     let args = ["--upgrade", "--config", config.to_str().unwrap()];
     let (code, _, stderr) = weir_tests::run("weir-gateway", &args);
     assert_eq!(code, 1, "{stderr}");
@@ -316,17 +317,7 @@ fn an_idle_gateway_exits_at_once_on_sigterm() {
 fn a_taken_port_is_a_clear_error() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("gw.toml");
-    let admin = weir_tests::free_port();
-    std::fs::write(
-        &path,
-        format!(
-            "{}[[route]]\nname = \"r\"\ndirect_response = {{ status = 200 }}\n",
-            Gateway::base(port, admin)
-        ),
-    )
-    .unwrap();
+    let (_dir, path) = answering_config(port, weir_tests::free_port());
     let (code, _, stderr) = weir_tests::run("weir-gateway", &["--config", path.to_str().unwrap()]);
     assert_eq!(code, 1, "{stderr}");
     assert!(
