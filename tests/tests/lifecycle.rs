@@ -55,6 +55,12 @@ fn with_a_slow_request(ms: u64) -> (Upstream, Gateway, InFlight) {
         "{}[[route]]\nname = \"r\"\n  [[route.backend]]\n  service = \"slow\"\n",
         up.service()
     ));
+    let in_flight = request_in_flight(&gw, &up, ms);
+    (up, gw, in_flight)
+}
+
+/// A request through `gw` that `up` answers after `ms` milliseconds, once it reached `up`.
+fn request_in_flight(gw: &Gateway, up: &Upstream, ms: u64) -> InFlight {
     let url = gw.url(&format!("/slow/{ms}"));
     let in_flight =
         thread::spawn(move || weir_tests::send(&weir_tests::client(), "GET", &url, &[]));
@@ -63,7 +69,7 @@ fn with_a_slow_request(ms: u64) -> (Upstream, Gateway, InFlight) {
         Duration::from_secs(5),
         || up.hits() == 1,
     );
-    (up, gw, in_flight)
+    in_flight
 }
 
 type InFlight = thread::JoinHandle<Result<weir_tests::Reply, String>>;
@@ -152,14 +158,7 @@ fn the_end_of_the_grace_period_says_what_it_cut() {
     )
     .unwrap();
     let mut gw = Gateway::start_on(dir, config, port, admin);
-    let url = gw.url("/slow/4000");
-    let in_flight =
-        thread::spawn(move || weir_tests::send(&weir_tests::client(), "GET", &url, &[]));
-    wait_until(
-        "the request to reach the upstream",
-        Duration::from_secs(5),
-        || up.hits() == 1,
-    );
+    let in_flight = request_in_flight(&gw, &up, 4000);
     gw.signal("TERM");
     let status = gw
         .wait_exit(Duration::from_secs(3))

@@ -1036,9 +1036,19 @@ impl Checker<'_> {
         };
         let healthy_threshold = threshold(self, "healthy_threshold", h.healthy_threshold, 2);
         let unhealthy_threshold = threshold(self, "unhealthy_threshold", h.unhealthy_threshold, 3);
+        let interval = self.positive(at, "interval", h.interval, Duration::from_secs(5));
+        // Each interval probes every endpoint: a typo ("1ms" for "1s") would flood them.
+        if interval < HEALTH_CHECK_MIN_INTERVAL {
+            self.fail(
+                &at.key("interval"),
+                format!(
+                    "health_check interval {interval:?}: at least 100ms, each probing every endpoint"
+                ),
+            );
+        }
         Some(HealthCheck {
             path,
-            interval: self.positive(at, "interval", h.interval, Duration::from_secs(5)),
+            interval,
             timeout: self.positive(at, "timeout", h.timeout, Duration::from_secs(1)),
             healthy_threshold,
             unhealthy_threshold,
@@ -2501,6 +2511,9 @@ fn host_name_ok(name: &str) -> bool {
                 && (label.bytes()).all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         })
 }
+
+/// The shortest health check interval.
+const HEALTH_CHECK_MIN_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Which part of a request's path a pattern is.
 #[derive(Clone, Copy, PartialEq)]

@@ -1433,3 +1433,14 @@ fn a_dns_name_may_end_with_its_root_dot() {
     let tls = service.tls.as_ref().unwrap();
     assert_eq!(tls.sni, "reviews.default.svc.cluster.local");
 }
+
+/// Each health check interval probes every endpoint: "1ms" (for "1s") would flood them.
+#[test]
+fn a_health_check_interval_under_100ms_is_an_error() {
+    let text =
+        format!("{SERVICE}  [service.health_check]\n  path = \"/h\"\n  interval = \"1ms\"\n");
+    assert_eq!(
+        errors(&text),
+        ["gw.toml:6: service \"reviews\": health_check interval 1ms: at least 100ms, each probing every endpoint"]
+    );
+}
