@@ -153,10 +153,10 @@ fn a_client_that_leaves_during_a_delay_takes_its_request_with_it() {
         .unwrap();
     std::thread::sleep(Duration::from_millis(100));
     drop(conn);
-    wait_until("DC in the access log", Duration::from_secs(5), || {
+    wait_until("FI,DC in the access log", Duration::from_secs(5), || {
         gw.access_log()
             .iter()
-            .any(|l| l["flags"] == "DC" && l["path"] == "/gone")
+            .any(|l| l["flags"] == "FI,DC" && l["path"] == "/gone")
     });
     // Logged once the client left, not at the end of the delay; and nothing went upstream.
     let log = gw.access_log();

@@ -647,6 +647,10 @@ impl Checker<'_> {
     /// Reads the PEM file at `path`, relative to the directory of the file that names it, and
     /// keeps its contents for the revision: a rotated certificate is a changed config.
     fn pem(&mut self, at: &At, path: &str) -> Option<(PathBuf, Vec<u8>)> {
+        if path.is_empty() {
+            self.fail(at, "empty: expected a PEM file's path");
+            return None;
+        }
         let declared_in = self.sources.files.get(at.file).map(|f| f.path.as_path());
         let dir = declared_in
             .and_then(|f| f.parent())

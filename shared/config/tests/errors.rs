@@ -1444,3 +1444,15 @@ fn a_health_check_interval_under_100ms_is_an_error() {
         ["gw.toml:6: service \"reviews\": health_check interval 1ms: at least 100ms, each probing every endpoint"]
     );
 }
+
+/// An empty path is said to be one, not read as the config's own directory.
+#[test]
+fn an_empty_pem_path_is_said_so() {
+    let text = format!(
+        "{SERVICE}  [service.tls]\n  mode = \"simple\"\n  sni = \"reviews\"\n  ca = \"\"\n"
+    );
+    assert_eq!(
+        errors(&text),
+        ["gw.toml:7: service \"reviews\": empty: expected a PEM file's path"]
+    );
+}

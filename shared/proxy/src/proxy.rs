@@ -1127,15 +1127,15 @@ fn past(deadline: Option<Clock>) -> bool {
 }
 
 /// The flags of a failure that used up the retries: its own flag and `URX`, as Envoy logs
-/// `UF,URX`.
+/// `UF,URX`; of a client that left during an injected delay, `FI,DC`.
 fn with_exhausted(flag: &'static str, so_far: &str) -> &'static str {
-    if !so_far.ends_with("URX") {
-        return flag;
-    }
-    match flag {
-        "UF" => "UF,URX",
-        "UC" => "UC,URX",
-        "UT" => "UT,URX",
+    match (flag, so_far) {
+        // A client that left during an injected delay: both said, as Envoy logs them.
+        ("DC", "FI") => "FI,DC",
+        (_, so_far) if !so_far.ends_with("URX") => flag,
+        ("UF", _) => "UF,URX",
+        ("UC", _) => "UC,URX",
+        ("UT", _) => "UT,URX",
         _ => flag,
     }
 }
