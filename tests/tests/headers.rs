@@ -255,6 +255,23 @@ fn an_http10_client_gets_a_chunked_answer_as_plain_bytes() {
 }
 
 #[test]
+fn an_http10_upstream_is_answered_in_the_proxys_own_version() {
+    let gw = Gateway::start(&format!(
+        "{}{}",
+        answering(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok"),
+        route_to("raw")
+    ));
+    // Two requests on one connection: the first answer must not end it (RFC 9110 §6.2, a
+    // proxy sends its own version; HTTP/1.0 would tell the client the connection closes).
+    let reply = raw_request(
+        gw.port,
+        b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(reply.matches("HTTP/1.1 200 OK\r\n").count(), 2, "{reply}");
+    assert!(!reply.contains("HTTP/1.0"), "{reply}");
+}
+
+#[test]
 fn no_content_has_no_length_and_head_over_http2_has_no_body() {
     let gw = Gateway::start(&format!(
         "{}{}[[route]]\nname = \"teapot\"\ndirect_response = {{ status = 418, body = \"teapot\\n\" }}\n  \

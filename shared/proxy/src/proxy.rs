@@ -734,6 +734,11 @@ impl ProxyHttp for WeirProxy {
             session.set_keepalive(None);
         }
         let unframed = response.status == http::StatusCode::NO_CONTENT || close_delimited;
+        // A proxy sends its own HTTP version (RFC 9110 §6.2), as nginx and Envoy do: an
+        // HTTP/1.0 upstream's status line would tell an HTTP/1.1 client the connection ends.
+        if response.version < Version::HTTP_11 {
+            response.set_version(Version::HTTP_11);
+        }
         edit_response(response, |headers| {
             if !upgraded {
                 strip_hop_by_hop(headers, &RESPONSE_HOP_BY_HOP);
