@@ -21,6 +21,16 @@ pub fn parse(text: &str) -> Result<Duration, String> {
         "s" => n.checked_mul(1_000),
         "m" => n.checked_mul(60_000),
         "h" => n.checked_mul(3_600_000),
+        _ if unit.starts_with('.') => {
+            return Err(format!(
+                "bad duration {text:?}: whole numbers only (a smaller unit: ms, s, m, h)"
+            ))
+        }
+        _ if unit.contains(|c: char| c.is_ascii_digit()) => {
+            return Err(format!(
+                "bad duration {text:?}: one number and one unit (ms, s, m, h)"
+            ))
+        }
         _ => {
             return Err(format!(
                 "bad duration {text:?}: unknown unit {unit:?} (ms, s, m, h)"
@@ -87,6 +97,23 @@ mod tests {
         ] {
             assert!(parse(text).is_err(), "{text:?} should be rejected");
         }
+        // What went wrong, said in the user's terms.
+        let said = |text: &str| parse(text).unwrap_err();
+        assert!(
+            said("1.5s").contains("whole numbers only"),
+            "{}",
+            said("1.5s")
+        );
+        assert!(
+            said("1m30s").contains("one number and one unit"),
+            "{}",
+            said("1m30s")
+        );
+        assert!(
+            said("5sec").contains("unknown unit \"sec\""),
+            "{}",
+            said("5sec")
+        );
         assert!(parse_period("0s").is_err());
         assert_eq!(parse_period("15s"), Ok(Duration::from_secs(15)));
     }

@@ -71,6 +71,15 @@ struct At {
 }
 
 impl At {
+    /// The last key's name: what a message about the value there calls it.
+    fn name(&self) -> &str {
+        let last = self.key.iter().rev().find_map(|s| match s {
+            Seg::Key(k) => Some(k.as_str()),
+            Seg::Index(_) => None,
+        });
+        last.unwrap_or("")
+    }
+
     fn key(&self, seg: impl Into<Seg>) -> At {
         let mut key = self.key.clone();
         key.push(seg.into());
@@ -79,6 +88,13 @@ impl At {
             key,
             label: self.label.clone(),
         }
+    }
+
+    /// A table that also shows in the readable path: `retry`.
+    fn table(&self, name: &str) -> At {
+        let mut at = self.key(name);
+        at.label = format!("{} {name}", self.label);
+        at
     }
 
     /// A step that also shows in the readable path: `backend[1]`.
@@ -1226,7 +1242,7 @@ impl Checker<'_> {
         let retry_given = r.retry.is_some();
         let retry = r
             .retry
-            .map(|rt| self.retry(&at.key("retry"), rt))
+            .map(|rt| self.retry(&at.table("retry"), rt))
             .unwrap_or_default();
         // What concerns the request sent upstream; Weir itself answers the others.
         let upstream_only = [
@@ -1595,33 +1611,46 @@ impl Checker<'_> {
             return HeaderOps::default();
         };
         let mut out = HeaderOps::default();
+        // Messages name the field: `request_headers.set`, `response_headers.remove[0]`.
+        let mut check = |here: &At, field: String, name: &str, kind: &str| {
+            let lower = name.to_ascii_lowercase();
+            if !http_header_name_ok(&lower) {
+                self.fail(here, format!("{field}: bad header name {name:?}"));
+            } else if let Some(why) = not_editable(&lower, kind, request) {
+                self.fail(
+                    here,
+                    format!("{field}: {lower:?} cannot be changed here: {why}"),
+                );
+            } else {
+                return Some(lower);
+            }
+            None
+        };
+        let mut edits = Vec::new();
         for (kind, pairs) in [("set", ops.set), ("add", ops.add)] {
             for (name, value) in pairs {
                 let here = at.key(kind).key(name.as_str());
-                let lower = name.to_ascii_lowercase();
-                if !http_header_name_ok(&lower) {
-                    self.fail(&here, format!("bad header name {name:?}"));
-                } else if let Some(why) = not_editable(&lower, kind, request) {
-                    self.fail(&here, format!("{lower:?} cannot be changed here: {why}"));
-                } else if self.header_value(&here, &value) {
-                    let list = if kind == "set" {
-                        &mut out.set
-                    } else {
-                        &mut out.add
-                    };
-                    list.push((lower, value));
+                let field = format!("{}.{kind}", at.name());
+                if let Some(lower) = check(&here, field, &name, kind) {
+                    edits.push((here, kind, lower, value));
                 }
             }
         }
         for (i, name) in ops.remove.into_iter().enumerate() {
-            let lower = name.to_ascii_lowercase();
-            if !http_header_name_ok(&lower) {
-                self.fail(&at.item("remove", i), format!("bad header name {name:?}"));
-            } else if let Some(why) = not_editable(&lower, "remove", request) {
-                let at = at.item("remove", i);
-                self.fail(&at, format!("{lower:?} cannot be changed here: {why}"));
-            } else {
+            let here = at.key("remove").key(i);
+            let field = format!("{}.remove[{i}]", at.name());
+            if let Some(lower) = check(&here, field, &name, "remove") {
                 out.remove.push(lower);
+            }
+        }
+        for (here, kind, lower, value) in edits {
+            if self.header_value(&here, &value) {
+                let list = if kind == "set" {
+                    &mut out.set
+                } else {
+                    &mut out.add
+                };
+                list.push((lower, value));
             }
         }
         out
@@ -2022,17 +2051,19 @@ impl Checker<'_> {
         services: &mut Vec<(At, RawService)>,
     ) {
         // A user's route or service of that name would shadow the app.
-        let items = routes.iter().map(|(at, r)| (at, r.name()));
-        let items = items.chain(services.iter().map(|(at, s)| (at, s.name())));
-        let taken: Vec<At> = items
-            .filter(|(_, name)| *name == Some(INBOUND))
-            .map(|(at, _)| at.key("name"))
+        let items = routes.iter().map(|(at, r)| (at, "route", r.name()));
+        let items = items.chain(services.iter().map(|(at, s)| (at, "service", s.name())));
+        let taken: Vec<(At, &str)> = items
+            .filter(|(_, _, name)| *name == Some(INBOUND))
+            .map(|(at, kind, _)| (at.key("name"), kind))
             .collect();
-        for at in taken {
+        for (at, kind) in taken {
             self.fail(
                 &at,
-                "the name \"inbound\" is the sidecar's own (its route and service to the \
-                 app); choose another",
+                format!(
+                    "{kind} name \"inbound\" is the sidecar's own (its route and service to \
+                     the app); choose another"
+                ),
             );
         }
         // The service label of captured calls that went on to where the app called.
@@ -2295,9 +2326,10 @@ impl Checker<'_> {
         }
     }
 
+    /// A duration at `at`; an error names its key.
     fn duration(&mut self, at: &At, text: &str) -> Option<Duration> {
         crate::duration::parse(text)
-            .map_err(|e| self.fail(at, e))
+            .map_err(|e| self.fail(at, format!("{}: {e}", at.name())))
             .ok()
     }
 

@@ -49,7 +49,7 @@ max_connections = 0
             "gw.toml:7: route \"web\" match[0]: bad regex \"/api/(\": unclosed group",
             "gw.toml:9: route \"web\" match[1]: bad regex \"/a)|(/b\": unopened group",
             "gw.toml:13: route \"web\" backend[1]: unknown service \"paymnts\"",
-            "gw.toml:16: [runtime]: bad duration \"10 seconds\": unknown unit \" seconds\" (ms, s, m, h)",
+            "gw.toml:16: [runtime]: grace_period: bad duration \"10 seconds\": unknown unit \" seconds\" (ms, s, m, h)",
             "gw.toml:17: [runtime]: unknown key \"colour\"",
             "gw.toml:21: listener \"web\": bad address \"localhost:80\": expected ip:port, such as \"127.0.0.1:8080\"",
             "gw.toml:22: listener \"web\": idle_timeout must be more than 0",
@@ -365,7 +365,7 @@ rewrite = {{ path_prefix = \"/v2/\" }}
         "route \"r\": path_prefix needs every [[route.match]] to match the path by prefix or exact",
         "route \"all\": path_prefix replaces what the route's [[route.match]] matched by prefix or exact path, and the route has no [[route.match]]",
         "route \"r\": bad header value \"line\\nbreak\"",
-        "route \"r\": bad header name \"bad name\"",
+        "route \"r\": request_headers.set: bad header name \"bad name\"",
         "route \"r\": percent 150 is not between 0 and 100",
         "route \"r\": delay needs fixed",
         "route \"moved\": redirect status 200: expected 301, 302, 303, 307 or 308",
@@ -409,7 +409,7 @@ fn mirrors_and_connection_pools_are_checked() {
     for want in [
         "gw.toml:4: service \"a\": max_requests must be at least 1",
         "gw.toml:4: service \"a\": connect_timeout must be more than 0",
-        "gw.toml:4: service \"a\": bad duration \"soon\"",
+        "gw.toml:4: service \"a\": idle_timeout: bad duration \"soon\"",
         "gw.toml:10: route \"r\": unknown service \"shadow\"",
         "gw.toml:15: route \"d\": mirror applies only to routes with [[route.backend]]",
     ] {
@@ -440,10 +440,10 @@ fn resilience_keys_are_checked() {
         "gw.toml:12: service \"c\": max_ejection_percent 150 is over 100",
         "gw.toml:14: service \"c\": max_ejection_time is shorter than base_ejection_time",
         "service \"c\": missing required key \"path\"",
-        "gw.toml:20: route \"r\": bad duration \"soon\"",
-        "gw.toml:24: route \"r\" on[1]: unknown retry condition \"sometimes\"",
-        "gw.toml:24: route \"r\" on[2]: status 700 is not between 100 and 599",
-        "route \"r\": budget ratio -1 is not between 0 and 10",
+        "gw.toml:20: route \"r\": timeout: bad duration \"soon\"",
+        "gw.toml:24: route \"r\" retry on[1]: unknown retry condition \"sometimes\"",
+        "gw.toml:24: route \"r\" retry on[2]: status 700 is not between 100 and 599",
+        "route \"r\" retry: budget ratio -1 is not between 0 and 10",
     ] {
         assert!(errs.contains(want), "missing {want:?} in:\n{errs}");
     }
@@ -777,7 +777,7 @@ endpoints = [\"127.0.0.1:1\"]
         [
             format!("{file}:2: [workload]: {workload}: no spiffe:// URI SAN; a workload certificate names its workload, such as spiffe://mesh.local/ns/default/sa/reviews"),
             format!("{file}:8: [[listener]] is weir-gateway's; weir-sidecar listens on [inbound] and [outbound]"),
-            format!("{file}:12: the name \"inbound\" is the sidecar's own (its route and service to the app); choose another"),
+            format!("{file}:12: route name \"inbound\" is the sidecar's own (its route and service to the app); choose another"),
             format!("{file}:20: service \"app\": mode \"mesh\" uses [workload]'s certificate and trust bundle; leave out ca"),
             format!("{file}:21: service \"app\" identities[0]: identity \"reviews\": expected a spiffe:// id (a trust domain, then a path of letters, digits, '.', '-' and '_' segments)"),
         ]
@@ -802,7 +802,7 @@ endpoints = [\"127.0.0.1:1\"]
         [
             format!("{file}:4: [inbound]: idle_timeout must be more than 0"),
             format!(
-                "{file}:6: [outbound]: bad duration \"soon\": expected a number then ms, s, m or h"
+                "{file}:6: [outbound]: idle_timeout: bad duration \"soon\": expected a number then ms, s, m or h"
             ),
             format!("{file}:7: [outbound]: max_connections must be at least 1"),
         ]
@@ -1192,15 +1192,15 @@ rewrite = {{ host = \"[2001:db8::g]\" }}
     );
     let errs = errors(&text).join("\n");
     for want in [
-        "gw.toml:7: route \"framing\": \"content-length\" cannot be changed here: the proxy frames the body itself",
-        "gw.toml:8: route \"framing\" remove[0]: \"host\" cannot be changed here: a request has exactly one Host",
-        "gw.toml:10: route \"framing\": \"transfer-encoding\" cannot be changed here",
+        "gw.toml:7: route \"framing\": request_headers.set: \"content-length\" cannot be changed here: the proxy frames the body itself",
+        "gw.toml:8: route \"framing\": request_headers.remove[0]: \"host\" cannot be changed here: a request has exactly one Host",
+        "gw.toml:10: route \"framing\": response_headers.add: \"transfer-encoding\" cannot be changed here",
         "gw.toml:15: route \"informational\": status 101 is not a final HTTP status (200-599)",
         "gw.toml:18: route \"no-content\": a 204 response has no body",
         "gw.toml:21: route \"wild\": bad redirect host \"*.example.com\"",
         "gw.toml:24: route \"port\": bad redirect host \"a.example.com:99999\"",
         "gw.toml:27: service \"zero\" endpoints[0]: bad address \"127.0.0.1:0\": port 0 names no port",
-        "gw.toml:29: service \"zero\": bad duration \"18446744073709551615ms\": too large (at most 8760h)",
+        "gw.toml:29: service \"zero\": base_ejection_time: bad duration \"18446744073709551615ms\": too large (at most 8760h)",
         "gw.toml:31: [runtime]: 5000 threads: at most 1024",
         "gw.toml:33: [telemetry]: empty: \"stdout\", \"off\" or a file's path",
         "gw.toml:36: listener \"web\": bad address \"127.0.0.1:0\": port 0 names no port",
