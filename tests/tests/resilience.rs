@@ -462,6 +462,59 @@ fn health_checks_take_failing_endpoints_out_and_503_uh_when_none_is_left() {
     );
 }
 
+/// Outlier detection that may not eject says why, once: a failing service would say it at
+/// every few failures.
+#[test]
+fn a_held_back_ejection_is_logged_once_with_its_reason() {
+    let bad = Upstream::failing("bad", 500);
+    let gw = Gateway::start(&format!(
+        "{}{}",
+        service(
+            "app",
+            &[bad.addr.to_string()],
+            "[service.outlier_detection]\nconsecutive_5xx = 2\nmax_ejection_percent = 100\n"
+        ),
+        route("  [route.retry]\n  attempts = 0\n")
+    ));
+    for _ in 0..10 {
+        assert_eq!(gw.get("/", &[]).status, 500);
+    }
+    let held: Vec<String> = (gw.stderr().lines())
+        .filter(|l| l.contains("not ejecting"))
+        .map(String::from)
+        .collect();
+    assert_eq!(held.len(), 1, "{held:?}");
+    assert!(
+        held[0].contains("the last endpoint in is never ejected"),
+        "{held:?}"
+    );
+}
+
+/// An endpoint that is out leaves its turns to all the others, not to its neighbour in the
+/// list (which would take twice its share, and could fall over in its turn).
+#[test]
+fn round_robin_spreads_an_unhealthy_endpoint_s_turns_evenly() {
+    let (a, b, bad) = (
+        Upstream::start("a"),
+        Upstream::start("b"),
+        Upstream::failing("bad", 503),
+    );
+    let checks = "[service.health_check]\npath = \"/healthz\"\ninterval = \"100ms\"\nunhealthy_threshold = 1\n";
+    let endpoints = [a.addr, b.addr, bad.addr].map(|e| e.to_string());
+    let gw = Gateway::start(&format!(
+        "{}{}",
+        service("app", &endpoints, checks),
+        route("  [route.retry]\n  attempts = 0\n")
+    ));
+    wait_until("bad marked unhealthy", Duration::from_secs(10), || {
+        endpoint_states(&gw).contains(&format!("{} unhealthy", bad.addr))
+    });
+    let bodies: Vec<String> = (0..30).map(|_| gw.get("/", &[]).body).collect();
+    let count = |name: &str| bodies.iter().filter(|b| *b == name).count();
+    assert_eq!(count("a") + count("b"), 30, "{bodies:?}");
+    assert!(count("a").abs_diff(count("b")) <= 2, "{bodies:?}");
+}
+
 /// The share of `n` concurrent requests the slow endpoint got under `balancer`.
 fn slow_share(balancer: &str) -> f64 {
     let slow = Upstream::slow("slow", Duration::from_millis(100));

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,12 +22,16 @@ pub struct Balancer {
     service: String,
     set: ArcSwap<EndpointSet>,
     next: AtomicUsize,
+    /// The turns of endpoints that were out, handed round the others.
+    skipped: AtomicUsize,
     kind: LoadBalancer,
     outlier: Option<OutlierDetection>,
     /// Endpoints ejected now; while 0, picking never reads the clock.
     ejected: AtomicUsize,
     /// Serializes ejection decisions (rare), so two failures cannot both take the last place.
     ejecting: Mutex<()>,
+    /// An ejection was held back by the limits and said so since the last ejection or return.
+    held_back: AtomicBool,
     epoch: Instant,
 }
 
@@ -70,10 +74,12 @@ impl Balancer {
                 &[],
             )),
             next: AtomicUsize::new(0),
+            skipped: AtomicUsize::new(0),
             kind: service.load_balancer.clone(),
             outlier: service.outlier_detection.clone(),
             ejected: AtomicUsize::new(0),
             ejecting: Mutex::new(()),
+            held_back: AtomicBool::new(false),
             epoch: Instant::now(),
         }
     }
@@ -124,11 +130,24 @@ impl Balancer {
     ) -> Option<Arc<Endpoint>> {
         let eps = &set.endpoints;
         let n = eps.len();
-        let scan = |start: usize| {
-            (0..n)
-                .map(|i| &eps[(start + i) % n])
-                .find(|e| ok(e))
+        // The k-th of those that are ok. An endpoint that is out leaves its turns to all the
+        // others in turn, not to its neighbour in the list (which would take twice its share):
+        // the spread over the healthy of Envoy and nginx.
+        let spread = |k: usize| {
+            let m = eps.iter().filter(|e| ok(e)).count();
+            let kth = (m > 0).then(|| eps.iter().filter(|e| ok(e)).nth(k % m));
+            // Health may change between the two passes.
+            kth.flatten()
+                .or_else(|| eps.iter().find(|e| ok(e)))
                 .cloned()
+        };
+        let at_or_spread = |i: usize, k: &dyn Fn() -> usize| {
+            let e = &eps[i % n];
+            if ok(e) {
+                Some(e.clone())
+            } else {
+                spread(k())
+            }
         };
         match (&self.kind, key, &set.ring) {
             (LoadBalancer::ConsistentHash(_), Some(key), Some((ring, index))) => ring
@@ -137,8 +156,10 @@ impl Balancer {
                 .filter_map(|addr| index.get(addr).map(|&i| &eps[i]))
                 .find(|e| ok(e))
                 .cloned()
-                .or_else(|| scan(0)),
-            (LoadBalancer::Random, _, _) => scan(fastrand::usize(..n)),
+                .or_else(|| spread(0)),
+            (LoadBalancer::Random, _, _) => {
+                at_or_spread(fastrand::usize(..n), &|| fastrand::usize(..))
+            }
             (LoadBalancer::LeastRequest, _, _) if n > 1 => {
                 // Power of two choices, as Envoy's least_request with choice_count 2.
                 let a = fastrand::usize(..n);
@@ -148,10 +169,12 @@ impl Balancer {
                     (true, true) if b.active() < a.active() => Some(b.clone()),
                     (true, _) => Some(a.clone()),
                     (false, true) => Some(b.clone()),
-                    (false, false) => scan(fastrand::usize(..n)),
+                    (false, false) => spread(fastrand::usize(..)),
                 }
             }
-            _ => scan(self.next.fetch_add(1, Ordering::Relaxed)),
+            _ => at_or_spread(self.next.fetch_add(1, Ordering::Relaxed), &|| {
+                self.skipped.fetch_add(1, Ordering::Relaxed)
+            }),
         }
     }
 
@@ -179,6 +202,7 @@ impl Balancer {
             e.consecutive_5xx.store(0, Ordering::Relaxed);
             e.consecutive_gateway_errors.store(0, Ordering::Relaxed);
             self.ejected.fetch_sub(1, Ordering::AcqRel);
+            self.held_back.store(false, Ordering::Release);
             info!(service = %self.service, endpoint = %e.addr, "outlier detection: endpoint returned");
         }
         false
@@ -229,17 +253,28 @@ impl Balancer {
             .count();
         // As Envoy: at least one endpoint may be ejected whatever the percentage, but here
         // never the last one in.
-        let allowed = (n * od.max_ejection_percent as usize / 100)
-            .max(1)
-            .min(n - 1);
+        let by_percent = (n * od.max_ejection_percent as usize / 100).max(1);
+        let allowed = by_percent.min(n - 1);
         e.consecutive_5xx.store(0, Ordering::Relaxed);
         e.consecutive_gateway_errors.store(0, Ordering::Relaxed);
         if out >= allowed {
-            warn!(service = %self.service, endpoint = %e.addr, reason,
-                  "outlier detection: not ejecting, {out} of {n} endpoints are out already (max_ejection_percent {})",
-                  od.max_ejection_percent);
+            // Said once until the ejections change: a failing service would say it at
+            // every few failures.
+            if !self.held_back.swap(true, Ordering::AcqRel) {
+                let why = if by_percent > allowed {
+                    "the last endpoint in is never ejected".to_string()
+                } else {
+                    format!(
+                        "max_ejection_percent {} allows {allowed}",
+                        od.max_ejection_percent
+                    )
+                };
+                warn!(service = %self.service, endpoint = %e.addr, reason,
+                      "outlier detection: not ejecting, {out} of {n} endpoints are out already and {why}");
+            }
             return None;
         }
+        self.held_back.store(false, Ordering::Release);
         // The multiplier drops by one for every interval the endpoint stayed in.
         let interval = od.interval.as_millis().max(1) as u64;
         let stayed = now.saturating_sub(e.returned_at.load(Ordering::Acquire)) / interval;

@@ -52,7 +52,9 @@ pub fn roll(key: &[u8]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
     use std::net::SocketAddr;
+    use std::sync::atomic::Ordering;
     use std::time::Duration;
     use weir_config::{HealthCheck, OutlierDetection};
 
@@ -88,6 +90,33 @@ mod tests {
             picks,
             ["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.1", "10.0.0.2", "10.0.0.3"]
         );
+    }
+
+    /// Endpoints that are out leave their turns evenly to the others: the third of three
+    /// (handing a turn to the next in the list would give the first two thirds) and the
+    /// second and fourth of four (a turn handed by the counter modulo the count of those
+    /// in would go to the third every time).
+    #[test]
+    fn the_turns_of_endpoints_that_are_out_are_spread_evenly() {
+        for (n, out) in [(3, &[2][..]), (4, &[1, 3][..])] {
+            for lb in [LoadBalancer::RoundRobin, LoadBalancer::Random] {
+                let b = Balancer::new(&service(n, lb.clone()));
+                for &i in out {
+                    b.endpoints().endpoints[i]
+                        .healthy
+                        .store(false, Ordering::Release);
+                }
+                let mut hits = HashMap::<String, usize>::new();
+                for _ in 0..4000 {
+                    let ip = b.pick(None, None).unwrap().addr.ip().to_string();
+                    *hits.entry(ip).or_default() += 1;
+                }
+                let hit = |ip: &str| hits.get(ip).copied().unwrap_or(0);
+                let (first, other) = (hit("10.0.0.1"), hit("10.0.0.2") + hit("10.0.0.3"));
+                assert_eq!((hits.len(), first + other), (2, 4000), "{lb:?}: {hits:?}");
+                assert!(first.abs_diff(4000 / 2) < 150, "{lb:?} {out:?}: {hits:?}");
+            }
+        }
     }
 
     #[test]
