@@ -297,6 +297,65 @@ fn max_connections_queue_up_to_max_pending_then_overflow() {
     assert_eq!(up.hits(), 2);
 }
 
+/// A client that leaves while its request waits in line for a connection, or waits out a
+/// retry's backoff, takes the request with it: no place in line kept, no upstream reached
+/// (as Envoy cancels a pending request when its client resets).
+#[test]
+fn a_client_that_leaves_while_its_request_waits_takes_it_along() {
+    let slow = Upstream::slow("slow", Duration::from_millis(1500));
+    let bad = Upstream::failing("bad", 503);
+    let gw = Gateway::start(&format!(
+        "{}{}[[route]]\nname = \"retried\"\n  [[route.match]]\n  path = {{ prefix = \"/retried\" }}\n  \
+         [[route.backend]]\n  service = \"bad\"\n  [route.retry]\n  backoff = \"10m\"\n{AMPLE}\
+         [[route]]\nname = \"r\"\n  [[route.backend]]\n  service = \"slow\"\n",
+        service(
+            "slow",
+            &[slow.addr.to_string()],
+            "connection_pool = { max_connections = 1, max_pending_requests = 1 }"
+        ),
+        service("bad", &[bad.addr.to_string()], ""),
+    ));
+    // In line: one request holds the only connection, the next waits, and its client leaves.
+    let url = gw.url("/first");
+    let first = thread::spawn(move || send(&client(), "GET", &url, &[]).unwrap().status);
+    wait_until("the first upstream", Duration::from_secs(10), || {
+        slow.hits() == 1
+    });
+    let mut waiting = std::net::TcpStream::connect(("127.0.0.1", gw.port)).unwrap();
+    waiting
+        .write_all(b"GET /left HTTP/1.1\r\nHost: a\r\n\r\n")
+        .unwrap();
+    wait_until("the second in line", Duration::from_secs(10), || {
+        gw.metric("weir_upstream_requests_active{service=\"slow\"}") == 2.0
+    });
+    drop(waiting);
+    let left = |path: &str| {
+        gw.access_log()
+            .iter()
+            .any(|l| l["path"] == path && l["flags"] == "DC")
+    };
+    wait_until("/left logged DC", Duration::from_secs(5), || left("/left"));
+    // Its place in line is free again: the next request waits and is served, not 503 UO.
+    assert_eq!(gw.get("/third", &[]).status, 200);
+    assert_eq!(first.join().unwrap(), 200);
+    assert_eq!(
+        slow.hits(),
+        2,
+        "the request whose client left reached the upstream"
+    );
+    // A retry's backoff: the client leaves after the first try's 503.
+    let mut retried = std::net::TcpStream::connect(("127.0.0.1", gw.port)).unwrap();
+    retried
+        .write_all(b"GET /retried HTTP/1.1\r\nHost: a\r\n\r\n")
+        .unwrap();
+    wait_until("the first try", Duration::from_secs(10), || bad.hits() == 1);
+    drop(retried);
+    wait_until("/retried logged DC", Duration::from_secs(5), || {
+        left("/retried")
+    });
+    assert_eq!(bad.hits(), 1, "a retry went out for a client that had left");
+}
+
 #[test]
 fn an_upstream_connection_is_reused_then_closed_after_idle_timeout() {
     let up = RawUpstream::start(Closes::Never);

@@ -434,7 +434,8 @@ impl ProxyHttp for WeirProxy {
                 ctx.flags = "FI";
                 count_fault(&route, "delay");
                 // Boxed, as `respond` is.
-                Box::pin(fault_delay(session, delay.fixed)).await?;
+                let delay = tokio::time::sleep(delay.fixed);
+                Box::pin(unless_client_leaves(session, delay)).await?;
             }
             if let Some(abort) = fault
                 .abort
@@ -532,7 +533,8 @@ impl ProxyHttp for WeirProxy {
                 return Err(fail_with(ctx, 504, "DT"));
             }
             // Boxed, as `respond` is: retries are rare.
-            Box::pin(tokio::time::sleep(wait)).await;
+            let backoff = tokio::time::sleep(wait);
+            Box::pin(unless_client_leaves(session, backoff)).await?;
         }
         // A retry goes elsewhere when it can; the last try's places are given back first.
         let avoid = ctx.endpoint.take().map(|a| a.endpoint().addr);
@@ -544,7 +546,12 @@ impl ProxyHttp for WeirProxy {
         let place = match service.connections.try_acquire() {
             Some(place) => place,
             // Boxed, as `respond` is: waiting for a connection is rare.
-            None => match Box::pin(wait_for_place(&service, ctx.deadline)).await {
+            None => match Box::pin(unless_client_leaves(
+                session,
+                wait_for_place(&service, ctx.deadline),
+            ))
+            .await?
+            {
                 Ok(place) => place,
                 Err((status, flags)) => return Err(fail_with(ctx, status, flags)),
             },
@@ -1084,22 +1091,28 @@ fn prepare_upstream(
     Ok(())
 }
 
-/// An injected delay, cut short when the client leaves: its request goes no further (as with
-/// Envoy's fault filter). Only a body-less HTTP/1 request is watched, as its socket can be read
-/// without taking body bytes (a pipelined next request's are kept for it).
-async fn fault_delay(session: &mut Session, delay: Duration) -> Result<()> {
-    let sleep = tokio::time::sleep(delay);
+/// `wait` (an injected delay, a retry's backoff, a place in line for a connection), cut short
+/// when the client leaves: its request goes no further, takes no place in line and reaches no
+/// upstream (as with Envoy's fault filter and connection pool queue). An HTTP/1 request is
+/// watched when its body is empty or all read (as before every retry), as its socket can then
+/// be read without taking body bytes (a pipelined next request's are kept for it).
+async fn unless_client_leaves<T>(
+    session: &mut Session,
+    wait: impl Future<Output = T>,
+) -> Result<T> {
     let downstream = session.as_mut();
-    if downstream.as_http1().is_none() || !downstream.is_body_empty() {
-        sleep.await;
-        return Ok(());
+    let watched = downstream.as_http1().is_some()
+        && (downstream.is_body_empty() || downstream.is_body_done());
+    if !watched {
+        return Ok(wait.await);
     }
+    tokio::pin!(wait);
     tokio::select! {
-        () = sleep => Ok(()),
+        out = &mut wait => Ok(out),
         gone = downstream.read_body_or_idle(true) => match gone {
             Err(e) => Err(e.into_down()),
             // Only a close ends the idle read; nothing else comes here.
-            Ok(_) => Ok(()),
+            Ok(_) => Ok(wait.await),
         },
     }
 }
