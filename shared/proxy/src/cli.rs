@@ -56,7 +56,7 @@ struct Cli {
     /// How often to fetch the ref, e.g. 15s or 1m [default: 15s].
     #[arg(long, value_name = "DURATION", value_parser = weir_config::duration::parse_period, requires = "config_git", conflicts_with = "config")]
     git_poll: Option<Duration>,
-    /// Take the listening sockets over from the gateway running on the same admin address
+    /// Take the listening sockets over from the proxy running on the same admin address
     /// (Pingora's graceful upgrade): start this one, then send the old one SIGQUIT.
     #[arg(long)]
     upgrade: bool,
