@@ -1,5 +1,6 @@
 //! DNS discovery against a real DNS server (dnsmasq on a loopback port): endpoints follow the
-//! answers without a config reload, and a failed lookup keeps the last good set.
+//! answers without a config reload (none when the name has no address), and a failed lookup
+//! keeps the last good set.
 #![allow(clippy::unwrap_used)]
 
 use std::fs;
@@ -37,6 +38,8 @@ impl Dnsmasq {
             "--bind-interfaces",
             "--listen-address=127.0.0.1",
             "--local-ttl=1",
+            // Authoritative for the test's domain: a name not in the hosts file is NXDOMAIN.
+            "--local=/weir.test/",
             "--pid-file=",
             &format!("--port={port}"),
             &format!("--addn-hosts={}", path.display()),
@@ -117,6 +120,18 @@ fn endpoints_follow_dns_answers_without_a_reload_and_survive_a_dead_server() {
         gw.get("/", &[]).body == "b"
     });
     assert_eq!(gw.generation(), 1, "no config reload was needed");
+
+    // The name has no address any more (a headless service with no ready pod): no endpoints,
+    // 503 UH, until it has one again.
+    dns.answer("");
+    wait_until("no endpoints", Duration::from_secs(10), || {
+        gw.get("/", &[]).status == 503
+    });
+    assert_eq!(gw.get("/", &[]).body, "no healthy upstream\n");
+    dns.answer("127.0.0.2 app.weir.test\n");
+    wait_until("the address back", Duration::from_secs(10), || {
+        gw.get("/", &[]).body == "b"
+    });
     let before = a.hits();
 
     // The server goes away: lookups fail, the last good endpoints stay.

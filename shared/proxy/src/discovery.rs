@@ -209,7 +209,10 @@ fn h2_uri(header: &RequestHeader, tls: bool) -> pingora_error::Result<http::Uri>
         .or_err(ErrorType::InvalidHTTPHeader, "health check URI")
 }
 
-/// Resolves `dns` again whenever its answer expires; a failed lookup keeps the last good set.
+/// Resolves `dns` again whenever its answer expires. An answer that the name has no address
+/// (NXDOMAIN, or no A or AAAA record) empties the set, as Envoy's strict DNS does: a
+/// Kubernetes headless service with no ready pod says so, and its pods' addresses go to other
+/// pods. A lookup that fails (no answer, SERVFAIL) keeps the last good set.
 async fn resolve(resolver: Option<Arc<TokioResolver>>, service: Weak<ServiceState>, dns: Dns) {
     let Some(resolver) = resolver else {
         return;
@@ -233,6 +236,12 @@ async fn resolve(resolver: Option<Arc<TokioResolver>>, service: Weak<ServiceStat
                     .valid_until()
                     .saturating_duration_since(std::time::Instant::now())
                     .clamp(MIN_TTL, MAX_TTL)
+            }
+            Err(e) if e.is_no_records_found() => {
+                if state.balancer.set_endpoints(Vec::new()) {
+                    warn!(service = %name, dns = %dns.name, "dns: the name has no address now; no endpoints");
+                }
+                RETRY_LOOKUP
             }
             Err(e) => {
                 warn!(service = %name, dns = %dns.name, "dns: lookup failed: {e}; keeping the last endpoints");
