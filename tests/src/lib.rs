@@ -526,7 +526,7 @@ impl Gateway {
     /// it this one's listening sockets (SIGQUIT): Pingora's graceful upgrade. This one then
     /// drains and exits.
     pub fn upgrade(&self) -> Gateway {
-        let socket = std::env::temp_dir().join(format!("weir-upgrade-{}.sock", self.admin));
+        let socket = private_dir().join(format!("upgrade-{}.sock", self.admin));
         // A file left by an earlier run would pass for the new gateway's socket.
         let _ = fs::remove_file(&socket);
         let dir = tempfile::tempdir().unwrap();
@@ -1080,4 +1080,12 @@ pub fn assert_grpc_h2c_calls(port: u16, authority: &str) {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// The user's private directory where a proxy keeps its upgrade sockets and Git checkouts:
+/// `$TMPDIR/weir-<uid>` (the uid read from a file this process creates).
+pub fn private_dir() -> PathBuf {
+    use std::os::unix::fs::MetadataExt;
+    let uid = tempfile::tempfile().unwrap().metadata().unwrap().uid();
+    std::env::temp_dir().join(format!("weir-{uid}"))
 }

@@ -166,12 +166,66 @@ fn pushed_commits_are_served_and_bad_ones_kept_out() {
     assert_eq!(gw.get("/", &[]).body, "two");
 }
 
+/// The checkout (and the upgrade socket) live in a directory of the user's alone: in a shared
+/// `/tmp` another user could otherwise plant the checkout directory first and serve their own
+/// config, or bind the upgrade socket and be handed the listeners.
+#[test]
+fn the_checkout_is_in_a_directory_of_the_user_s_alone() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let server = GitServer::start();
+    let (port, admin) = (free_port(), free_port());
+    server.push(&hello(port, admin, "one"));
+    let gw = Gateway::start_git(&server.url, &PROD_POLLED, port, admin);
+    let name = weir_tests::private_dir();
+    let name = name.file_name().unwrap();
+    let private = gw.dir.path().join(name);
+    let meta = fs::symlink_metadata(&private).unwrap();
+    assert_eq!(meta.mode() & 0o777, 0o700);
+    let checkout = private.join(format!("git-{}", gw.pid()));
+    assert!(checkout.join("current/gw/gateway.toml").exists());
+    drop(gw);
+    // One that others may write in is refused, not used.
+    let tmp = tempfile::tempdir().unwrap();
+    let shared = tmp.path().join(name);
+    fs::create_dir(&shared).unwrap();
+    fs::set_permissions(&shared, fs::Permissions::from_mode(0o777)).unwrap();
+    let out = Command::new(weir_tests::binary("weir-gateway"))
+        .args(["--config-git", &server.url])
+        .args(PROD_POLLED)
+        .env("TMPDIR", tmp.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("is not a directory of this user's alone"),
+        "{stderr}"
+    );
+    assert_eq!(fs::read_dir(&shared).unwrap().count(), 0, "it was used");
+}
+
 #[test]
 fn an_unreachable_repository_is_a_clear_error_at_start() {
     let url = format!("git://127.0.0.1:{}/config.git", free_port());
     let (code, _, stderr) = run("weir-gateway", &["--config-git", &url]);
     assert_eq!(code, 1, "{stderr}");
     assert!(stderr.contains(&format!("fetching {url} main")), "{stderr}");
+    // A ref or URL is never taken for one of git's options.
+    let dir = tempfile::tempdir().unwrap();
+    let pwned = dir.path().join("pwned");
+    let option = format!("--upload-pack=touch {};git-upload-pack", pwned.display());
+    let (as_ref, as_url) = (
+        format!("--git-ref={option}"),
+        format!("--config-git={option}"),
+    );
+    for args in [
+        ["--config-git", &url, &as_ref],
+        ["--git-ref", "main", &as_url],
+    ] {
+        let (code, _, stderr) = run("weir-gateway", &args);
+        assert_eq!(code, 1, "{stderr}");
+        assert!(!pwned.exists(), "{args:?} ran a command");
+    }
     // A URL's credentials are never shown.
     let url = url.replace("git://", "git://deploy:s3cr3t@");
     let (code, _, stderr) = run("weir-gateway", &["--config-git", &url]);

@@ -178,7 +178,13 @@ fn serve(cli: &Cli, path: &Path, role: Role) -> ExitCode {
         None => None,
         // One checkout per process: an upgrade's new process must not pull the old one's away.
         Some(url) => {
-            let root = std::env::temp_dir().join(format!("weir-git-{}", std::process::id()));
+            let root = match crate::private_dir() {
+                Ok(dir) => dir.join(format!("git-{}", std::process::id())),
+                Err(e) => {
+                    eprintln!("error: {e:#}; not starting");
+                    return ExitCode::FAILURE;
+                }
+            };
             let git_ref = cli.git_ref.as_deref().unwrap_or("main");
             let git_path = cli.git_path.as_deref().unwrap_or(Path::new("."));
             let poll = cli.git_poll.unwrap_or(Duration::from_secs(15));

@@ -129,6 +129,8 @@ impl GitSource {
             "--quiet",
             "--depth=1",
             "--no-tags",
+            // A URL or ref that starts with `-` (`--upload-pack=...`) is no option.
+            "--end-of-options",
             &self.url,
             &self.git_ref,
         ];

@@ -35,6 +35,33 @@ pub mod snapshot;
 mod stream;
 pub mod tls;
 
+/// The directory of this user's upgrade sockets and Git checkouts: `$TMPDIR/weir-<uid>`, made
+/// mode 0700 and checked to be this user's alone, as tmux checks its socket directory. In a
+/// shared `/tmp` another user could otherwise bind the upgrade socket first (and be handed the
+/// listening sockets) or plant a checkout directory Weir would read config from.
+pub fn private_dir() -> anyhow::Result<std::path::PathBuf> {
+    use anyhow::Context;
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    #[allow(unsafe_code)]
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    let dir = std::env::temp_dir().join(format!("weir-{uid}"));
+    match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+            return Err(e).with_context(|| format!("creating {}", dir.display()));
+        }
+        _ => {}
+    }
+    let meta = std::fs::symlink_metadata(&dir).with_context(|| dir.display().to_string())?;
+    if !meta.is_dir() || meta.uid() != uid || meta.mode() & 0o077 != 0 {
+        anyhow::bail!(
+            "{} is not a directory of this user's alone (mode 0700): remove it, or set TMPDIR",
+            dir.display()
+        );
+    }
+    Ok(dir)
+}
+
 /// Logs to stderr; `RUST_LOG` filters (default `info`).
 pub fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

@@ -100,7 +100,7 @@ pub fn run(reloader: Reloader, git: Option<Arc<GitSource>>, upgrade: bool) -> an
         // dropped at the next reuse; tokio removes a dropped timer, while Pingora's keeps
         // its entry until the deadline. Measured in docs/benchmarks.md.
         fast_timeout_to_tokio_threshold_seconds: Some(0),
-        upgrade_sock: upgrade_socket(config.admin.listen)
+        upgrade_sock: upgrade_socket(config.admin.listen)?
             .to_string_lossy()
             .into_owned(),
         ..ServerConf::default()
@@ -469,9 +469,10 @@ impl Sniffing {
 
 /// Where an upgrading gateway waits for its predecessor's listening sockets (SIGQUIT sends them
 /// there): one path per admin port, which no two gateways on a host share, so an upgrade finds
-/// its predecessor and no other.
-fn upgrade_socket(admin: SocketAddr) -> PathBuf {
-    std::env::temp_dir().join(format!("weir-upgrade-{}.sock", admin.port()))
+/// its predecessor and no other; in the user's private directory, where no other user can
+/// bind it first.
+fn upgrade_socket(admin: SocketAddr) -> anyhow::Result<PathBuf> {
+    Ok(crate::private_dir()?.join(format!("upgrade-{}.sock", admin.port())))
 }
 
 /// Pingora's signals (SIGTERM drains, SIGINT exits at once, SIGQUIT hands the listeners to
