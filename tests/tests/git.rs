@@ -82,6 +82,15 @@ impl GitServer {
         git(&self.work, &["push", "--quiet", &self.url, "prod"]);
         git(&self.work, &["rev-parse", "HEAD"])
     }
+
+    /// Moves branch prod to `commit`, as a force-push of a revert would.
+    fn force(&self, commit: &str) {
+        let refspec = format!("{commit}:refs/heads/prod");
+        git(
+            &self.work,
+            &["push", "--quiet", "--force", &self.url, &refspec],
+        );
+    }
 }
 
 impl Drop for GitServer {
@@ -202,6 +211,64 @@ fn the_checkout_is_in_a_directory_of_the_user_s_alone() {
         "{stderr}"
     );
     assert_eq!(fs::read_dir(&shared).unwrap().count(), 0, "it was used");
+    // A start that fails after the fetch (its port taken) leaves no checkout behind.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    server.push(&hello(port, free_port(), "two"));
+    let tmp = tempfile::tempdir().unwrap();
+    let out = Command::new(weir_tests::binary("weir-gateway"))
+        .args(["--config-git", &server.url])
+        .args(PROD_POLLED)
+        .env("TMPDIR", tmp.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let left: Vec<_> = fs::read_dir(tmp.path().join(name)).unwrap().collect();
+    assert!(left.is_empty(), "{left:?} left behind: {stderr}");
+}
+
+/// A refused commit is refused whenever the ref comes to it, its errors shown; a ref moved back
+/// from it to the commit serving clears them; SIGHUP tries it again (a file it names may have
+/// come since, as cert-manager writes certificates after the commit that names them).
+#[test]
+fn a_refused_commit_is_said_while_the_ref_is_at_it_and_retried_at_sighup() {
+    let server = GitServer::start();
+    let (port, admin) = (free_port(), free_port());
+    let good = server.push(&hello(port, admin, "one"));
+    let gw = Gateway::start_git(&server.url, &PROD_POLLED, port, admin);
+    let error = || gw.status()["last_error"].as_str().map(String::from);
+    let bad = server.push(&format!("{}colour = 1\n", hello(port, admin, "bad")));
+    wait_until("the bad commit refused", Duration::from_secs(10), || {
+        error().is_some_and(|e| e.contains("colour"))
+    });
+    server.force(&good);
+    wait_until("the error cleared", Duration::from_secs(10), || {
+        error().is_none()
+    });
+    server.force(&bad);
+    wait_until("refused again", Duration::from_secs(10), || {
+        error().is_some_and(|e| e.contains("colour"))
+    });
+    assert_eq!(gw.get("/", &[]).body, "one");
+    // A commit that names a file not written yet: refused, then served at SIGHUP once it is.
+    let files = tempfile::tempdir().unwrap();
+    let later = files.path().join("later-ca.pem");
+    let waiting = server.push(&format!(
+        "{}[[service]]\nname = \"later\"\nendpoints = [\"127.0.0.1:1\"]\n  [service.tls]\n  sni = \"later.example\"\n  ca = \"{}\"\n",
+        hello(port, admin, "two"),
+        later.display()
+    ));
+    wait_until("the commit refused", Duration::from_secs(10), || {
+        error().is_some_and(|e| e.contains("later-ca.pem"))
+    });
+    fs::write(&later, TestCa::new("later CA").pem()).unwrap();
+    gw.signal("HUP");
+    wait_until("served after SIGHUP", Duration::from_secs(10), || {
+        gw.get("/", &[]).body == "two"
+    });
+    assert_eq!(gw.status()["revision"], waiting.as_str());
+    assert_eq!(error(), None);
 }
 
 #[test]
@@ -225,6 +292,12 @@ fn an_unreachable_repository_is_a_clear_error_at_start() {
         let (code, _, stderr) = run("weir-gateway", &args);
         assert_eq!(code, 1, "{stderr}");
         assert!(!pwned.exists(), "{args:?} ran a command");
+    }
+    // The config path is in the repository.
+    for path in ["/etc/weir", "gw/../../etc"] {
+        let (code, _, stderr) = run("weir-gateway", &["--config-git", &url, "--git-path", path]);
+        assert_eq!(code, 2, "{stderr}");
+        assert!(stderr.contains("a path inside the repository"), "{stderr}");
     }
     // A URL's credentials are never shown.
     let url = url.replace("git://", "git://deploy:s3cr3t@");

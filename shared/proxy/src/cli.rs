@@ -49,6 +49,7 @@ struct Cli {
     #[arg(
         long,
         value_name = "PATH",
+        value_parser = in_repository,
         requires = "config_git",
         conflicts_with = "config"
     )]
@@ -96,6 +97,22 @@ enum Command {
         #[arg(long, value_name = "PORTS", value_delimiter = ',')]
         exclude_outbound_ports: Vec<u16>,
     },
+}
+
+/// A `--git-path`: relative, and never out of the repository through `..` (a leading `/`, a
+/// typo, would serve a file of the host's under the commit's name).
+fn in_repository(text: &str) -> Result<PathBuf, String> {
+    let path = PathBuf::from(text);
+    let inside = path.components().all(|c| {
+        matches!(
+            c,
+            std::path::Component::Normal(_) | std::path::Component::CurDir
+        )
+    });
+    match inside {
+        true => Ok(path),
+        false => Err("a path inside the repository, such as gw or gw/gateway.toml".into()),
+    }
 }
 
 /// Entry point of `weir-gateway` and `weir-sidecar`.
@@ -226,10 +243,13 @@ fn serve(cli: &Cli, path: &Path, role: Role) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match crate::server::run(reloader, git, cli.upgrade) {
+    match crate::server::run(reloader, git.clone(), cli.upgrade) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
+            if let Some(git) = git {
+                git.remove_checkout();
+            }
             ExitCode::FAILURE
         }
     }

@@ -39,7 +39,8 @@ struct Commits {
     serving: String,
     /// The one `current` points at: `serving`, or a newer one whose reload is under way.
     current: String,
-    /// The last one whose config the reload refused: not checked out again until the ref moves.
+    /// The last one whose config the reload refused: not checked out again while the ref stays
+    /// at it, but for SIGHUP (a file it names may have come since).
     refused: String,
 }
 
@@ -73,7 +74,7 @@ impl GitSource {
             commits: Mutex::default(),
         };
         let first = source.git(root, &["init", "--quiet", "--bare", "repo"]);
-        match first.and_then(|_| source.sync()) {
+        match first.and_then(|_| source.sync(false)) {
             Ok(commit) => {
                 source.settle(&commit.unwrap_or_default(), true);
                 Ok(source)
@@ -120,9 +121,11 @@ impl GitSource {
     }
 
     /// Fetches the ref; when it moved, checks the new commit out, swaps it in and returns it,
-    /// for a reload and then [`GitSource::settle`]. On an error (the server is down or does not
-    /// answer, the ref is gone) the checkout in place is kept.
-    pub fn sync(&self) -> anyhow::Result<Option<String>> {
+    /// for a reload and then [`GitSource::settle`]. A refused commit is tried `again` only when
+    /// asked (SIGHUP); a ref moved back from one to the commit serving returns that commit,
+    /// whose reload clears the refusal. On an error (the server is down or does not answer,
+    /// the ref is gone) the checkout in place is kept.
+    pub fn sync(&self, again: bool) -> anyhow::Result<Option<String>> {
         let repo = self.root.join("repo");
         let fetch = [
             "fetch",
@@ -138,8 +141,14 @@ impl GitSource {
             .with_context(|| format!("fetching {} {}", self.shown_url, self.git_ref))?;
         let commit = self.git(&repo, &["rev-parse", "FETCH_HEAD^{commit}"])?;
         let mut commits = self.commits();
-        if commit == commits.current || commit == commits.refused {
+        if commit == commits.refused && !again {
             return Ok(None);
+        }
+        // Any other commit puts the refused one behind: if the ref comes back to it, it is
+        // tried and refused again, with its errors.
+        let back = !std::mem::take(&mut commits.refused).is_empty();
+        if commit == commits.current {
+            return Ok(back.then_some(commit));
         }
         let tree = self.root.join(&commit);
         if tree.exists() {

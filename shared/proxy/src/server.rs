@@ -550,7 +550,7 @@ impl BackgroundService for Control {
                 }
                 Some(()) = hangup.recv() => {
                     fetched = tokio::select! {
-                        fetched = self.fetch() => fetched,
+                        fetched = self.fetch(true) => fetched,
                         _ = shutdown.changed() => return self.drain().await,
                     };
                     "SIGHUP"
@@ -559,7 +559,7 @@ impl BackgroundService for Control {
                     // A Git server that does not answer holds a fetch up to its timeout; a
                     // SIGTERM meanwhile drains at once, leaving the fetch behind.
                     fetched = tokio::select! {
-                        fetched = self.fetch() => fetched,
+                        fetched = self.fetch(false) => fetched,
                         _ = shutdown.changed() => return self.drain().await,
                     };
                     if fetched.is_none() {
@@ -625,13 +625,14 @@ impl Control {
         }
     }
 
-    /// With `--config-git`, fetches the ref: the new commit checked out for the reload, if it
-    /// moved. A failed fetch keeps the checkout and the config serving.
-    async fn fetch(&self) -> Option<String> {
+    /// With `--config-git`, fetches the ref: the commit checked out for the reload, if it
+    /// moved (a refused one `again`, for SIGHUP). A failed fetch keeps the checkout and the
+    /// config serving.
+    async fn fetch(&self, again: bool) -> Option<String> {
         let git = self.git.clone()?;
-        match tokio::task::spawn_blocking(move || git.sync()).await {
+        match tokio::task::spawn_blocking(move || git.sync(again)).await {
             Ok(Ok(Some(commit))) => {
-                info!(commit, "git: new commit checked out");
+                info!(commit, "git: the ref moved; commit checked out");
                 self.reloader.set_commit(commit.clone());
                 Some(commit)
             }
@@ -655,7 +656,7 @@ impl Control {
         git.settle(commit, applied);
         self.reloader.set_refused(!applied);
         if !applied {
-            warn!(commit, "git: this commit's config was refused; serving the last good one until the ref moves");
+            warn!(commit, "git: this commit's config was refused; serving the last good one until the ref moves (or SIGHUP tries it again)");
             self.reloader.set_commit(git.commit());
         }
     }
