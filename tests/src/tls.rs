@@ -174,13 +174,25 @@ pub fn https_get_after(
 /// workload certificate) or none. Whatever the server presents is accepted and reported in
 /// `served_ids`: this client tests what the server lets in.
 pub fn mesh_get(port: u16, client: Option<&Issued>, path: &str) -> Result<TlsReply, String> {
-    let builder = rustls::ClientConfig::builder_with_provider(weir_tls::provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyServer));
-    let config = Arc::new(with_client(builder, client));
-    request_over(config, port, b"", "mesh.test", path, &[])
+    MeshClient::new(client).get(port, path)
+}
+
+/// A mesh caller that keeps its TLS sessions between requests, to resume them.
+pub struct MeshClient(Arc<rustls::ClientConfig>);
+
+impl MeshClient {
+    pub fn new(client: Option<&Issued>) -> MeshClient {
+        let builder = rustls::ClientConfig::builder_with_provider(weir_tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyServer));
+        MeshClient(Arc::new(with_client(builder, client)))
+    }
+
+    pub fn get(&self, port: u16, path: &str) -> Result<TlsReply, String> {
+        request_over(self.0.clone(), port, b"", "mesh.test", path, &[])
+    }
 }
 
 fn request_over(

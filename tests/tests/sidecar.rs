@@ -280,13 +280,24 @@ fn peers_of_another_trust_domain_are_refused_unless_named() {
         "trust_bundle = \"bundle.pem\"\ntrust_domains = [\"other.mesh\"]\n",
     );
     let tmp = reviews.config.with_extension("tmp");
-    fs::write(&tmp, text).unwrap();
+    fs::write(&tmp, &text).unwrap();
     fs::rename(&tmp, &reviews.config).unwrap();
     wait_until("the reload", Duration::from_secs(10), || {
         reviews.generation() > generation
     });
-    let reply = mesh_get(inbound, Some(&stranger), "/reviews/1").unwrap();
-    assert_eq!(reply.status, 200);
+    let caller = weir_tests::tls::MeshClient::new(Some(&stranger));
+    assert_eq!(caller.get(inbound, "/reviews/1").unwrap().status, 200);
+    // Its session resumes while nothing changed, and not once the domain is dropped: a
+    // resumed session skips the certificate's check.
+    assert!(caller.get(inbound, "/reviews/1").unwrap().resumed);
+    let generation = reviews.generation();
+    fs::write(&tmp, text.replace("trust_domains = [\"other.mesh\"]\n", "")).unwrap();
+    fs::rename(&tmp, &reviews.config).unwrap();
+    wait_until("the reload", Duration::from_secs(10), || {
+        reviews.generation() > generation
+    });
+    let refused = caller.get(inbound, "/reviews/1");
+    assert!(refused.is_err(), "{:?}", refused.map(|r| r.resumed));
 
     // Outbound: a service without identities takes only the trust domain's servers.
     let other_inbound = free_port();
@@ -310,7 +321,7 @@ fn peers_of_another_trust_domain_are_refused_unless_named() {
         "{}",
         productpage.stderr()
     );
-    assert_eq!(app.hits(), 1);
+    assert_eq!(app.hits(), 2);
 }
 
 #[test]

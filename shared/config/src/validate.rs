@@ -9,6 +9,7 @@ use std::time::Duration;
 use crate::model::*;
 use crate::raw::*;
 use crate::source::{keys, ConfigError, Seg, Sources};
+use weir_tls::mesh::spiffe_id_ok;
 
 /// A certificate, key or CA file the config names, and its contents.
 pub type Material = (PathBuf, Vec<u8>);
@@ -2471,7 +2472,9 @@ fn sidecar_listeners(sidecar: &Sidecar, workload: Option<&Workload>) -> Vec<List
             client_auth: Some(ClientAuth {
                 ca: w.trust_bundle.clone(),
                 verifier: w.verifier.clone(),
-                trust: trust(&w.roots),
+                // The trust domains too: a session made under a domain since removed must not
+                // resume with the identity it gave.
+                trust: trust(&(&w.roots, &w.trust_domains)),
             }),
             also_plaintext: mtls == Mtls::Permissive,
         }),
@@ -2516,28 +2519,6 @@ fn default_admin() -> SocketAddr {
 /// What [`spiffe_id_ok`] takes, for messages.
 const SPIFFE_ID: &str =
     " (a trust domain, then a path of letters, digits, '.', '-' and '_' segments)";
-
-/// A SPIFFE id (SPIFFE-ID spec §2): `spiffe://`, a trust domain of lower-case letters, digits,
-/// `.`, `-` and `_`, then a path, if any, of segments of letters, digits, `.`, `-` and `_`,
-/// none empty, `.` or `..`.
-fn spiffe_id_ok(id: &str) -> bool {
-    let Some(rest) = id.strip_prefix("spiffe://") else {
-        return false;
-    };
-    let (domain, path) = rest
-        .split_once('/')
-        .map_or((rest, None), |(d, p)| (d, Some(p)));
-    let plain = |b: u8| b.is_ascii_digit() || b"._-".contains(&b);
-    let domain_ok =
-        !domain.is_empty() && domain.bytes().all(|b| b.is_ascii_lowercase() || plain(b));
-    let path_ok = path.is_none_or(|path| {
-        path.split('/').all(|seg| {
-            !matches!(seg, "" | "." | "..")
-                && seg.bytes().all(|b| b.is_ascii_alphabetic() || plain(b))
-        })
-    });
-    domain_ok && path_ok
-}
 
 /// A DNS name or IPv4 address: dot-separated labels of letters, digits, `-` and `_`.
 fn host_name_ok(name: &str) -> bool {

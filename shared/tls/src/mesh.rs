@@ -21,21 +21,58 @@ pub fn trust_domain(id: &str) -> Option<&str> {
     (!domain.is_empty()).then_some(domain)
 }
 
-/// A mesh peer's SPIFFE id: its certificate must name exactly one (X509-SVID §2), in one of
-/// `trust_domains`, as Istio's sidecars require by default (a CA shared with another mesh or
-/// cluster vouches for its workloads too). Else why not.
+/// A SPIFFE id (SPIFFE-ID spec §2): `spiffe://`, a trust domain of lower-case letters, digits,
+/// `.`, `-` and `_`, then a path, if any, of segments of letters, digits, `.`, `-` and `_`,
+/// none empty, `.` or `..`.
+pub fn spiffe_id_ok(id: &str) -> bool {
+    let Some(rest) = id.strip_prefix("spiffe://") else {
+        return false;
+    };
+    let (domain, path) = rest
+        .split_once('/')
+        .map_or((rest, None), |(d, p)| (d, Some(p)));
+    let plain = |b: u8| b.is_ascii_digit() || b"._-".contains(&b);
+    let domain_ok =
+        !domain.is_empty() && domain.bytes().all(|b| b.is_ascii_lowercase() || plain(b));
+    let path_ok = path.is_none_or(|path| {
+        path.split('/').all(|seg| {
+            !matches!(seg, "" | "." | "..")
+                && seg.bytes().all(|b| b.is_ascii_alphabetic() || plain(b))
+        })
+    });
+    domain_ok && path_ok
+}
+
+/// A mesh peer's SPIFFE id: its certificate must name exactly one (X509-SVID §2), well
+/// formed (an id no config could name, `.../sa/other/.`, would slip past a deny of
+/// `.../sa/other`), in one of `trust_domains`, as Istio's sidecars require by default (a CA
+/// shared with another mesh or cluster vouches for its workloads too). Else why not.
 pub fn peer_id<'a>(
     identity: &'a PeerIdentity,
     trust_domains: &[String],
 ) -> Result<&'a str, String> {
+    let id = one_spiffe_id(identity)?;
+    match trust_domain(id).is_some_and(|td| trust_domains.iter().any(|t| t == td)) {
+        true => Ok(id),
+        false => Err(format!(
+            "peer identity {id} is not in the trust domains {trust_domains:?}"
+        )),
+    }
+}
+
+/// The one well-formed SPIFFE id a peer's certificate names, or why not.
+fn one_spiffe_id(identity: &PeerIdentity) -> Result<&str, String> {
     let ids: Vec<&str> = (identity.uris.iter())
-        .filter(|uri| uri.starts_with("spiffe://"))
+        .filter(|uri| {
+            uri.get(..9)
+                .is_some_and(|s| s.eq_ignore_ascii_case("spiffe://"))
+        })
         .map(String::as_str)
         .collect();
     match ids[..] {
-        [id] if trust_domain(id).is_some_and(|td| trust_domains.iter().any(|t| t == td)) => Ok(id),
+        [id] if spiffe_id_ok(id) => Ok(id),
         [id] => Err(format!(
-            "peer identity {id} is not in the trust domains {trust_domains:?}"
+            "peer identity {id:?} is not a well-formed SPIFFE id"
         )),
         [] => Err("the peer's certificate names no SPIFFE id (no spiffe:// URI SAN)".into()),
         _ => Err(format!(
@@ -82,16 +119,13 @@ pub fn accepts(
     if identities.is_empty() {
         return peer_id(identity, trust_domains).map(|_| ());
     }
-    if identity.uris.iter().any(|uri| identities.contains(uri)) {
-        return Ok(());
+    let id = one_spiffe_id(identity)?;
+    match identities.iter().any(|i| i == id) {
+        true => Ok(()),
+        false => Err(format!(
+            "peer identity {id} is not one of the service's identities {identities:?}"
+        )),
     }
-    let shown = match identity.uris.is_empty() {
-        true => "no URI SAN".to_string(),
-        false => identity.uris.join(", "),
-    };
-    Err(format!(
-        "peer identity {shown} is not one of the service's identities {identities:?}"
-    ))
 }
 
 /// Inbound mesh mTLS: requires a client certificate that chains to `roots` (the trust bundle)
@@ -259,12 +293,12 @@ mod tests {
         Ca { params, key, roots }
     }
 
+    /// A workload certificate with the URI SANs in `spiffe` (space-separated).
     fn workload(ca: &Ca, spiffe: Option<&str>) -> CertificateDer<'static> {
         let key = RcKey::generate().expect("key");
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
-        params.subject_alt_names = spiffe
+        params.subject_alt_names = (spiffe.into_iter().flat_map(|ids| ids.split(' ')))
             .map(|id| SanType::URI(id.try_into().expect("uri")))
-            .into_iter()
             .collect();
         params.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,
@@ -300,7 +334,7 @@ mod tests {
         let mesh = ca("mesh");
         let verifier =
             client_verifier(mesh.roots.clone(), vec!["mesh.local".into()]).expect("verifier");
-        let check = |spiffe| {
+        let check = |spiffe: Option<&str>| {
             (verifier.verify_client_cert(&workload(&mesh, spiffe), &[], UnixTime::now()))
                 .map(|_| ())
                 .map_err(|e| e.to_string())
@@ -313,6 +347,12 @@ mod tests {
         assert!(err.contains("not in the trust domains"), "{err}");
         let err = check(None).unwrap_err();
         assert!(err.contains("names no SPIFFE id"), "{err}");
+        // An id no config could name would slip past a deny of `.../sa/other`.
+        for odd in ["sa/other/", "sa/other/.", "sa/x/../other", "sa/oth%65r"] {
+            let id = format!("spiffe://mesh.local/ns/default/{odd}");
+            let err = check(Some(&id)).unwrap_err();
+            assert!(err.contains("not a well-formed SPIFFE id"), "{err}");
+        }
     }
 
     #[test]
@@ -331,6 +371,12 @@ mod tests {
         assert!(err.contains("sa/evil is not one of"), "{err}");
         let err = verify(&mesh, &mesh, &[], None).unwrap_err();
         assert!(err.contains("names no SPIFFE id"), "{err}");
+        // One id, the X.509-SVID way, also when the service names the identities it takes.
+        let two = format!("spiffe://evil.local/x {reviews}");
+        for identities in [&[reviews][..], &[]] {
+            let err = verify(&mesh, &mesh, identities, Some(&two)).unwrap_err();
+            assert!(err.contains("names 2 SPIFFE ids"), "{err}");
+        }
         // Without identities, only the trust domain's: the CA may serve other meshes too.
         let foreign = "spiffe://other.mesh/ns/default/sa/reviews";
         let err = verify(&mesh, &mesh, &[], Some(foreign)).unwrap_err();
