@@ -318,6 +318,9 @@ impl ProxyHttp for WeirProxy {
         // Pipelined requests are answered in order, as nginx, HAProxy and Envoy answer them;
         // Pingora's default closes the connection after the first and drops the others.
         session.set_pipelining_enabled(true);
+        // A client that stops reading its answer would hold the request's places (the
+        // service's `max_requests`, an upstream connection) for good: nginx's send_timeout.
+        session.set_write_timeout(Some(STREAM_IDLE));
         connection::request_started();
         let snapshot = self.reloader.snapshot();
         ctx.listener = self.listener(session);
@@ -581,10 +584,13 @@ impl ProxyHttp for WeirProxy {
         // connect_timeout), bounded the same.
         peer.options.connection_timeout = Some(connect_timeout);
         peer.options.total_connection_timeout = Some(connect_timeout);
-        peer.options.read_timeout = try_timeout;
         // An upstream that stops reading the request would otherwise hold both connections,
-        // the client's gone or not, for good (Envoy's stream_idle_timeout bounds it too).
-        peer.options.write_timeout = try_timeout.or(Some(STALLED_WRITE));
+        // the client's gone or not, for good (Envoy's stream_idle_timeout bounds it too); and
+        // once the write gives up, Pingora waits for an answer, so a request with a body waits
+        // as long at most for each read. One without (a long poll) waits as long as it takes.
+        let body = !session.is_body_empty();
+        peer.options.read_timeout = try_timeout.or(body.then_some(STREAM_IDLE));
+        peer.options.write_timeout = try_timeout.or(Some(STREAM_IDLE));
         peer.options.idle_timeout = Some(pool.idle_timeout);
         Ok(Box::new(peer))
     }
@@ -861,6 +867,10 @@ impl ProxyHttp for WeirProxy {
             ReadTimedout | WriteTimedout if e.esource() == &ErrorSource::Upstream => {
                 (504, "UT", b"upstream timeout\n")
             }
+            // A client that stalls its body, or stops reading the answer.
+            ReadTimedout | WriteTimedout if e.esource() == &ErrorSource::Downstream => {
+                (408, "SI", b"request timeout\n")
+            }
             // An HTTP/2 client that resets its stream fails the write as an H2Error.
             ReadError | WriteError | ConnectionClosed | H2Error
                 if e.esource() == &ErrorSource::Downstream =>
@@ -1136,8 +1146,10 @@ fn transfer_coding_known(req: &RequestHeader) -> bool {
         .all(|v| v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked"))
 }
 
-/// How long a write upstream may wait for the upstream to read, when no timeout is tighter.
-const STALLED_WRITE: Duration = Duration::from_secs(300);
+/// How long a write may wait for its reader (the upstream reading a request, the client its
+/// answer), and a request with a body for each read of its answer, when no timeout is
+/// tighter: Envoy's stream_idle_timeout.
+const STREAM_IDLE: Duration = Duration::from_secs(300);
 
 /// Whether the route's timeout has run out.
 fn past(deadline: Option<Clock>) -> bool {
