@@ -254,6 +254,39 @@ fn an_http10_client_gets_a_chunked_answer_as_plain_bytes() {
     assert!(body.ends_with("\r\n0\r\n\r\n"), "{reply}");
 }
 
+/// A client that leaves after the upstream's `100 Continue`, before any final answer, is
+/// logged with no status (`0`, `DC`), not as a 100.
+#[test]
+fn an_interim_answer_alone_is_no_status() {
+    use std::io::Read;
+    let addr = raw_server(|mut conn| {
+        if read_head(&mut conn) {
+            let _ = conn.write_all(b"HTTP/1.1 100 Continue\r\n\r\n");
+            let _ = conn.read(&mut [0; 16]);
+        }
+    });
+    let gw = Gateway::start(&format!(
+        "[[service]]\nname = \"raw\"\nendpoints = [\"{addr}\"]\n{}",
+        route_to("raw")
+    ));
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", gw.port)).unwrap();
+    conn.write_all(
+        b"POST /expect HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n",
+    )
+    .unwrap();
+    let mut interim = [0; 12];
+    conn.read_exact(&mut interim).unwrap();
+    assert_eq!(&interim, b"HTTP/1.1 100");
+    drop(conn);
+    gw.wait_logged(1);
+    let line = &gw.access_log()[0];
+    assert_eq!(
+        (line["status"].as_u64(), line["flags"].as_str()),
+        (Some(0), Some("DC")),
+        "{line}"
+    );
+}
+
 #[test]
 fn an_http10_upstream_is_answered_in_the_proxys_own_version() {
     let gw = Gateway::start(&format!(

@@ -898,7 +898,11 @@ impl ProxyHttp for WeirProxy {
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
         let now = Instant::now();
         connection::request_done(now);
-        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        // An interim answer (100 Continue) alone is no status: the client left before one.
+        let status = (session.response_written())
+            .map(|r| r.status.as_u16())
+            .filter(|&s| s >= 200 || s == 101)
+            .unwrap_or(0);
         let took = now - ctx.started;
         let listener = self.listener_name(ctx);
         match &ctx.snapshot {
