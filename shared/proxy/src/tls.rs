@@ -235,7 +235,7 @@ impl TlsAccept for KeepPeerIdentity {
         tls: &TlsRef,
     ) -> Option<Arc<dyn Any + Send + Sync>> {
         let identity = PeerIdentity::of(tls.peer_certificate_der()?);
-        // A subject with bytes a header cannot carry sends no header rather than failing.
+        // Control characters are escaped, so any certificate's value is a header's.
         let forwarded = HeaderValue::try_from(identity.forwarded_client_cert()).ok();
         Some(Arc::new(TlsPeer {
             identity,

@@ -320,17 +320,31 @@ impl PeerIdentity {
 
 /// An `x-forwarded-client-cert` value as Envoy writes it: quoted when it holds a `,`, `;`,
 /// `=` or `"` (which would otherwise start another field or element), so a CA-signed name
-/// cannot add a field of its own.
+/// cannot add a field of its own; or a control character, which no header value may carry.
 fn xfcc_value(value: &str) -> std::borrow::Cow<'_, str> {
-    match value.contains([',', ';', '=', '"']) {
+    match value.contains([',', ';', '=', '"']) || value.contains(char::is_control) {
         true => quoted(value).into(),
         false => value.into(),
     }
 }
 
-/// `value` in double quotes, its `\` and `"` escaped.
+/// `value` in double quotes, its `\` and `"` escaped, and control characters (a CR or LF in
+/// a subject would otherwise make the whole header unsendable) written `\xNN`.
 fn quoted(value: &str) -> String {
-    format!("\"{}\"", value.replace('\\', "\\\\").replace('"', "\\\""))
+    let mut out = String::with_capacity(value.len() + 2);
+    out.push('"');
+    for c in value.chars() {
+        match c {
+            '\\' | '"' => {
+                out.push('\\');
+                out.push(c);
+            }
+            c if c.is_control() => out.push_str(&format!("\\x{:02x}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 /// SHA-256 of a certificate's DER: how Pingora's TLS digest names a peer's certificate.
@@ -455,5 +469,21 @@ mod tests {
             id.forwarded_client_cert(),
             "Hash=;Subject=\"CN=a\\\\\\\"b\";URI=\"spiffe://m/a;URI=spiffe://m/admin\""
         );
+        // A control character (a CR LF in a subject) is escaped: the header is still sent,
+        // and adds no header line of its own.
+        let id = PeerIdentity {
+            uris: vec!["spiffe://m/a\nx".into()],
+            subject: "CN=a\r\nX-Injected: 1\0".into(),
+            ..PeerIdentity::default()
+        };
+        let xfcc = id.forwarded_client_cert();
+        assert_eq!(
+            xfcc,
+            "Hash=;Subject=\"CN=a\\x0d\\x0aX-Injected: 1\\x00\";URI=\"spiffe://m/a\\x0ax\""
+        );
+        // What a header value may hold (RFC 9110 §5.5): visible ASCII, space and tab.
+        assert!(xfcc
+            .bytes()
+            .all(|b| b == b'\t' || (b' '..=b'~').contains(&b)));
     }
 }
