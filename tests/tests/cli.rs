@@ -46,6 +46,17 @@ fn validate_accepts_a_good_config() {
     );
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains(": ok ("), "{stdout}");
+    // One a start would refuse, `validate` refuses too, naming the file.
+    let dir = tempfile::tempdir().unwrap();
+    let bare = dir.path().join("gw.toml");
+    std::fs::write(&bare, "[admin]\nlisten = \"127.0.0.1:9901\"\n").unwrap();
+    for args in [&["validate", "--config"][..], &["--config"]] {
+        let args = [args, &[bare.to_str().unwrap()]].concat();
+        let (code, _, stderr) = run("weir-gateway", &args);
+        assert_eq!(code, 1, "{args:?}: {stderr}");
+        let said = format!("{}: the config has no [[listener]]", bare.display());
+        assert!(stderr.contains(&said), "{args:?}: {stderr}");
+    }
 }
 
 #[test]

@@ -275,6 +275,11 @@ fn hold_sighup() {
 
 fn validate(path: &Path, role: Role) -> ExitCode {
     match weir_config::load(path, role) {
+        // A start would refuse it: so does `validate`.
+        Ok(loaded) if loaded.config.listeners.is_empty() => {
+            eprintln!("{}: {}", path.display(), crate::server::NO_LISTENER);
+            ExitCode::FAILURE
+        }
         Ok(loaded) => {
             let c = &loaded.config;
             say!(

@@ -97,6 +97,11 @@ impl Reloader {
         self.current.load_full()
     }
 
+    /// The path, or the Git repository, ref and path, as `/config` names it.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

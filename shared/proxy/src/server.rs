@@ -49,6 +49,9 @@ const RELOAD_QUIET: Duration = Duration::from_millis(200);
 /// Runs the gateway until SIGTERM or `POST /shutdown` (drain) or SIGINT (exit at once).
 /// With `upgrade`, it first takes the listening sockets over from the gateway running on the
 /// same admin address, once that one gets SIGQUIT.
+/// Why a gateway config without listeners does not start (nor pass `validate`).
+pub(crate) const NO_LISTENER: &str = "the config has no [[listener]]; nothing to serve";
+
 pub fn run(reloader: Reloader, git: Option<Arc<GitSource>>, upgrade: bool) -> anyhow::Result<()> {
     let reloader = Arc::new(reloader);
     let snapshot = reloader.snapshot();
@@ -59,7 +62,7 @@ pub fn run(reloader: Reloader, git: Option<Arc<GitSource>>, upgrade: bool) -> an
         .map(|l| (l.name.clone(), l.listen))
         .collect();
     if listeners.is_empty() {
-        bail!("the config has no [[listener]]; nothing to serve");
+        bail!("{}: {NO_LISTENER}", reloader.source());
     }
     // An upgrade takes its sockets from the gateway serving on the same admin address; with
     // none there, Pingora would wait 5 s and say only "EAGAIN".
