@@ -149,11 +149,17 @@ impl Sources {
             Err(e) => {
                 self.unparsed += 1;
                 let line = e.span().map_or(0, |s| line_of(&text, s.start));
+                let mut message = first_line(e.message());
+                // toml_edit says "duplicate key" alone; its span is the key, or the table.
+                let named = e.span().and_then(|s| text.get(s)).map(str::trim);
+                if let Some(name) = named.filter(|n| message == "duplicate key" && !n.is_empty()) {
+                    message = format!("duplicate key {name:?}");
+                }
                 self.errors.push(ConfigError {
                     file: path,
                     line,
                     path: String::new(),
-                    message: first_line(e.message()),
+                    message,
                 });
                 return None;
             }

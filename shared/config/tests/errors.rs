@@ -125,6 +125,11 @@ fn syntax_errors_give_the_line() {
     let errs = errors("[[route]]\nname = \"a\"\nhosts = [\"x\"\n");
     assert_eq!(errs.len(), 1);
     assert!(errs[0].starts_with("gw.toml:3: "), "{}", errs[0]);
+    // A key given twice is named, as is a table declared twice.
+    let errs = errors("[[route]]\nname = \"a\"\nname = \"b\"\n");
+    assert_eq!(errs, ["gw.toml:3: duplicate key \"name\""]);
+    let errs = errors("[admin]\nlisten = \"127.0.0.1:1\"\n[admin]\n");
+    assert_eq!(errs, ["gw.toml:3: duplicate key \"admin\""]);
 }
 
 #[test]

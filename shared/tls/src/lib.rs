@@ -56,8 +56,16 @@ impl fmt::Debug for KeyPair {
 /// is the leaf's.
 pub fn key_pair(cert_pem: &[u8], key_pem: &[u8]) -> Result<KeyPair, String> {
     let chain = certificates(cert_pem)?;
-    let key = PrivateKeyDer::from_pem_slice(key_pem)
-        .map_err(|e| format!("no private key found in PEM ({e})"))?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| {
+        // PKCS#8's "ENCRYPTED PRIVATE KEY", or OpenSSL's legacy "Proc-Type: 4,ENCRYPTED".
+        let encrypted = key_pem.windows(9).any(|w| w == b"ENCRYPTED");
+        match encrypted {
+            true => "the private key is encrypted; Weir reads plain PEM keys (decrypt it: \
+                     openssl pkey -in key.pem -out plain-key.pem)"
+                .to_string(),
+            false => format!("no private key found in PEM ({e})"),
+        }
+    })?;
     let key_der = key.secret_der().to_vec();
     let not_after = parse(&chain[0])?.validity().not_after.timestamp();
     let certified =
@@ -385,6 +393,11 @@ mod tests {
         assert!(err.contains("is not the certificate's"), "{err}");
         let err = key_pair(b"nothing", key.as_bytes()).unwrap_err();
         assert!(err.contains("no certificate"), "{err}");
+        // An encrypted key (PKCS#8, as `openssl req -newkey` writes one) is named as such.
+        let encrypted = "-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIH0MF8GCSqGSIb3DQEFDTBSMDEG\n\
+                         -----END ENCRYPTED PRIVATE KEY-----\n";
+        let err = key_pair(cert.as_bytes(), encrypted.as_bytes()).unwrap_err();
+        assert!(err.contains("the private key is encrypted"), "{err}");
         let err = key_pair(cert.as_bytes(), cert.as_bytes()).unwrap_err();
         assert!(err.contains("no private key"), "{err}");
     }
