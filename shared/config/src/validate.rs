@@ -1233,10 +1233,10 @@ impl Checker<'_> {
                 "rewrite applies only to routes with [[route.backend]]",
             );
         }
-        let fault = r.fault.and_then(|f| self.fault(&at.key("fault"), f));
+        let fault = r.fault.and_then(|f| self.fault(&at.table("fault"), f));
         let mirror = r
             .mirror
-            .and_then(|m| self.mirror(&at.key("mirror"), m, services));
+            .and_then(|m| self.mirror(&at.table("mirror"), m, services));
         let timeout = r
             .timeout
             .map(|t| self.positive(at, "timeout", Some(t), Duration::ZERO));
@@ -1564,7 +1564,7 @@ impl Checker<'_> {
 
     fn fault(&mut self, at: &At, f: RawFault) -> Option<Fault> {
         let delay = f.delay.and_then(|d| {
-            let here = at.key("delay");
+            let here = at.table("delay");
             let percent = self.percent(&here.key("percent"), d.percent);
             let fixed = match d.fixed {
                 Some(text) => self.duration(&here.key("fixed"), &text),
@@ -1579,7 +1579,7 @@ impl Checker<'_> {
             })
         });
         let abort = f.abort.and_then(|a| {
-            let here = at.key("abort");
+            let here = at.table("abort");
             let percent = self.percent(&here.key("percent"), a.percent);
             match a.status {
                 Some(status @ 200..=599) => Some(Abort { status, percent }),
@@ -1951,8 +1951,9 @@ impl Checker<'_> {
             }
         };
         if mtls.is_some_and(|m| m != Mtls::Disable) && !self.workload_declared {
+            // At the `mtls` line when it is set.
             self.fail(
-                &in_at,
+                &in_at.key("mtls"),
                 format!(
                     "mtls = {:?}{} needs [workload], the mesh certificate to serve and the \
                      trust bundle to check callers with; or set mtls = \"disable\"",

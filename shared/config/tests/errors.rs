@@ -371,8 +371,8 @@ rewrite = {{ path_prefix = \"/v2/\" }}
         "route \"all\": path_prefix replaces what the route's [[route.match]] matched by prefix or exact path, and the route has no [[route.match]]",
         "route \"r\": bad header value \"line\\nbreak\"",
         "route \"r\": request_headers.set: bad header name \"bad name\"",
-        "route \"r\": percent 150 is not between 0 and 100",
-        "route \"r\": delay needs fixed",
+        "route \"r\" fault abort: percent 150 is not between 0 and 100",
+        "route \"r\" fault delay: delay needs fixed",
         "route \"moved\": redirect status 200: expected 301, 302, 303, 307 or 308",
     ] {
         assert!(errs.contains(want), "missing {want:?} in:\n{errs}");
@@ -415,7 +415,7 @@ fn mirrors_and_connection_pools_are_checked() {
         "gw.toml:4: service \"a\": max_requests must be at least 1",
         "gw.toml:4: service \"a\": connect_timeout must be more than 0",
         "gw.toml:4: service \"a\": idle_timeout: bad duration \"soon\"",
-        "gw.toml:10: route \"r\": unknown service \"shadow\"",
+        "gw.toml:10: route \"r\" mirror: unknown service \"shadow\"",
         "gw.toml:15: route \"d\": mirror applies only to routes with [[route.backend]]",
     ] {
         assert!(errs.contains(want), "missing {want:?} in:\n{errs}");
@@ -797,6 +797,15 @@ endpoints = [\"127.0.0.1:1\"]
     // Strict (the default) without [workload].
     let errs = sidecar_errors(dir.path(), "[inbound]\napp = \"127.0.0.1:8080\"\n");
     assert_eq!(errs, [format!("{file}:1: [inbound]: mtls = \"strict\" (the default) needs [workload], the mesh certificate to serve and the trust bundle to check callers with; or set mtls = \"disable\"")]);
+    // Set, it is named at its line.
+    let errs = sidecar_errors(
+        dir.path(),
+        "[inbound]\napp = \"127.0.0.1:8080\"\nmtls = \"permissive\"\n",
+    );
+    assert!(
+        errs[0].starts_with(&format!("{file}:3: [inbound]: mtls = \"permissive\" needs")),
+        "{errs:?}"
+    );
     let errs = sidecar_errors(
         dir.path(),
         "[inbound]\napp = \"127.0.0.1:8080\"\nmtls = \"disable\"\nidle_timeout = \"0s\"\n\
@@ -850,7 +859,7 @@ fn a_service_protocol_is_http1_or_http2_and_mirrors_stay_on_http1() {
         errors(text),
         [
             "gw.toml:8: service \"old\": protocol \"h3\": expected \"http1\" or \"http2\"",
-            "gw.toml:14: route \"r\": mirror copies are sent as HTTP/1.1, and service \"grpc\" has protocol = \"http2\"",
+            "gw.toml:14: route \"r\" mirror: mirror copies are sent as HTTP/1.1, and service \"grpc\" has protocol = \"http2\"",
         ]
     );
     let ok = parse(
