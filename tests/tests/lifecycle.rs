@@ -283,12 +283,9 @@ fn an_upgrade_applies_a_listener_change() {
         "[[listener]]\nname = \"second\"\nlisten = \"127.0.0.1:{second}\"\n{route}"
     ));
     wait_until("the reload refused", Duration::from_secs(5), || {
-        old.status()["last_error"].as_str().is_some_and(|e| {
-            e.contains(
-                "[[listener]] (name, listen, protocol, idle_timeout or proxy_protocol) changed \
-                 (listener \"second\" added)",
-            )
-        })
+        old.status()["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("listener \"second\" added; it applies only at start"))
     });
     let new = old.upgrade();
     old.wait_exit(Duration::from_secs(20))

@@ -229,51 +229,68 @@ fn applied(source: &str, snapshot: &Snapshot) {
 
 /// The first section that a reload cannot apply because the process reads it at start only.
 fn start_only_change(old: &Config, new: &Config) -> Option<String> {
-    fn json<T: serde::Serialize>(value: &T) -> Option<serde_json::Value> {
-        serde_json::to_value(value).ok()
+    use serde_json::Value;
+    fn json<T: serde::Serialize>(value: &T) -> Value {
+        serde_json::to_value(value).unwrap_or_default()
+    }
+    /// "`what` `key` changed", for the first key (nested keys too) whose value differs, with
+    /// the values when `shown` (not for sections that may hold a collector's credentials).
+    fn changed(what: &str, old: &Value, new: &Value, shown: bool) -> Option<String> {
+        if old == new {
+            return None;
+        }
+        if let (Some(o), Some(n)) = (old.as_object(), new.as_object()) {
+            let key = o.keys().chain(n.keys()).find(|k| o.get(*k) != n.get(*k))?;
+            let at = |v: &serde_json::Map<String, Value>| v.get(key).cloned().unwrap_or_default();
+            return changed(&format!("{what} {key}"), &at(o), &at(n), shown);
+        }
+        Some(match shown {
+            true => format!("{what} changed ({old} -> {new})"),
+            false => format!("{what} changed"),
+        })
     }
     // A listener's certificates and client CA are read at each handshake, so they reload;
     // its socket, protocol (plaintext too, for the sidecar's permissive mTLS) and idle timeout
     // (Pingora's HTTP/2 server takes it at start) do not.
     // By name: the order listeners are declared in (or files merged in) changes nothing.
-    let sockets = |c: &Config| -> std::collections::BTreeMap<_, _> {
+    let sockets = |c: &Config| -> std::collections::BTreeMap<String, Value> {
         (c.listeners.iter())
             .map(|l| {
-                let also_plaintext = l.tls.as_ref().is_some_and(|t| t.also_plaintext);
-                let socket = (
-                    l.listen,
-                    l.protocol,
-                    also_plaintext,
-                    l.idle_timeout,
-                    l.proxy_protocol,
-                );
-                (l.name.clone(), socket)
+                let plaintext = l.tls.as_ref().is_some_and(|t| t.also_plaintext);
+                let all = json(l);
+                let mut socket = serde_json::Map::new();
+                for key in ["listen", "protocol", "idle_timeout", "proxy_protocol"] {
+                    socket.insert(key.into(), all[key].clone());
+                }
+                // The sidecar's mtls = "permissive".
+                socket.insert("plaintext too".into(), plaintext.into());
+                (l.name.clone(), Value::Object(socket))
             })
             .collect()
     };
     let (before, after) = (sockets(old), sockets(new));
-    if before != after {
-        let section = match new.sidecar {
-            Some(_) => "[inbound] or [outbound] (listen, mtls or idle_timeout)",
-            None => "[[listener]] (name, listen, protocol, idle_timeout or proxy_protocol)",
-        };
-        // Which one, to find it in a config of many.
-        let which = (before.keys().chain(after.keys()))
-            .find(|name| before.get(*name) != after.get(*name))
-            .map(|name| match (before.get(name), after.get(name)) {
-                (Some(_), None) => format!("listener {name:?} gone"),
-                (None, Some(_)) => format!("listener {name:?} added"),
-                _ => format!("listener {name:?}"),
-            })
-            .unwrap_or_default();
-        Some(format!("{section} changed ({which})"))
-    } else if json(&old.runtime) != json(&new.runtime) {
-        Some("[runtime] changed".into())
-    } else if json(&old.admin) != json(&new.admin) {
-        Some("[admin] changed".into())
-    } else if json(&old.telemetry) != json(&new.telemetry) {
-        Some("[telemetry] changed".into())
-    } else {
-        None
-    }
+    // The sidecar's listeners are its [inbound] and [outbound] sections.
+    let named = |name: &str| match new.sidecar {
+        Some(_) => format!("[{name}]"),
+        None => format!("listener {name:?}"),
+    };
+    let listener = (before.keys().chain(after.keys())).find_map(|name| {
+        match (before.get(name), after.get(name)) {
+            (Some(_), None) => Some(format!("{} gone", named(name))),
+            (None, Some(_)) => Some(format!("{} added", named(name))),
+            (Some(o), Some(n)) => changed(&named(name), o, n, true),
+            (None, None) => None,
+        }
+    });
+    listener
+        .or_else(|| changed("[runtime]", &json(&old.runtime), &json(&new.runtime), true))
+        .or_else(|| changed("[admin]", &json(&old.admin), &json(&new.admin), true))
+        .or_else(|| {
+            changed(
+                "[telemetry]",
+                &json(&old.telemetry),
+                &json(&new.telemetry),
+                false,
+            )
+        })
 }
