@@ -478,4 +478,14 @@ fn a_zero_poll_period_is_refused() {
     );
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("must be more than 0"), "{stderr}");
+    // Nor one that would run git hundreds of times a second.
+    let args = [
+        "--config-git",
+        "git://127.0.0.1:1/x.git",
+        "--git-poll",
+        "1ms",
+    ];
+    let (code, _, stderr) = run("weir-gateway", &args);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("at least 100ms"), "{stderr}");
 }

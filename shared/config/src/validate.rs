@@ -585,10 +585,23 @@ impl Checker<'_> {
             return None;
         }
         let before = self.errors.len();
+        let mut claimed = HashSet::new();
         let certificates: Vec<_> = certificates
             .into_iter()
             .enumerate()
-            .filter_map(|(i, c)| self.certificate(&at.item("certificate", i), c))
+            .filter_map(|(i, c)| {
+                let at = at.item("certificate", i);
+                let certificate = self.certificate(&at, c)?;
+                // A host two certificates claim would go to the first alone (Envoy refuses
+                // such filter chains; nginx warns of a conflicting server name).
+                for host in &certificate.hosts {
+                    if !claimed.insert(host.clone()) {
+                        let e = format!("host {host:?} is already another certificate's");
+                        self.fail(&at.key("hosts"), e);
+                    }
+                }
+                Some(certificate)
+            })
             .collect();
         let client_auth = client_auth.and_then(|c| {
             let at = at.key("client_auth");
@@ -2442,7 +2455,9 @@ fn trust(cas: &impl Hash) -> u64 {
 /// Whether two listening addresses take the same port: the same address, or the same port with
 /// either one on every interface (`0.0.0.0`, `[::]`).
 fn clash(a: SocketAddr, b: SocketAddr) -> bool {
-    a.port() == b.port() && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+    // `[::ffff:127.0.0.1]` is 127.0.0.1 to the kernel.
+    let (a_ip, b_ip) = (a.ip().to_canonical(), b.ip().to_canonical());
+    a.port() == b.port() && (a_ip == b_ip || a_ip.is_unspecified() || b_ip.is_unspecified())
 }
 
 /// The sidecar's listener for the app's calls, which user routes attach to.

@@ -496,6 +496,21 @@ fn tls_settings_are_checked_and_their_files_read_relative_to_the_config() {
     let tls = loaded.config.listeners[0].tls.as_ref().unwrap();
     assert_eq!(tls.certificates[0].cert, dir.path().join("a.pem"));
     assert_eq!(loaded.material.len(), 2);
+    // A host two certificates claim is an error: the second would never be served for it.
+    let twice = listener(
+        "protocol = \"https\"\n  [[listener.certificate]]\n  cert = \"a.pem\"\n  key = \"a-key.pem\"\n  \
+         hosts = [\"a.example\"]\n  [[listener.certificate]]\n  cert = \"a.pem\"\n  key = \"a-key.pem\"\n  \
+         hosts = [\"b.example\", \"a.example\"]\n[admin]\nlisten = \"[::ffff:127.0.0.1]:8443\"\n",
+    );
+    write(dir.path(), "twice.toml", &twice);
+    let errs = load(&dir.path().join("twice.toml"), Role::Gateway).unwrap_err();
+    let errs: Vec<String> = errs.0.iter().map(|e| e.message.clone()).collect();
+    assert!(
+        errs.contains(&"host \"a.example\" is already another certificate's".to_string()),
+        "{errs:?}"
+    );
+    // An IPv4-mapped address is the IPv4 one: the admin listener would never bind.
+    assert!(errs.iter().any(|e| e.contains("8443")), "{errs:?}");
     // The revision follows the certificate's contents, not only the config's.
     write(dir.path(), "a.pem", &cert.pem().replace("\n", "\r\n"));
     let rotated = load(&dir.path().join("gw.toml"), Role::Gateway).unwrap();

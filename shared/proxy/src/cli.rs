@@ -55,7 +55,7 @@ struct Cli {
     )]
     git_path: Option<PathBuf>,
     /// How often to fetch the ref, e.g. 15s or 1m [default: 15s].
-    #[arg(long, value_name = "DURATION", value_parser = weir_config::duration::parse_period, requires = "config_git", conflicts_with = "config")]
+    #[arg(long, value_name = "DURATION", value_parser = poll_period, requires = "config_git", conflicts_with = "config")]
     git_poll: Option<Duration>,
     /// Take the listening sockets over from the proxy running on the same admin address
     /// (Pingora's graceful upgrade): start this one, then send the old one SIGQUIT.
@@ -97,6 +97,15 @@ enum Command {
         #[arg(long, value_name = "PORTS", value_delimiter = ',')]
         exclude_outbound_ports: Vec<u16>,
     },
+}
+
+/// A `--git-poll`: 100ms at least, as each poll runs git (and logs a failed fetch).
+fn poll_period(text: &str) -> Result<Duration, String> {
+    let period = weir_config::duration::parse_period(text)?;
+    match period >= Duration::from_millis(100) {
+        true => Ok(period),
+        false => Err(format!("{text:?}: at least 100ms (each poll runs git)")),
+    }
 }
 
 /// A `--git-path`: relative, and never out of the repository through `..` (a leading `/`, a
