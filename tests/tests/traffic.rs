@@ -73,6 +73,13 @@ fn redirects_keep_what_they_do_not_change() {
             .contains("location: /new?q=1\r\n"),
         "{reply}"
     );
+    // A Host that is no host is not sent back as one (nginx answers it 400 too).
+    for host in ["good.com/x", "a b", "good.com:abc"] {
+        let request = format!("GET /old HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        let reply = weir_tests::raw_request(gw.port, request.as_bytes());
+        assert!(reply.starts_with("HTTP/1.1 400"), "{host}: {reply}");
+        assert!(!reply.to_ascii_lowercase().contains("location:"), "{reply}");
+    }
 }
 
 #[test]

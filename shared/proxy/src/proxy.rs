@@ -465,8 +465,15 @@ impl ProxyHttp for WeirProxy {
             }
             (Action::Redirect(r), _) => {
                 let scheme = Downstream::of(session).scheme();
-                let location = redirect_location(session.req_header(), r, scheme);
-                respond(session, ctx, r.status, Bytes::new(), Some(location)).await?;
+                match redirect_location(session.req_header(), r, scheme) {
+                    Some(location) => {
+                        respond(session, ctx, r.status, Bytes::new(), Some(location)).await?
+                    }
+                    // A Host that is no host (`a b`, `good.com/x`) is not sent back as one.
+                    None => {
+                        respond(session, ctx, 400, Bytes::from_static(b"bad host\n"), None).await?
+                    }
+                }
                 Ok(true)
             }
             (Action::Backends(_), Some(split)) => {
@@ -1396,32 +1403,35 @@ async fn respond_now(
 }
 
 /// The Location of a redirect: each part from the config, else from the request; the query
-/// is kept.
-fn redirect_location(req: &RequestHeader, r: &Redirect, request_scheme: &str) -> String {
+/// is kept. `None` when the request's host, needed, is no URL authority.
+fn redirect_location(req: &RequestHeader, r: &Redirect, request_scheme: &str) -> Option<String> {
     let scheme = r.scheme.as_deref().unwrap_or(request_scheme);
-    let host = r.host.clone().unwrap_or_else(|| {
-        let host = req
-            .uri
-            .authority()
-            .map(|a| a.as_str())
-            .or_else(|| {
-                req.headers
-                    .get(http::header::HOST)
-                    .and_then(|h| h.to_str().ok())
-            })
-            .unwrap_or("");
-        // A new scheme means a new default port: drop the one the request named.
-        match (&r.scheme, host.rsplit_once(':')) {
-            (Some(_), Some((name, port)))
-                if !port.is_empty()
-                    && port.bytes().all(|b| b.is_ascii_digit())
-                    && (!name.contains(':') || name.ends_with(']')) =>
-            {
-                name.to_string()
+    let host = match &r.host {
+        Some(host) => host.clone(),
+        None => {
+            let host = (req.uri.authority().map(|a| a.as_str()))
+                .or_else(|| (req.headers.get(http::header::HOST)).and_then(|h| h.to_str().ok()))
+                .unwrap_or("");
+            if !host.is_empty() {
+                let authority = host.parse::<http::uri::Authority>().ok()?;
+                // `http` takes any port text; a port is digits.
+                if authority.port().is_none() && authority.as_str() != authority.host() {
+                    return None;
+                }
             }
-            _ => host.to_string(),
+            // A new scheme means a new default port: drop the one the request named.
+            match (&r.scheme, host.rsplit_once(':')) {
+                (Some(_), Some((name, port)))
+                    if !port.is_empty()
+                        && port.bytes().all(|b| b.is_ascii_digit())
+                        && (!name.contains(':') || name.ends_with(']')) =>
+                {
+                    name.to_string()
+                }
+                _ => host.to_string(),
+            }
         }
-    });
+    };
     let path = r.path.as_deref().unwrap_or(req.uri.path());
     // No host at all (HTTP/1.0 may send none): a reference relative to the request's own,
     // since `https:///new` is no URL.
@@ -1429,10 +1439,10 @@ fn redirect_location(req: &RequestHeader, r: &Redirect, request_scheme: &str) ->
         true => String::new(),
         false => format!("{scheme}://{host}"),
     };
-    match req.uri.query() {
+    Some(match req.uri.query() {
         Some(q) => format!("{origin}{path}?{q}"),
         None => format!("{origin}{path}"),
-    }
+    })
 }
 
 /// The bytes a consistent-hash service hashes for this request, if the request has them.
