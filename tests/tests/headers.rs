@@ -287,6 +287,25 @@ fn an_interim_answer_alone_is_no_status() {
     );
 }
 
+/// A length repeated (`5,5`, or the field twice) goes upstream once: a strict upstream
+/// refuses the list (RFC 9110 §8.6 lets a proxy pass the one value on).
+#[test]
+fn a_repeated_content_length_goes_upstream_once() {
+    let app = Upstream::start("app");
+    let gw = Gateway::start(&format!("{}{}", app.service(), route_to("app")));
+    for length in [
+        "Content-Length: 5,5\r\n",
+        "Content-Length: 5\r\nContent-Length: 5\r\n",
+    ] {
+        let request =
+            format!("POST / HTTP/1.1\r\nHost: a\r\n{length}Connection: close\r\n\r\nabcde");
+        let reply = raw_request(gw.port, request.as_bytes());
+        assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+        assert_eq!(app.header_fields("content-length"), ["5"], "{length:?}");
+        assert_eq!(app.last_body(), b"abcde");
+    }
+}
+
 #[test]
 fn an_http10_upstream_is_answered_in_the_proxys_own_version() {
     let gw = Gateway::start(&format!(

@@ -361,11 +361,14 @@ impl ProxyHttp for WeirProxy {
             respond(session, ctx, 400, body, None).await?;
             return Ok(true);
         }
-        if !session.as_mut().is_body_empty() && !transfer_coding_known(session.req_header()) {
-            ctx.snapshot = Some(snapshot);
-            let body = Bytes::from_static(b"transfer coding not implemented\n");
-            respond(session, ctx, 501, body, None).await?;
-            return Ok(true);
+        if !session.as_mut().is_body_empty() {
+            if !transfer_coding_known(session.req_header()) {
+                ctx.snapshot = Some(snapshot);
+                let body = Bytes::from_static(b"transfer coding not implemented\n");
+                respond(session, ctx, 501, body, None).await?;
+                return Ok(true);
+            }
+            one_content_length(session.req_header_mut());
         }
         let split_cookies = |s: &Session| {
             let cookies = s.req_header().headers.get_all(http::header::COOKIE);
@@ -1155,6 +1158,25 @@ fn certificate_refused(e: &Error) -> bool {
 fn transfer_coding_known(req: &RequestHeader) -> bool {
     (req.headers.get_all(http::header::TRANSFER_ENCODING).iter())
         .all(|v| v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked"))
+}
+
+/// `Content-Length: 5,5`, or the field twice with one value (Pingora refuses differing ones):
+/// the length alone, as RFC 9110 §8.6 allows, since a strict upstream refuses the list.
+fn one_content_length(req: &mut RequestHeader) {
+    let lengths = req.headers.get_all(http::header::CONTENT_LENGTH);
+    let mut values = lengths.iter();
+    let Some(first) = values.next() else { return };
+    if values.next().is_none() && !first.as_bytes().contains(&b',') {
+        return;
+    }
+    let first = first
+        .as_bytes()
+        .split(|&b| b == b',')
+        .next()
+        .unwrap_or_default();
+    if let Ok(length) = HeaderValue::from_bytes(first.trim_ascii()) {
+        let _ = req.insert_header(http::header::CONTENT_LENGTH, length);
+    }
 }
 
 /// How long a write may wait for its reader (the upstream reading a request, the client its
