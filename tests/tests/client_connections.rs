@@ -218,6 +218,17 @@ fn a_listener_at_max_connections_closes_the_next_one_on_arrival() {
     let _ = third.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n");
     assert_eq!(read_to_close(&mut third), "");
     assert_eq!(rejected() - before, 1.0);
+    // `/ready`'s probes of the full listener are no clients turned away. One more client
+    // after them is (accepted in arrival order, so the probes have been seen by then).
+    for _ in 0..3 {
+        assert_eq!(gw.admin_get("/ready").unwrap().status, 200);
+    }
+    let mut fourth = connect(gw.port);
+    assert_eq!(read_to_close(&mut fourth), "");
+    wait_until("the fourth counted", Duration::from_secs(5), || {
+        rejected() - before >= 2.0
+    });
+    assert_eq!(rejected() - before, 2.0);
 
     drop(first);
     open(1.0);

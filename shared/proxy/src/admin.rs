@@ -71,7 +71,15 @@ impl Admin {
     async fn not_ready(&self) -> Option<String> {
         for (name, addr) in &self.listeners {
             let target = reachable(*addr);
-            let connect = tokio::net::TcpStream::connect(target);
+            let connect = async {
+                let socket = match target {
+                    SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+                    SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+                };
+                socket.bind(SocketAddr::new(target.ip(), 0))?;
+                probing_from(socket.local_addr()?.port());
+                socket.connect(target).await
+            };
             match tokio::time::timeout(Duration::from_secs(1), connect).await {
                 Ok(Ok(_)) => {}
                 _ => {
@@ -257,6 +265,27 @@ impl HttpServerApp for Admin {
         }
         reused.map(|s| ReusedHttpStream::from_reusable_stream(s, settings))
     }
+}
+
+/// The local ports of `/ready`'s recent probes, with when each was made: a probe of a full
+/// listener is closed on arrival like any connection over `max_connections`, but it is no
+/// client turned away. The listener takes it after the probe is done, so a port is kept a
+/// while (the kernel does not give it to another connection that soon).
+static PROBES: std::sync::Mutex<Vec<(u16, std::time::Instant)>> = std::sync::Mutex::new(Vec::new());
+
+/// How long a probe's port is known as one.
+const PROBE_KEPT: Duration = Duration::from_secs(10);
+
+/// Whether a connection from this port is `/ready`'s.
+pub(crate) fn is_probe(port: u16) -> bool {
+    let probes = PROBES.lock().unwrap_or_else(|e| e.into_inner());
+    (probes.iter()).any(|(p, at)| *p == port && at.elapsed() < PROBE_KEPT)
+}
+
+fn probing_from(port: u16) {
+    let mut probes = PROBES.lock().unwrap_or_else(|e| e.into_inner());
+    probes.retain(|(_, at)| at.elapsed() < PROBE_KEPT);
+    probes.push((port, std::time::Instant::now()));
 }
 
 /// A listener bound to 0.0.0.0 or [::] is probed on loopback.

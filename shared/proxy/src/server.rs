@@ -318,7 +318,7 @@ impl ServerApp for Sniffing {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        let Some(_open) = self.open.admit() else {
+        let Some(_open) = self.open.admit(&stream) else {
             debug!("closing a connection over the listener's max_connections");
             return None;
         };
@@ -347,13 +347,19 @@ pub(crate) struct OpenConnections {
 
 impl OpenConnections {
     /// Counts a new connection in until it ends, or `None`: the listener is full.
-    pub(crate) fn admit(&self) -> Option<Open<'_>> {
+    pub(crate) fn admit(&self, stream: &Stream) -> Option<Open<'_>> {
         self.active.inc();
         let open = Open(&self.active);
         let max = self.reloader.snapshot().config.listeners[self.index].max_connections;
         // Counted in first, so two connections arriving at once never both fit in one place.
         if max.is_some_and(|max| usize::try_from(self.active.get()).unwrap_or(0) > max) {
-            self.rejected.inc();
+            let digest = stream.get_socket_digest();
+            let peer = digest
+                .as_deref()
+                .and_then(|d| d.peer_addr()?.as_inet().copied());
+            if !peer.is_some_and(|p| crate::admin::is_probe(p.port())) {
+                self.rejected.inc();
+            }
             return None;
         }
         Some(open)

@@ -75,7 +75,7 @@ impl ServerApp for Passthrough {
         stream: Stream,
         _shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        let Some(_open) = self.open.admit() else {
+        let Some(_open) = self.open.admit(&stream) else {
             debug!("closing a connection over the listener's max_connections");
             return None;
         };
