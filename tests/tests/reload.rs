@@ -177,6 +177,47 @@ fn a_config_directory_reloads_when_a_file_is_added() {
     );
 }
 
+/// A config directory away for longer than the reload's quiet time (two renames with a pause
+/// between them), naming files beside it by `../`: the watch stays, so the directory put back
+/// and edits in it are seen (they were not, until SIGHUP).
+#[test]
+fn a_directory_away_for_a_while_is_still_watched_with_files_named_beside_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (port, admin) = (free_port(), free_port());
+    let certs = dir.path().join("certs");
+    fs::create_dir(&certs).unwrap();
+    let ca = weir_tests::tls::TestCa::new("beside");
+    fs::write(certs.join("ca.pem"), ca.pem()).unwrap();
+    let conf = dir.path().join("conf");
+    let base = format!(
+        "{}[[service]]\nname = \"s\"\nendpoints = [\"127.0.0.1:1\"]\n  [service.tls]\n  \
+         sni = \"s.example\"\n  ca = \"../certs/ca.pem\"\n",
+        Gateway::base(port, admin)
+    );
+    let fill = |at: &std::path::Path, body: &str| {
+        fs::create_dir_all(at).unwrap();
+        fs::write(at.join("00-base.toml"), &base).unwrap();
+        fs::write(at.join("10-hello.toml"), hello(body)).unwrap();
+    };
+    fill(&conf, "first");
+    let gw = Gateway::start_on(dir, conf.clone(), port, admin);
+    assert_eq!(gw.get("/", &[]).body, "first");
+    let away = conf.with_file_name("conf.old");
+    fs::rename(&conf, &away).unwrap();
+    wait_until("the directory missed", Duration::from_secs(5), || {
+        gw.last_error().contains("conf")
+    });
+    fill(&away, "back");
+    fs::rename(&away, &conf).unwrap();
+    wait_until("the directory back", Duration::from_secs(5), || {
+        gw.get("/", &[]).body == "back"
+    });
+    fs::write(conf.join("10-hello.toml"), hello("edited")).unwrap();
+    wait_until("an edit in it", Duration::from_secs(5), || {
+        gw.get("/", &[]).body == "edited"
+    });
+}
+
 #[test]
 fn sighup_reloads_and_keeps_running() {
     let gw = Gateway::start(&hello("before"));

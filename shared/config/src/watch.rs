@@ -33,6 +33,9 @@ pub fn watch(
                 Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
                 _ => PathBuf::from("."),
             };
+            // `conf/../certs` is `certs`: it must not stop being watchable while `conf` is
+            // away (a config directory replaced by two renames).
+            let dir = std::fs::canonicalize(&dir).unwrap_or_else(|_| without_dot_dot(&dir));
             (dir, file.file_name().map(|n| n.to_os_string()))
         };
         match dirs.iter_mut().find(|(d, _)| *d == dir) {
@@ -79,10 +82,38 @@ pub fn watch(
             on_change();
         }
     })?;
+    // A directory that cannot be watched now (gone for a moment) leaves the others watched;
+    // the watch is made anew after every reload.
+    let mut failed = None;
+    let mut watching = 0;
     for (dir, _) in &dirs {
-        inner.watch(dir, RecursiveMode::NonRecursive)?;
+        match inner.watch(dir, RecursiveMode::NonRecursive) {
+            Ok(()) => watching += 1,
+            Err(e) => {
+                tracing::warn!("cannot watch {}: {e}; watching the rest", dir.display());
+                failed.get_or_insert(e);
+            }
+        }
     }
-    Ok(Watcher { _inner: inner })
+    match (watching, failed) {
+        (0, Some(e)) => Err(e),
+        _ => Ok(Watcher { _inner: inner }),
+    }
+}
+
+/// `path` with each `dir/..` taken out, as the config's relative paths mean it.
+fn without_dot_dot(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for part in path.components() {
+        match part {
+            std::path::Component::ParentDir if out.file_name().is_some() => {
+                out.pop();
+            }
+            std::path::Component::CurDir => {}
+            part => out.push(part),
+        }
+    }
+    out
 }
 
 /// A change to `path` may change the config: it is one of the watched `files` (or, for a
