@@ -172,6 +172,8 @@ fn pushed_commits_are_served_and_bad_ones_kept_out() {
     wait_until("a failed fetch logged", Duration::from_secs(10), || {
         gw.stderr().contains("git: fetching")
     });
+    // And counted, for an alert on a gateway serving a stale config.
+    assert!(gw.metric("weir_config_fetch_failures_total") >= 1.0);
     assert_eq!(gw.get("/", &[]).body, "two");
 }
 

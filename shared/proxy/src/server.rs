@@ -647,6 +647,7 @@ impl Control {
             }
             Ok(Ok(None)) => None,
             Ok(Err(e)) => {
+                weir_telemetry::metrics().config_fetch_failures.inc();
                 warn!("git: {e:#}; still serving the last good config");
                 None
             }

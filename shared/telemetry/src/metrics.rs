@@ -57,6 +57,8 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     pub config_generation: IntGauge,
     pub access_log_dropped: IntCounter,
+    /// `--config-git` fetches that failed: a gateway serving a stale config is alerted on.
+    pub config_fetch_failures: IntCounter,
     pub downstream_tls_handshake_failures: IntCounterVec,
     /// `source`, `revision`; one series, replaced on every reload.
     pub config_info: IntGaugeVec,
@@ -186,6 +188,15 @@ impl Metrics {
         registry
             .register(Box::new(access_log_dropped.clone()))
             .expect("unique metric");
+        let config_fetch_failures = IntCounter::new(
+            "weir_config_fetch_failures_total",
+            "Fetches of the --config-git ref that failed (the server down or silent, the ref \
+             gone); the config serving stays.",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(config_fetch_failures.clone()))
+            .expect("unique metric");
         let config_generation = IntGauge::new(
             "weir_config_generation",
             "Generation of the serving config.",
@@ -222,6 +233,7 @@ impl Metrics {
             config_reloads,
             config_generation,
             access_log_dropped,
+            config_fetch_failures,
             downstream_tls_handshake_failures,
             config_info,
             tls_cert_expiry,
