@@ -170,7 +170,9 @@ fn a_sidecars_listeners_close_idle_connections_after_their_own_idle_timeout() {
     fs::rename(&tmp, &sidecar.config).unwrap();
     let err = sidecar.last_error();
     assert!(
-        err.starts_with("[inbound] or [outbound] (listen, mtls or idle_timeout) changed"),
+        err.starts_with(
+            "[inbound] idle_timeout changed (\"2s\" -> \"3s\"); it applies only at start"
+        ),
         "{err}"
     );
 }
@@ -293,4 +295,12 @@ fn a_proxy_protocol_header_names_the_client() {
         .map(|l| l["client"].as_str().unwrap_or_default().to_string())
         .collect();
     assert_eq!(clients, ["203.0.113.7", "198.51.100.9", "127.0.0.1"]);
+    // Counted, and said once: the usual mistake, a balancer that sends no header.
+    let refused = r#"weir_downstream_proxy_protocol_errors_total{listener="web"}"#;
+    assert_eq!(gw.metric(refused), 2.0);
+    let said = gw
+        .stderr()
+        .matches("only a load balancer that sends the header")
+        .count();
+    assert_eq!(said, 1, "{}", gw.stderr());
 }

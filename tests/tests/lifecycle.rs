@@ -118,6 +118,31 @@ fn finishes_requests_in_flight_then_exits(stop: impl FnOnce(&Gateway)) {
     );
 }
 
+/// A plain start writes nothing under `$TMPDIR` (a read-only root filesystem); SIGQUIT hands
+/// the listeners over only to a socket in a directory of this user's alone, and with another
+/// there it serves on.
+#[test]
+fn upgrades_go_through_a_private_directory_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let route = "[[route]]\nname = \"r\"\ndirect_response = { status = 200, body = \"up\" }\n";
+    let gw = Gateway::start_with_env(route, &[("TMPDIR", "/nonexistent/weir-test")]);
+    assert_eq!(gw.get("/", &[]).body, "up");
+    let tmp = tempfile::tempdir().unwrap();
+    let shared = tmp
+        .path()
+        .join(weir_tests::private_dir().file_name().unwrap());
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let tmpdir = tmp.path().to_str().unwrap();
+    let gw = Gateway::start_with_env(route, &[("TMPDIR", tmpdir)]);
+    gw.signal("QUIT");
+    wait_until("the refusal logged", Duration::from_secs(5), || {
+        gw.stderr()
+            .contains("SIGQUIT: not handing the listeners over")
+    });
+    assert_eq!(gw.get("/", &[]).body, "up");
+}
+
 #[test]
 fn sigterm_finishes_requests_in_flight_then_exits() {
     finishes_requests_in_flight_then_exits(|gw| gw.signal("TERM"));

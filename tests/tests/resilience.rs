@@ -354,6 +354,50 @@ fn a_client_that_leaves_while_its_request_waits_takes_it_along() {
         left("/retried")
     });
     assert_eq!(bad.hits(), 1, "a retry went out for a client that had left");
+    // The same over HTTP/2: curl gives up (and closes) while its request waits.
+    let gives_up = |path: &str, after: &str| {
+        let curl = std::process::Command::new("curl")
+            .args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "--http2-prior-knowledge",
+                "-m",
+                after,
+            ])
+            .arg(gw.url(path))
+            .status()
+            .unwrap();
+        assert_eq!(
+            curl.code(),
+            Some(28),
+            "{path}: curl gave up at its time limit"
+        );
+    };
+    let url = gw.url("/first-h2");
+    let first = thread::spawn(move || send(&client(), "GET", &url, &[]).unwrap().status);
+    wait_until("the first upstream", Duration::from_secs(10), || {
+        slow.hits() == 3
+    });
+    gives_up("/left-h2", "0.5");
+    wait_until("/left-h2 logged DC", Duration::from_secs(5), || {
+        left("/left-h2")
+    });
+    assert_eq!(first.join().unwrap(), 200);
+    assert_eq!(
+        slow.hits(),
+        3,
+        "an HTTP/2 request whose client left reached the upstream"
+    );
+    gives_up("/retried-h2", "0.5");
+    wait_until("/retried-h2 logged DC", Duration::from_secs(5), || {
+        left("/retried-h2")
+    });
+    assert_eq!(
+        bad.hits(),
+        2,
+        "a retry went out for an HTTP/2 client that had left"
+    );
 }
 
 #[test]

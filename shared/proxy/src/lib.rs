@@ -35,31 +35,54 @@ pub mod snapshot;
 mod stream;
 pub mod tls;
 
-/// The directory of this user's upgrade sockets and Git checkouts: `$TMPDIR/weir-<uid>`, made
-/// mode 0700 and checked to be this user's alone, as tmux checks its socket directory. In a
-/// shared `/tmp` another user could otherwise bind the upgrade socket first (and be handed the
-/// listening sockets) or plant a checkout directory Weir would read config from.
-pub fn private_dir() -> anyhow::Result<std::path::PathBuf> {
-    use anyhow::Context;
-    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+/// The directory of this user's upgrade sockets and Git checkouts: `$TMPDIR/weir-<uid>`. Made
+/// (mode 0700) only by what uses it, `--upgrade` and `--config-git`, so a plain start needs no
+/// writable `$TMPDIR` (a read-only root filesystem).
+pub fn private_dir_path() -> std::path::PathBuf {
     #[allow(unsafe_code)]
     // SAFETY: geteuid has no preconditions and cannot fail.
     let uid = unsafe { libc::geteuid() };
-    let dir = std::env::temp_dir().join(format!("weir-{uid}"));
+    std::env::temp_dir().join(format!("weir-{uid}"))
+}
+
+/// [`private_dir_path`], made if missing, and checked to be this user's alone, as tmux checks
+/// its socket directory. In a shared `/tmp` another user could otherwise bind the upgrade
+/// socket first (and be handed the listening sockets) or plant a checkout directory Weir
+/// would read config from.
+pub fn private_dir() -> anyhow::Result<std::path::PathBuf> {
+    use anyhow::Context;
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = private_dir_path();
     match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
         Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
-            return Err(e).with_context(|| format!("creating {}", dir.display()));
+            return Err(e).with_context(|| {
+                format!(
+                    "creating {}, for upgrade sockets and Git checkouts (TMPDIR picks where)",
+                    dir.display()
+                )
+            });
         }
         _ => {}
     }
-    let meta = std::fs::symlink_metadata(&dir).with_context(|| dir.display().to_string())?;
+    check_private_dir(&dir)?;
+    Ok(dir)
+}
+
+/// That `dir` is a directory of this user's alone (mode 0700), not a link.
+pub fn check_private_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::symlink_metadata(dir).with_context(|| dir.display().to_string())?;
+    #[allow(unsafe_code)]
+    // SAFETY: as above.
+    let uid = unsafe { libc::geteuid() };
     if !meta.is_dir() || meta.uid() != uid || meta.mode() & 0o077 != 0 {
         anyhow::bail!(
             "{} is not a directory of this user's alone (mode 0700): remove it, or set TMPDIR",
             dir.display()
         );
     }
-    Ok(dir)
+    Ok(())
 }
 
 /// Logs to stderr; `RUST_LOG` filters (default `info`).

@@ -1117,16 +1117,16 @@ fn prepare_upstream(
 
 /// `wait` (an injected delay, a retry's backoff, a place in line for a connection), cut short
 /// when the client leaves: its request goes no further, takes no place in line and reaches no
-/// upstream (as with Envoy's fault filter and connection pool queue). An HTTP/1 request is
-/// watched when its body is empty or all read (as before every retry), as its socket can then
-/// be read without taking body bytes (a pipelined next request's are kept for it).
+/// upstream (as with Envoy's fault filter and connection pool queue). A request is watched
+/// when its body is empty or all read (as before every retry): an HTTP/1 socket can then be
+/// read without taking body bytes (a pipelined next request's are kept for it), and an
+/// HTTP/2 stream's reset, or its connection's close, ends the wait.
 async fn unless_client_leaves<T>(
     session: &mut Session,
     wait: impl Future<Output = T>,
 ) -> Result<T> {
     let downstream = session.as_mut();
-    let watched = downstream.as_http1().is_some()
-        && (downstream.is_body_empty() || downstream.is_body_done());
+    let watched = downstream.is_body_empty() || downstream.is_body_done();
     if !watched {
         return Ok(wait.await);
     }

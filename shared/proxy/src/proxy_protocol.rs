@@ -23,6 +23,32 @@ const MAX_HEADER: usize = 16 * 1024;
 /// How long the header may take to arrive (Envoy's listener filter timeout).
 const HEADER_WAIT: Duration = Duration::from_secs(15);
 
+/// A connection closed for its header: counted, and said at warn the first time (after that at
+/// debug: a balancer that sends none would otherwise say it for every connection). It is the
+/// usual mistake with this setting, and showed nowhere before.
+pub(crate) fn refused(listener: &str, peer: Option<SocketAddr>, why: &str) {
+    // Admin `/ready`'s probe sends no header: no client of the balancer's.
+    if peer.is_some_and(|p| crate::admin::is_probe(p.port())) {
+        return;
+    }
+    static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let metrics = weir_telemetry::metrics();
+    (metrics.downstream_proxy_protocol_errors)
+        .with_label_values(&[listener])
+        .inc();
+    if SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        tracing::debug!(listener, "closing a connection: {why}");
+    } else {
+        tracing::warn!(listener, "closing a connection: {why} (proxy_protocol = true: only a load balancer that sends the header may connect; counted in weir_downstream_proxy_protocol_errors_total, logged once)");
+    }
+}
+
+/// The address a connection came from, before any PROXY header names another.
+pub(crate) fn peer(stream: &Stream) -> Option<SocketAddr> {
+    let digest = stream.get_socket_digest()?;
+    digest.peer_addr()?.as_inet().copied()
+}
+
 /// Reads the PROXY header off `stream` and makes its source the connection's peer; the bytes
 /// after it are read next, as if the header had never been there.
 pub(crate) async fn accept(stream: Stream) -> Result<Stream, String> {

@@ -103,7 +103,7 @@ pub fn run(reloader: Reloader, git: Option<Arc<GitSource>>, upgrade: bool) -> an
         // dropped at the next reuse; tokio removes a dropped timer, while Pingora's keeps
         // its entry until the deadline. Measured in docs/benchmarks.md.
         fast_timeout_to_tokio_threshold_seconds: Some(0),
-        upgrade_sock: upgrade_socket(config.admin.listen)?
+        upgrade_sock: upgrade_socket(config.admin.listen, upgrade)?
             .to_string_lossy()
             .into_owned(),
         ..ServerConf::default()
@@ -378,9 +378,10 @@ impl Drop for Open<'_> {
 impl Sniffing {
     async fn serve(self: &Arc<Self>, mut stream: Stream, shutdown: &ShutdownWatch) {
         if self.proxy_protocol {
+            let peer = proxy_protocol::peer(&stream);
             stream = match proxy_protocol::accept(stream).await {
                 Ok(stream) => stream,
-                Err(e) => return debug!("closing a connection: {e}"),
+                Err(e) => return proxy_protocol::refused(&self.listener, peer, &e),
             };
         }
         if let Some(tcp) = &self.captured_tcp {
@@ -480,8 +481,14 @@ impl Sniffing {
 /// there): one path per admin port, which no two gateways on a host share, so an upgrade finds
 /// its predecessor and no other; in the user's private directory, where no other user can
 /// bind it first.
-fn upgrade_socket(admin: SocketAddr) -> anyhow::Result<PathBuf> {
-    Ok(crate::private_dir()?.join(format!("upgrade-{}.sock", admin.port())))
+fn upgrade_socket(admin: SocketAddr, upgrade: bool) -> anyhow::Result<PathBuf> {
+    // Made (and checked) by the process that binds the socket; SIGQUIT checks it again
+    // before the listeners go there (`ShutdownRequests`).
+    let dir = match upgrade {
+        true => crate::private_dir()?,
+        false => crate::private_dir_path(),
+    };
+    Ok(dir.join(format!("upgrade-{}.sock", admin.port())))
 }
 
 /// Pingora's signals (SIGTERM drains, SIGINT exits at once, SIGQUIT hands the listeners to
@@ -495,14 +502,21 @@ struct ShutdownRequests {
 #[async_trait]
 impl ShutdownSignalWatch for ShutdownRequests {
     async fn recv(&self) -> ShutdownSignal {
-        let signal = tokio::select! {
-            signal = UnixShutdownSignalWatch.recv() => signal,
-            () = self.admin.notified() => ShutdownSignal::GracefulTerminate,
-        };
-        if matches!(signal, ShutdownSignal::GracefulUpgrade) {
-            self.upgrading.store(true, Ordering::Relaxed);
+        loop {
+            let signal = tokio::select! {
+                signal = UnixShutdownSignalWatch.recv() => signal,
+                () = self.admin.notified() => ShutdownSignal::GracefulTerminate,
+            };
+            if matches!(signal, ShutdownSignal::GracefulUpgrade) {
+                // The listening sockets go only to a socket in a directory of this user's alone.
+                if let Err(e) = crate::check_private_dir(&crate::private_dir_path()) {
+                    error!("SIGQUIT: not handing the listeners over: {e:#}; serving on");
+                    continue;
+                }
+                self.upgrading.store(true, Ordering::Relaxed);
+            }
+            return signal;
         }
-        signal
     }
 }
 

@@ -105,9 +105,10 @@ impl Passthrough {
     async fn forward(&self, mut client: Stream) {
         let start = Instant::now();
         if self.proxy_protocol {
+            let peer = proxy_protocol::peer(&client);
             client = match proxy_protocol::accept(client).await {
                 Ok(client) => client,
-                Err(e) => return debug!(listener = %self.listener, "closing a connection: {e}"),
+                Err(e) => return proxy_protocol::refused(&self.listener, peer, &e),
             };
         }
         let digest = client.get_socket_digest();
@@ -545,7 +546,6 @@ async fn read_sni(
     client: &mut Stream,
     seen: &mut Vec<u8>,
 ) -> Result<Option<String>, (&'static str, String)> {
-    let mut acceptor = weir_tls::rustls::server::Acceptor::default();
     let mut buf = [0u8; 4096];
     loop {
         let n = (client.read(&mut buf).await).map_err(|e| ("DC", e.to_string()))?;
@@ -553,24 +553,119 @@ async fn read_sni(
             return Err(("DC", "closed before its ClientHello".into()));
         }
         seen.extend_from_slice(&buf[..n]);
-        if seen.len() > MAX_HELLO {
-            return Err(("NR", "no ClientHello in its first 64 KiB".into()));
+        match client_hello_sni(seen) {
+            Hello::Incomplete if seen.len() > MAX_HELLO => {
+                return Err(("NR", "no ClientHello in its first 64 KiB".into()))
+            }
+            Hello::Incomplete => {}
+            Hello::Sni(name) => return Ok(name),
+            Hello::NotTls(why) => return Err(("NR", format!("not a TLS ClientHello: {why}"))),
         }
-        // Records are taken in as they are read: rustls buffers little more than one
-        // unprocessed record, and a ClientHello may span several full ones.
-        let mut fresh = &buf[..n];
-        while !fresh.is_empty() {
-            acceptor
-                .read_tls(&mut fresh)
-                .map_err(|e| ("NR", format!("not TLS: {e}")))?;
-            match acceptor.accept() {
-                Ok(Some(accepted)) => {
-                    return Ok(accepted.client_hello().server_name().map(str::to_owned))
-                }
-                Ok(None) => {}
-                Err((e, _)) => return Err(("NR", format!("not a TLS ClientHello: {e}"))),
+    }
+}
+
+/// What the first bytes of a connection say, read as TLS.
+#[derive(Debug, PartialEq)]
+enum Hello {
+    Incomplete,
+    /// A ClientHello, with its server name if it names one.
+    Sni(Option<String>),
+    NotTls(&'static str),
+}
+
+/// The server name of the ClientHello at the start of `bytes` (RFC 8446 §4.1.2, RFC 6066 §3),
+/// read as a passthrough proxy must: any version, any extensions, judging nothing it does not
+/// route by (rustls's server-side parser refused TLS 1.0 and 1.1, and hellos without
+/// `signature_algorithms`, which the server behind may well take). The hello may span records.
+fn client_hello_sni(bytes: &[u8]) -> Hello {
+    // The handshake messages, taken out of their records.
+    let mut message = Vec::new();
+    let mut rest = bytes;
+    loop {
+        let Some(header) = rest.get(..5) else {
+            return Hello::Incomplete;
+        };
+        if header[0] != 22 || header[1] != 3 {
+            return Hello::NotTls("not a TLS handshake record");
+        }
+        let len = usize::from(u16::from_be_bytes([header[3], header[4]]));
+        let Some(fragment) = rest.get(5..5 + len) else {
+            return Hello::Incomplete;
+        };
+        message.extend_from_slice(fragment);
+        rest = &rest[5 + len..];
+        if message.len() >= 4 {
+            if message[0] != 1 {
+                return Hello::NotTls("the first handshake message is no ClientHello");
+            }
+            let body = usize::from(message[1]) << 16 | usize::from(message[2]) << 8;
+            let body = body | usize::from(message[3]);
+            if message.len() >= 4 + body {
+                let hello = &message[4..4 + body];
+                return match server_name(hello) {
+                    Some(name) => Hello::Sni(name),
+                    None => Hello::NotTls("a malformed ClientHello"),
+                };
             }
         }
+    }
+}
+
+/// The server name in a ClientHello's body; `None` when the body is malformed.
+fn server_name(hello: &[u8]) -> Option<Option<String>> {
+    let mut r = Reader(hello);
+    r.take(2 + 32)?; // legacy_version, random
+    let session = r.u8()?;
+    r.take(session)?;
+    let suites = r.u16()?;
+    r.take(suites)?;
+    let compression = r.u8()?;
+    r.take(compression)?;
+    if r.0.is_empty() {
+        return Some(None); // no extensions (SSL 3.0-style hello)
+    }
+    let extensions = r.u16()?;
+    let mut ext = Reader(r.take(extensions)?);
+    while !ext.0.is_empty() {
+        let kind = ext.u16()?;
+        let len = ext.u16()?;
+        let data = ext.take(len)?;
+        if kind != 0 {
+            continue;
+        }
+        // server_name_list: the first host_name (type 0) entry.
+        let mut list = Reader(data);
+        let list_len = list.u16()?;
+        let mut names = Reader(list.take(list_len)?);
+        while !names.0.is_empty() {
+            let name_type = names.u8()?;
+            let len = names.u16()?;
+            let name = names.take(len)?;
+            if name_type == 0 {
+                return Some(Some(String::from_utf8_lossy(name).into_owned()));
+            }
+        }
+    }
+    Some(None)
+}
+
+/// Big-endian fields off the front of a byte slice.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let (taken, rest) = (self.0.get(..n)?, self.0.get(n..)?);
+        self.0 = rest;
+        Some(taken)
+    }
+
+    fn u8(&mut self) -> Option<usize> {
+        self.take(1).map(|b| usize::from(b[0]))
+    }
+
+    fn u16(&mut self) -> Option<usize> {
+        self.take(2)
+            .map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])))
     }
 }
 
@@ -670,5 +765,89 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<'_, S> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut *self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A ClientHello of TLS `minor` version (1: TLS 1.0) with only the extensions given, in one
+    /// record.
+    fn hello(minor: u8, sni: Option<&str>) -> Vec<u8> {
+        let mut body = vec![3, minor];
+        body.extend([0; 32]); // random
+        body.extend([0, 0, 2, 0, 0x2f, 1, 0]); // no session, one suite, null compression
+        if let Some(name) = sni {
+            let n = name.len();
+            let mut ext = vec![0, 0];
+            ext.extend(u16::try_from(n + 5).unwrap().to_be_bytes());
+            ext.extend(u16::try_from(n + 3).unwrap().to_be_bytes());
+            ext.push(0);
+            ext.extend(u16::try_from(n).unwrap().to_be_bytes());
+            ext.extend(name.as_bytes());
+            body.extend(u16::try_from(ext.len()).unwrap().to_be_bytes());
+            body.extend(ext);
+        }
+        let mut message = vec![1, 0];
+        message.extend(u16::try_from(body.len()).unwrap().to_be_bytes());
+        message.extend(body);
+        let mut record = vec![22, 3, minor];
+        record.extend(u16::try_from(message.len()).unwrap().to_be_bytes());
+        record.extend(message);
+        record
+    }
+
+    #[test]
+    fn any_client_hello_names_its_server() {
+        // TLS 1.0 with no signature_algorithms: a server behind may take it; not ours to judge.
+        let old = hello(1, Some("b.example.com"));
+        assert_eq!(
+            client_hello_sni(&old),
+            Hello::Sni(Some("b.example.com".into()))
+        );
+        assert_eq!(client_hello_sni(&hello(3, None)), Hello::Sni(None));
+        // Byte by byte, it is incomplete until its last byte.
+        for end in 0..old.len() {
+            assert_eq!(client_hello_sni(&old[..end]), Hello::Incomplete, "{end}");
+        }
+        // Split over two records.
+        let (head, body) = old[5..].split_at(20);
+        let mut split = vec![22, 3, 1, 0, 20];
+        split.extend(head);
+        split.extend([22, 3, 1]);
+        split.extend(u16::try_from(body.len()).unwrap().to_be_bytes());
+        split.extend(body);
+        assert_eq!(
+            client_hello_sni(&split),
+            Hello::Sni(Some("b.example.com".into()))
+        );
+        assert!(matches!(
+            client_hello_sni(b"GET / HTTP/1.1\r\n"),
+            Hello::NotTls(_)
+        ));
+        let mut cut = old.clone();
+        cut[44] = 0xff; // the cipher suites' length, past the end
+        assert!(matches!(client_hello_sni(&cut), Hello::NotTls(_)));
+    }
+
+    /// A real client's hello (rustls, TLS 1.3 and 1.2 offered).
+    #[test]
+    fn a_rustls_client_hello_names_its_server() {
+        use weir_tls::rustls;
+        let roots = rustls::RootCertStore::empty();
+        let config = rustls::ClientConfig::builder_with_provider(weir_tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let name = rustls::pki_types::ServerName::try_from("a.example").unwrap();
+        let mut client = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+        let mut bytes = Vec::new();
+        client.write_tls(&mut bytes).unwrap();
+        assert_eq!(
+            client_hello_sni(&bytes),
+            Hello::Sni(Some("a.example".into()))
+        );
     }
 }

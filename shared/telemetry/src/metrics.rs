@@ -48,6 +48,8 @@ pub struct Metrics {
     /// `listener`: client connections closed on arrival, the listener having its
     /// `max_connections` open.
     pub downstream_connections_rejected: IntCounterVec,
+    /// `listener`: connections closed for a missing or bad PROXY protocol header.
+    pub downstream_proxy_protocol_errors: IntCounterVec,
     /// `listener`, `route`, `service`, `flags`: connections a `tcp` or `tls` listener took,
     /// counted when they close.
     pub tcp_connections: IntCounterVec,
@@ -162,6 +164,12 @@ impl Metrics {
             "Client connections closed on arrival because the listener had max_connections open.",
             &["listener"],
         );
+        let downstream_proxy_protocol_errors = counter(
+            "weir_downstream_proxy_protocol_errors_total",
+            "Client connections closed on a proxy_protocol listener for a missing, malformed \
+             or late PROXY header.",
+            &["listener"],
+        );
         let config_reloads = counter(
             "weir_config_reloads_total",
             "Config reloads by result.",
@@ -228,6 +236,7 @@ impl Metrics {
             upstream_requests_active,
             downstream_connections_active,
             downstream_connections_rejected,
+            downstream_proxy_protocol_errors,
             tcp_connections,
             tcp_bytes,
             config_reloads,
