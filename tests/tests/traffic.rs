@@ -73,6 +73,13 @@ fn redirects_keep_what_they_do_not_change() {
             .contains("location: /new?q=1\r\n"),
         "{reply}"
     );
+    // An empty port is no port (RFC 3986 §3.2.3).
+    let reply = weir_tests::raw_request(
+        gw.port,
+        b"GET /old HTTP/1.1\r\nHost: shop.example.com:\r\nConnection: close\r\n\r\n",
+    );
+    let location = "location: https://shop.example.com/new\r\n";
+    assert!(reply.to_ascii_lowercase().contains(location), "{reply}");
     // A Host that is no host is not sent back as one (nginx answers it 400 too).
     for host in ["good.com/x", "a b", "good.com:abc"] {
         let request = format!("GET /old HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");

@@ -593,10 +593,23 @@ impl Checker<'_> {
                 let at = at.item("certificate", i);
                 let certificate = self.certificate(&at, c)?;
                 // A host two certificates claim would go to the first alone (Envoy refuses
-                // such filter chains; nginx warns of a conflicting server name).
-                for host in &certificate.hosts {
+                // such filter chains; nginx warns of a conflicting server name); so would a
+                // second certificate without hosts (for any name).
+                let mine: HashSet<&String> = certificate.hosts.iter().collect();
+                if mine.len() < certificate.hosts.len() {
+                    self.fail(&at.key("hosts"), "a host is named twice");
+                }
+                let any = String::new();
+                let hosts = match certificate.hosts.is_empty() {
+                    true => vec![&any],
+                    false => mine.into_iter().collect(),
+                };
+                for host in hosts {
                     if !claimed.insert(host.clone()) {
-                        let e = format!("host {host:?} is already another certificate's");
+                        let e = match host.is_empty() {
+                            true => "another certificate has no hosts (it takes any name)".into(),
+                            false => format!("host {host:?} is already another certificate's"),
+                        };
                         self.fail(&at.key("hosts"), e);
                     }
                 }
@@ -1599,7 +1612,7 @@ impl Checker<'_> {
                 Some(status) => {
                     self.fail(
                         &here.key("status"),
-                        format!("abort status {status}: expected 200-599"),
+                        format!("status {status}: expected 200-599"),
                     );
                     None
                 }

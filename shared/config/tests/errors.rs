@@ -511,6 +511,22 @@ fn tls_settings_are_checked_and_their_files_read_relative_to_the_config() {
     );
     // An IPv4-mapped address is the IPv4 one: the admin listener would never bind.
     assert!(errs.iter().any(|e| e.contains("8443")), "{errs:?}");
+    // Nor two without hosts (each takes any name), nor one naming a host twice.
+    let pair = "  [[listener.certificate]]\n  cert = \"a.pem\"\n  key = \"a-key.pem\"\n";
+    let twice = listener(&format!(
+        "protocol = \"https\"\n{pair}{pair}{pair}  hosts = [\"c.example\", \"c.example\"]\n"
+    ));
+    write(dir.path(), "twice.toml", &twice);
+    let errs = load(&dir.path().join("twice.toml"), Role::Gateway).unwrap_err();
+    let errs: Vec<String> = errs.0.iter().map(|e| e.message.clone()).collect();
+    assert_eq!(
+        errs,
+        [
+            "another certificate has no hosts (it takes any name)",
+            "a host is named twice"
+        ],
+        "{errs:?}"
+    );
     // The revision follows the certificate's contents, not only the config's.
     write(dir.path(), "a.pem", &cert.pem().replace("\n", "\r\n"));
     let rotated = load(&dir.path().join("gw.toml"), Role::Gateway).unwrap();

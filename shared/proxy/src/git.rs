@@ -88,7 +88,12 @@ impl GitSource {
 
     /// Where the config is: `current/<git-path>` of the checkout.
     pub fn config_path(&self) -> PathBuf {
-        self.checkout().join(&self.path)
+        // `--git-path .` (the default) is the checkout itself, so errors read
+        // `<commit>:gateway.toml:3`, not `<commit>:./gateway.toml:3`.
+        match self.path.as_os_str() == "." {
+            true => self.checkout(),
+            false => self.checkout().join(&self.path),
+        }
     }
 
     /// The checkout of the commit being loaded (`current`).

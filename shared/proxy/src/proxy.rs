@@ -1434,6 +1434,8 @@ fn redirect_location(req: &RequestHeader, r: &Redirect, request_scheme: &str) ->
             let host = (req.uri.authority().map(|a| a.as_str()))
                 .or_else(|| (req.headers.get(http::header::HOST)).and_then(|h| h.to_str().ok()))
                 .unwrap_or("");
+            // An empty port (`good.com:`) is no port (RFC 3986 §3.2.3).
+            let host = host.strip_suffix(':').unwrap_or(host);
             if !host.is_empty() {
                 let authority = host.parse::<http::uri::Authority>().ok()?;
                 // `http` takes any port text; a port is digits.
