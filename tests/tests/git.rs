@@ -195,19 +195,24 @@ fn the_checkout_is_in_a_directory_of_the_user_s_alone() {
     let checkout = private.join(format!("git-{}", gw.pid()));
     assert!(checkout.join("current/gw/gateway.toml").exists());
     drop(gw);
+    // A start with this TMPDIR that fails: its stderr.
+    let fails = |tmp: &Path| {
+        let out = Command::new(weir_tests::binary("weir-gateway"))
+            .args(["--config-git", &server.url])
+            .args(PROD_POLLED)
+            .env("TMPDIR", tmp)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        stderr
+    };
     // One that others may write in is refused, not used.
     let tmp = tempfile::tempdir().unwrap();
     let shared = tmp.path().join(name);
     fs::create_dir(&shared).unwrap();
     fs::set_permissions(&shared, fs::Permissions::from_mode(0o777)).unwrap();
-    let out = Command::new(weir_tests::binary("weir-gateway"))
-        .args(["--config-git", &server.url])
-        .args(PROD_POLLED)
-        .env("TMPDIR", tmp.path())
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let stderr = fails(tmp.path());
     assert!(
         stderr.contains("is not a directory of this user's alone"),
         "{stderr}"
@@ -218,14 +223,7 @@ fn the_checkout_is_in_a_directory_of_the_user_s_alone() {
     let port = taken.local_addr().unwrap().port();
     server.push(&hello(port, free_port(), "two"));
     let tmp = tempfile::tempdir().unwrap();
-    let out = Command::new(weir_tests::binary("weir-gateway"))
-        .args(["--config-git", &server.url])
-        .args(PROD_POLLED)
-        .env("TMPDIR", tmp.path())
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let stderr = fails(tmp.path());
     let left: Vec<_> = fs::read_dir(tmp.path().join(name)).unwrap().collect();
     assert!(left.is_empty(), "{left:?} left behind: {stderr}");
 }
