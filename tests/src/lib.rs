@@ -2,7 +2,6 @@
 //! free ports, so tests run in parallel. Everything started here is killed on drop.
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
 
-use std::collections::BTreeSet;
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
@@ -16,21 +15,29 @@ use std::time::{Duration, Instant};
 pub mod otlp;
 pub mod tls;
 
-/// A port nobody listens on right now, and one this process has not handed out before: the
-/// kernel may give a port it just freed to the next `bind(0)`, and two listeners on one port
-/// (one gateway's, or two gateways') would share a socket or fail to bind.
+/// A port nobody listens on right now, one this process has not handed out before, and one
+/// below the kernel's ephemeral range. A port from `bind(0)` is an ephemeral one: before the
+/// gateway binds it, any test's outgoing connection may take it as its local port and hold it
+/// for as long as it stays open (the gateway then waits on "is in use").
 pub fn free_port() -> u16 {
-    static GIVEN: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
-    loop {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        if GIVEN.lock().unwrap().insert(port) {
+    static NEXT: Mutex<Option<u16>> = Mutex::new(None);
+    let ephemeral = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    // The half below the ephemeral range, from a start of this process's own, so that two
+    // test processes rarely try the same ports.
+    let span = ephemeral / 2;
+    let mut next = NEXT.lock().unwrap();
+    let offset = next.get_or_insert_with(|| (std::process::id() % u32::from(span)) as u16);
+    for _ in 0..span {
+        let port = ephemeral - span + *offset;
+        *offset = (*offset + 1) % span;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }
     }
+    panic!("no free port in {}..{ephemeral}", ephemeral - span);
 }
 
 /// Clients sending GETs to one URL without pause, each on its own keep-alive connection,
@@ -410,7 +417,7 @@ impl Gateway {
 
     /// [`Gateway::start`], with these environment variables set for the gateway.
     pub fn start_with_env(config: &str, env: &[(&str, &str)]) -> Gateway {
-        // A free port can be taken (by another test's `bind(0)`) before the gateway binds it;
+        // A free port can be taken (by another process) before the gateway binds it;
         // the gateway then exits with "cannot bind", and new ports are tried.
         for _ in 0..3 {
             let dir = tempfile::tempdir().unwrap();
