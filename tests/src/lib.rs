@@ -882,7 +882,8 @@ impl RawUpstream {
 }
 
 /// A TCP relay to `target` that counts the connections it accepts: how many connections a
-/// proxy opened, whatever it speaks over them.
+/// proxy opened, whatever it speaks over them. Given several targets, it takes them in turn,
+/// as a layer-4 load balancer (a Kubernetes ClusterIP) in front of several servers does.
 pub struct TcpRelay {
     pub port: u16,
     accepted: Arc<AtomicUsize>,
@@ -891,6 +892,10 @@ pub struct TcpRelay {
 
 impl TcpRelay {
     pub fn start(target: SocketAddr) -> TcpRelay {
+        TcpRelay::round_robin(vec![target])
+    }
+
+    pub fn round_robin(targets: Vec<SocketAddr>) -> TcpRelay {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let accepted = Arc::new(AtomicUsize::new(0));
@@ -902,7 +907,8 @@ impl TcpRelay {
                     return;
                 }
                 let Ok(client) = client else { continue };
-                count.fetch_add(1, Ordering::SeqCst);
+                let turn = count.fetch_add(1, Ordering::SeqCst);
+                let target = targets[turn % targets.len()];
                 let Ok(server) = std::net::TcpStream::connect(target) else {
                     continue;
                 };

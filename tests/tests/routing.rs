@@ -268,10 +268,10 @@ fn dot_segments_cannot_escape_a_prefix() {
     assert_eq!(admin.last_header(":path").as_deref(), Some("/admin/x?q=1"));
     assert_eq!(public.hits(), 0);
     // An escaped letter is the letter (RFC 3986 §6.2.2.2), as the app would decode it; an
-    // escaped slash stays one.
+    // escaped slash stays one, its hex digits upper-cased (§6.2.2.1).
     let reply = weir_tests::raw_request(
         gw.port,
-        b"GET /%61dmin/%7Ey%2Fz HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+        b"GET /%61dmin/%7Ey%2fz HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
     );
     assert!(reply.ends_with("admin"), "{reply}");
     assert_eq!(admin.last_header(":path").as_deref(), Some("/admin/~y%2Fz"));

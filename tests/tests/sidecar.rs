@@ -23,7 +23,7 @@ const POLICIES: &str = "\
   [[inbound.policy]]
   name = \"no-secrets\"
   action = \"deny\"
-  paths = [\"/reviews/secret\"]
+  paths = [\"/reviews/secret\", \"/reviews/a%2Fb\"]
   [[inbound.policy]]
   name = \"no-deletes\"
   action = \"deny\"
@@ -194,6 +194,16 @@ fn a_call_crosses_the_mesh_with_mtls_identity_and_policy() {
     assert_eq!(
         reviews.metric("weir_authz_denied_total{policy=\"no-deletes\"}"),
         1.0
+    );
+
+    // An escape is one character whatever the case of its hex digits (RFC 3986 §6.2.2.1):
+    // an app that decodes `%2f` must not be reached past a deny of `%2F`.
+    let reply = mesh_get(inbound, Some(&ca.workload(PRODUCTPAGE)), "/reviews/a%2fb").unwrap();
+    assert_eq!(reply.status, 403);
+    assert_eq!(app.hits(), 2);
+    assert_eq!(
+        reviews.metric("weir_authz_denied_total{policy=\"no-secrets\"}"),
+        2.0
     );
 }
 
@@ -620,6 +630,39 @@ fn mesh_connections_are_kept_alive_and_reused() {
         (2..=3).contains(&accepted),
         "{accepted} connections for 20 calls"
     );
+}
+
+/// A service address in front of two servers of one identity, each with a certificate of its
+/// own (a Kubernetes ClusterIP over two pods): the identity check's own handshake can reach the
+/// other server than the connection did, and the call must pass all the same.
+#[test]
+fn an_address_in_front_of_several_servers_passes_the_identity_check() {
+    let ca = TestCa::new("mesh CA");
+    let app = Upstream::start("reviews-app");
+    let app_addr = app.addr.to_string();
+    let (first, second) = (free_port(), free_port());
+    let _pods: Vec<Gateway> = [first, second]
+        .into_iter()
+        .map(|inbound| {
+            sidecar(&ca, REVIEWS, |admin, outbound| {
+                sidecar_config(admin, inbound, &app_addr, outbound, "")
+            })
+        })
+        .collect();
+    // Taken in turn, a connection and the check after it never reach the same server.
+    let address = TcpRelay::round_robin(vec![
+        ([127, 0, 0, 1], first).into(),
+        ([127, 0, 0, 1], second).into(),
+    ]);
+    let productpage = sidecar(&ca, PRODUCTPAGE, |admin, outbound| {
+        let routes = productpage_routes(address.port);
+        sidecar_config(admin, free_port(), "127.0.0.1:1", outbound, &routes)
+    });
+    for i in 0..4 {
+        let reply = productpage.get(&format!("/reviews/{i}"), &[("host", "reviews")]);
+        assert_eq!(reply.status, 200, "{}", reply.body);
+    }
+    assert_eq!(app.hits(), 4);
 }
 
 /// A mesh service with `protocol = "http2"`: the hop between the sidecars is HTTP/2 over mesh

@@ -1827,7 +1827,11 @@ impl Checker<'_> {
         let mut methods = Vec::new();
         for (i, method) in m.methods.unwrap_or_default().into_iter().enumerate() {
             let upper = method.to_ascii_uppercase();
-            if upper.is_empty() || !upper.bytes().all(|b| b.is_ascii_alphabetic() || b == b'-') {
+            if method == "*" {
+                self.fail(&at.item("methods", i), ANY_METHOD);
+            } else if upper.is_empty()
+                || !upper.bytes().all(|b| b.is_ascii_alphabetic() || b == b'-')
+            {
                 self.fail(&at.item("methods", i), format!("bad method {method:?}"));
             }
             methods.push(upper);
@@ -2302,7 +2306,9 @@ impl Checker<'_> {
         }
         let methods = p.methods.unwrap_or_default();
         for (i, method) in methods.iter().enumerate() {
-            if !http_header_name_ok(method) {
+            if method == "*" {
+                self.fail(&at.item("methods", i), ANY_METHOD);
+            } else if !http_header_name_ok(method) {
                 self.fail(&at.item("methods", i), format!("bad method {method:?}"));
             }
         }
@@ -2562,6 +2568,9 @@ fn host_name_ok(name: &str) -> bool {
 const HEALTH_CHECK_MIN_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Which part of a request's path a pattern is.
+/// `methods = ["*"]`, Istio's way to say any method, would be a method named `*` here.
+const ANY_METHOD: &str = "\"*\" is no method: leave `methods` out to match any method";
+
 #[derive(Clone, Copy, PartialEq)]
 enum PathPart {
     Whole,
@@ -2585,15 +2594,21 @@ fn unmatchable_path(p: &str, part: PathPart) -> Option<&'static str> {
         return Some("a backslash is matched as a slash: write \"/\"");
     }
     let bytes = p.as_bytes();
-    let escaped_unreserved = (0..bytes.len()).any(|i| {
-        let hex = bytes
-            .get(i + 1..i + 3)
-            .and_then(|h| std::str::from_utf8(h).ok());
-        let byte = hex.and_then(|h| u8::from_str_radix(h, 16).ok());
-        bytes[i] == b'%' && byte.is_some_and(|b| b.is_ascii_alphanumeric() || b"-._~".contains(&b))
+    let escapes = (0..bytes.len()).filter_map(|i| {
+        let hex = (bytes.get(i + 1..i + 3))
+            .filter(|hex| bytes[i] == b'%' && hex.iter().all(u8::is_ascii_hexdigit))?;
+        Some((
+            hex,
+            u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?,
+        ))
     });
-    if escaped_unreserved {
-        return Some("escaped letters, digits and \"-._~\" are matched decoded (\"%7E\" as \"~\"): write them so");
+    for (hex, byte) in escapes {
+        if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
+            return Some("escaped letters, digits and \"-._~\" are matched decoded (\"%7E\" as \"~\"): write them so");
+        }
+        if hex.iter().any(u8::is_ascii_lowercase) {
+            return Some("escapes are matched with upper-case hex digits (\"%2F\", not \"%2f\"): write them so");
+        }
     }
     // A segment cut by the pattern's open end may be the start (or end) of a longer one.
     let segments: Vec<&str> = p.split('/').collect();

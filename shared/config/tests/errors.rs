@@ -864,6 +864,9 @@ mtls = \"disable\"
   paths = [\"/a*b\", \"reviews\"]
   [[inbound.policy]]
   methods = []
+  [[inbound.policy]]
+  action = \"deny\"
+  methods = [\"*\"]
 ",
     );
     let f = dir.path().join("sc.toml").display().to_string();
@@ -877,6 +880,7 @@ mtls = \"disable\"
             format!("{f}:7: [inbound] policy[0] paths[1]: path \"reviews\": expected an exact path \"/a\", a prefix \"/a/*\", a suffix \"*.json\" or \"*\""),
             format!("{f}:8: [inbound] policy[1]: missing required key \"action\" (\"allow\" or \"deny\")"),
             format!("{f}:9: [inbound] policy[1]: methods is empty; leave the key out to match any method"),
+            format!("{f}:12: [inbound] policy[2] methods[0]: \"*\" is no method: leave `methods` out to match any method"),
         ]
     );
 }
@@ -1377,10 +1381,11 @@ fn a_path_no_request_can_have_is_an_error() {
         route("utf8", r#"{ prefix = "/zürich" }"#),
         route("open-end", r#"{ prefix = "/a/." }"#),
         route("encoded", r#"{ prefix = "/z%C3%BCrich/%2F" }"#),
+        route("lower-hex", r#"{ exact = "/a%2fb" }"#),
     ]
     .concat();
     let errs = errors(&text);
-    assert_eq!(errs.len(), 5, "{errs:#?}");
+    assert_eq!(errs.len(), 6, "{errs:#?}");
     for (name, why) in [
         (
             "tilde",
@@ -1399,6 +1404,10 @@ fn a_path_no_request_can_have_is_an_error() {
             "utf8",
             "a request sends spaces and non-ASCII characters percent-encoded",
         ),
+        (
+            "lower-hex",
+            "escapes are matched with upper-case hex digits",
+        ),
     ] {
         assert!(
             errs.iter().any(
@@ -1412,7 +1421,7 @@ fn a_path_no_request_can_have_is_an_error() {
     mesh_files(dir.path(), &["spiffe://mesh.local/sa/a"]);
     let text = format!(
         "{WORKLOAD}[inbound]\napp = \"127.0.0.1:8080\"\n  [[inbound.policy]]\n  action = \"deny\"\n  \
-         paths = [\"/admin/*\", \"/a/../admin*\", \"*/./x\"]\n"
+         paths = [\"/admin/*\", \"/a/../admin*\", \"*/./x\", \"/api/c%2fd\"]\n"
     );
     let errs = sidecar_errors(dir.path(), &text).join("\n");
     assert!(
@@ -1421,6 +1430,12 @@ fn a_path_no_request_can_have_is_an_error() {
     );
     assert!(
         errs.contains("paths[2]: path \"*/./x\" can never match"),
+        "{errs}"
+    );
+    assert!(
+        errs.contains(
+            "paths[3]: path \"/api/c%2fd\" can never match: escapes are matched with upper-case"
+        ),
         "{errs}"
     );
     assert!(!errs.contains("paths[0]"), "{errs}");

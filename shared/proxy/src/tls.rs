@@ -334,8 +334,8 @@ impl UpstreamPeerTls {
 /// name only as a host name, and offers no hook to read the certificate; the connection
 /// tells only its leaf's SHA-256. So a certificate is checked once: a handshake of Weir's own
 /// (weir_tls::mesh: the chain under the trust bundle, the SPIFFE id among `identities`)
-/// learns the endpoint's certificate, and its hash joins the verified ones if it is the one
-/// the connection got. Each request then costs a lookup under a read lock; a renewed
+/// learns the endpoint's certificate, whose hash joins the verified ones; the connection
+/// passes once its certificate is among them. Each request then costs a lookup under a read lock; a renewed
 /// certificate, one more handshake.
 struct MeshIdentity {
     connector: tokio_rustls::TlsConnector,
@@ -347,6 +347,9 @@ struct MeshIdentity {
 
 /// Distinct server certificates remembered per service (endpoints × renewals).
 const VERIFIED_CERTIFICATES: usize = 4096;
+
+/// Handshakes one check may make to meet the connection's certificate behind one address.
+const CHECK_HANDSHAKES: usize = 4;
 
 impl MeshIdentity {
     fn new(tls: &UpstreamTls, timeout: Duration) -> MeshIdentity {
@@ -383,23 +386,30 @@ impl MeshIdentity {
         if self.verified.read().expect("not poisoned").contains(leaf) {
             return Ok(());
         }
-        let seen = tokio::time::timeout(self.timeout, self.handshake(addr))
-            .await
-            .unwrap_or_else(|_| {
-                Error::e_explain(ErrorType::ConnectTimedout, "mesh: identity check timed out")
-            })?;
-        if seen != *leaf {
-            return Error::e_explain(
-                ErrorType::TLSHandshakeFailure,
-                format!("mesh: {addr} presented two different certificates; not trusted"),
-            );
+        // An address in front of several servers (a Kubernetes ClusterIP) may take the check's
+        // handshake to another one than the connection's: each certificate that passes is
+        // remembered, and the check tries again until it meets the connection's.
+        for _ in 0..CHECK_HANDSHAKES {
+            let seen = tokio::time::timeout(self.timeout, self.handshake(addr))
+                .await
+                .unwrap_or_else(|_| {
+                    Error::e_explain(ErrorType::ConnectTimedout, "mesh: identity check timed out")
+                })?;
+            let mut verified = self.verified.write().expect("not poisoned");
+            if verified.len() >= VERIFIED_CERTIFICATES {
+                verified.clear();
+            }
+            verified.insert(seen);
+            if verified.contains(leaf) {
+                return Ok(());
+            }
         }
-        let mut verified = self.verified.write().expect("not poisoned");
-        if verified.len() >= VERIFIED_CERTIFICATES {
-            verified.clear();
-        }
-        verified.insert(seen);
-        Ok(())
+        let e = format!(
+            "mesh: the certificate of the connection to {addr} was not among those its \
+             {CHECK_HANDSHAKES} identity checks were shown; not trusted"
+        );
+        tracing::warn!("{e}");
+        Error::e_explain(ErrorType::TLSHandshakeFailure, e)
     }
 
     /// A handshake with the mesh verifier; the SHA-256 of the certificate it accepted.

@@ -1,11 +1,12 @@
 //! Path normalization before matching (RFC 3986 §5.2.4), as Istio does by default: without it
 //! `/public/../admin` would match a `/public/` prefix and reach `/admin` upstream.
 
-/// The path with escaped unreserved characters decoded (`%61` is `a`, RFC 3986 §6.2.2.2) and
-/// `.` and `..` segments removed (also when written `%2e`), or `None` when it is already
-/// normal: Envoy's `normalize_path`, Istio's default. Without the decoding, `/%61dmin` would
-/// pass a policy on `/admin*` and reach an app that decodes it. The upstream must be sent the
-/// normalized path too.
+/// The path with escaped unreserved characters decoded (`%61` is `a`, RFC 3986 §6.2.2.2), the
+/// other escapes' hex digits upper-cased (`%2f` is `%2F`, §6.2.2.1) and `.` and `..` segments
+/// removed (also when written `%2e`), or `None` when it is already normal: Envoy's
+/// `normalize_path`, Istio's default. Without the decoding, `/%61dmin` would pass a policy on
+/// `/admin*` and reach an app that decodes it; without the upper-casing, `/a%2fb` would pass a
+/// deny of `/a%2Fb`. The upstream must be sent the normalized path too.
 pub fn normalize_path(path: &str) -> Option<String> {
     // A dot segment needs a '.' (or its escape, "%2e"); most paths have neither.
     if !path.contains(['.', '%', '\\']) {
@@ -15,7 +16,7 @@ pub fn normalize_path(path: &str) -> Option<String> {
     // Windows take it: `/public\..\admin` must not pass a policy on `/public/*`.
     let slashed = path.contains('\\').then(|| path.replace('\\', "/"));
     let path = slashed.as_deref().unwrap_or(path);
-    let decoded = decode_unreserved(path);
+    let decoded = normalize_escapes(path);
     let path = decoded.as_deref().unwrap_or(path);
     let has_dots = path.split('/').any(|s| is_dot(s) || is_dotdot(s));
     if !has_dots {
@@ -48,26 +49,38 @@ pub fn normalize_path(path: &str) -> Option<String> {
 }
 
 /// `path` with each `%XX` that encodes an unreserved character (a letter, a digit, `-`, `.`,
-/// `_` or `~`) decoded, or `None` when it has none. Other escapes (`%2F`, `%20`) stay.
-fn decode_unreserved(path: &str) -> Option<String> {
+/// `_` or `~`) decoded and the others' hex digits upper-cased, or `None` when it has neither.
+/// Other escapes (`%2F`, `%20`) stay escaped.
+fn normalize_escapes(path: &str) -> Option<String> {
     let bytes = path.as_bytes();
-    let decode_at = |i: usize| {
-        let hex = bytes.get(i + 1..i + 3)?;
+    // What the escape at `i` becomes, if anything: the byte it encodes, or itself upper-cased.
+    let normal_at = |i: usize| -> Option<([u8; 3], usize)> {
+        let hex = (bytes.get(i + 1..i + 3))
+            .filter(|hex| bytes[i] == b'%' && hex.iter().all(u8::is_ascii_hexdigit))?;
         let byte = u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?;
-        (byte.is_ascii_alphanumeric() || b"-._~".contains(&byte)).then_some(byte)
+        if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
+            Some(([byte, 0, 0], 1))
+        } else {
+            let upper = [
+                b'%',
+                hex[0].to_ascii_uppercase(),
+                hex[1].to_ascii_uppercase(),
+            ];
+            (upper[1..] != *hex).then_some((upper, 3))
+        }
     };
-    let first = (0..bytes.len()).find(|&i| bytes[i] == b'%' && decode_at(i).is_some())?;
+    let first = (0..bytes.len()).find(|&i| normal_at(i).is_some())?;
     let mut out = Vec::with_capacity(bytes.len());
     out.extend_from_slice(&bytes[..first]);
     let mut i = first;
     while i < bytes.len() {
-        match (bytes[i], decode_at(i)) {
-            (b'%', Some(byte)) => {
-                out.push(byte);
+        match normal_at(i) {
+            Some((normal, len)) => {
+                out.extend_from_slice(&normal[..len]);
                 i += 3;
             }
-            (byte, _) => {
-                out.push(byte);
+            None => {
+                out.push(bytes[i]);
                 i += 1;
             }
         }
@@ -106,6 +119,8 @@ mod tests {
             ("/a/%2E%2e/%62", "/b"),
             ("/public\\..\\admin", "/admin"),
             ("/a\\b", "/a/b"),
+            ("/api/a%2fb", "/api/a%2Fb"),
+            ("/x%2f%3a%7e", "/x%2F%3A~"),
         ] {
             assert_eq!(normalize_path(raw).as_deref(), Some(want), "{raw}");
         }
