@@ -139,6 +139,41 @@ fn tcp_connections_are_split_by_weight_and_logged() {
     assert!(gw.metric(received) >= 3.0 * to_a as f64);
 }
 
+/// A long connection's bytes reach the metrics while it lasts (every 5 s), not as one step at
+/// its end, and are counted once.
+#[test]
+fn a_long_connections_bytes_are_counted_while_it_lasts() {
+    let a = Echo::start("a");
+    let port = free_port();
+    let gw = Gateway::start(&format!(
+        "{}[[route]]\nname = \"db\"\nlisteners = [\"db\"]\n  [[route.backend]]\n  service = \"a\"\n\
+         [[service]]\nname = \"a\"\nendpoints = [\"{}\"]\n",
+        tcp_listener("db", port, ""),
+        a.addr
+    ));
+    let series = |direction: &str| {
+        gw.metric(&format!(
+            "weir_tcp_bytes_total{{direction=\"{direction}\",route=\"db\",service=\"a\"}}"
+        ))
+    };
+    let mut tcp = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    tcp.write_all(b"hello").unwrap();
+    wait_until(
+        "the open connection's bytes",
+        Duration::from_secs(15),
+        || series("received") == 5.0,
+    );
+    assert!(gw.access_log().is_empty(), "the connection has not ended");
+    tcp.shutdown(Shutdown::Write).unwrap();
+    let mut answer = String::new();
+    tcp.read_to_string(&mut answer).unwrap();
+    assert_eq!(answer, "a:hello");
+    wait_until("the log line", Duration::from_secs(10), || {
+        gw.access_log().len() == 1
+    });
+    assert_eq!((series("received"), series("sent")), (5.0, 7.0));
+}
+
 /// A connect failure tries another endpoint; with none left, the client's connection is
 /// closed and logged `UF`. A connection with no byte either way for `idle_timeout` is closed
 /// (`SI`).

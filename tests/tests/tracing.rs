@@ -486,4 +486,51 @@ fn b3_headers_name_the_parent_and_go_upstream() {
         [TRACE, padded, w3c, debug, single_debug],
         "not {deferred}"
     );
+
+    // `x-b3-sampled: true`, which B3 asks to be taken as `1`: the caller's trace goes on.
+    let truly = "4bf92f3577b34da6a3ce929d0e0e473a";
+    let headers = [
+        ("x-b3-traceid", truly),
+        ("x-b3-spanid", CALLER_SPAN),
+        ("x-b3-sampled", "true"),
+    ];
+    assert_eq!(gw.get("/reviews/true", &headers).status, 200);
+    assert_eq!(traceparent(&upstream).0, truly);
+    assert_eq!(traceparent(&upstream).2, "01");
+    collector.wait_for_span("the span of /reviews/true", |s| s.trace_id == truly);
+
+    // A decision to sample sent alone, without ids: a new trace, sampled at ratio 0, its span
+    // a root.
+    for (i, decision) in [
+        ("b3", "1"),
+        ("b3", "d"),
+        ("x-b3-sampled", "1"),
+        ("x-b3-flags", "1"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let path = format!("/reviews/alone-{i}");
+        assert_eq!(gw.get(&path, &[decision]).status, 200);
+        let (trace, _, flags) = traceparent(&upstream);
+        assert_eq!(flags, "01", "{decision:?}");
+        let span = collector.wait_for_span(&format!("the span of {path}"), |s| {
+            s.attribute("url.path") == Some(path.as_str())
+        });
+        assert_eq!((span.trace_id, span.parent_span_id), (trace, String::new()));
+    }
+
+    // Two `tracestate` fields are one list (W3C Trace Context §3.3.1), passed on whole.
+    let caller = format!("00-{TRACE}-{CALLER_SPAN}-01");
+    let request = format!(
+        "GET /reviews/states HTTP/1.1\r\nHost: h\r\ntraceparent: {caller}\r\n\
+         tracestate: congo=t61rcWkgMzE\r\ntracestate: rojo=00f067aa0ba902b7\r\n\
+         Connection: close\r\n\r\n"
+    );
+    let reply = weir_tests::raw_request(gw.port, request.as_bytes());
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    assert_eq!(
+        upstream.last_header("tracestate").as_deref(),
+        Some("congo=t61rcWkgMzE,rojo=00f067aa0ba902b7")
+    );
 }

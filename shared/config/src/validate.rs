@@ -413,6 +413,15 @@ impl Checker<'_> {
             .filter(|(host, _)| !host.is_empty())
             .and_then(|(_, port)| port.parse::<u16>().ok());
         let tls = t.tls.take();
+        if let Some((_, host)) = authority.rsplit_once('@') {
+            // Said without them: this message goes to logs.
+            let e = format!(
+                "otlp_endpoint \"{scheme}://***@{host}{path}\": credentials in the URL are not \
+                 sent; give them in OTEL_EXPORTER_OTLP_HEADERS (telemetry.md)"
+            );
+            self.fail(&at.key("otlp_endpoint"), e);
+            return self.tracing_settings(at, t, String::new(), OtlpProtocol::HttpProtobuf, role);
+        }
         let Some(port) = port else {
             self.fail(
                 &at.key("otlp_endpoint"),

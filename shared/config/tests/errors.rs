@@ -922,6 +922,11 @@ fn tracing_settings_are_checked_and_defaulted() {
             "gw.toml:5: [telemetry.tracing]: unknown key \"service_nmae\"",
         ]
     );
+    // Credentials in the URL would never be sent, and the message must not repeat them.
+    assert_eq!(
+        errors("[telemetry.tracing]\notlp_endpoint = \"http://u:s3cret@otel:4318/v1/traces\"\n"),
+        ["gw.toml:2: [telemetry.tracing]: otlp_endpoint \"http://***@otel:4318/v1/traces\": credentials in the URL are not sent; give them in OTEL_EXPORTER_OTLP_HEADERS (telemetry.md)"]
+    );
     assert_eq!(
         errors("[telemetry.tracing]\nprotocol = \"thrift\"\n"),
         ["gw.toml:2: [telemetry.tracing]: unknown OTLP protocol \"thrift\": expected \"http/protobuf\" or \"grpc\""]

@@ -101,6 +101,17 @@ struct Outcome {
     peer: Option<String>,
 }
 
+impl Outcome {
+    /// The connection's route and service, as its metrics and log line name them.
+    fn labels(&self) -> (Option<&str>, Option<&str>) {
+        let service = match &self.service {
+            Some(s) => Some(s.config.name.as_str()),
+            None => self.passthrough.then_some(capture::PASSTHROUGH),
+        };
+        (self.route.as_deref(), service)
+    }
+}
+
 impl Passthrough {
     async fn forward(&self, mut client: Stream) {
         let start = Instant::now();
@@ -153,7 +164,15 @@ impl Passthrough {
         };
         if let Some(mut upstream) = upstream {
             let replayed = upstream.io.write_all(&hello).await.is_ok();
-            if replayed && splice(&mut client, &mut upstream.io, self.idle_timeout, &traffic).await
+            if replayed
+                && splice(
+                    &mut client,
+                    &mut upstream.io,
+                    self.idle_timeout,
+                    &traffic,
+                    &outcome,
+                )
+                .await
             {
                 outcome.flags = "SI";
             }
@@ -230,16 +249,16 @@ impl CapturedTcp {
                 let upstream = connected.await;
                 drop(snapshot);
                 match upstream {
-                    Some(mut upstream) => {
-                        idle_flag(splice(&mut client, &mut upstream.io, idle, &traffic).await)
-                    }
+                    Some(mut upstream) => idle_flag(
+                        splice(&mut client, &mut upstream.io, idle, &traffic, &outcome).await,
+                    ),
                     None => outcome.flags,
                 }
             }
             None if passthrough => {
                 drop(snapshot);
                 outcome.passthrough = true;
-                relay(&mut client, dst, idle, &traffic).await
+                relay(&mut client, dst, idle, &traffic, &outcome).await
             }
             None => "NR",
         };
@@ -307,7 +326,7 @@ impl CapturedTcp {
             }
             Ok(()) => {
                 drop(snapshot);
-                relay(&mut client, app, self.idle_timeout, &traffic).await
+                relay(&mut client, app, self.idle_timeout, &traffic, &outcome).await
             }
         };
         let took = start.elapsed();
@@ -330,10 +349,11 @@ async fn relay(
     addr: SocketAddr,
     idle: Duration,
     traffic: &Traffic,
+    o: &Outcome,
 ) -> &'static str {
     let timeout = weir_config::ConnectionPool::default().connect_timeout;
     match tokio::time::timeout(timeout, open(addr, None, None)).await {
-        Ok(Ok(mut upstream)) => idle_flag(splice(client, &mut upstream, idle, traffic).await),
+        Ok(Ok(mut upstream)) => idle_flag(splice(client, &mut upstream, idle, traffic, o).await),
         _ => "UF",
     }
 }
@@ -356,11 +376,7 @@ fn record(
     traffic: &Traffic,
     took: Duration,
 ) {
-    let route = o.route.as_deref();
-    let service = match &o.service {
-        Some(s) => Some(s.config.name.as_str()),
-        None => o.passthrough.then_some(capture::PASSTHROUGH),
-    };
+    let (route, service) = o.labels();
     let bytes = Bytes {
         received: traffic.received.load(Ordering::Relaxed),
         sent: traffic.sent.load(Ordering::Relaxed),
@@ -371,15 +387,7 @@ fn record(
         .tcp_connections
         .with_label_values(&[listener, route_label, service_label, o.flags])
         .inc();
-    for (direction, count) in [("received", bytes.received), ("sent", bytes.sent)] {
-        if count == 0 {
-            continue;
-        }
-        metrics
-            .tcp_bytes
-            .with_label_values(&[route_label, service_label, direction])
-            .inc_by(count);
-    }
+    traffic.tell(o);
     if !access_log.enabled() {
         return;
     }
@@ -678,15 +686,41 @@ struct Traffic {
     sent: AtomicU64,
     /// Milliseconds from `since` to the last byte read on either side.
     last: AtomicU64,
+    /// Of `received` and `sent`, what `weir_tcp_bytes_total` has been told.
+    told: [AtomicU64; 2],
+}
+
+/// How often a long connection's bytes are added to `weir_tcp_bytes_total` while it lasts
+/// (Envoy flushes its stats every 5 s).
+const TELL_EVERY: Duration = Duration::from_secs(5);
+
+impl Traffic {
+    /// Adds the bytes moved since the last call to `weir_tcp_bytes_total`.
+    fn tell(&self, o: &Outcome) {
+        let (route, service) = o.labels();
+        let (route, service) = (route.unwrap_or(""), service.unwrap_or(""));
+        let moved = [("received", &self.received), ("sent", &self.sent)];
+        for ((direction, count), told) in moved.into_iter().zip(&self.told) {
+            let count = count.load(Ordering::Relaxed);
+            let before = told.swap(count, Ordering::Relaxed);
+            if count > before {
+                (weir_telemetry::metrics().tcp_bytes)
+                    .with_label_values(&[route, service, direction])
+                    .inc_by(count - before);
+            }
+        }
+    }
 }
 
 /// Copies both ways until both sides have closed (each side's close passed on to the other
-/// as a half-close) or until no byte has moved for `idle`: then `true`.
+/// as a half-close) or until no byte has moved for `idle`: then `true`. The bytes are told to
+/// the metrics every [`TELL_EVERY`] meanwhile.
 async fn splice(
     client: &mut Stream,
     upstream: &mut Box<dyn Io>,
     idle: Duration,
     t: &Traffic,
+    o: &Outcome,
 ) -> bool {
     let since = Instant::now();
     let mut client = Counted {
@@ -717,7 +751,7 @@ async fn splice(
                 }
                 return false;
             }
-            _ = tokio::time::sleep(left) => {}
+            _ = tokio::time::sleep(left.min(TELL_EVERY)) => t.tell(o),
         }
     }
 }

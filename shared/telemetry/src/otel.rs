@@ -27,8 +27,8 @@ use opentelemetry_otlp::SpanExporter as OtlpExporter;
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{
-    IdGenerator, RandomIdGenerator, Sampler, SamplingDecision, SdkTracer, SdkTracerProvider,
-    ShouldSample, Span, SpanData, SpanExporter,
+    Sampler, SamplingDecision, SamplingResult, SdkTracer, SdkTracerProvider, ShouldSample, Span,
+    SpanData, SpanExporter,
 };
 use opentelemetry_sdk::Resource;
 use tracing::{info, warn};
@@ -71,8 +71,8 @@ pub fn start(config: &Config) -> Result<(Tracing, Tracer), String> {
     };
     let provider = SdkTracerProvider::builder()
         .with_batch_exporter(exporter)
-        .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
-            config.sample_ratio,
+        .with_sampler(CallerFirst(Sampler::ParentBased(Box::new(
+            Sampler::TraceIdRatioBased(config.sample_ratio),
         ))))
         .with_resource(
             Resource::builder_empty()
@@ -117,7 +117,7 @@ impl Tracer {
     /// The span of a request that came with `headers`. `client`: the sidecar's outbound
     /// side, which calls out for its app (Envoy's egress span); elsewhere Weir serves.
     pub fn request_span(&self, headers: &HeaderMap, client: bool) -> RequestSpan {
-        let parent = self.decide(self.propagator.extract(&Headers(headers)), headers);
+        let parent = self.decide(self.propagator.extract(&Headers::new(headers)), headers);
         let kind = match client {
             true => SpanKind::Client,
             false => SpanKind::Server,
@@ -133,17 +133,16 @@ impl Tracer {
     /// The B3 decisions the parent-based sampler would misread, made here as Envoy makes
     /// them: a parent that leaves sampling to the callee (no `x-b3-sampled`: the propagator
     /// marks it "deferred") is decided by the trace id at `sample_ratio`; one with the debug
-    /// flag is sampled; and a "do not sample" sent alone, without ids (`b3: 0`,
-    /// `x-b3-sampled: 0`), which the propagator drops, holds for the new trace.
+    /// flag is sampled; and a decision sent alone, without ids (`b3: 0`, `b3: 1`, `b3: d`,
+    /// `x-b3-sampled`, `x-b3-flags: 1`), which the propagator drops, holds for the new trace.
     fn decide(&self, parent: Context, headers: &HeaderMap) -> Context {
         let remote = parent.span().span_context().clone();
         let flags = remote.trace_flags();
         let (trace, span, sampled) = if !remote.is_valid() {
-            if !b3_deny_only(headers) {
-                return parent;
-            }
-            let ids = RandomIdGenerator::default();
-            (ids.new_trace_id(), ids.new_span_id(), false)
+            return match b3_decision_alone(headers) {
+                Some(sampled) => Context::new().with_value(CallerDecision(sampled)),
+                None => parent,
+            };
         } else if flags & B3_DEBUG == B3_DEBUG {
             (remote.trace_id(), remote.span_id(), true)
         } else if flags & B3_DEFERRED == B3_DEFERRED {
@@ -202,12 +201,68 @@ impl Tracer {
     }
 }
 
-/// B3's "do not sample" sent without trace ids: `b3: 0`, or `x-b3-sampled: 0` alone.
-fn b3_deny_only(headers: &HeaderMap) -> bool {
-    let is = |name: &str, values: &[&str]| {
-        (headers.get(name)).is_some_and(|v| values.iter().any(|x| v.as_bytes() == x.as_bytes()))
-    };
-    is("b3", &["0"]) || (is("x-b3-sampled", &["0", "false"]) && !headers.contains_key(X_B3_TRACEID))
+/// A B3 sampling decision sent without trace ids, for a new trace: `b3: 0`, `1` or `d`
+/// (debug, so sampled), `x-b3-flags: 1`, or `x-b3-sampled` alone.
+fn b3_decision_alone(headers: &HeaderMap) -> Option<bool> {
+    let value = |name: &str| headers.get(name).map(|v| v.as_bytes());
+    match value("b3") {
+        Some(b"0") => return Some(false),
+        Some(b"1" | b"d") => return Some(true),
+        _ => {}
+    }
+    if headers.contains_key(X_B3_TRACEID) {
+        return None;
+    }
+    if value("x-b3-flags") == Some(b"1") {
+        return Some(true);
+    }
+    sampled_state(value("x-b3-sampled")?).map(|sampled| sampled == "1")
+}
+
+/// `x-b3-sampled` as the propagator reads it: `1` or `0`, also when written `true` or `false`
+/// (B3 asks for both to be taken; the propagator takes `true` only when it writes no single
+/// header, and then drops the caller's trace).
+fn sampled_state(value: &[u8]) -> Option<&'static str> {
+    match value {
+        b"1" => Some("1"),
+        b"0" => Some("0"),
+        v if v.eq_ignore_ascii_case(b"true") => Some("1"),
+        v if v.eq_ignore_ascii_case(b"false") => Some("0"),
+        _ => None,
+    }
+}
+
+/// A new trace's sampling decision that a caller sent without trace ids.
+#[derive(Clone, Copy, Debug)]
+struct CallerDecision(bool);
+
+/// The sampler: a [`CallerDecision`] in the parent context holds, else `sample_ratio` for a
+/// new trace and the parent's decision for a continued one.
+#[derive(Clone, Debug)]
+struct CallerFirst(Sampler);
+
+impl ShouldSample for CallerFirst {
+    fn should_sample(
+        &self,
+        parent: Option<&Context>,
+        trace_id: opentelemetry::trace::TraceId,
+        name: &str,
+        kind: &SpanKind,
+        attributes: &[KeyValue],
+        links: &[opentelemetry::trace::Link],
+    ) -> SamplingResult {
+        match parent.and_then(Context::get::<CallerDecision>) {
+            Some(&CallerDecision(sampled)) => SamplingResult {
+                decision: match sampled {
+                    true => SamplingDecision::RecordAndSample,
+                    false => SamplingDecision::Drop,
+                },
+                attributes: Vec::new(),
+                trace_state: Default::default(),
+            },
+            None => (self.0).should_sample(parent, trace_id, name, kind, attributes, links),
+        }
+    }
 }
 
 /// Inserts a header whose value Weir formatted (hex digits and dashes, or a `tracestate` that
@@ -348,15 +403,37 @@ impl SpanExporter for Reported {
     }
 }
 
-struct Headers<'a>(&'a HeaderMap);
+/// A request's headers as the propagators read them: `x-b3-sampled` as `1` or `0`
+/// ([`sampled_state`]), and several `tracestate` fields as one list, as W3C Trace Context
+/// (§3.3.1) has them combined.
+struct Headers<'a> {
+    map: &'a HeaderMap,
+    tracestate: Option<String>,
+}
+
+impl<'a> Headers<'a> {
+    fn new(map: &'a HeaderMap) -> Headers<'a> {
+        let states = map.get_all(TRACESTATE);
+        let tracestate = (states.iter().nth(1).is_some()).then(|| {
+            let states = states.iter().filter_map(|v| v.to_str().ok());
+            states.collect::<Vec<_>>().join(",")
+        });
+        Headers { map, tracestate }
+    }
+}
 
 impl Extractor for Headers<'_> {
     fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).and_then(|v| v.to_str().ok())
+        let value = self.map.get(key)?;
+        match key {
+            "x-b3-sampled" => sampled_state(value.as_bytes()).or(value.to_str().ok()),
+            "tracestate" => self.tracestate.as_deref().or(value.to_str().ok()),
+            _ => value.to_str().ok(),
+        }
     }
 
     fn keys(&self) -> Vec<&str> {
-        self.0.keys().map(HeaderName::as_str).collect()
+        self.map.keys().map(HeaderName::as_str).collect()
     }
 }
 
