@@ -150,6 +150,25 @@ fn delays_hold_the_request_then_proxy_it() {
     );
 }
 
+/// A delayed request that then fails keeps `FI` beside the failure's flags, so a search for
+/// the delayed requests finds the failed ones too.
+#[test]
+fn a_delayed_request_that_fails_is_flagged_fi_too() {
+    let dead = weir_tests::free_port();
+    let gw = Gateway::start(&format!(
+        "[[service]]\nname = \"dead\"\nendpoints = [\"127.0.0.1:{dead}\"]\n{}",
+        route_to(
+            "dead",
+            "[route.fault]\ndelay = { fixed = \"10ms\", percent = 100.0 }"
+        )
+    ));
+    assert_eq!(gw.get("/", &[]).status, 503);
+    wait_until("the access log", Duration::from_secs(5), || {
+        !gw.access_log().is_empty()
+    });
+    assert_eq!(gw.access_log()[0]["flags"], "FI,UF,URX");
+}
+
 #[test]
 fn a_client_that_leaves_during_a_delay_takes_its_request_with_it() {
     use std::io::Write;

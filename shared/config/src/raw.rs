@@ -399,8 +399,10 @@ pub enum RawHashOn {
     Table(RawHashOnTable),
 }
 
+/// Its own unknown keys refused here: serde_ignored, which finds the others, does not see
+/// inside an untagged enum.
 #[derive(Debug, Default, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct RawHashOnTable {
     pub header: Option<String>,
     pub cookie: Option<String>,

@@ -786,10 +786,7 @@ impl Checker<'_> {
         let before = self.errors.len();
         let sni = match (t.sni, dns) {
             (Some(sni), _) => {
-                self.host(&at.key("sni"), &sni);
-                if sni.starts_with("*.") {
-                    self.fail(&at.key("sni"), "sni must be a name, not a wildcard");
-                }
+                self.sni(&at.key("sni"), &sni);
                 sni.to_ascii_lowercase()
             }
             // SNI is the name without its root dot (RFC 6066 §3).
@@ -864,7 +861,9 @@ impl Checker<'_> {
             }
         }
         let sni = t.sni.unwrap_or_else(|| service.to_ascii_lowercase());
-        self.host(&at.key("sni"), &sni)?;
+        if !self.sni(&at.key("sni"), &sni) {
+            return None;
+        }
         let Some(workload) = self.workload.clone() else {
             if self.workload_declared {
                 return None; // reported at [workload]
@@ -1157,14 +1156,26 @@ impl Checker<'_> {
                     })) => {
                         let lower = h.to_ascii_lowercase();
                         if !http_header_name_ok(&lower) {
-                            self.fail(&at.key("hash_on"), format!("bad header name {h:?}"));
+                            self.fail(
+                                &at.key("hash_on"),
+                                format!("hash_on: bad header name {h:?}"),
+                            );
                         }
                         Some(HashOn::Header(lower))
                     }
                     Some(RawHashOn::Table(RawHashOnTable {
                         header: None,
                         cookie: Some(c),
-                    })) if !c.is_empty() => Some(HashOn::Cookie(c)),
+                    })) if !c.is_empty() => {
+                        // A cookie's name is a token (RFC 6265 §4.1.1); no other is ever found.
+                        if !http_header_name_ok(&c) {
+                            self.fail(
+                                &at.key("hash_on"),
+                                format!("hash_on: bad cookie name {c:?}"),
+                            );
+                        }
+                        Some(HashOn::Cookie(c))
+                    }
                     None => {
                         self.fail(at, "consistent_hash needs hash_on");
                         None
@@ -1251,7 +1262,7 @@ impl Checker<'_> {
             }
             1 => match (r.direct_response, r.redirect) {
                 (Some(d), _) => self.direct_response(&at.key("direct_response"), d),
-                (_, Some(rd)) => self.redirect(&at.key("redirect"), rd),
+                (_, Some(rd)) => self.redirect(&at.table("redirect"), rd),
                 _ => self.backends(at, r.backend, services),
             },
             _ => {
@@ -1261,7 +1272,7 @@ impl Checker<'_> {
         };
         let rewrite = r
             .rewrite
-            .and_then(|rw| self.rewrite(&at.key("rewrite"), rw, &matches));
+            .and_then(|rw| self.rewrite(&at.table("rewrite"), rw, &matches));
         if rewrite.is_some() && !matches!(action, Some(Action::Backends(_))) {
             self.fail(
                 &at.key("rewrite"),
@@ -1536,7 +1547,7 @@ impl Checker<'_> {
         if ![301, 302, 303, 307, 308].contains(&status) {
             self.fail(
                 &at.key("status"),
-                format!("redirect status {status}: expected 301, 302, 303, 307 or 308"),
+                format!("status {status}: expected 301, 302, 303, 307 or 308"),
             );
         }
         if let Some(scheme) = &r.scheme {
@@ -1548,7 +1559,7 @@ impl Checker<'_> {
             }
         }
         if let Some(host) = &r.host {
-            if !self.authority(&at.key("host"), "redirect", host) {
+            if !self.authority(&at.key("host"), host) {
                 return None;
             }
         }
@@ -1588,7 +1599,7 @@ impl Checker<'_> {
             if host.is_empty() {
                 self.fail(&at, "host must not be empty");
             } else {
-                self.authority(&at, "rewrite", host);
+                self.authority(&at, host);
             }
         }
         Some(Rewrite {
@@ -1667,8 +1678,8 @@ impl Checker<'_> {
             for (name, value) in pairs {
                 let here = at.key(kind).key(name.as_str());
                 let field = format!("{}.{kind}", at.name());
-                if let Some(lower) = check(&here, field, &name, kind) {
-                    edits.push((here, kind, lower, value));
+                if let Some(lower) = check(&here, field.clone(), &name, kind) {
+                    edits.push((here, field, kind, name, lower, value));
                 }
             }
         }
@@ -1679,8 +1690,14 @@ impl Checker<'_> {
                 out.remove.push(lower);
             }
         }
-        for (here, kind, lower, value) in edits {
-            if self.header_value(&here, &value) {
+        let mut set = HashMap::new();
+        for (here, field, kind, name, lower, value) in edits {
+            // TOML keys differ by case, header names do not: one value would be lost.
+            let twice = (kind == "set").then(|| set.insert(lower.clone(), name.clone()));
+            if let Some(Some(before)) = twice {
+                let e = format!("{field}: {name:?} is set twice (also as {before:?})");
+                self.fail(&here, e);
+            } else if self.header_value(&here, &format!("{field}: {lower:?}"), &value) {
                 let list = if kind == "set" {
                     &mut out.set
                 } else {
@@ -1692,16 +1709,15 @@ impl Checker<'_> {
         out
     }
 
-    /// Visible ASCII, spaces and tabs; no CR or LF (which would split the header).
-    fn header_value(&mut self, at: &At, value: &str) -> bool {
+    /// Visible ASCII, spaces and tabs; no CR or LF (which would split the header). `what`
+    /// names the header in the message.
+    fn header_value(&mut self, at: &At, what: &str, value: &str) -> bool {
         let ok = value
             .bytes()
             .all(|b| b == b'\t' || (b' '..=b'~').contains(&b));
         if !ok {
-            self.fail(
-                at,
-                format!("bad header value {value:?}: only visible ASCII, spaces and tabs"),
-            );
+            let e = format!("{what}: bad value {value:?}: only visible ASCII, spaces and tabs");
+            self.fail(at, e);
         }
         ok
     }
@@ -1712,10 +1728,11 @@ impl Checker<'_> {
                 .bytes()
                 .all(|b| (b'!'..=b'~').contains(&b) && b != b'?' && b != b'#');
         if !ok {
-            self.fail(
-                at,
-                format!("bad path {path:?}: must start with \"/\", without spaces, '?' or '#'"),
+            let e = format!(
+                "{}: bad path {path:?}: must start with \"/\", without spaces, '?' or '#'",
+                at.name()
             );
+            self.fail(at, e);
         }
     }
 
@@ -1773,7 +1790,7 @@ impl Checker<'_> {
 
     /// A host a redirect or rewrite sends, with a port or not; false, with an error, if it is
     /// none.
-    fn authority(&mut self, at: &At, what: &str, host: &str) -> bool {
+    fn authority(&mut self, at: &At, host: &str) -> bool {
         // A name, or an IPv6 address in brackets as in a URL (RFC 3986 §3.2.2).
         let (name_ok, port) = match host.strip_prefix('[').and_then(|h| h.split_once(']')) {
             Some((ip, rest)) => (
@@ -1788,10 +1805,20 @@ impl Checker<'_> {
         };
         let port_ok = port.is_none_or(|p| p.parse::<u16>().is_ok_and(|p| p > 0));
         if !(name_ok && port_ok) {
-            self.fail(at, format!("bad {what} host {host:?}: expected a name or [IPv6 address], with a port or not, such as \"example.com:8443\""));
+            self.fail(at, format!("bad host {host:?}: expected a name or [IPv6 address], with a port or not, such as \"example.com:8443\""));
             return false;
         }
         true
+    }
+
+    /// The name sent as SNI: a host name, no wildcard.
+    fn sni(&mut self, at: &At, sni: &str) -> bool {
+        let ok = !sni.starts_with("*.") && host_name_ok(&sni.to_ascii_lowercase());
+        if !ok {
+            let e = format!("sni {sni:?}: expected a host name such as \"reviews.default.svc\"");
+            self.fail(at, e);
+        }
+        ok
     }
 
     fn host(&mut self, at: &At, h: &str) -> Option<HostPattern> {
@@ -1811,7 +1838,7 @@ impl Checker<'_> {
         let before = self.errors.len();
         let path = m.path.and_then(|p| {
             let at = at.key("path");
-            match self.value_match(&at, p, false)? {
+            match self.value_match(&at, p, false, "path")? {
                 ValueMatch::Exact(s) => Some(PathMatch::Exact(s)),
                 ValueMatch::Prefix(s) => Some(PathMatch::Prefix(s)),
                 ValueMatch::Regex(r) => Some(PathMatch::Regex(r)),
@@ -1846,10 +1873,18 @@ impl Checker<'_> {
             methods.push(upper);
         }
         let mut headers = Vec::new();
+        let mut spelled = HashMap::new();
         for (name, cond) in m.headers {
             let here = at.key("headers").key(name.as_str());
             let lower = name.to_ascii_lowercase();
-            if http_header_name_ok(&lower) {
+            let what = format!("header {name:?}");
+            // TOML keys differ by case, header names do not.
+            if let Some(before) = spelled.insert(lower.clone(), name.clone()) {
+                self.fail(
+                    &here,
+                    format!("{what} is matched twice (also as {before:?})"),
+                );
+            } else if http_header_name_ok(&lower) {
                 // A request's value that is not visible ASCII (with spaces) counts as absent,
                 // so such a pattern could never match.
                 let text = [&cond.exact, &cond.prefix].into_iter().flatten().next();
@@ -1858,7 +1893,7 @@ impl Checker<'_> {
                         .all(|b| b == b' ' || b == b'\t' || b.is_ascii_graphic())
                 }) {
                     self.fail(&here, format!("header {name:?} value {text:?}: a header value matched must be visible ASCII (a request's other values count as absent)"));
-                } else if let Some(v) = self.value_match(&here, cond, true) {
+                } else if let Some(v) = self.value_match(&here, cond, true, &what) {
                     headers.push((lower, v));
                 }
             } else {
@@ -1869,7 +1904,7 @@ impl Checker<'_> {
         let mut query = Vec::new();
         for (name, cond) in m.query {
             let here = at.key("query").key(name.as_str());
-            if let Some(v) = self.value_match(&here, cond, true) {
+            if let Some(v) = self.value_match(&here, cond, true, &format!("query {name:?}")) {
                 query.push((name, v));
             }
         }
@@ -1887,6 +1922,7 @@ impl Checker<'_> {
         at: &At,
         m: RawStringMatch,
         allow_present: bool,
+        what: &str,
     ) -> Option<ValueMatch> {
         let set = [
             m.exact.is_some(),
@@ -1900,7 +1936,7 @@ impl Checker<'_> {
             "exact, prefix or regex"
         };
         if set.iter().filter(|&&s| s).count() != 1 || (!allow_present && m.present.is_some()) {
-            self.fail(at, format!("needs exactly one of {kinds}"));
+            self.fail(at, format!("{what}: needs exactly one of {kinds}"));
             return None;
         }
         if let Some(s) = m.exact {
@@ -2461,6 +2497,11 @@ fn not_editable(name: &str, kind: &str, request: bool) -> Option<&'static str> {
         }
         "host" if request && kind != "set" => {
             Some("a request has exactly one Host; set it, or use rewrite.host")
+        }
+        "connection" | "keep-alive" | "proxy-connection" | "te" | "trailer" | "upgrade"
+            if kind != "remove" =>
+        {
+            Some("a hop-by-hop header belongs to one connection, and the proxy writes its own")
         }
         _ => None,
     }

@@ -106,6 +106,9 @@ direct_response = {{ status = 700 }}
   [[route.match]]
   headers = {{ \"bad header\" = {{ exact = \"x\" }}, \"x-two\" = {{ exact = \"a\", prefix = \"b\" }} }}
   path = {{ prefix = \"no-slash\" }}
+  [[route.match]]
+  headers = {{ \"x\" = {{ present = false }}, \"X\" = {{ present = true }} }}
+  query = {{ \"variant\" = {{}} }}
 "
     );
     let errs = errors(&text).join("\n");
@@ -113,7 +116,9 @@ direct_response = {{ status = 700 }}
         "gw.toml:6: route \"r\" hosts[1]: bad host \"bad host:80\"",
         "gw.toml:7: route \"r\": status 700 is not a final HTTP status",
         "route \"r\" match[0]: bad header name \"bad header\"",
-        "route \"r\" match[0]: needs exactly one of exact, prefix, regex or present",
+        "route \"r\" match[0]: header \"x-two\": needs exactly one of exact, prefix, regex or present",
+        "route \"r\" match[1]: header \"x\" is matched twice (also as \"X\")",
+        "route \"r\" match[1]: query \"variant\": needs exactly one of exact, prefix, regex or present",
         "route \"r\" match[0]: path \"no-slash\" must start with \"/\"",
     ] {
         assert!(errs.contains(want), "missing {want:?} in:\n{errs}");
@@ -351,7 +356,10 @@ rewrite = {{ path_prefix = \"/v2/\" }}
   [[route.backend]]
   service = \"reviews\"
   [route.request_headers]
-  set = {{ \"x-bad\" = \"line\\nbreak\", \"bad name\" = \"v\" }}
+  set = {{ \"x-bad\" = \"line\\nbreak\", \"bad name\" = \"v\", \"x-a\" = \"1\", \"X-A\" = \"2\", \"connection\" = \"close\" }}
+  [route.response_headers]
+  add = {{ \"upgrade\" = \"h2c\" }}
+  remove = [\"te\"]
   [route.fault]
   abort = {{ status = 503, percent = 150.0 }}
   delay = {{ percent = 10.0 }}
@@ -367,16 +375,21 @@ rewrite = {{ path_prefix = \"/v2/\" }}
     );
     let errs = errors(&text).join("\n");
     for want in [
-        "route \"r\": path_prefix needs every [[route.match]] to match the path by prefix or exact",
-        "route \"all\": path_prefix replaces what the route's [[route.match]] matched by prefix or exact path, and the route has no [[route.match]]",
-        "route \"r\": bad header value \"line\\nbreak\"",
+        "route \"r\" rewrite: path_prefix needs every [[route.match]] to match the path by prefix or exact",
+        "route \"all\" rewrite: path_prefix replaces what the route's [[route.match]] matched by prefix or exact path, and the route has no [[route.match]]",
+        "route \"r\": request_headers.set: \"x-bad\": bad value \"line\\nbreak\"",
         "route \"r\": request_headers.set: bad header name \"bad name\"",
+        "route \"r\": request_headers.set: \"x-a\" is set twice (also as \"X-A\")",
+        "route \"r\": request_headers.set: \"connection\" cannot be changed here: a hop-by-hop header",
+        "route \"r\": response_headers.add: \"upgrade\" cannot be changed here: a hop-by-hop header",
         "route \"r\" fault abort: percent 150 is not between 0 and 100",
         "route \"r\" fault delay: delay needs fixed",
-        "route \"moved\": redirect status 200: expected 301, 302, 303, 307 or 308",
+        "route \"moved\" redirect: status 200: expected 301, 302, 303, 307 or 308",
     ] {
         assert!(errs.contains(want), "missing {want:?} in:\n{errs}");
     }
+    // Removing a hop-by-hop header is no change: the proxy drops them anyway.
+    assert!(!errs.contains("\"te\""), "{errs}");
 }
 
 #[test]
@@ -384,13 +397,15 @@ fn load_balancers_are_checked() {
     let text = "[[service]]\nname = \"a\"\nendpoints = [\"127.0.0.1:1\"]\nload_balancer = \"consistent_hash\"\n\
                 [[service]]\nname = \"b\"\nendpoints = [\"127.0.0.1:1\"]\nload_balancer = \"consistent_hash\"\nhash_on = \"cookie\"\n\
                 [[service]]\nname = \"c\"\nendpoints = [\"127.0.0.1:1\"]\nhash_on = \"source_ip\"\n\
-                [[service]]\nname = \"d\"\nendpoints = [\"127.0.0.1:1\"]\nload_balancer = \"fastest\"\n";
+                [[service]]\nname = \"d\"\nendpoints = [\"127.0.0.1:1\"]\nload_balancer = \"fastest\"\n\
+                [[service]]\nname = \"f\"\nendpoints = [\"127.0.0.1:1\"]\nload_balancer = \"consistent_hash\"\nhash_on = { cookie = \"session id;x\" }\n";
     let errs = errors(text).join("\n");
     for want in [
         "gw.toml:1: service \"a\": consistent_hash needs hash_on",
         "gw.toml:9: service \"b\": hash_on needs exactly one of",
         "gw.toml:13: service \"c\": hash_on applies only to load_balancer = \"consistent_hash\"",
         "gw.toml:17: service \"d\": load_balancer \"fastest\": expected",
+        "gw.toml:22: service \"f\": hash_on: bad cookie name \"session id;x\"",
     ] {
         assert!(errs.contains(want), "missing {want:?} in:\n{errs}");
     }
@@ -1251,16 +1266,16 @@ rewrite = {{ host = \"[2001:db8::g]\" }}
         "gw.toml:10: route \"framing\": response_headers.add: \"transfer-encoding\" cannot be changed here",
         "gw.toml:15: route \"informational\": status 101 is not a final HTTP status (200-599)",
         "gw.toml:18: route \"no-content\": a 204 response has no body",
-        "gw.toml:21: route \"wild\": bad redirect host \"*.example.com\"",
-        "gw.toml:24: route \"port\": bad redirect host \"a.example.com:99999\"",
+        "gw.toml:21: route \"wild\" redirect: bad host \"*.example.com\"",
+        "gw.toml:24: route \"port\" redirect: bad host \"a.example.com:99999\"",
         "gw.toml:27: service \"zero\" endpoints[0]: bad address \"127.0.0.1:0\": port 0 names no port",
         "gw.toml:29: service \"zero\": base_ejection_time: bad duration \"18446744073709551615ms\": too large (at most 8760h)",
         "gw.toml:31: [runtime]: 5000 threads: at most 1024",
         "gw.toml:33: [telemetry]: empty: \"stdout\", \"off\" or a file's path",
         "gw.toml:36: listener \"web\": bad address \"127.0.0.1:0\": port 0 names no port",
-        "gw.toml:39: route \"empty-host\": host must not be empty",
-        "gw.toml:44: route \"spaced-host\": bad rewrite host \"a b:80\": expected a name or [IPv6 address], with a port",
-        "gw.toml:52: route \"bad-v6\": bad rewrite host \"[2001:db8::g]\"",
+        "gw.toml:39: route \"empty-host\" rewrite: host must not be empty",
+        "gw.toml:44: route \"spaced-host\" rewrite: bad host \"a b:80\": expected a name or [IPv6 address], with a port",
+        "gw.toml:52: route \"bad-v6\" rewrite: bad host \"[2001:db8::g]\"",
     ] {
         assert!(errs.contains(want), "missing {want:?} in:\n{errs}");
     }
@@ -1471,11 +1486,14 @@ fn an_access_log_that_cannot_be_opened_is_an_error() {
 /// A value of neither accepted form says what the forms are, not serde's enum name.
 #[test]
 fn a_value_of_no_accepted_form_says_the_forms() {
-    let text = format!("{SERVICE}hash_on = 5\n");
-    assert_eq!(
-        errors(&text),
-        ["gw.toml:4: service \"reviews\" hash_on: expected \"source_ip\", { header = \"x-user\" } or { cookie = \"user\" }"]
-    );
+    // A table with a key of its own too (serde_ignored does not look inside this one).
+    for hash_on in ["5", "{ header = \"x-user\", extra = 1 }"] {
+        let text = format!("{SERVICE}hash_on = {hash_on}\n");
+        assert_eq!(
+            errors(&text),
+            ["gw.toml:4: service \"reviews\" hash_on: expected \"source_ip\", { header = \"x-user\" } or { cookie = \"user\" }"]
+        );
+    }
     let text = format!(
         "{SERVICE}[[route]]\nname = \"r\"\n  [[route.backend]]\n  service = \"reviews\"\n  [route.retry]\n  on = [true]\n"
     );
@@ -1520,4 +1538,16 @@ fn an_empty_pem_path_is_said_so() {
         errors(&text),
         ["gw.toml:7: service \"reviews\": empty: expected a PEM file's path"]
     );
+}
+
+/// A bad `sni` names the key, and asks for what it takes: a host name, no wildcard.
+#[test]
+fn a_bad_sni_names_the_key() {
+    for sni in ["bad sni", "", "*.example.com"] {
+        let text = format!("{SERVICE}  [service.tls]\n  mode = \"simple\"\n  sni = \"{sni}\"\n");
+        assert_eq!(
+            errors(&text),
+            [format!("gw.toml:6: service \"reviews\": sni {sni:?}: expected a host name such as \"reviews.default.svc\"")]
+        );
+    }
 }

@@ -228,6 +228,8 @@ pub struct Ctx {
     backoff: Option<Duration>,
     /// upstream_response_filter turned a response into a retry.
     status_retry: bool,
+    /// A fault delay held the request back: `FI` goes with whatever flags come after.
+    delayed: bool,
     /// Response flag for the access log: "NR", "UF", ... or "" when none.
     flags: &'static str,
     /// Sent upstream and back to the client; a `HeaderValue` so each use is a refcount.
@@ -306,6 +308,7 @@ impl ProxyHttp for WeirProxy {
             deadline: None,
             backoff: None,
             status_retry: false,
+            delayed: false,
             flags: "",
             request_id: HeaderValue::from_static(""),
             span: None,
@@ -437,7 +440,7 @@ impl ProxyHttp for WeirProxy {
                 .as_ref()
                 .filter(|d| route.delay_sampler.pick(d.percent))
             {
-                ctx.flags = "FI";
+                (ctx.flags, ctx.delayed) = ("FI", true);
                 count_fault(&route, "delay");
                 // Boxed, as `respond` is.
                 let delay = tokio::time::sleep(delay.fixed);
@@ -908,6 +911,9 @@ impl ProxyHttp for WeirProxy {
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
         let now = Instant::now();
         connection::request_done(now);
+        if ctx.delayed {
+            ctx.flags = after_delay(ctx.flags);
+        }
         // An interim answer (100 Continue) alone is no status: the client left before one.
         let status = (session.response_written())
             .map(|r| r.status.as_u16())
@@ -1190,16 +1196,36 @@ fn past(deadline: Option<Clock>) -> bool {
 }
 
 /// The flags of a failure that used up the retries: its own flag and `URX`, as Envoy logs
-/// `UF,URX`; of a client that left during an injected delay, `FI,DC`.
+/// `UF,URX`.
 fn with_exhausted(flag: &'static str, so_far: &str) -> &'static str {
     match (flag, so_far) {
-        // A client that left during an injected delay: both said, as Envoy logs them.
-        ("DC", "FI") => "FI,DC",
         (_, so_far) if !so_far.ends_with("URX") => flag,
         ("UF", _) => "UF,URX",
         ("UC", _) => "UC,URX",
         ("UT", _) => "UT,URX",
         _ => flag,
+    }
+}
+
+/// The flags of a request an injected delay held back: `FI` first, then whatever came after
+/// it (a client that left, an upstream that failed), as Envoy logs `DI` beside the others, so
+/// that a search for `FI` finds the delayed requests that failed too.
+fn after_delay(flags: &'static str) -> &'static str {
+    match flags {
+        "" | "FI" => "FI",
+        "DC" => "FI,DC",
+        "DT" => "FI,DT",
+        "UF" => "FI,UF",
+        "UF,URX" => "FI,UF,URX",
+        "UC" => "FI,UC",
+        "UC,URX" => "FI,UC,URX",
+        "UT" => "FI,UT",
+        "UT,URX" => "FI,UT,URX",
+        "URX" => "FI,URX",
+        "UH" => "FI,UH",
+        "UO" => "FI,UO",
+        "SI" => "FI,SI",
+        other => other,
     }
 }
 
