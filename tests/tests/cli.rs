@@ -222,6 +222,19 @@ fn explain_says_when_nothing_matches() {
         stderr.contains("bad URL \"www.example.com\": expected a full URL"),
         "{stderr}"
     );
+    // A host and port without the scheme does not parse at all; the hint comes all the same.
+    let args = [&args[..4], &["localhost:8080/x"]].concat();
+    let (code, _, stderr) = run("weir-gateway", &args);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("expected a full URL (http://host/path)"),
+        "{stderr}"
+    );
+    // `--peer` is the sidecar's: refused on the gateway, not silently ignored.
+    let args = [&args[..4], &["/x", "--peer", "spiffe://mesh.local/sa/a"]].concat();
+    let (code, _, stderr) = run("weir-gateway", &args);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("--peer is the sidecar's"), "{stderr}");
 }
 
 /// `explain ... | head -1`: a reader that stops early ends the command quietly, with the

@@ -90,6 +90,13 @@ fn a_call_crosses_the_mesh_with_mtls_identity_and_policy() {
         sidecar_config(admin, free_port(), "127.0.0.1:1", outbound, &routes)
     });
 
+    // Each policy's series is there at 0 from the start, for `increase()` to see its first.
+    let metrics = reviews.admin_get("/metrics").unwrap().body;
+    for policy in ["no-secrets", "no-deletes", "no-allow-matched"] {
+        let series = format!("weir_authz_denied_total{{policy=\"{policy}\"}} 0");
+        assert!(metrics.contains(&series), "no {series:?}");
+    }
+
     // The app's plain call, carried over mesh mTLS; the app learns who called.
     let reply = productpage.get("/reviews/1", &[("host", "reviews")]);
     assert_eq!(reply.status, 200, "{}", reply.body);

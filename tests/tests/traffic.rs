@@ -64,15 +64,10 @@ fn redirects_keep_what_they_do_not_change() {
             .contains("location: https://shop.example.com/new?q=1\r\n"),
         "{reply}"
     );
-    // HTTP/1.0 may name no host: then a reference relative to the request's, not `https:///new`.
+    // HTTP/1.0 may name no host: a new scheme has no host to go with (`https:///new` is no
+    // URL), and a reference relative to the request's would keep the old scheme: 400.
     let reply = weir_tests::raw_request(gw.port, b"GET /old?q=1 HTTP/1.0\r\n\r\n");
-    assert!(reply.starts_with("HTTP/1.1 308"), "{reply}");
-    assert!(
-        reply
-            .to_ascii_lowercase()
-            .contains("location: /new?q=1\r\n"),
-        "{reply}"
-    );
+    assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
     // An empty port is no port (RFC 3986 §3.2.3).
     let reply = weir_tests::raw_request(
         gw.port,
@@ -147,6 +142,34 @@ fn delays_hold_the_request_then_proxy_it() {
     assert_eq!(
         gw.metric("weir_faults_injected_total{kind=\"delay\",route=\"r\"}"),
         1.0
+    );
+}
+
+/// The counters of what a config can make happen are there at 0 from its load: an alert on
+/// `increase()` would miss a first event that made its series appear.
+#[test]
+fn counters_of_what_the_config_can_do_start_at_zero() {
+    let up = Upstream::start("app");
+    let gw = Gateway::start(&format!(
+        "{}[service.outlier_detection]\nconsecutive_5xx = 5\n{}",
+        up.service(),
+        route_to(
+            "app",
+            "[route.fault]\nabort = { status = 503, percent = 0.0 }\n[route.mirror]\nservice = \"app\""
+        )
+    ));
+    let metrics = gw.admin_get("/metrics").unwrap().body;
+    for series in [
+        "weir_outlier_ejections_total{service=\"app\"} 0",
+        "weir_faults_injected_total{kind=\"abort\",route=\"r\"} 0",
+        "weir_mirror_requests_total{result=\"success\",service=\"app\"} 0",
+        "weir_mirror_requests_total{result=\"dropped\",service=\"app\"} 0",
+    ] {
+        assert!(metrics.contains(series), "no {series:?} in:\n{metrics}");
+    }
+    assert!(
+        !metrics.contains("kind=\"delay\""),
+        "no delay is configured"
     );
 }
 

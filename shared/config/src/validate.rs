@@ -380,11 +380,17 @@ impl Checker<'_> {
                     Some("is a directory")
                 } else if dir.is_some_and(|d| !d.is_dir()) {
                     Some("its directory does not exist")
+                } else if ["stdout", "stderr"]
+                    .iter()
+                    .any(|s| path.eq_ignore_ascii_case(s))
+                {
+                    // Only "stdout" itself is the stream; a file named like one is a slip.
+                    Some("would be a file of that name: write \"stdout\", \"/dev/stderr\", or \"./stderr\" for such a file")
                 } else {
                     None
                 };
                 if let Some(why) = why {
-                    self.fail(&at.key("access_log"), format!("access log {path:?} {why}"));
+                    self.fail(&at.key("access_log"), format!("access_log {path:?}: {why}"));
                 }
                 AccessLog::File(file)
             }

@@ -133,8 +133,10 @@ pub fn main(role: Role) -> ExitCode {
     };
     let mut command = Cli::command().name(name);
     if role == Role::Gateway {
-        // Traffic capture is the sidecar's.
+        // Traffic capture, and the inbound policies `--peer` is checked against, are the
+        // sidecar's.
         command = command.mut_subcommand("iptables", |c| c.hide(true));
+        command = command.mut_subcommand("explain", |c| c.mut_arg("peer", |a| a.hide(true)));
     }
     let matches = command.get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
@@ -156,6 +158,10 @@ pub fn main(role: Role) -> ExitCode {
             listener,
             peer,
         }) => {
+            if role == Role::Gateway && peer.is_some() {
+                eprintln!("--peer is the sidecar's: a gateway has no [[inbound.policy]] to check");
+                return ExitCode::from(2);
+            }
             let request = (method.as_str(), url.as_str(), &headers[..]);
             explain(&path, role, request, listener.as_deref(), peer.as_deref())
         }
@@ -332,7 +338,9 @@ fn explain(
             return ExitCode::FAILURE;
         }
         Err(e) => {
-            eprintln!("bad URL {url:?}: {e}");
+            eprintln!(
+                "bad URL {url:?}: {e}; expected a full URL (http://host/path) or a path (/path)"
+            );
             return ExitCode::FAILURE;
         }
     };

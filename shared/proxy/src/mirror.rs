@@ -85,6 +85,17 @@ impl Outcome {
     }
 }
 
+/// `service`'s mirror series, each at 0 until its first copy.
+pub(crate) fn start_counters(service: &str) {
+    use Outcome::*;
+    for outcome in [Success, Failure, Dropped, TooLarge] {
+        let metrics = weir_telemetry::metrics();
+        metrics
+            .mirror_requests
+            .with_label_values(&[service, outcome.label()]);
+    }
+}
+
 fn count(service: &str, outcome: Outcome) {
     weir_telemetry::metrics()
         .mirror_requests

@@ -1484,8 +1484,10 @@ fn redirect_location(req: &RequestHeader, r: &Redirect, request_scheme: &str) ->
     };
     let path = r.path.as_deref().unwrap_or(req.uri.path());
     // No host at all (HTTP/1.0 may send none): a reference relative to the request's own,
-    // since `https:///new` is no URL.
+    // since `https:///new` is no URL; but one relative to the request's scheme would send
+    // the client back the way it came, again and again.
     let origin = match host.is_empty() {
+        true if scheme != request_scheme => return None,
         true => String::new(),
         false => format!("{scheme}://{host}"),
     };

@@ -132,6 +132,45 @@ impl ServiceState {
     }
 }
 
+/// The counters of what the config can make happen, each at 0 before its first event:
+/// `increase()` over a series that appears with its first event misses that event (an
+/// alert on the first ejection of a service would never fire).
+fn start_counters(config: &weir_config::Config) {
+    let metrics = weir_telemetry::metrics();
+    for service in &config.services {
+        if service.outlier_detection.is_some() {
+            metrics
+                .outlier_ejections
+                .with_label_values(&[&service.name]);
+        }
+    }
+    for route in &config.routes {
+        if let Some(fault) = &route.fault {
+            for (kind, set) in [
+                ("delay", fault.delay.is_some()),
+                ("abort", fault.abort.is_some()),
+            ] {
+                if set {
+                    metrics
+                        .faults_injected
+                        .with_label_values(&[&route.name, kind]);
+                }
+            }
+        }
+        if let Some(mirror) = &route.mirror {
+            crate::mirror::start_counters(&mirror.service);
+        }
+    }
+    let policies = config.sidecar.iter().flat_map(|s| &s.inbound.policies);
+    for policy in policies {
+        let name = match policy.action {
+            weir_config::PolicyAction::Deny => &policy.name,
+            weir_config::PolicyAction::Allow => weir_config::NO_ALLOW,
+        };
+        metrics.authz_denied.with_label_values(&[name]);
+    }
+}
+
 impl Snapshot {
     /// Compiles `loaded`, keeping the state of services whose definition did not change.
     pub fn compile(
@@ -193,6 +232,7 @@ impl Snapshot {
             Role::Gateway => None,
             Role::Sidecar => config.routes.iter().position(|r| r.name == "inbound"),
         };
+        start_counters(&config);
         Snapshot {
             certificates: crate::tls::certificate_tables(&config),
             generation,
