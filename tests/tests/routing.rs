@@ -153,6 +153,30 @@ fn no_route_is_404_with_flag_nr() {
     assert_eq!(log[0]["authority"], format!("127.0.0.1:{}", gw.port));
 }
 
+/// The access log counts the bodies each way, as Envoy's `%BYTES_RECEIVED%` and
+/// `%BYTES_SENT%` do for HTTP.
+#[test]
+fn the_access_log_counts_body_bytes() {
+    let up = Upstream::start("api");
+    let gw = Gateway::start(&format!(
+        "{}[[route]]\nname = \"api\"\n{}",
+        up.service(),
+        backend("api")
+    ));
+    let url = gw.url("/x");
+    let r = weir_tests::send_body(&weir_tests::client(), "POST", &url, &[], Some(b"hello"));
+    assert_eq!(r.unwrap().body, "api");
+    weir_tests::wait_until("access log line", std::time::Duration::from_secs(5), || {
+        !gw.access_log().is_empty()
+    });
+    let line = &gw.access_log()[0];
+    assert_eq!(
+        (line["bytes_received"].as_u64(), line["bytes_sent"].as_u64()),
+        (Some(5), Some(3)),
+        "{line}"
+    );
+}
+
 #[test]
 fn direct_response_answers_without_upstream() {
     let gw = Gateway::start(

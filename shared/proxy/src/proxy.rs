@@ -36,7 +36,7 @@ use crate::connection;
 use crate::mirror::{self, MirrorBody};
 use crate::reload::Reloader;
 use crate::snapshot::{ServiceState, Snapshot};
-use weir_telemetry::access_log::{AccessLog, Entry};
+use weir_telemetry::access_log::{AccessLog, Bytes as BodyBytes, Entry};
 use weir_telemetry::otel::{RequestSpan, Tracer};
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -967,7 +967,11 @@ impl ProxyHttp for WeirProxy {
             generation: ctx.snapshot.as_ref().map_or(0, |s| s.generation),
             peer: downstream.peer().map(|p| p.identity.principal()),
             trace_id: trace_id.as_deref(),
-            bytes: None,
+            // Body bytes, as Envoy's `%BYTES_RECEIVED%` and `%BYTES_SENT%` count them for HTTP.
+            bytes: Some(BodyBytes {
+                received: session.body_bytes_read() as u64,
+                sent: session.body_bytes_sent() as u64,
+            }),
         };
         if self.access_log.enabled() {
             self.access_log.write(&entry);

@@ -54,7 +54,8 @@ pub struct Entry<'a> {
     /// it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub trace_id: Option<&'a str>,
-    /// `tcp` and `tls` listeners: bytes received from the client and sent to it.
+    /// Bytes received from the client and sent to it: a connection's, on `tcp` and `tls`
+    /// listeners; the bodies', for HTTP.
     #[serde(flatten)]
     pub bytes: Option<Bytes>,
 }

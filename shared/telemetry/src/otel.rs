@@ -359,6 +359,13 @@ impl RequestSpan {
                 i64::from(entry.status),
             ));
         }
+        if let Some(bytes) = entry.bytes {
+            attributes.push(KeyValue::new(
+                "http.request.body.size",
+                bytes.received as i64,
+            ));
+            attributes.push(KeyValue::new("http.response.body.size", bytes.sent as i64));
+        }
         span.set_attributes(attributes);
         // As OTel's HTTP conventions: a 5xx is an error, and so is no response at all.
         if entry.status == 0 || entry.status >= 500 {
