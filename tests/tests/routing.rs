@@ -351,6 +351,16 @@ fn host_is_required_of_http11_and_supplied_for_http10() {
     let reply = weir_tests::raw_request(gw.port, b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n");
     assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
     assert!(reply.ends_with("missing host header\n"), "{reply}");
+    // So is one with two Hosts, or with a Host that is no authority (§3.2).
+    for host in [
+        "Host: a.example\r\nHost: b.example",
+        "Host: a.example, b.example",
+        "Host: a.example/x",
+    ] {
+        let request = format!("GET / HTTP/1.1\r\n{host}\r\nConnection: close\r\n\r\n");
+        let reply = weir_tests::raw_request(gw.port, request.as_bytes());
+        assert!(reply.starts_with("HTTP/1.1 400"), "{host}: {reply}");
+    }
     assert_eq!(up.hits(), 0);
     // HTTP/1.0 may leave Host out; the request upstream is HTTP/1.1 and carries the endpoint.
     let reply = weir_tests::raw_request(gw.port, b"GET /old HTTP/1.0\r\n\r\n");

@@ -358,6 +358,12 @@ impl ProxyHttp for WeirProxy {
             respond(session, ctx, 400, body, None).await?;
             return Ok(true);
         }
+        if !host_is_valid(req) {
+            ctx.snapshot = Some(snapshot);
+            let body = Bytes::from_static(b"bad host header\n");
+            respond(session, ctx, 400, body, None).await?;
+            return Ok(true);
+        }
         if !target_is_valid(req) {
             ctx.snapshot = Some(snapshot);
             let body = Bytes::from_static(b"bad request target\n");
@@ -1160,6 +1166,18 @@ fn certificate_refused(e: &Error) -> bool {
         crate::tls::rustls_error(e),
         Some(weir_tls::rustls::Error::AlertReceived(_))
     )
+}
+
+/// RFC 9112 §3.2: a request with more than one Host, or a Host that is no URI authority (a
+/// space, a `/`, a second name after ", "), gets 400, as from nginx: passed on, Weir's routing
+/// and the upstream could each read another host from it.
+fn host_is_valid(req: &RequestHeader) -> bool {
+    let mut hosts = req.headers.get_all(http::header::HOST).iter();
+    let Some(host) = hosts.next() else {
+        return true;
+    };
+    let authority = |b: &u8| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=:[]".contains(b);
+    hosts.next().is_none() && host.as_bytes().iter().all(authority)
 }
 
 /// Whether the request's body comes in a transfer coding Weir can pass on: none, or `chunked`
