@@ -173,6 +173,39 @@ fn counters_of_what_the_config_can_do_start_at_zero() {
     );
 }
 
+/// A client that resets its connection before Weir's own answer (here a redirect) is written
+/// is logged `DC`, as when its request was proxied, not as a 500 of Weir's.
+#[test]
+fn a_client_that_resets_before_weirs_own_answer_is_dc() {
+    let gw = Gateway::start(
+        "[[route]]\nname = \"go\"\nredirect = { status = 302, path = \"/elsewhere\" }\n",
+    );
+    // Each request is followed at once by a reset (SO_LINGER 0, then close).
+    let reset = "import socket, struct, sys\n\
+                 for _ in range(20):\n\
+                 \x20   s = socket.create_connection(('127.0.0.1', int(sys.argv[1])))\n\
+                 \x20   s.sendall(b'GET /go HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n')\n\
+                 \x20   s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))\n\
+                 \x20   s.close()\n";
+    let out = std::process::Command::new("/usr/bin/python3")
+        .args(["-c", reset, &gw.port.to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    wait_until("20 access log lines", Duration::from_secs(10), || {
+        gw.access_log().len() == 20
+    });
+    let log = gw.access_log();
+    // An answer that went out before its reset came is a 302 all the same.
+    let dc = log.iter().filter(|l| l["flags"] == "DC").count();
+    let sent = log
+        .iter()
+        .filter(|l| l["status"] == 302 && l["flags"] == "")
+        .count();
+    assert_eq!(dc + sent, 20, "{log:#?}");
+    assert!(dc > 0, "no reset came before its answer: {log:#?}");
+}
+
 /// A delayed request that then fails keeps `FI` beside the failure's flags, so a search for
 /// the delayed requests finds the failed ones too.
 #[test]

@@ -1465,11 +1465,15 @@ async fn respond_now(
     if session.is_process_shutting_down() {
         session.set_keepalive(None); // as in `response_filter`
     }
-    session.write_response_header(Box::new(resp), false).await?;
+    // A write that fails is the client's doing (it left, or reset the stream): `DC`, as for a
+    // proxied answer, not the 500 of an error of unknown source.
+    let header = session.write_response_header(Box::new(resp), false).await;
+    header.map_err(|e| e.into_down())?;
     // A body write always ends it, empty or not: Pingora's header write never ends an
     // HTTP/2 stream, and on the error path (`fail_to_proxy`) a stream not ended is reset.
     let body = if empty { Bytes::new() } else { body };
-    session.write_response_body(Some(body), true).await
+    let written = session.write_response_body(Some(body), true).await;
+    written.map_err(|e| e.into_down())
 }
 
 /// The Location of a redirect: each part from the config, else from the request; the query
