@@ -329,10 +329,20 @@ fn no_content_has_no_length_and_head_over_http2_has_no_body() {
         "{}{}[[route]]\nname = \"teapot\"\ndirect_response = {{ status = 418, body = \"teapot\\n\" }}\n  \
          [[route.match]]\n  path = {{ exact = \"/teapot\" }}\n\
          [[route]]\nname = \"none\"\ndirect_response = {{ status = 204 }}\n  \
-         [[route.match]]\n  path = {{ exact = \"/none\" }}\n",
+         [[route.match]]\n  path = {{ exact = \"/none\" }}\n\
+         [[route]]\nname = \"abort\"\n  [[route.match]]\n  path = {{ exact = \"/abort\" }}\n  \
+         [[route.backend]]\n  service = \"raw\"\n  [route.fault]\n  abort = {{ status = 204 }}\n",
         answering(b"HTTP/1.1 204 No Content\r\nContent-Length: 10\r\n\r\n"),
         route_to("raw")
     ));
+    // A fault's 204 has no content, so no type for it either.
+    let reply = raw_request(
+        gw.port,
+        b"GET /abort HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    );
+    let (head, _) = split(&reply);
+    assert!(head.starts_with("http/1.1 204"), "{reply}");
+    assert!(!head.contains("content-type"), "{reply}");
     let url = |path: &str| gw.url(path);
     // Weir's own 204, and an upstream's that claimed a length: neither says one, so an HTTP/2
     // client takes both.

@@ -1449,7 +1449,7 @@ async fn respond_now(
         if content {
             headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(body.len()));
         }
-        if !body.is_empty() {
+        if content && !body.is_empty() {
             let text = HeaderValue::from_static("text/plain; charset=utf-8");
             headers.insert(http::header::CONTENT_TYPE, text);
         }
