@@ -103,6 +103,8 @@ fn a_call_crosses_the_mesh_with_mtls_identity_and_policy() {
     assert_eq!(app.hits(), 1);
     let xfcc = app.last_header("x-forwarded-client-cert").unwrap();
     assert!(xfcc.contains(&format!(";URI={PRODUCTPAGE}")), "{xfcc}");
+    // `By` names the sidecar that checked the certificate, as Istio's do.
+    assert!(xfcc.starts_with(&format!("By={REVIEWS};Hash=")), "{xfcc}");
     assert_eq!(app.last_header("host").as_deref(), Some("reviews"));
 
     // Policy, at reviews: a deny policy first, then the allow policies' conditions.

@@ -32,13 +32,13 @@ use crate::reload::Reloader;
 
 /// Pingora's TLS acceptor for the https listener at `index` of the config's listeners.
 pub fn listener_acceptor(reloader: &Arc<Reloader>, index: usize) -> anyhow::Result<Acceptor> {
-    let mut settings = TlsSettings::with_callbacks(Box::new(KeepPeerIdentity))?;
-    // HTTP/2 for clients that offer it (ALPN h2), HTTP/1.1 for the others.
-    settings.enable_h2();
     let listener = ServingListener {
         reloader: reloader.clone(),
         index,
     };
+    let mut settings = TlsSettings::with_callbacks(Box::new(KeepPeerIdentity(listener.clone())))?;
+    // HTTP/2 for clients that offer it (ALPN h2), HTTP/1.1 for the others.
+    settings.enable_h2();
     settings.set_cert_resolver(Arc::new(listener.clone()));
     settings.set_client_cert_verifier(Arc::new(listener.clone()));
     let mut acceptor = settings.build();
@@ -139,6 +139,16 @@ impl ServingListener {
         let auth = listener.tls.as_ref()?.client_auth.as_ref()?;
         Some(auth.verifier.clone())
     }
+
+    /// The identity the listener serves under, for XFCC's `By`: the workload's SPIFFE id on
+    /// the sidecar's inbound listener, as Istio's sidecars name themselves; none elsewhere.
+    fn own_identity(&self) -> Option<String> {
+        let snapshot = self.reloader.snapshot();
+        let config = &snapshot.config;
+        let listener = config.listeners.get(self.index)?;
+        let inbound = config.sidecar.is_some() && listener.name == weir_config::INBOUND;
+        inbound.then(|| config.workload.as_ref().map(|w| w.identity.clone()))?
+    }
 }
 
 impl std::fmt::Debug for ServingListener {
@@ -226,7 +236,7 @@ pub struct TlsPeer {
 
 /// Reads the client certificate's identity once per connection, after the handshake; the
 /// requests on it find it in the session's TLS digest ([`tls_peer`]).
-struct KeepPeerIdentity;
+struct KeepPeerIdentity(ServingListener);
 
 #[async_trait]
 impl TlsAccept for KeepPeerIdentity {
@@ -235,8 +245,10 @@ impl TlsAccept for KeepPeerIdentity {
         tls: &TlsRef,
     ) -> Option<Arc<dyn Any + Send + Sync>> {
         let identity = PeerIdentity::of(tls.peer_certificate_der()?);
+        let by = self.0.own_identity();
         // Control characters are escaped, so any certificate's value is a header's.
-        let forwarded = HeaderValue::try_from(identity.forwarded_client_cert()).ok();
+        let forwarded = HeaderValue::try_from(identity.forwarded_client_cert(by.as_deref()));
+        let forwarded = forwarded.ok();
         Some(Arc::new(TlsPeer {
             identity,
             forwarded,

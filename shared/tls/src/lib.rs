@@ -311,9 +311,20 @@ impl PeerIdentity {
     }
 
     /// The value of `x-forwarded-client-cert`, in Envoy's format:
-    /// `Hash=<sha256>;Subject="<subject>";URI=<uri>;DNS=<name>`.
-    pub fn forwarded_client_cert(&self) -> String {
-        let mut value = format!("Hash={};Subject={}", self.hash, quoted(&self.subject));
+    /// `By=<own id>;Hash=<sha256>;Subject="<subject>";URI=<uri>;DNS=<name>`, `By` naming the
+    /// proxy that checked the certificate, when it has an identity to name.
+    pub fn forwarded_client_cert(&self, by: Option<&str>) -> String {
+        let mut value = String::new();
+        if let Some(by) = by {
+            value.push_str("By=");
+            value.push_str(&xfcc_value(by));
+            value.push(';');
+        }
+        value.push_str(&format!(
+            "Hash={};Subject={}",
+            self.hash,
+            quoted(&self.subject)
+        ));
         for uri in &self.uris {
             value.push_str(";URI=");
             value.push_str(&xfcc_value(uri));
@@ -454,7 +465,7 @@ mod tests {
         assert_eq!(id.principal(), "spiffe://mesh.local/ns/a/sa/b");
         assert_eq!(id.subject, "CN=client");
         assert_eq!(id.hash.len(), 64);
-        let xfcc = id.forwarded_client_cert();
+        let xfcc = id.forwarded_client_cert(None);
         assert!(xfcc.starts_with(&format!("Hash={};Subject=\"CN=client\"", id.hash)));
         assert!(xfcc.ends_with(";URI=spiffe://mesh.local/ns/a/sa/b;DNS=svc.local"));
 
@@ -479,7 +490,7 @@ mod tests {
             ..PeerIdentity::default()
         };
         assert_eq!(
-            id.forwarded_client_cert(),
+            id.forwarded_client_cert(None),
             "Hash=;Subject=\"CN=a\\\\\\\"b\";URI=\"spiffe://m/a;URI=spiffe://m/admin\""
         );
         // A control character (a CR LF in a subject) is escaped: the header is still sent,
@@ -489,7 +500,7 @@ mod tests {
             subject: "CN=a\r\nX-Injected: 1\0".into(),
             ..PeerIdentity::default()
         };
-        let xfcc = id.forwarded_client_cert();
+        let xfcc = id.forwarded_client_cert(None);
         assert_eq!(
             xfcc,
             "Hash=;Subject=\"CN=a\\x0d\\x0aX-Injected: 1\\x00\";URI=\"spiffe://m/a\\x0ax\""
