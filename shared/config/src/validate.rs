@@ -2346,6 +2346,17 @@ impl Checker<'_> {
                 let e =
                     format!("principal {principal:?}: expected a spiffe:// id{SPIFFE_ID} or \"*\"");
                 self.fail(&at.item("principals", i), e);
+                continue;
+            }
+            // A caller of a trust domain the workload does not take never gets this far.
+            let domain = weir_tls::mesh::trust_domain(principal).unwrap_or_default();
+            let trusted = self.workload.as_ref().map(|w| &w.trust_domains);
+            if principal != "*" && trusted.is_some_and(|t| !t.iter().any(|d| d == domain)) {
+                let e = format!(
+                    "principal {principal:?}: trust domain {domain:?} is not the workload's \
+                     (add it to [workload] trust_domains): its callers are refused in the handshake"
+                );
+                self.fail(&at.item("principals", i), e);
             }
         }
         if !principals.is_empty() && mtls == Some(Mtls::Disable) {

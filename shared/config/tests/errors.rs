@@ -1552,3 +1552,23 @@ fn a_bad_sni_names_the_key() {
         );
     }
 }
+
+/// A principal of a trust domain the workload does not take could never match: its callers
+/// are refused in the handshake. Named in `trust_domains`, it can.
+#[test]
+fn a_principal_of_an_untrusted_trust_domain_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    mesh_files(dir.path(), &["spiffe://mesh.local/sa/a"]);
+    let policy =
+        "[inbound]\napp = \"127.0.0.1:8080\"\n  [[inbound.policy]]\n  action = \"allow\"\n  \
+                  principals = [\"spiffe://mesh.local/sa/b\", \"spiffe://other.mesh/sa/c\"]\n";
+    let errs = sidecar_errors(dir.path(), &format!("{WORKLOAD}{policy}"));
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    assert!(
+        errs[0].contains("principals[1]: principal \"spiffe://other.mesh/sa/c\": trust domain \"other.mesh\" is not the workload's"),
+        "{errs:#?}"
+    );
+    let trusting = format!("{WORKLOAD}trust_domains = [\"other.mesh\"]\n{policy}");
+    write(dir.path(), "sc.toml", &trusting);
+    load(&dir.path().join("sc.toml"), Role::Sidecar).unwrap();
+}
