@@ -356,12 +356,25 @@ fn host_is_required_of_http11_and_supplied_for_http10() {
         "Host: a.example\r\nHost: b.example",
         "Host: a.example, b.example",
         "Host: a.example/x",
+        "Host: a.example:abc",
     ] {
         let request = format!("GET / HTTP/1.1\r\n{host}\r\nConnection: close\r\n\r\n");
         let reply = weir_tests::raw_request(gw.port, request.as_bytes());
         assert!(reply.starts_with("HTTP/1.1 400"), "{host}: {reply}");
     }
     assert_eq!(up.hits(), 0);
+    // Ports, IPv6 literals, an empty port and a root dot are hosts all the same.
+    for host in [
+        "a.example:8080",
+        "[::1]:8080",
+        "[::1]",
+        "a.example:",
+        "A.Example.",
+    ] {
+        let request = format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        let reply = weir_tests::raw_request(gw.port, request.as_bytes());
+        assert!(reply.starts_with("HTTP/1.1 200"), "{host}: {reply}");
+    }
     // HTTP/1.0 may leave Host out; the request upstream is HTTP/1.1 and carries the endpoint.
     let reply = weir_tests::raw_request(gw.port, b"GET /old HTTP/1.0\r\n\r\n");
     assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");

@@ -1169,15 +1169,23 @@ fn certificate_refused(e: &Error) -> bool {
 }
 
 /// RFC 9112 §3.2: a request with more than one Host, or a Host that is no URI authority (a
-/// space, a `/`, a second name after ", "), gets 400, as from nginx: passed on, Weir's routing
-/// and the upstream could each read another host from it.
+/// space, a `/`, a second name after ", ", a port that is not digits), gets 400, as from
+/// nginx: passed on, Weir's routing and the upstream could each read another host from it.
 fn host_is_valid(req: &RequestHeader) -> bool {
     let mut hosts = req.headers.get_all(http::header::HOST).iter();
     let Some(host) = hosts.next() else {
         return true;
     };
+    let host = host.as_bytes();
     let authority = |b: &u8| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=:[]".contains(b);
-    hosts.next().is_none() && host.as_bytes().iter().all(authority)
+    // The port follows the name's first `:`, or an IPv6 address's `]`.
+    let after_name = match host.iter().rposition(|&b| b == b']') {
+        Some(end) => &host[end + 1..],
+        None => host,
+    };
+    let port = after_name.iter().position(|&b| b == b':');
+    let port_ok = port.is_none_or(|i| after_name[i + 1..].iter().all(u8::is_ascii_digit));
+    hosts.next().is_none() && host.iter().all(authority) && port_ok
 }
 
 /// Whether the request's body comes in a transfer coding Weir can pass on: none, or `chunked`
