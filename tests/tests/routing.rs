@@ -357,6 +357,8 @@ fn host_is_required_of_http11_and_supplied_for_http10() {
         "Host: a.example, b.example",
         "Host: a.example/x",
         "Host: a.example:abc",
+        "Host: [::1]x",
+        "Host: a]b",
     ] {
         let request = format!("GET / HTTP/1.1\r\n{host}\r\nConnection: close\r\n\r\n");
         let reply = weir_tests::raw_request(gw.port, request.as_bytes());

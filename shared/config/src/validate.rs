@@ -380,12 +380,12 @@ impl Checker<'_> {
                     Some("is a directory")
                 } else if dir.is_some_and(|d| !d.is_dir()) {
                     Some("its directory does not exist")
-                } else if ["stdout", "stderr"]
+                } else if ["stdout", "stderr", "off"]
                     .iter()
                     .any(|s| path.eq_ignore_ascii_case(s))
                 {
                     // Only "stdout" itself is the stream; a file named like one is a slip.
-                    Some("would be a file of that name: write \"stdout\", \"/dev/stderr\", or \"./stderr\" for such a file")
+                    Some("would be a file of that name: write \"stdout\", \"off\", \"/dev/stderr\", or \"./stderr\" for such a file")
                 } else {
                     None
                 };
@@ -1865,6 +1865,14 @@ impl Checker<'_> {
                 );
             }
         }
+        // A regex sees the normalized path too: an escape it spells as no such path has it
+        // (`%2f`, `%7E`) can never match there.
+        if let Some(PathMatch::Regex(r)) = &path {
+            if let Some(why) = escape_problem(&r.source) {
+                let e = format!("path regex {:?} can never match: {why}", r.source);
+                self.fail(&at.key("path").key("regex"), e);
+            }
+        }
         self.not_empty(at, "methods", m.methods.as_ref(), "any method");
         let mut methods = Vec::new();
         for (i, method) in m.methods.unwrap_or_default().into_iter().enumerate() {
@@ -1966,7 +1974,10 @@ impl Checker<'_> {
             Err(detail) => {
                 let detail = detail.lines().last().unwrap_or("").trim();
                 let detail = detail.strip_prefix("error: ").unwrap_or(detail);
-                self.fail(&at.key("regex"), format!("bad regex {source:?}: {detail}"));
+                self.fail(
+                    &at.key("regex"),
+                    format!("{what}: bad regex {source:?}: {detail}"),
+                );
                 None
             }
         }
@@ -2660,6 +2671,23 @@ fn unmatchable_path(p: &str, part: PathPart) -> Option<&'static str> {
     if p.contains('\\') {
         return Some("a backslash is matched as a slash: write \"/\"");
     }
+    if let Some(why) = escape_problem(p) {
+        return Some(why);
+    }
+    // A segment cut by the pattern's open end may be the start (or end) of a longer one.
+    let segments: Vec<&str> = p.split('/').collect();
+    let whole = |i: usize| match part {
+        PathPart::Whole => true,
+        PathPart::Start => i + 1 < segments.len(),
+        PathPart::End => i > 0,
+    };
+    let dots = (segments.iter().enumerate()).any(|(i, s)| (*s == "." || *s == "..") && whole(i));
+    dots.then_some("\".\" and \"..\" segments are removed before matching")
+}
+
+/// Why a path written with escapes as `p` writes them could never be a normalized one: an
+/// escaped unreserved character (decoded there) or lower-case hex digits (upper-cased there).
+fn escape_problem(p: &str) -> Option<&'static str> {
     let bytes = p.as_bytes();
     let escapes = (0..bytes.len()).filter_map(|i| {
         let hex = (bytes.get(i + 1..i + 3))
@@ -2677,15 +2705,7 @@ fn unmatchable_path(p: &str, part: PathPart) -> Option<&'static str> {
             return Some("escapes are matched with upper-case hex digits (\"%2F\", not \"%2f\"): write them so");
         }
     }
-    // A segment cut by the pattern's open end may be the start (or end) of a longer one.
-    let segments: Vec<&str> = p.split('/').collect();
-    let whole = |i: usize| match part {
-        PathPart::Whole => true,
-        PathPart::Start => i + 1 < segments.len(),
-        PathPart::End => i > 0,
-    };
-    let dots = (segments.iter().enumerate()).any(|(i, s)| (*s == "." || *s == "..") && whole(i));
-    dots.then_some("\".\" and \"..\" segments are removed before matching")
+    None
 }
 
 /// A SPIFFE trust domain: lower-case letters, digits, `.`, `-` and `_` (SPIFFE-ID §2.1).

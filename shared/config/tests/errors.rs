@@ -46,8 +46,8 @@ max_connections = 0
     assert_eq!(
         errs,
         [
-            "gw.toml:7: route \"web\" match[0]: bad regex \"/api/(\": unclosed group",
-            "gw.toml:9: route \"web\" match[1]: bad regex \"/a)|(/b\": unopened group",
+            "gw.toml:7: route \"web\" match[0]: path: bad regex \"/api/(\": unclosed group",
+            "gw.toml:9: route \"web\" match[1]: path: bad regex \"/a)|(/b\": unopened group",
             "gw.toml:13: route \"web\" backend[1]: unknown service \"paymnts\"",
             "gw.toml:16: [runtime]: grace_period: bad duration \"10 seconds\": unknown unit \" seconds\" (ms, s, m, h)",
             "gw.toml:17: [runtime]: unknown key \"colour\"",
@@ -1402,10 +1402,11 @@ fn a_path_no_request_can_have_is_an_error() {
         route("open-end", r#"{ prefix = "/a/." }"#),
         route("encoded", r#"{ prefix = "/z%C3%BCrich/%2F" }"#),
         route("lower-hex", r#"{ exact = "/a%2fb" }"#),
+        route("regex-hex", r#"{ regex = "/files/a%2fb" }"#),
     ]
     .concat();
     let errs = errors(&text);
-    assert_eq!(errs.len(), 6, "{errs:#?}");
+    assert_eq!(errs.len(), 7, "{errs:#?}");
     for (name, why) in [
         (
             "tilde",
@@ -1426,6 +1427,10 @@ fn a_path_no_request_can_have_is_an_error() {
         ),
         (
             "lower-hex",
+            "escapes are matched with upper-case hex digits",
+        ),
+        (
+            "regex-hex",
             "escapes are matched with upper-case hex digits",
         ),
     ] {
@@ -1476,6 +1481,7 @@ fn an_access_log_that_cannot_be_opened_is_an_error() {
         ),
         ("stderr".to_string(), "would be a file of that name"),
         ("STDOUT".to_string(), "would be a file of that name"),
+        ("OFF".to_string(), "would be a file of that name"),
     ] {
         let text = format!("[telemetry]\naccess_log = \"{path}\"\n");
         let errs = errors(&text);

@@ -1178,14 +1178,22 @@ fn host_is_valid(req: &RequestHeader) -> bool {
     };
     let host = host.as_bytes();
     let authority = |b: &u8| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=:[]".contains(b);
-    // The port follows the name's first `:`, or an IPv6 address's `]`.
-    let after_name = match host.iter().rposition(|&b| b == b']') {
-        Some(end) => &host[end + 1..],
-        None => host,
+    // A name, or an IPv6 address in brackets; then nothing, or `:` and the port's digits.
+    let end = match host.first() {
+        Some(b'[') => host.iter().position(|&b| b == b']').map(|i| i + 1),
+        _ => Some(host.iter().position(|&b| b == b':').unwrap_or(host.len())),
     };
-    let port = after_name.iter().position(|&b| b == b':');
-    let port_ok = port.is_none_or(|i| after_name[i + 1..].iter().all(u8::is_ascii_digit));
-    hosts.next().is_none() && host.iter().all(authority) && port_ok
+    let Some((name, rest)) = end.map(|end| host.split_at(end)) else {
+        return false;
+    };
+    let brackets = name.iter().filter(|&&b| b == b'[' || b == b']').count();
+    let name_ok = brackets == 0 || (brackets == 2 && name.starts_with(b"["));
+    let port_ok = match rest.split_first() {
+        None => true,
+        Some((b':', port)) => port.iter().all(u8::is_ascii_digit),
+        Some(_) => false,
+    };
+    hosts.next().is_none() && host.iter().all(authority) && name_ok && port_ok
 }
 
 /// Whether the request's body comes in a transfer coding Weir can pass on: none, or `chunked`
