@@ -351,32 +351,27 @@ fn host_is_required_of_http11_and_supplied_for_http10() {
     let reply = weir_tests::raw_request(gw.port, b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n");
     assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
     assert!(reply.ends_with("missing host header\n"), "{reply}");
-    // So is one with two Hosts, or with a Host that is no authority (§3.2).
-    for host in [
-        "Host: a.example\r\nHost: b.example",
-        "Host: a.example, b.example",
-        "Host: a.example/x",
-        "Host: a.example:abc",
-        "Host: [::1]x",
-        "Host: a]b",
+    // So is one with two Hosts, or with a Host that is no authority (§3.2); ports, IPv6
+    // literals, an empty port and a root dot are hosts all the same.
+    for (host, status) in [
+        ("Host: a.example\r\nHost: b.example", 400),
+        ("Host: a.example, b.example", 400),
+        ("Host: a.example/x", 400),
+        ("Host: a.example:abc", 400),
+        ("Host: [::1]x", 400),
+        ("Host: a]b", 400),
+        ("Host: a.example:8080", 200),
+        ("Host: [::1]:8080", 200),
+        ("Host: [::1]", 200),
+        ("Host: a.example:", 200),
+        ("Host: A.Example.", 200),
     ] {
         let request = format!("GET / HTTP/1.1\r\n{host}\r\nConnection: close\r\n\r\n");
         let reply = weir_tests::raw_request(gw.port, request.as_bytes());
-        assert!(reply.starts_with("HTTP/1.1 400"), "{host}: {reply}");
+        let want = format!("HTTP/1.1 {status}");
+        assert!(reply.starts_with(&want), "{host}: {reply}");
     }
-    assert_eq!(up.hits(), 0);
-    // Ports, IPv6 literals, an empty port and a root dot are hosts all the same.
-    for host in [
-        "a.example:8080",
-        "[::1]:8080",
-        "[::1]",
-        "a.example:",
-        "A.Example.",
-    ] {
-        let request = format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
-        let reply = weir_tests::raw_request(gw.port, request.as_bytes());
-        assert!(reply.starts_with("HTTP/1.1 200"), "{host}: {reply}");
-    }
+    assert_eq!(up.hits(), 5);
     // HTTP/1.0 may leave Host out; the request upstream is HTTP/1.1 and carries the endpoint.
     let reply = weir_tests::raw_request(gw.port, b"GET /old HTTP/1.0\r\n\r\n");
     assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
